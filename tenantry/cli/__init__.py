@@ -1,0 +1,20 @@
+"""The ``tenantry`` command line: a thin layer that parses, calls the library, renders."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tenantry.cli import demo, shardmap
+from tenantry.cli.app import cli
+
+__all__ = ["cli", "main"]
+
+for module in (shardmap, demo):
+    for command in module.COMMANDS:
+        cli.add_command(command)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=list(argv) if argv is not None else sys.argv[1:], prog_name="tenantry")

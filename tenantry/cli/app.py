@@ -1,0 +1,166 @@
+"""The ``tenantry`` click group: global options, error rendering, shared helpers."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tenantry.errors import TenantryError
+from tenantry.settings import TenantrySettings, load_settings
+from tenantry.shardmap import Catalog, Shard, Tenant, mask_url
+
+__all__ = [
+    "CliState",
+    "Failure",
+    "cli",
+    "emit_json",
+    "json_option",
+    "pass_state",
+    "render_table",
+    "shard_record",
+    "tenant_record",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Failure(click.ClickException):
+    """A domain error shown as one red line on stderr, exit status 1."""
+
+    def show(self, file: Any = None) -> None:
+        click.secho(f"error: {self.format_message()}", fg="red", err=True)
+
+
+@dataclass
+class CliState:
+    """What every command shares: the settings and a lazily opened catalog."""
+
+    catalog_url: str | None = None
+    traceback: bool = False
+    _settings: TenantrySettings | None = None
+    _catalog: Catalog | None = None
+    console: Console = field(default_factory=lambda: Console(soft_wrap=True))
+
+    @property
+    def settings(self) -> TenantrySettings:
+        if self._settings is None:
+            overrides = {"catalog_url": self.catalog_url} if self.catalog_url else {}
+            self._settings = load_settings(**overrides)
+        return self._settings
+
+    def catalog(self) -> Catalog:
+        if self._catalog is None:
+            self._catalog = Catalog(settings=self.settings)
+        return self._catalog
+
+    def close(self) -> None:
+        if self._catalog is not None:
+            self._catalog.close()
+
+
+pass_state = click.make_pass_decorator(CliState)
+
+
+class TenantryGroup(click.Group):
+    """Turns TenantryError into one clear line (the traceback only with --traceback)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TenantryError as exc:
+            state = ctx.find_object(CliState)
+            if state is not None and state.traceback:
+                raise
+            raise Failure(str(exc)) from None
+
+
+@click.group(cls=TenantryGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--catalog",
+    "catalog_url",
+    metavar="URL",
+    help="Catalog database URL [default: TENANTRY_CATALOG_URL or sqlite:///.tenantry/catalog.db].",
+)
+@click.option("--traceback", is_flag=True, help="Show the full traceback of an error.")
+@click.version_option(package_name="tenantry")
+@click.pass_context
+def cli(ctx: click.Context, catalog_url: str | None, traceback: bool) -> None:
+    """tenantry: route, migrate and move the tenants of a shared and dedicated fleet."""
+    state = CliState(catalog_url=catalog_url, traceback=traceback)
+    ctx.obj = state
+    ctx.call_on_close(state.close)
+
+
+def json_option(func: F) -> F:
+    """Add ``--json``: machine-readable output, same fields, no colour."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
+        func
+    )
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def emit_json(data: Any) -> None:
+    """Print *data* as indented JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, default=_plain, sort_keys=False))
+
+
+def render_table(
+    console: Console,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    *,
+    title: str | None = None,
+) -> None:
+    """Print an aligned table; empty tables say so."""
+    table = Table(*columns, title=title, title_justify="left", header_style="bold")
+    count = 0
+    for row in rows:
+        table.add_row(*("" if v is None else str(_plain(v)) for v in row))
+        count += 1
+    if count == 0:
+        console.print(f"{title or 'nothing'}: none")
+    else:
+        console.print(table)
+
+
+def shard_record(shard: Shard, tenant_count: int | None = None) -> dict[str, Any]:
+    """A shard as JSON-ready fields, passwords masked."""
+    record: dict[str, Any] = {
+        "name": shard.name,
+        "tier": shard.tier.value,
+        "state": shard.state.value,
+        "weight": shard.weight,
+        "url": mask_url(shard.url),
+        "admin_url": mask_url(shard.admin_url) if shard.admin_url else None,
+        "created_at": _plain(shard.created_at),
+    }
+    if tenant_count is not None:
+        record["tenants"] = tenant_count
+    return record
+
+
+def tenant_record(tenant: Tenant) -> dict[str, Any]:
+    """A tenant as JSON-ready fields."""
+    return {
+        "id": tenant.id,
+        "shard": tenant.shard,
+        "tier": tenant.tier.value,
+        "pinned": tenant.pinned,
+        "state": tenant.state.value,
+        "created_at": _plain(tenant.created_at),
+    }

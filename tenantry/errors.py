@@ -1,0 +1,196 @@
+"""Errors raised by tenantry.
+
+Every error is a :class:`TenantryError`; each carries its context (tenant id, shard
+name, ...) as attributes, and its message says what is wrong and what to do::
+
+    TenantryError
+    ├── ConfigurationError              a setting or argument is invalid
+    ├── InvalidName (ValueError)        a tenant id or shard name breaks the naming rule
+    │   ├── InvalidTenantId
+    │   └── InvalidShardName
+    ├── InvalidShardUrl (ValueError)    not a database URL tenantry can use
+    ├── CatalogError                    the catalog cannot be read or written
+    │   ├── CatalogUnavailable          cannot connect to the catalog database
+    │   └── CatalogNotInitialized       schema missing or out of date: run `tenantry init`
+    ├── LookupFailed (LookupError)
+    │   ├── UnknownTenant
+    │   └── UnknownShard
+    ├── AlreadyExists
+    │   ├── TenantExists
+    │   └── ShardExists
+    ├── PlacementError                  no valid home for a tenant
+    │   ├── NoSharedShard               no active shared shard to place a tenant on
+    │   ├── TierMismatch                e.g. a dedicated tenant on a shared shard
+    │   ├── ShardNotActive              the shard is draining or retired
+    │   └── ShardOccupied               a dedicated shard already holds a tenant
+    └── ShardUnavailable                a shard's database cannot be reached
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AlreadyExists",
+    "CatalogError",
+    "CatalogNotInitialized",
+    "CatalogUnavailable",
+    "ConfigurationError",
+    "InvalidName",
+    "InvalidShardName",
+    "InvalidShardUrl",
+    "InvalidTenantId",
+    "LookupFailed",
+    "NoSharedShard",
+    "PlacementError",
+    "ShardExists",
+    "ShardNotActive",
+    "ShardOccupied",
+    "ShardUnavailable",
+    "TenantExists",
+    "TenantryError",
+    "TierMismatch",
+    "UnknownShard",
+    "UnknownTenant",
+]
+
+
+class TenantryError(Exception):
+    """Base class of every error tenantry raises on purpose."""
+
+
+class ConfigurationError(TenantryError):
+    """A setting or argument is invalid; ``field`` names it."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidName(TenantryError, ValueError):
+    """A tenant id or shard name does not follow the naming rule."""
+
+    kind = "name"
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+        super().__init__(
+            f"invalid {self.kind} {value!r}: use 1 to 63 characters of a-z, 0-9, '_' and "
+            "'-', starting with a letter or digit"
+        )
+
+
+class InvalidTenantId(InvalidName):
+    """A tenant id does not match ``^[a-z0-9][a-z0-9_-]{0,62}$``."""
+
+    kind = "tenant id"
+
+    @property
+    def tenant_id(self) -> str:
+        return self.value
+
+
+class InvalidShardName(InvalidName):
+    """A shard name does not match ``^[a-z0-9][a-z0-9_-]{0,62}$``."""
+
+    kind = "shard name"
+
+    @property
+    def shard(self) -> str:
+        return self.value
+
+
+class InvalidShardUrl(TenantryError, ValueError):
+    """A shard URL is not a SQLite or PostgreSQL SQLAlchemy URL."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class CatalogError(TenantryError):
+    """The catalog could not be read or written."""
+
+
+class CatalogUnavailable(CatalogError):
+    """The catalog database cannot be reached."""
+
+
+class CatalogNotInitialized(CatalogError):
+    """The catalog schema is missing or older than this tenantry."""
+
+
+class LookupFailed(TenantryError, LookupError):
+    """Something named does not exist."""
+
+
+class UnknownTenant(LookupFailed):
+    """No tenant with this id in the catalog."""
+
+    def __init__(self, tenant_id: str) -> None:
+        super().__init__(
+            f"unknown tenant {tenant_id!r}: add it with `tenantry tenant add {tenant_id}`"
+        )
+        self.tenant_id = tenant_id
+
+
+class UnknownShard(LookupFailed):
+    """No shard with this name in the catalog."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"unknown shard {shard!r}: see `tenantry shard list`")
+        self.shard = shard
+
+
+class AlreadyExists(TenantryError):
+    """Something with this name exists already."""
+
+
+class TenantExists(AlreadyExists):
+    """A tenant with this id exists already."""
+
+    def __init__(self, tenant_id: str, shard: str) -> None:
+        super().__init__(f"tenant {tenant_id!r} exists already (on shard {shard!r})")
+        self.tenant_id = tenant_id
+        self.shard = shard
+
+
+class ShardExists(AlreadyExists):
+    """A shard with this name exists already."""
+
+    def __init__(self, shard: str) -> None:
+        super().__init__(f"shard {shard!r} exists already: choose another name")
+        self.shard = shard
+
+
+class PlacementError(TenantryError):
+    """A tenant cannot be placed where asked."""
+
+    def __init__(
+        self, message: str, *, tenant_id: str | None = None, shard: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.shard = shard
+
+
+class NoSharedShard(PlacementError):
+    """There is no active shared shard to place a shared tenant on."""
+
+
+class TierMismatch(PlacementError):
+    """The shard's tier does not match the tenant's."""
+
+
+class ShardOccupied(PlacementError):
+    """A dedicated shard holds another tenant already."""
+
+
+class ShardNotActive(PlacementError):
+    """The shard is draining or retired and takes no tenants."""
+
+
+class ShardUnavailable(TenantryError):
+    """A shard's database cannot be reached; ``shard`` names it (never its password)."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard

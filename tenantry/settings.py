@@ -1,0 +1,78 @@
+"""Settings, read from arguments, ``TENANTRY_*`` environment variables and ``.env``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tenantry.errors import ConfigurationError
+
+__all__ = ["DEFAULT_CATALOG_URL", "TenantrySettings", "load_settings"]
+
+DEFAULT_CATALOG_URL = "sqlite:///.tenantry/catalog.db"
+
+
+class TenantrySettings(BaseSettings):
+    """Every knob of tenantry, with the defaults a small fleet wants.
+
+    Each field can be set as ``TENANTRY_<FIELD>`` in the environment or in ``.env``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TENANTRY_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    catalog_url: str = Field(
+        DEFAULT_CATALOG_URL,
+        min_length=1,
+        description="SQLAlchemy URL of the catalog (the shard map's store).",
+    )
+    tenant_column: str = Field(
+        "tenant_id",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="Name of the tenant key column in every tenant table.",
+    )
+    pool_size_shared: int = Field(10, ge=1, le=1000)
+    pool_size_dedicated: int = Field(2, ge=1, le=1000)
+    max_overflow: int = Field(5, ge=0, le=1000)
+    pool_timeout: float = Field(10.0, gt=0, description="Seconds to wait for a pooled connection.")
+    pool_recycle: float = Field(1800.0, gt=0)
+    connect_timeout: float = Field(
+        5.0, gt=0, le=600, description="Seconds before an unreachable database is given up."
+    )
+    statement_timeout: float = Field(
+        0.0, ge=0, description="Seconds; 0 leaves the server's default."
+    )
+    max_engines: int = Field(
+        64, ge=1, description="Open engines at most; idle ones are disposed least recent first."
+    )
+    connection_budget: int = Field(
+        400, ge=1, description="Connections at most across every engine of a router."
+    )
+    poll_interval: float = Field(
+        2.0, gt=0, description="Seconds between map-version polls when LISTEN is unavailable."
+    )
+    freeze_timeout: float = Field(
+        30.0, gt=0, description="Seconds a move waits for older transactions after freezing."
+    )
+    alembic_config: str | None = Field(
+        None, description="The application's alembic.ini, or its script directory."
+    )
+
+
+def load_settings(**overrides: Any) -> TenantrySettings:
+    """Read the settings; an invalid value raises one clear :class:`ConfigurationError`."""
+    try:
+        return TenantrySettings(**overrides)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = ".".join(str(part) for part in error["loc"]) or "settings"
+        raise ConfigurationError(
+            f"invalid setting TENANTRY_{field.upper()}: {error['msg']}", field=field
+        ) from None

@@ -1,0 +1,572 @@
+"""The catalog: the SQL store of the shard map (SQLite or PostgreSQL, same code).
+
+Every change runs in one transaction that first bumps the map version; on PostgreSQL
+that row lock also serialises concurrent writers, and the same transaction sends
+``NOTIFY tenantry_map`` so that routers refresh. On SQLite the write transaction takes
+the database lock at ``BEGIN IMMEDIATE`` for the same effect.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+from tenantry.errors import (
+    CatalogNotInitialized,
+    CatalogUnavailable,
+    NoSharedShard,
+    PlacementError,
+    ShardExists,
+    ShardNotActive,
+    ShardOccupied,
+    ShardUnavailable,
+    TenantExists,
+    TenantryError,
+    TierMismatch,
+    UnknownShard,
+    UnknownTenant,
+)
+from tenantry.settings import TenantrySettings, load_settings
+from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
+from tenantry.shardmap.model import (
+    MapSnapshot,
+    Shard,
+    ShardState,
+    Tenant,
+    TenantState,
+    Tier,
+    mask_url,
+    normalize_url,
+    validate_shard_name,
+    validate_tenant_id,
+)
+from tenantry.shardmap.residency import Residency, clear_residency, write_residency
+from tenantry.shardmap.ring import PlacementRing
+from tenantry.shardmap.schema import map_table, shards, tenants
+
+__all__ = ["NOTIFY_CHANNEL", "Catalog"]
+
+logger = logging.getLogger("tenantry.catalog")
+
+#: PostgreSQL channel on which every map change is announced (payload: new version).
+NOTIFY_CHANNEL = "tenantry_map"
+
+# Any constant works; it only has to be the same in every tenantry process.
+_INIT_LOCK_KEY = 0x7E4A7C01
+
+
+class Catalog:
+    """The shard map's store.
+
+    ``Catalog()`` opens the catalog named by the settings (``TENANTRY_CATALOG_URL``,
+    by default a SQLite file under ``./.tenantry/``). Run :meth:`init` once to create
+    or upgrade its schema.
+    """
+
+    def __init__(self, url: str | None = None, *, settings: TenantrySettings | None = None) -> None:
+        self.settings = settings if settings is not None else load_settings()
+        self.url: str = url if url is not None else self.settings.catalog_url
+        self._engine: Engine = make_engine(
+            self.url,
+            connect_timeout=self.settings.connect_timeout,
+            pool_size=2,
+            max_overflow=4,
+            pool_pre_ping=True,
+        )
+        self._ready = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The catalog's engine (for tenantry's own modules)."""
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return self._engine.dialect.name
+
+    def close(self) -> None:
+        """Release the catalog's connections."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Catalog({mask_url(self.url)!r})"
+
+    def init(self) -> str:
+        """Create or upgrade the catalog schema; return its revision. Idempotent."""
+        from tenantry.migrations._alembic import CATALOG
+
+        with self._errors(), self._engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                if self.dialect == "postgresql":
+                    # Two `tenantry init` at once: the second waits, then finds head.
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
+                CATALOG.upgrade(conn)
+                revision = CATALOG.current(conn)
+        self._ready = True
+        assert revision is not None
+        return revision
+
+    def revision(self) -> str | None:
+        """The catalog schema's revision, or None when it was never initialised."""
+        from tenantry.migrations._alembic import CATALOG
+
+        with self._errors(), self._engine.connect() as conn:
+            return CATALOG.current(conn)
+
+    def _check_ready(self) -> None:
+        if self._ready:
+            return
+        from tenantry.migrations._alembic import CATALOG
+
+        current = self.revision()
+        if current is None:
+            raise CatalogNotInitialized(
+                f"the catalog at {mask_url(self.url)} has no tenantry schema: "
+                "run `tenantry init` first"
+            )
+        if current != CATALOG.head:
+            raise CatalogNotInitialized(
+                f"the catalog at {mask_url(self.url)} is at schema revision {current}, "
+                f"this tenantry needs {CATALOG.head}: run `tenantry init` to upgrade it"
+            )
+        self._ready = True
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        with translate_errors(
+            f"the catalog at {mask_url(self.url)}", unavailable=CatalogUnavailable
+        ):
+            yield
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        self._check_ready()
+        with self._errors(), self._engine.connect() as conn:
+            if self.dialect == "postgresql":
+                conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def _write(self) -> Iterator[tuple[Connection, int]]:
+        """A write transaction that has bumped the map version (and so holds its lock)."""
+        self._check_ready()
+        with self._errors(), self._engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                conn.execute(map_table.update().values(version=map_table.c.version + 1))
+                version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
+                if self.dialect == "postgresql":
+                    conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(version))))
+                yield conn, version
+
+    # -- reads ---------------------------------------------------------------------
+
+    def map_version(self) -> int:
+        """The current map version; every change bumps it."""
+        with self._read() as conn:
+            return int(conn.execute(sa.select(map_table.c.version)).scalar_one())
+
+    def snapshot(self) -> MapSnapshot:
+        """The whole map at one version, read in one consistent transaction."""
+        with self._read() as conn:
+            version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
+            shard_rows = conn.execute(sa.select(shards)).all()
+            tenant_rows = conn.execute(sa.select(tenants)).all()
+        return MapSnapshot(
+            version=version,
+            shards={row.name: _shard(row) for row in shard_rows},
+            tenants={row.id: _tenant(row) for row in tenant_rows},
+        )
+
+    def get_shard(self, name: str) -> Shard:
+        """The shard called *name*, or raise UnknownShard."""
+        with self._read() as conn:
+            return self._get_shard(conn, name)
+
+    def list_shards(
+        self, *, tier: Tier | str | None = None, state: ShardState | str | None = None
+    ) -> list[Shard]:
+        """Shards by name, optionally only those of one tier or state."""
+        query = sa.select(shards).order_by(shards.c.name)
+        if tier is not None:
+            query = query.where(shards.c.tier == Tier(tier).value)
+        if state is not None:
+            query = query.where(shards.c.state == ShardState(state).value)
+        with self._read() as conn:
+            return [_shard(row) for row in conn.execute(query)]
+
+    def get_tenant(self, tenant_id: str) -> Tenant:
+        """The tenant *tenant_id*, or raise UnknownTenant."""
+        validate_tenant_id(tenant_id)
+        with self._read() as conn:
+            return self._get_tenant(conn, tenant_id)
+
+    def list_tenants(self, shard: str | None = None) -> list[Tenant]:
+        """Tenants by id, optionally only those placed on *shard*."""
+        query = sa.select(tenants).order_by(tenants.c.id)
+        with self._read() as conn:
+            if shard is not None:
+                self._get_shard(conn, shard)
+                query = query.where(tenants.c.shard == shard)
+            return [_tenant(row) for row in conn.execute(query)]
+
+    def propose_shard(self, tenant_id: str) -> str:
+        """Where the ring would place a new shared tenant now (nothing is written)."""
+        validate_tenant_id(tenant_id)
+        with self._read() as conn:
+            return self._ring_place(conn, tenant_id)
+
+    # -- shard changes ---------------------------------------------------------------
+
+    def add_shard(
+        self,
+        name: str,
+        url: str,
+        *,
+        admin_url: str | None = None,
+        tier: Tier | str = Tier.SHARED,
+        weight: int = 1,
+        prepare: bool = True,
+    ) -> Shard:
+        """Register a database as a shard.
+
+        With *prepare* (the default) the shard is first connected to through its
+        operations role and given tenantry's per-shard tables (residency), so an
+        unreachable or unusable database is refused before it is registered.
+        """
+        validate_shard_name(name)
+        tier = Tier(tier)
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
+            raise PlacementError(f"invalid weight {weight!r}: use a whole number from 0 to 10000")
+        shard = Shard(
+            name=name,
+            url=normalize_url(url),
+            admin_url=normalize_url(admin_url) if admin_url else None,
+            tier=tier,
+            weight=weight,
+            created_at=datetime.now(UTC),
+        )
+        if shard.backend != (
+            (shard.admin_url and Shard(name, shard.admin_url).backend) or shard.backend
+        ):
+            raise PlacementError("url and admin_url must name the same kind of database")
+        with self._write() as (conn, _version):
+            if conn.execute(sa.select(shards.c.name).where(shards.c.name == name)).first():
+                raise ShardExists(name)
+            if prepare:
+                prepare_shard(shard, connect_timeout=self.settings.connect_timeout)
+            conn.execute(
+                shards.insert().values(
+                    name=shard.name,
+                    url=shard.url,
+                    admin_url=shard.admin_url,
+                    tier=shard.tier.value,
+                    state=shard.state.value,
+                    weight=shard.weight,
+                    created_at=shard.created_at,
+                )
+            )
+        logger.info("added shard %s (%s)", name, tier.value)
+        return shard
+
+    def set_shard_state(self, name: str, state: ShardState | str) -> Shard:
+        """Mark a shard active, draining or retired.
+
+        A shard that still holds tenants cannot be retired: move them away first.
+        """
+        state = ShardState(state)
+        with self._write() as (conn, _version):
+            self._get_shard(conn, name)
+            if state is ShardState.RETIRED:
+                count = conn.execute(
+                    sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
+                ).scalar_one()
+                if count:
+                    raise PlacementError(
+                        f"shard {name!r} still holds {count} tenant(s): drain it before "
+                        "retiring it",
+                        shard=name,
+                    )
+            conn.execute(shards.update().where(shards.c.name == name).values(state=state.value))
+            return self._get_shard(conn, name)
+
+    def set_shard_weight(self, name: str, weight: int) -> Shard:
+        """Change a shared shard's weight (its share of new tenants and of the load)."""
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
+            raise PlacementError(f"invalid weight {weight!r}: use a whole number from 0 to 10000")
+        with self._write() as (conn, _version):
+            self._get_shard(conn, name)
+            conn.execute(shards.update().where(shards.c.name == name).values(weight=weight))
+            return self._get_shard(conn, name)
+
+    # -- tenant changes ----------------------------------------------------------------
+
+    def add_tenant(
+        self,
+        tenant_id: str,
+        *,
+        tier: Tier | str = Tier.SHARED,
+        shard: str | None = None,
+        pinned: bool = False,
+    ) -> Tenant:
+        """Register a tenant and place it.
+
+        A shared tenant goes to *shard* if given, else where the consistent-hash ring
+        over the active shared shards says; a dedicated tenant needs *shard*, a
+        dedicated shard holding no other tenant. The residency row on the shard is
+        written before the catalog commits, so the tenant is routable at once.
+        """
+        validate_tenant_id(tenant_id)
+        tier = Tier(tier)
+        if tier is Tier.DEDICATED and shard is None:
+            raise PlacementError(
+                "a dedicated tenant needs its own shard: add one with "
+                "`tenantry shard add NAME URL --tier dedicated`, then pass --shard NAME",
+                tenant_id=tenant_id,
+            )
+        written: Shard | None = None
+        try:
+            with self._write() as (conn, version):
+                existing = conn.execute(
+                    sa.select(tenants.c.shard).where(tenants.c.id == tenant_id)
+                ).scalar_one_or_none()
+                if existing is not None:
+                    raise TenantExists(tenant_id, existing)
+                name = shard if shard is not None else self._ring_place(conn, tenant_id)
+                target = self._get_shard(conn, name)
+                self._check_home(conn, tenant_id, tier, target)
+                set_residency(target, tenant_id, Residency.ACTIVE, version, self.settings)
+                written = target
+                created = datetime.now(UTC)
+                conn.execute(
+                    tenants.insert().values(
+                        id=tenant_id,
+                        shard=target.name,
+                        tier=tier.value,
+                        pinned=pinned,
+                        state=TenantState.ACTIVE.value,
+                        created_at=created,
+                    )
+                )
+        except BaseException:
+            if written is not None:
+                # The catalog did not commit: take back the residency row we wrote.
+                with suppress(TenantryError):
+                    drop_residency(written, tenant_id, self.settings)
+            raise
+        logger.info("added tenant %s on shard %s", tenant_id, target.name)
+        return Tenant(tenant_id, target.name, tier, pinned, TenantState.ACTIVE, created)
+
+    def remove_tenant(self, tenant_id: str) -> Tenant:
+        """Unregister a tenant. Its rows stay on its shard; routers stop serving it."""
+        validate_tenant_id(tenant_id)
+        with self._write() as (conn, version):
+            tenant = self._get_tenant(conn, tenant_id)
+            shard = self._get_shard(conn, tenant.shard)
+            # Fence first, so a router with an old map cannot write after we return.
+            set_residency(shard, tenant_id, Residency.MOVED, version, self.settings)
+            conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
+        with suppress(TenantryError):
+            drop_residency(shard, tenant_id, self.settings)
+        logger.info("removed tenant %s from shard %s", tenant_id, tenant.shard)
+        return tenant
+
+    def set_pinned(self, tenant_id: str, pinned: bool) -> Tenant:
+        """Pin a tenant (the rebalancer never moves it) or unpin it."""
+        with self._write() as (conn, _version):
+            self._get_tenant(conn, tenant_id)
+            conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(pinned=pinned))
+            return self._get_tenant(conn, tenant_id)
+
+    def set_placement(
+        self,
+        tenant_id: str,
+        shard: str,
+        *,
+        conn: Connection | None = None,
+        check: bool = True,
+    ) -> tuple[Tenant, int]:
+        """Point the tenant's placement at *shard*; return the tenant and new map version.
+
+        This changes only the directory. The mover calls it inside its switch step,
+        after the data is verified at *shard* and with the residency rows updated; the
+        tier follows the new shard's.
+        """
+        if conn is not None:
+            return self._set_placement(conn, tenant_id, shard, check=check)
+        with self._write() as (own, _version):
+            return self._set_placement(own, tenant_id, shard, check=check)
+
+    @contextmanager
+    def transaction(self) -> Iterator[tuple[Connection, int]]:
+        """A catalog write transaction with the map version bumped (for the mover)."""
+        with self._write() as pair:
+            yield pair
+
+    def _set_placement(
+        self, conn: Connection, tenant_id: str, shard: str, *, check: bool
+    ) -> tuple[Tenant, int]:
+        tenant = self._get_tenant(conn, tenant_id)
+        target = self._get_shard(conn, shard)
+        if check:
+            self._check_home(conn, tenant_id, target.tier, target)
+        conn.execute(
+            tenants.update()
+            .where(tenants.c.id == tenant_id)
+            .values(shard=target.name, tier=target.tier.value)
+        )
+        version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
+        del tenant
+        return self._get_tenant(conn, tenant_id), version
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _get_shard(self, conn: Connection, name: str) -> Shard:
+        row = conn.execute(sa.select(shards).where(shards.c.name == name)).first()
+        if row is None:
+            raise UnknownShard(name)
+        return _shard(row)
+
+    def _get_tenant(self, conn: Connection, tenant_id: str) -> Tenant:
+        row = conn.execute(sa.select(tenants).where(tenants.c.id == tenant_id)).first()
+        if row is None:
+            raise UnknownTenant(tenant_id)
+        return _tenant(row)
+
+    def _ring_place(self, conn: Connection, tenant_id: str) -> str:
+        ring = PlacementRing.for_shards(_shard(row) for row in conn.execute(sa.select(shards)))
+        name = ring.place(tenant_id)
+        if name is None:
+            raise NoSharedShard(
+                "no active shared shard to place the tenant on: add one with "
+                "`tenantry shard add NAME URL`",
+                tenant_id=tenant_id,
+            )
+        return name
+
+    def _check_home(self, conn: Connection, tenant_id: str, tier: Tier, shard: Shard) -> None:
+        if shard.state is not ShardState.ACTIVE:
+            raise ShardNotActive(
+                f"shard {shard.name!r} is {shard.state.value} and takes no tenants: "
+                "choose an active shard",
+                tenant_id=tenant_id,
+                shard=shard.name,
+            )
+        if tier is not shard.tier:
+            raise TierMismatch(
+                f"a {tier.value} tenant cannot live on {shard.tier.value} shard "
+                f"{shard.name!r}: choose a {tier.value} shard",
+                tenant_id=tenant_id,
+                shard=shard.name,
+            )
+        if tier is Tier.DEDICATED:
+            other = conn.execute(
+                sa.select(tenants.c.id)
+                .where(tenants.c.shard == shard.name, tenants.c.id != tenant_id)
+                .limit(1)
+            ).scalar_one_or_none()
+            if other is not None:
+                raise ShardOccupied(
+                    f"dedicated shard {shard.name!r} already holds tenant {other!r}: "
+                    "give each dedicated tenant its own shard",
+                    tenant_id=tenant_id,
+                    shard=shard.name,
+                )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything tenantry stores is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _shard(row: Any) -> Shard:
+    return Shard(
+        name=row.name,
+        url=row.url,
+        admin_url=row.admin_url,
+        tier=Tier(row.tier),
+        state=ShardState(row.state),
+        weight=row.weight,
+        created_at=_utc(row.created_at),
+    )
+
+
+def _tenant(row: Any) -> Tenant:
+    return Tenant(
+        id=row.id,
+        shard=row.shard,
+        tier=Tier(row.tier),
+        pinned=bool(row.pinned),
+        state=TenantState(row.state),
+        created_at=_utc(row.created_at),
+    )
+
+
+# -- the shard side -------------------------------------------------------------------
+
+
+@contextmanager
+def shard_admin(shard: Shard, *, connect_timeout: float = 5.0) -> Iterator[Connection]:
+    """A write transaction on the shard as its operations role (short-lived engine)."""
+    engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
+    try:
+        with (
+            translate_errors(
+                f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
+            ),
+            engine.connect() as conn,
+        ):
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                yield conn
+    finally:
+        engine.dispose()
+
+
+def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> str:
+    """Create or upgrade tenantry's own tables on the shard; return their revision."""
+    from tenantry.migrations._alembic import SHARD
+
+    with shard_admin(shard, connect_timeout=connect_timeout) as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
+        SHARD.upgrade(conn)
+        revision = SHARD.current(conn)
+    assert revision is not None
+    return revision
+
+
+def set_residency(
+    shard: Shard, tenant_id: str, state: Residency, version: int, settings: TenantrySettings
+) -> None:
+    """Write the tenant's residency row on *shard* and commit it there."""
+    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+        write_residency(conn, tenant_id, state, version)
+
+
+def drop_residency(shard: Shard, tenant_id: str, settings: TenantrySettings) -> None:
+    """Delete the tenant's residency row on *shard*."""
+    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+        clear_residency(conn, tenant_id)

@@ -1,0 +1,211 @@
+"""The shard map's value objects: tiers, shards, tenants, and the naming rule."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import MappingProxyType
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from tenantry.errors import (
+    InvalidShardName,
+    InvalidShardUrl,
+    InvalidTenantId,
+    UnknownShard,
+    UnknownTenant,
+)
+
+__all__ = [
+    "NAME_PATTERN",
+    "MapSnapshot",
+    "Shard",
+    "ShardState",
+    "Tenant",
+    "TenantState",
+    "Tier",
+    "mask_url",
+    "normalize_url",
+    "validate_shard_name",
+    "validate_tenant_id",
+]
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+
+
+class Tier(enum.StrEnum):
+    """Isolation tier of a shard, and so of the tenants it holds."""
+
+    SHARED = "shared"
+    DEDICATED = "dedicated"
+
+
+class ShardState(enum.StrEnum):
+    """Lifecycle of a shard: only ``active`` shards receive new tenants."""
+
+    ACTIVE = "active"
+    DRAINING = "draining"
+    RETIRED = "retired"
+
+
+class TenantState(enum.StrEnum):
+    """``moving`` while a move of the tenant is under way."""
+
+    ACTIVE = "active"
+    MOVING = "moving"
+
+
+def validate_tenant_id(tenant_id: object) -> str:
+    """Return *tenant_id* if it follows the naming rule, else raise InvalidTenantId."""
+    if not isinstance(tenant_id, str) or not NAME_PATTERN.fullmatch(tenant_id):
+        raise InvalidTenantId(str(tenant_id))
+    return tenant_id
+
+
+def validate_shard_name(name: object) -> str:
+    """Return *name* if it follows the naming rule, else raise InvalidShardName."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InvalidShardName(str(name))
+    return name
+
+
+def _parse(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise InvalidShardUrl(
+            "not a database URL: write it as postgresql://user@host:port/dbname "
+            "or sqlite:///path/to/file.db"
+        ) from None
+
+
+def normalize_url(url: str | URL) -> str:
+    """Check that *url* is SQLite or PostgreSQL and pin PostgreSQL to psycopg 3.
+
+    ``postgres://`` and ``postgresql://`` become ``postgresql+psycopg://``, so that
+    every engine of the fleet uses the same driver.
+    """
+    parsed = _parse(url)
+    backend = parsed.get_backend_name()
+    if backend in ("postgres", "postgresql"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        if not parsed.database:
+            raise InvalidShardUrl(f"{mask_url(parsed)} names no database: add /dbname")
+    elif backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise InvalidShardUrl(
+                "an in-memory SQLite database cannot be shared: use sqlite:///path/to/file.db"
+            )
+    else:
+        raise InvalidShardUrl(
+            f"{backend!r} databases are not supported: use postgresql:// or sqlite:///"
+        )
+    return parsed.render_as_string(hide_password=False)
+
+
+def mask_url(url: str | URL) -> str:
+    """Render *url* with its password replaced by ``***``; never fails."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        # Not parseable, so we cannot know where a password is: hide what follows "//".
+        text = str(url)
+        head, sep, _ = text.partition("://")
+        return f"{head}{sep}***" if sep else "***"
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """One database of the fleet.
+
+    ``url`` is the routing role (what applications connect as); ``admin_url`` the
+    operations role that owns the schema and bypasses row-level security.
+    """
+
+    name: str
+    url: str
+    tier: Tier = Tier.SHARED
+    state: ShardState = ShardState.ACTIVE
+    weight: int = 1
+    admin_url: str | None = None
+    created_at: datetime | None = field(default=None, compare=False)
+
+    @property
+    def operations_url(self) -> str:
+        """The URL of the operations role: ``admin_url``, or ``url`` when unset."""
+        return self.admin_url or self.url
+
+    @property
+    def backend(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return make_url(self.url).get_backend_name()
+
+    def __repr__(self) -> str:
+        return (
+            f"Shard(name={self.name!r}, url={mask_url(self.url)!r}, tier={self.tier.value!r}, "
+            f"state={self.state.value!r}, weight={self.weight})"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """A tenant and its placement: the shard it lives on now."""
+
+    id: str
+    shard: str
+    tier: Tier = Tier.SHARED
+    pinned: bool = False
+    state: TenantState = TenantState.ACTIVE
+    created_at: datetime | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class MapSnapshot:
+    """An immutable view of the whole shard map at one map version.
+
+    Routers keep one and look tenants up in its dicts; a newer version replaces it whole.
+    """
+
+    version: int
+    shards: Mapping[str, Shard]
+    tenants: Mapping[str, Tenant]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shards", MappingProxyType(dict(self.shards)))
+        object.__setattr__(self, "tenants", MappingProxyType(dict(self.tenants)))
+
+    def tenant(self, tenant_id: str) -> Tenant:
+        """The tenant's record, or raise UnknownTenant."""
+        try:
+            return self.tenants[tenant_id]
+        except KeyError:
+            raise UnknownTenant(tenant_id) from None
+
+    def shard(self, name: str) -> Shard:
+        """The shard's record, or raise UnknownShard."""
+        try:
+            return self.shards[name]
+        except KeyError:
+            raise UnknownShard(name) from None
+
+    def shard_of(self, tenant_id: str) -> Shard:
+        """The shard the tenant lives on (its placement)."""
+        return self.shards[self.tenant(tenant_id).shard]
+
+    def tenants_sorted(self) -> list[Tenant]:
+        """Every tenant, by id."""
+        return sorted(self.tenants.values(), key=lambda t: t.id)
+
+    def tenants_on(self, shard: str) -> list[Tenant]:
+        """The tenants placed on *shard*, by id."""
+        return sorted((t for t in self.tenants.values() if t.shard == shard), key=lambda t: t.id)
+
+    def __repr__(self) -> str:
+        return (
+            f"MapSnapshot(version={self.version}, shards={len(self.shards)}, "
+            f"tenants={len(self.tenants)})"
+        )

@@ -1,0 +1,54 @@
+"""Core tables of the catalog and of tenantry's per-shard residency.
+
+The Alembic scripts in ``tenantry/migrations/catalog`` and ``.../shard`` create them;
+these declarations are how the code reads and writes them.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+__all__ = ["catalog_metadata", "map_table", "residency", "shard_metadata", "shards", "tenants"]
+
+catalog_metadata = sa.MetaData()
+
+map_table = sa.Table(
+    "tenantry_map",
+    catalog_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
+shards = sa.Table(
+    "tenantry_shards",
+    catalog_metadata,
+    sa.Column("name", sa.String(63), primary_key=True),
+    sa.Column("url", sa.Text, nullable=False),
+    sa.Column("admin_url", sa.Text, nullable=True),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("weight", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+tenants = sa.Table(
+    "tenantry_tenants",
+    catalog_metadata,
+    sa.Column("id", sa.String(63), primary_key=True),
+    sa.Column("shard", sa.String(63), sa.ForeignKey("tenantry_shards.name"), nullable=False),
+    sa.Column("tier", sa.String(16), nullable=False),
+    sa.Column("pinned", sa.Boolean, nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+shard_metadata = sa.MetaData()
+
+residency = sa.Table(
+    "tenantry_residency",
+    shard_metadata,
+    sa.Column("tenant_id", sa.String(63), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("map_version", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
