@@ -1,0 +1,33 @@
+"""Real PostgreSQL for tenantry's tests and benchmarks: servers and throwaway databases."""
+
+from __future__ import annotations
+
+from tenantry.testing.postgres import (
+    DEFAULT_SETTINGS,
+    DOCKER_IMAGE,
+    URLS_ENV,
+    DatabaseFactory,
+    NoPostgresAvailable,
+    PostgresServers,
+    TempPostgres,
+    TempPostgresError,
+    create_database,
+    docker_available,
+    drop_database,
+    find_pg_bindir,
+)
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "DOCKER_IMAGE",
+    "URLS_ENV",
+    "DatabaseFactory",
+    "NoPostgresAvailable",
+    "PostgresServers",
+    "TempPostgres",
+    "TempPostgresError",
+    "create_database",
+    "docker_available",
+    "drop_database",
+    "find_pg_bindir",
+]

@@ -1,0 +1,82 @@
+"""Fixtures shared by every test: real PostgreSQL servers, fresh databases, SQLite files.
+
+PostgreSQL comes from :class:`tenantry.testing.PostgresServers`: the servers named in
+``TENANTRY_TEST_PG_URLS``, else two throwaway servers started with ``initdb``, else two
+Docker containers. With none of these, every test that needs PostgreSQL errors with
+one message saying how to provide it; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tenantry.testing import DatabaseFactory, NoPostgresAvailable, PostgresServers
+
+
+@pytest.fixture(scope="session")
+def pg_provider() -> Iterator[PostgresServers]:
+    """The session's two PostgreSQL servers and where they came from (``.source``)."""
+    servers = PostgresServers(count=2)
+    try:
+        servers.start()
+    except NoPostgresAvailable as exc:
+        failure = str(exc)
+    else:
+        failure = ""
+    if failure:
+        # The message is the whole story: no traceback, and outside the except block so
+        # pytest does not print it twice as a chained exception.
+        pytest.fail(failure, pytrace=False)
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_servers(pg_provider: PostgresServers) -> list[str]:
+    """Superuser URLs of the ``postgres`` database on two servers.
+
+    When ``TENANTRY_TEST_PG_URLS`` names a single server, both entries are that server:
+    tests then still get distinct databases, but not distinct servers.
+    """
+    return list(pg_provider.urls)
+
+
+@pytest.fixture
+def make_pg_database(pg_servers: list[str]) -> Iterator[DatabaseFactory]:
+    """Factory ``(server=0, *, name=None, template=None) -> url`` of fresh databases.
+
+    Every database it created is dropped at teardown.
+    """
+    with DatabaseFactory(pg_servers) as factory:
+        yield factory
+
+
+@pytest.fixture
+def pg_url(make_pg_database: DatabaseFactory) -> str:
+    """A fresh, empty database on server 0."""
+    return make_pg_database(0)
+
+
+@pytest.fixture
+def pg_url2(make_pg_database: DatabaseFactory) -> str:
+    """A fresh, empty database on server 1."""
+    return make_pg_database(1)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    """A SQLite database file of this test's own."""
+    return f"sqlite:///{tmp_path / 'tenantry.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], ids=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A fresh database URL, once on SQLite and once on PostgreSQL."""
+    fixture = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(fixture)
+    return url
