@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tenantry.errors import CatalogError, ConfigurationError, TenantryError
 
@@ -24,6 +25,7 @@ __all__ = [
     "WRITE",
     "DatabaseUnavailable",
     "describe_error",
+    "make_async_engine",
     "make_engine",
     "translate_errors",
 ]
@@ -72,12 +74,42 @@ def make_engine(
     elif backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
         connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
+    else:
+        # Any other dialect would fail later with a driver ImportError and a traceback.
+        raise ConfigurationError(
+            f"{backend!r} databases are not supported: use postgresql:// or sqlite:///"
+        )
     try:
         engine = create_engine(parsed, connect_args=connect_args, **kwargs)
-    except (ArgumentError, NoSuchModuleError) as exc:
+    except (ArgumentError, NoSuchModuleError, ImportError) as exc:
         raise ConfigurationError(f"cannot use database URL: {describe_error(exc)}") from None
     if backend == "sqlite":
         _setup_sqlite(engine)
+    return engine
+
+
+def make_async_engine(url: str, *, connect_timeout: float = 5.0, **kwargs: Any) -> AsyncEngine:
+    """The asyncio twin of :func:`make_engine`: psycopg's async driver, or aiosqlite."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ConfigurationError("not a database URL") from None
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = kwargs.pop("connect_args", {})
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+        connect_args.setdefault("timeout", max(connect_timeout, 30.0))
+    else:
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        connect_args.setdefault("connect_timeout", max(1, round(connect_timeout)))
+    try:
+        engine = create_async_engine(parsed, connect_args=connect_args, **kwargs)
+    except (ArgumentError, NoSuchModuleError) as exc:
+        raise ConfigurationError(f"cannot use database URL: {describe_error(exc)}") from None
+    if backend == "sqlite":
+        _setup_sqlite(engine.sync_engine)
     return engine
 
 
@@ -125,4 +157,5 @@ def _is_connect_error(exc: DBAPIError) -> bool:
         ("connection" in text.lower() and ("failed" in text or "refused" in text))
         or "unable to open database" in text
         or "timeout expired" in text
+        or "resolve host" in text
     )

@@ -1,0 +1,167 @@
+"""AsyncRouter: the Router's shape over SQLAlchemy asyncio (psycopg async, aiosqlite)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+from tenantry.errors import StaleRoute
+from tenantry.router.engines import EngineRegistry, EngineStats
+from tenantry.router.fence import run_fence
+from tenantry.router.router import RouterBase, reaching
+from tenantry.router.scoping import (
+    SESSION_CRITERIA,
+    SESSION_SHARD,
+    SESSION_TENANT,
+    TenantSession,
+    configure_engine,
+)
+from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.connect import make_async_engine
+from tenantry.shardmap.model import Shard, mask_url
+
+__all__ = ["AsyncRouter"]
+
+
+class AsyncRouter(RouterBase):
+    """Routes each tenant's ``AsyncSession`` and ``AsyncConnection`` to its shard.
+
+    ``async with router.session("acme") as session: ...`` — the same scoping, fence and
+    stale-route retry as :class:`~tenantry.Router`. Map refreshes happen in a worker
+    thread, never on the event loop.
+    """
+
+    def __init__(
+        self,
+        catalog_url: str | None = None,
+        *,
+        settings: TenantrySettings | None = None,
+        catalog: Catalog | None = None,
+        listen: bool = True,
+        background: bool = True,
+    ) -> None:
+        super().__init__(
+            catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
+        )
+        self._engines = EngineRegistry(
+            self.settings,
+            configure=lambda engine, _shard: configure_engine(engine),
+            factory=make_async_engine,
+        )
+
+    async def has_tenant_async(self, tenant_id: str) -> bool:
+        """:meth:`has_tenant` without blocking the event loop."""
+        if tenant_id in self.snapshot.tenants:
+            return True
+        return await asyncio.to_thread(self.has_tenant, tenant_id)
+
+    def engine_stats(self) -> EngineStats:
+        """Open engines and their connection capacity."""
+        return self._engines.stats()
+
+    async def _shard(self, tenant_id: str) -> Shard:
+        tenant = self.snapshot.tenants.get(tenant_id)
+        if tenant is not None:
+            return self.snapshot.shards[tenant.shard]
+        return await asyncio.to_thread(self._lookup, tenant_id)
+
+    @asynccontextmanager
+    async def _lease(self, shard: Shard) -> AsyncIterator[AsyncEngine]:
+        slot, evicted = self._engines.acquire(shard)
+        try:
+            for engine in evicted:
+                await engine.dispose()
+            yield slot.handle
+        finally:
+            self._engines.release(slot)
+
+    async def engine_for(self, tenant_id: str | None = None) -> AsyncEngine:
+        """The AsyncEngine of the tenant's shard (shared by its tenants; not scoped)."""
+        shard = await self._shard(self._tenant(tenant_id))
+        async with self._lease(shard) as engine:
+            return engine
+
+    @asynccontextmanager
+    async def session(
+        self, tenant_id: str | None = None, **kwargs: Any
+    ) -> AsyncIterator[AsyncSession]:
+        """An AsyncSession scoped to the tenant; the application commits."""
+        tenant = self._tenant(tenant_id)
+        shard = await self._shard(tenant)
+        for attempt in (1, 2):
+            async with self._lease(shard) as engine:
+                session = AsyncSession(
+                    bind=engine,
+                    sync_session_class=TenantSession,
+                    info={
+                        SESSION_TENANT: tenant,
+                        SESSION_SHARD: shard.name,
+                        SESSION_CRITERIA: None,
+                    },
+                    **kwargs,
+                )
+                try:
+                    with reaching(shard):
+                        await session.connection()
+                except StaleRoute as exc:
+                    await session.close()
+                    if attempt == 2:
+                        raise
+                    shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
+                    continue
+                except BaseException:
+                    await session.close()
+                    raise
+                async with session:
+                    yield session
+                return
+
+    @asynccontextmanager
+    async def connection(self, tenant_id: str | None = None) -> AsyncIterator[AsyncConnection]:
+        """An AsyncConnection in a scoped transaction, committed unless the block raises."""
+        tenant = self._tenant(tenant_id)
+        shard = await self._shard(tenant)
+        for attempt in (1, 2):
+            async with self._lease(shard) as engine:
+                with reaching(shard):
+                    conn = await engine.connect()
+                try:
+                    transaction = await conn.begin()
+                    try:
+                        with reaching(shard):
+                            await conn.run_sync(run_fence, tenant, shard.name)
+                    except StaleRoute as exc:
+                        await transaction.rollback()
+                        if attempt == 2:
+                            raise
+                        shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
+                        continue
+                    try:
+                        yield conn
+                    except BaseException:
+                        await transaction.rollback()
+                        raise
+                    await transaction.commit()
+                    return
+                finally:
+                    await conn.close()
+
+    async def close(self) -> None:
+        """Stop the map listener and dispose every engine."""
+        await asyncio.to_thread(self._close_cache)
+        for engine in self._engines.close():
+            await engine.dispose()
+
+    async def __aenter__(self) -> AsyncRouter:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"AsyncRouter({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"

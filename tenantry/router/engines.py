@@ -1,0 +1,211 @@
+"""One Engine per physical database, created lazily, LRU-bounded, within a budget.
+
+All tenants of a shard share its engine (and so its pool). Dedicated shards can be
+many, so at most ``max_engines`` engines stay open, and the pools' total capacity
+(``pool_size + max_overflow`` of each open engine) never exceeds
+``connection_budget``: to open another engine, the least recently used *idle* engines
+(no lease, no connection checked out) are disposed first.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Engine
+
+from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
+from tenantry.settings import TenantrySettings
+from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.model import Shard, Tier
+
+__all__ = ["EngineRegistry", "EngineStats"]
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """How many engines are open and how many connections they may hold at most."""
+
+    engines: int
+    capacity: int
+    checked_out: int
+    created: int
+    disposed: int
+
+
+class _Slot:
+    __slots__ = ("capacity", "engine", "handle", "leases")
+
+    def __init__(self, handle: Any, engine: Engine, capacity: int) -> None:
+        self.handle = handle  # what callers use: an Engine, or an AsyncEngine
+        self.engine = engine  # its sync Engine: pool statistics
+        self.capacity = capacity
+        self.leases = 0
+
+
+class EngineRegistry:
+    """Engines keyed by database URL, shared by every tenant of that database."""
+
+    def __init__(
+        self,
+        settings: TenantrySettings,
+        *,
+        configure: Callable[[Engine, Shard], None] | None = None,
+        factory: Callable[..., Any] = make_engine,
+    ) -> None:
+        self._settings = settings
+        self._configure = configure
+        self._factory = factory
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._cond = threading.Condition(threading.Lock())
+        self._created = 0
+        self._disposed = 0
+        self._closed = False
+        smallest = min(settings.pool_size_shared, settings.pool_size_dedicated)
+        if smallest + settings.max_overflow > settings.connection_budget:
+            raise ConfigurationError(
+                f"connection_budget ({settings.connection_budget}) is smaller than one "
+                f"engine's pool ({smallest} + {settings.max_overflow} overflow)",
+                field="connection_budget",
+            )
+
+    def _capacity(self, shard: Shard) -> int:
+        size = (
+            self._settings.pool_size_dedicated
+            if shard.tier is Tier.DEDICATED
+            else self._settings.pool_size_shared
+        )
+        return size + self._settings.max_overflow
+
+    def _new_engine(self, shard: Shard) -> tuple[Any, Engine]:
+        handle = self._factory(
+            shard.url,
+            connect_timeout=self._settings.connect_timeout,
+            pool_size=self._capacity(shard) - self._settings.max_overflow,
+            max_overflow=self._settings.max_overflow,
+            pool_timeout=self._settings.pool_timeout,
+            pool_recycle=self._settings.pool_recycle,
+        )
+        engine: Engine = getattr(handle, "sync_engine", handle)
+        if self._configure is not None:
+            self._configure(engine, shard)
+        return handle, engine
+
+    @contextmanager
+    def lease(self, shard: Shard) -> Iterator[Engine]:
+        """The shard's engine, kept open (not evicted) until the block ends."""
+        slot, evicted = self.acquire(shard)
+        for handle in evicted:
+            handle.dispose()
+        try:
+            yield slot.handle
+        finally:
+            self.release(slot)
+
+    def get(self, shard: Shard) -> Engine:
+        """The shard's engine without a lease (it may be disposed once idle)."""
+        with self.lease(shard) as engine:
+            return engine
+
+    def release(self, slot: _Slot) -> None:
+        """End a lease taken by :meth:`acquire`."""
+        with self._cond:
+            slot.leases -= 1
+            if slot.leases == 0:
+                self._cond.notify_all()
+
+    def acquire(self, shard: Shard) -> tuple[_Slot, list[Any]]:
+        """Lease the shard's engine; also return the evicted engines, for the caller to
+        dispose outside the lock (an AsyncEngine is disposed with ``await``)."""
+        key = shard.url
+        evicted: list[Any] = []
+        with self._cond:
+            slot = self._slots.get(key)
+            if slot is not None:
+                self._slots.move_to_end(key)
+                slot.leases += 1
+                return slot, evicted
+            if self._closed:
+                raise ConfigurationError("the router is closed")
+            capacity = self._capacity(shard)
+            deadline = time.monotonic() + self._settings.pool_timeout
+            while not self._make_room(capacity, evicted):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    raise ConnectionBudgetExceeded(
+                        f"cannot open an engine for shard {shard.name!r}: "
+                        f"{len(self._slots)} engines are busy and hold the whole connection "
+                        f"budget ({self._settings.connection_budget}); raise "
+                        "TENANTRY_CONNECTION_BUDGET or TENANTRY_MAX_ENGINES, or retry",
+                        shard=shard.name,
+                    )
+                slot = self._slots.get(key)
+                if slot is not None:  # another thread opened it meanwhile
+                    self._slots.move_to_end(key)
+                    slot.leases += 1
+                    return slot, evicted
+            slot = _Slot(*self._new_engine(shard), capacity)
+            slot.leases = 1
+            self._slots[key] = slot
+            self._created += 1
+            return slot, evicted
+
+    def _make_room(self, capacity: int, evicted: list[Any]) -> bool:
+        """Dispose idle engines, oldest first, until one more of *capacity* fits."""
+
+        def fits() -> bool:
+            used = sum(s.capacity for s in self._slots.values())
+            return (
+                len(self._slots) < self._settings.max_engines
+                and used + capacity <= self._settings.connection_budget
+            )
+
+        if fits():
+            return True
+        for key in list(self._slots):
+            slot = self._slots[key]
+            if slot.leases == 0 and slot.engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
+                del self._slots[key]
+                evicted.append(slot.handle)
+                self._disposed += 1
+                if fits():
+                    return True
+        return False
+
+    def stats(self) -> EngineStats:
+        """Open engines, their total capacity and connections checked out now."""
+        with self._cond:
+            return EngineStats(
+                engines=len(self._slots),
+                capacity=sum(s.capacity for s in self._slots.values()),
+                checked_out=sum(
+                    s.engine.pool.checkedout()  # type: ignore[attr-defined]
+                    for s in self._slots.values()
+                ),
+                created=self._created,
+                disposed=self._disposed,
+            )
+
+    def dispose(self, url: str | None = None) -> list[Any]:
+        """Forget one engine (by URL) or all of them; dispose sync engines, and return
+        every handle removed (async engines are left for the caller to await)."""
+        with self._cond:
+            keys = [url] if url is not None else list(self._slots)
+            removed = [slot.handle for key in keys if (slot := self._slots.pop(key, None))]
+            self._disposed += len(removed)
+            self._cond.notify_all()
+        for handle in removed:
+            if isinstance(handle, Engine):
+                handle.dispose()
+        return removed
+
+    def close(self) -> list[Any]:
+        """Dispose every engine; no new ones are opened afterwards."""
+        with self._cond:
+            self._closed = True
+        return self.dispose()

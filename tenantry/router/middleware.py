@@ -1,0 +1,512 @@
+"""ASGI and WSGI middleware that finds each request's tenant and runs the app as it.
+
+A resolver reads the tenant id from a small, framework-neutral view of the request
+(:class:`RequestInfo`): a header, the subdomain or the path. The middleware validates
+it, optionally asks a router whether the tenant exists, and runs the application inside
+:func:`~tenantry.router.context.tenant_context`. A missing or invalid tenant gets a
+400, an unknown one a 404, each with a one-sentence JSON body; never a 500.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tenantry.errors import InvalidTenantId
+from tenantry.router.context import TenantContext, tenant_context
+from tenantry.shardmap.model import validate_tenant_id
+
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = [
+    "WSGI_TENANT_KEY",
+    "ASGIApp",
+    "HeaderResolver",
+    "KnowsTenants",
+    "KnowsTenantsAsync",
+    "PathResolver",
+    "RequestInfo",
+    "SubdomainResolver",
+    "TenantMiddleware",
+    "TenantResolver",
+    "WSGITenantMiddleware",
+    "header_resolver",
+    "path_resolver",
+    "subdomain_resolver",
+]
+
+# The ASGI types, spelled as Starlette spells them so either can be passed for the other.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Where WSGITenantMiddleware puts the tenant id in the environ.
+WSGI_TENANT_KEY = "tenantry.tenant_id"
+
+# RFC 9110 token characters: what a header name may contain.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+# Echoing a whole 8 kB header back in an error helps nobody.
+_MAX_SHOWN = 80
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True, slots=True)
+class RequestInfo:
+    """What a resolver may look at: host (as sent, port included), path, headers.
+
+    ``path`` is the path below the app's mount point (ASGI ``root_path``, WSGI
+    ``SCRIPT_NAME``); header names are lower case, repeated headers joined by ", ".
+    """
+
+    host: str
+    path: str
+    headers: Mapping[str, str]
+
+    @classmethod
+    def from_asgi(cls, scope: Scope) -> RequestInfo:
+        """Build the view of an ASGI ``http`` or ``websocket`` scope."""
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in scope.get("headers", ()):
+            name = bytes(raw_name).decode("latin-1").lower()
+            value = bytes(raw_value).decode("latin-1")
+            # Joined as HTTP says repeated fields combine, and as WSGI servers do: two
+            # different tenant headers then make an invalid id, not a silent choice.
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        host = headers.get("host")
+        if host is None:
+            server = scope.get("server")
+            host = str(server[0]) if server else ""
+        return cls(host=host, path=_route_path(scope), headers=headers)
+
+    @classmethod
+    def from_wsgi(cls, environ: Mapping[str, Any]) -> RequestInfo:
+        """Build the view of a WSGI environ."""
+        headers: dict[str, str] = {}
+        for key, value in environ.items():
+            if key.startswith("HTTP_"):
+                headers[key[5:].replace("_", "-").lower()] = str(value)
+            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+                headers[key.replace("_", "-").lower()] = str(value)
+        host = headers.get("host") or str(environ.get("SERVER_NAME", ""))
+        return cls(host=host, path=str(environ.get("PATH_INFO", "")), headers=headers)
+
+
+def _route_path(scope: Scope) -> str:
+    """The path below ``root_path``, as Starlette's routing computes it."""
+    path: str = scope.get("path", "")
+    root_path: str = scope.get("root_path", "")
+    # Servers disagree on whether ``path`` includes ``root_path``; accept both.
+    if root_path and path.startswith(root_path):
+        rest = path[len(root_path) :]
+        if not rest or rest.startswith("/"):
+            return rest
+    return path
+
+
+# -------------------------------------------------------------------------- resolvers
+
+
+class TenantResolver(Protocol):
+    """Finds the tenant id in a request; None when the request names none."""
+
+    def __call__(self, request: RequestInfo, /) -> str | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderResolver:
+    """The tenant id is the value of header ``name`` (lower case)."""
+
+    name: str
+
+    def __call__(self, request: RequestInfo, /) -> str | None:
+        return request.headers.get(self.name) or None
+
+    @property
+    def hint(self) -> str:
+        """Where a client should put the tenant id."""
+        return f"send the tenant id in the {self.name!r} header"
+
+
+@dataclass(frozen=True, slots=True)
+class SubdomainResolver:
+    """The tenant id is the host's part before ``.base_domain`` (lower case)."""
+
+    base_domain: str
+
+    def __call__(self, request: RequestInfo, /) -> str | None:
+        host = request.host.strip().lower()
+        if host.startswith("["):
+            return None  # an IPv6 literal has no subdomain
+        name, colon, port = host.rpartition(":")
+        if colon and port.isdigit():
+            host = name
+        host = host.rstrip(".")  # a fully qualified name may end with a dot
+        suffix = "." + self.base_domain
+        if not host.endswith(suffix):
+            return None
+        # Several labels ("www.acme") come back whole: they fail validation with a 400
+        # that names them, rather than picking one label silently.
+        return host[: -len(suffix)] or None
+
+    @property
+    def hint(self) -> str:
+        """Where a client should put the tenant id."""
+        return f"use the tenant's own host, <tenant>.{self.base_domain}"
+
+
+@dataclass(frozen=True, slots=True)
+class PathResolver:
+    """The tenant id is the path segment after ``prefix`` (``/t/acme/rest`` -> acme).
+
+    With ``strip=True`` the app sees the rest of the path (``/rest``) and the prefix
+    moves to the mount point (ASGI ``root_path``, WSGI ``SCRIPT_NAME``), the way a
+    mounted sub-application sees its requests, so generated URLs keep the prefix.
+    """
+
+    prefix: str
+    strip: bool = False
+
+    def __call__(self, request: RequestInfo, /) -> str | None:
+        if not request.path.startswith(self.prefix):
+            return None
+        segment = request.path[len(self.prefix) :].partition("/")[0]
+        return segment or None
+
+    def mount_point(self, tenant_id: str) -> str:
+        """The part of the path that names the tenant: ``/t/acme``."""
+        return self.prefix + tenant_id
+
+    @property
+    def hint(self) -> str:
+        """Where a client should put the tenant id."""
+        return f"start the path with {self.prefix}<tenant>/"
+
+
+def header_resolver(name: str = "x-tenant-id") -> HeaderResolver:
+    """Resolve the tenant from a request header (case-insensitive name)."""
+    lowered = name.strip().lower()
+    if not _HEADER_NAME.fullmatch(lowered):
+        raise ValueError(f"{name!r} is not a valid HTTP header name: use e.g. 'x-tenant-id'")
+    return HeaderResolver(lowered)
+
+
+def subdomain_resolver(base_domain: str) -> SubdomainResolver:
+    """Resolve the tenant from the subdomain: ``acme.example.com`` -> ``acme``.
+
+    The port is ignored; a host without a subdomain of *base_domain* names no tenant.
+    """
+    domain = base_domain.strip().strip(".").lower()
+    if not domain or ":" in domain or "/" in domain:
+        raise ValueError(
+            f"base_domain {base_domain!r} is not a domain name: write e.g. 'example.com'"
+        )
+    return SubdomainResolver(domain)
+
+
+def path_resolver(prefix: str = "/t/", *, strip: bool = False) -> PathResolver:
+    """Resolve the tenant from the path segment after *prefix*: ``/t/acme/...``.
+
+    ``strip=True`` hides ``/t/acme`` from the application's routing (see PathResolver).
+    """
+    if not (prefix.startswith("/") and prefix.endswith("/")):
+        raise ValueError(f"prefix {prefix!r} must start and end with '/': write e.g. '/t/'")
+    return PathResolver(prefix, strip=strip)
+
+
+# ---------------------------------------------------------------------------- routers
+
+
+class KnowsTenants(Protocol):
+    """Anything that can say whether a tenant exists, such as a Router.
+
+    ``has_tenant`` is called on every request: it should be a cheap lookup (a map
+    snapshot), not a query.
+    """
+
+    def has_tenant(self, tenant_id: str, /) -> bool: ...
+
+
+class KnowsTenantsAsync(Protocol):
+    """The same, for a router whose ``has_tenant`` is a coroutine (ASGI only)."""
+
+    def has_tenant(self, tenant_id: str, /) -> Awaitable[bool]: ...
+
+
+# ---------------------------------------------------------------------------- policy
+
+
+@dataclass(frozen=True, slots=True)
+class _Reject:
+    status: int
+    message: str
+
+
+def _clip(value: str) -> str:
+    return value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+
+
+class _Policy:
+    """What both middlewares decide the same way: exemptions, resolution, validation."""
+
+    __slots__ = ("_exact", "_prefixes", "required", "resolver")
+
+    def __init__(
+        self, resolver: TenantResolver, *, required: bool, exempt_paths: Iterable[str]
+    ) -> None:
+        if not callable(resolver):
+            raise TypeError(
+                f"resolver must be callable, got {resolver!r}: use header_resolver(), "
+                "subdomain_resolver() or path_resolver()"
+            )
+        if isinstance(exempt_paths, str):
+            raise ValueError(
+                "exempt_paths takes several paths, not one string: "
+                f"write exempt_paths=[{exempt_paths!r}]"
+            )
+        paths = tuple(exempt_paths)
+        for path in paths:
+            if not path.startswith("/"):
+                raise ValueError(f"exempt path {path!r} must start with '/'")
+        self.resolver = resolver
+        self.required = required
+        self._exact = frozenset(p for p in paths if not p.endswith("/"))
+        self._prefixes = tuple(p for p in paths if p.endswith("/"))
+
+    def is_exempt(self, path: str) -> bool:
+        return path in self._exact or path.startswith(self._prefixes)
+
+    def resolve(self, request: RequestInfo) -> str | _Reject | None:
+        """The valid tenant id, a rejection, or None: go on without a tenant."""
+        try:
+            tenant_id = self.resolver(request)
+        except InvalidTenantId as exc:
+            # A resolver that validates on its own has found a bad id: still a 400.
+            return _Reject(400, str(InvalidTenantId(_clip(exc.value))))
+        if tenant_id is None:
+            if not self.required:
+                return None
+            hint = getattr(self.resolver, "hint", None)
+            message = "no tenant in the request"
+            return _Reject(400, f"{message}: {hint}" if isinstance(hint, str) else message)
+        try:
+            return validate_tenant_id(tenant_id)
+        except InvalidTenantId:
+            return _Reject(400, str(InvalidTenantId(_clip(str(tenant_id)))))
+
+    @staticmethod
+    def unknown(tenant_id: str) -> _Reject:
+        return _Reject(404, f"unknown tenant {tenant_id!r}: no such tenant is served here")
+
+
+def _check_router(router: object) -> None:
+    if router is not None and not callable(getattr(router, "has_tenant", None)):
+        raise TypeError(f"router must have a has_tenant(tenant_id) method, got {router!r}")
+
+
+def _json_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+# ------------------------------------------------------------------------------- ASGI
+
+
+class TenantMiddleware:
+    """ASGI middleware: run each ``http`` and ``websocket`` request as its tenant.
+
+    Works with Starlette and FastAPI (``app.add_middleware(TenantMiddleware,
+    resolver=header_resolver())``) and any other ASGI app. The tenant is current for
+    the whole request (``current_tenant()``) and is also in ``scope["state"]
+    ["tenant_id"]`` (Starlette's ``request.state.tenant_id``). A missing or invalid
+    tenant gets a 400, a tenant that *router* does not know a 404; a websocket is
+    closed with code 1008 before it is accepted. With ``required=False`` a request
+    naming no tenant runs without one. Paths in *exempt_paths* (exact, or every path
+    below one ending in "/") run without a tenant: health checks, static files.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        resolver: TenantResolver,
+        router: KnowsTenants | KnowsTenantsAsync | None = None,
+        required: bool = True,
+        exempt_paths: Iterable[str] = (),
+    ) -> None:
+        _check_router(router)
+        self.app = app
+        self.router = router
+        self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind not in ("http", "websocket"):
+            # lifespan and any future scope type: nothing to resolve.
+            await self.app(scope, receive, send)
+            return
+        request = RequestInfo.from_asgi(scope)
+        if self._policy.is_exempt(request.path):
+            await self.app(scope, receive, send)
+            return
+        decision = self._policy.resolve(request)
+        if decision is None:
+            await self.app(scope, receive, send)
+            return
+        if isinstance(decision, str) and not await self._knows(decision):
+            decision = _Policy.unknown(decision)
+        if isinstance(decision, _Reject):
+            await _reject(kind, decision, send)
+            return
+        with tenant_context(decision):
+            await self.app(self._scope_for(scope, decision), receive, send)
+
+    async def _knows(self, tenant_id: str) -> bool:
+        if self.router is None:
+            return True
+        known = self.router.has_tenant(tenant_id)
+        if inspect.isawaitable(known):
+            known = await known
+        return bool(known)
+
+    def _scope_for(self, scope: Scope, tenant_id: str) -> Scope:
+        # A copy of the scope and of its state: a server that shared one state dict
+        # between requests must not let one request's tenant show in another's.
+        child = dict(scope)
+        child["state"] = {**scope.get("state", {}), "tenant_id": tenant_id}
+        resolver = self._policy.resolver
+        if isinstance(resolver, PathResolver) and resolver.strip:
+            mount = resolver.mount_point(tenant_id)
+            root_path: str = scope.get("root_path", "")
+            path: str = scope.get("path", "")
+            child["root_path"] = root_path + mount
+            if not path.startswith(root_path + mount):
+                # The server's path excludes root_path: strip the mount point from it.
+                child["path"] = path[len(mount) :]
+        return child
+
+
+async def _reject(kind: str, reject: _Reject, send: Send) -> None:
+    if kind == "websocket":
+        # Closing before accepting makes the server refuse the handshake (HTTP 403).
+        await send({"type": "websocket.close", "code": 1008, "reason": reject.message})
+        return
+    body = _json_body(reject.message)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": reject.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+# ------------------------------------------------------------------------------- WSGI
+
+_REASONS = {400: "400 Bad Request", 404: "404 Not Found"}
+
+
+class WSGITenantMiddleware:
+    """WSGI middleware: run each request as its tenant (see TenantMiddleware).
+
+    The tenant is current while the application runs *and* while its response is
+    iterated and closed, so streamed bodies see it too; it is also in
+    ``environ["tenantry.tenant_id"]``.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        *,
+        resolver: TenantResolver,
+        router: KnowsTenants | None = None,
+        required: bool = True,
+        exempt_paths: Iterable[str] = (),
+    ) -> None:
+        _check_router(router)
+        self.app = app
+        self.router = router
+        self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        request = RequestInfo.from_wsgi(environ)
+        if self._policy.is_exempt(request.path):
+            return self.app(environ, start_response)
+        decision = self._policy.resolve(request)
+        if decision is None:
+            return self.app(environ, start_response)
+        if isinstance(decision, str) and not self._knows(decision):
+            decision = _Policy.unknown(decision)
+        if isinstance(decision, _Reject):
+            body = _json_body(decision.message)
+            start_response(
+                _REASONS[decision.status],
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        environ[WSGI_TENANT_KEY] = decision
+        resolver = self._policy.resolver
+        if isinstance(resolver, PathResolver) and resolver.strip:
+            mount = resolver.mount_point(decision)
+            environ["SCRIPT_NAME"] = environ.get("SCRIPT_NAME", "") + mount
+            environ["PATH_INFO"] = request.path[len(mount) :]
+        context = tenant_context(decision)
+        with context:
+            result = self.app(environ, start_response)
+        return _TenantBody(result, context)
+
+    def _knows(self, tenant_id: str) -> bool:
+        if self.router is None:
+            return True
+        known: object = self.router.has_tenant(tenant_id)
+        if inspect.isawaitable(known):
+            if inspect.iscoroutine(known):
+                known.close()  # no "never awaited" warning on top of the error
+            raise TypeError(
+                "router.has_tenant() returned an awaitable: WSGI needs a synchronous "
+                "router (Router, not AsyncRouter)"
+            )
+        return bool(known)
+
+
+class _TenantBody:
+    """A WSGI response iterable that makes the tenant current for each step.
+
+    A generator application runs its body only when iterated, and ``close()`` runs
+    its ``finally`` blocks: both must see the tenant. The server may iterate from a
+    context where the tenant is not set, so every step enters it afresh.
+    """
+
+    __slots__ = ("_context", "_iterator", "_result")
+
+    def __init__(self, result: Iterable[bytes], context: TenantContext) -> None:
+        self._result = result
+        self._context = context
+        self._iterator: Iterator[bytes] | None = None
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        with self._context:
+            if self._iterator is None:
+                self._iterator = iter(self._result)
+            return next(self._iterator)
+
+    def close(self) -> None:
+        """Close the application's iterable, as PEP 3333 requires, as the tenant."""
+        close = getattr(self._result, "close", None)
+        if close is not None:
+            with self._context:
+                close()

@@ -1,0 +1,264 @@
+"""Router: a SQLAlchemy session or connection on the right engine, per tenant.
+
+``router.session("acme")`` looks the tenant up in the cached map snapshot (a dict),
+leases the engine of its shard, and begins a transaction whose first statement is
+the residency fence. A tenant that is not resident where the map says (a router with
+an old map) makes the router refresh its map and retry once on the new home.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+from sqlalchemy.orm import LoaderCriteriaOption
+
+from tenantry.errors import (
+    NoTenantInContext,
+    ShardUnavailable,
+    StaleRoute,
+    TenantryError,
+)
+from tenantry.router.context import current_tenant_or_none
+from tenantry.router.engines import EngineRegistry, EngineStats
+from tenantry.router.fence import run_fence
+from tenantry.router.scoping import (
+    SESSION_CRITERIA,
+    SESSION_SHARD,
+    SESSION_TENANT,
+    TenantSession,
+    configure_engine,
+    tenant_criteria,
+)
+from tenantry.settings import TenantrySettings, load_settings
+from tenantry.shardmap.cache import MapCache
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.connect import translate_errors
+from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
+
+__all__ = ["Router", "RouterBase", "reaching"]
+
+logger = logging.getLogger("tenantry.router")
+
+_CRITERIA_CACHE = 4096
+
+
+class RouterBase:
+    """What the sync and async routers share: the map cache and the lookup."""
+
+    def __init__(
+        self,
+        catalog_url: str | None = None,
+        *,
+        settings: TenantrySettings | None = None,
+        catalog: Catalog | None = None,
+        listen: bool = True,
+        background: bool = True,
+    ) -> None:
+        if catalog is not None and catalog_url is not None:
+            raise ValueError("pass catalog_url or catalog, not both")
+        if settings is None:
+            settings = catalog.settings if catalog is not None else load_settings()
+        self.settings = settings
+        self._owns_catalog = catalog is None
+        self.catalog = catalog if catalog is not None else Catalog(catalog_url, settings=settings)
+        self._cache = MapCache(
+            self.catalog,
+            poll_interval=settings.poll_interval,
+            listen=listen,
+            background=background,
+        )
+
+    # -- the map -----------------------------------------------------------------
+
+    @property
+    def snapshot(self) -> MapSnapshot:
+        """The map snapshot this router routes by now."""
+        return self._cache.snapshot
+
+    def refresh(self) -> MapSnapshot:
+        """Reload the map now if the catalog has a newer version."""
+        return self._cache.refresh()
+
+    def has_tenant(self, tenant_id: str) -> bool:
+        """Whether *tenant_id* is in the map (refreshing once if it is not)."""
+        try:
+            self._lookup(tenant_id)
+        except TenantryError:
+            return False
+        return True
+
+    def shard_for(self, tenant_id: str | None = None) -> Shard:
+        """The shard the tenant lives on, by the current map."""
+        return self._lookup(self._tenant(tenant_id))
+
+    def _tenant(self, tenant_id: str | None) -> str:
+        if tenant_id is None:
+            tenant_id = current_tenant_or_none()
+            if tenant_id is None:
+                raise NoTenantInContext()
+        return tenant_id
+
+    def _lookup(self, tenant_id: str) -> Shard:
+        snapshot = self._cache.snapshot
+        tenant = snapshot.tenants.get(tenant_id)
+        if tenant is None:
+            validate_tenant_id(tenant_id)
+            # Perhaps added a moment ago and the notification is still on its way.
+            snapshot = self._cache.refresh()
+            tenant = snapshot.tenant(tenant_id)
+        return snapshot.shards[tenant.shard]
+
+    def _rerouted(self, tenant_id: str, stale: Shard, error: StaleRoute) -> Shard:
+        """After a StaleRoute on *stale*: the tenant's new home, or raise *error*."""
+        snapshot = self._cache.refresh(min_version=self._cache.version + 1)
+        shard = snapshot.shards[snapshot.tenant(tenant_id).shard]
+        if shard.url == stale.url:
+            raise error
+        logger.info(
+            "tenant %s: map was stale, rerouting %s -> %s", tenant_id, stale.name, shard.name
+        )
+        return shard
+
+    def _close_cache(self) -> None:
+        self._cache.close()
+        if self._owns_catalog:
+            self.catalog.close()
+
+
+class Router(RouterBase):
+    """Routes each tenant's sessions and connections to its shard's engine.
+
+    ``Router()`` uses the settings' catalog; ``Router(url)`` names one. Close it (or
+    use it as a context manager) to stop its map listener and dispose its engines.
+    """
+
+    def __init__(
+        self,
+        catalog_url: str | None = None,
+        *,
+        settings: TenantrySettings | None = None,
+        catalog: Catalog | None = None,
+        listen: bool = True,
+        background: bool = True,
+    ) -> None:
+        super().__init__(
+            catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
+        )
+        self._engines = EngineRegistry(
+            self.settings, configure=lambda engine, _shard: configure_engine(engine)
+        )
+        self._criteria: OrderedDict[str, LoaderCriteriaOption] = OrderedDict()
+
+    def engine_for(self, tenant_id: str | None = None) -> Engine:
+        """The engine of the tenant's shard (shared by all its tenants; not scoped)."""
+        return self._engines.get(self.shard_for(tenant_id))
+
+    def engine_stats(self) -> EngineStats:
+        """Open engines and their connection capacity."""
+        return self._engines.stats()
+
+    @contextmanager
+    def session(self, tenant_id: str | None = None, **kwargs: Any) -> Iterator[TenantSession]:
+        """A Session scoped to the tenant (the current one if not given).
+
+        The application commits, as with any Session; leaving the block closes it.
+        """
+        tenant = self._tenant(tenant_id)
+        shard = self._lookup(tenant)
+        for attempt in (1, 2):
+            with self._engines.lease(shard) as engine:
+                session = TenantSession(
+                    bind=engine,
+                    info={
+                        SESSION_TENANT: tenant,
+                        SESSION_SHARD: shard.name,
+                        SESSION_CRITERIA: self._criteria_for(tenant),
+                    },
+                    **kwargs,
+                )
+                try:
+                    with reaching(shard):
+                        session.connection()  # begins the transaction: the fence runs now
+                except StaleRoute as exc:
+                    session.close()
+                    if attempt == 2:
+                        raise
+                    shard = self._rerouted(tenant, shard, exc)
+                    continue
+                except BaseException:
+                    session.close()
+                    raise
+                with session:
+                    yield session
+                return
+
+    def _criteria_for(self, tenant: str) -> LoaderCriteriaOption:
+        # Building the option costs as much as the query; tenants repeat, so keep them.
+        criteria = self._criteria.get(tenant)
+        if criteria is None:
+            criteria = self._criteria[tenant] = tenant_criteria(tenant)
+            if len(self._criteria) > _CRITERIA_CACHE:
+                self._criteria.popitem(last=False)
+        return criteria
+
+    @contextmanager
+    def connection(self, tenant_id: str | None = None) -> Iterator[Connection]:
+        """A Core connection in a transaction scoped to the tenant.
+
+        Committed when the block succeeds, rolled back when it raises, like
+        ``engine.begin()``.
+        """
+        tenant = self._tenant(tenant_id)
+        shard = self._lookup(tenant)
+        for attempt in (1, 2):
+            with self._engines.lease(shard) as engine:
+                with reaching(shard):
+                    conn = engine.connect()
+                try:
+                    transaction = conn.begin()
+                    try:
+                        with reaching(shard):
+                            run_fence(conn, tenant, shard.name)
+                    except StaleRoute as exc:
+                        transaction.rollback()
+                        if attempt == 2:
+                            raise
+                        shard = self._rerouted(tenant, shard, exc)
+                        continue
+                    with transaction:
+                        yield conn
+                    return
+                finally:
+                    conn.close()
+
+    def close(self) -> None:
+        """Stop the map listener and dispose every engine."""
+        self._close_cache()
+        self._engines.close()
+
+    def __enter__(self) -> Router:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
+
+
+@contextmanager
+def reaching(shard: Shard) -> Iterator[None]:
+    """Connection failures name the shard (never its password) as ShardUnavailable."""
+    with translate_errors(
+        f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
+    ):
+        try:
+            yield
+        except ShardUnavailable as exc:
+            exc.shard = shard.name
+            raise

@@ -1,0 +1,171 @@
+"""A versioned, in-process snapshot of the shard map, kept fresh in the background.
+
+Routers read :attr:`MapCache.snapshot` on every request: one attribute read, no lock.
+A background thread replaces the snapshot whole when the catalog's map version
+changes: woken by ``LISTEN tenantry_map`` on PostgreSQL, and by polling the version
+every ``poll_interval`` seconds everywhere (the only way on SQLite, and the fallback
+when a notification is missed). A lost catalog connection is retried with backoff;
+routing goes on from the last snapshot meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from sqlalchemy.engine import make_url
+
+from tenantry.errors import CatalogError
+from tenantry.shardmap.catalog import NOTIFY_CHANNEL, Catalog
+from tenantry.shardmap.model import MapSnapshot
+
+__all__ = ["MapCache"]
+
+logger = logging.getLogger("tenantry.cache")
+
+_MAX_BACKOFF = 5.0
+_WAKE = 0.2
+
+
+class MapCache:
+    """The latest :class:`MapSnapshot` of *catalog*, refreshed in the background."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        poll_interval: float = 2.0,
+        listen: bool = True,
+        background: bool = True,
+        on_change: Callable[[MapSnapshot], None] | None = None,
+    ) -> None:
+        if poll_interval <= 0:
+            raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        self._catalog = catalog
+        self._poll_interval = poll_interval
+        self._listen = listen and catalog.dialect == "postgresql"
+        self._on_change = on_change
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._listener: psycopg.Connection[tuple[object, ...]] | None = None
+        self.snapshot: MapSnapshot = catalog.snapshot()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(
+                target=self._run, name="tenantry-map-cache", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def version(self) -> int:
+        """The map version of the snapshot in use."""
+        return self.snapshot.version
+
+    @property
+    def listening(self) -> bool:
+        """Whether a LISTEN connection is open now."""
+        return self._listener is not None
+
+    def refresh(self, *, min_version: int | None = None) -> MapSnapshot:
+        """Reload the snapshot if the catalog's version moved (or is below *min_version*).
+
+        Cheap when nothing changed: one query of the version.
+        """
+        with self._refresh_lock:
+            current = self.snapshot
+            version = self._catalog.map_version()
+            if version == current.version and (min_version is None or version >= min_version):
+                return current
+            fresh = self._catalog.snapshot()
+            if fresh.version > current.version:
+                self.snapshot = fresh
+                logger.debug("map version %d -> %d", current.version, fresh.version)
+                if self._on_change is not None:
+                    self._on_change(fresh)
+            return self.snapshot
+
+    def close(self) -> None:
+        """Stop the background thread and close the LISTEN connection."""
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5.0)
+        self._close_listener()
+
+    # -- background ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self._listen:
+                    self._listen_once()
+                else:
+                    self._stop.wait(self._poll_interval)
+                    if not self._stop.is_set():
+                        self.refresh()
+                backoff = 0.1
+            except Exception as exc:  # the thread must outlive any failure
+                self._close_listener()
+                if self._stop.is_set():
+                    break
+                logger.warning(
+                    "map refresh failed (%s); routing from map version %d, retrying in %.1fs",
+                    _one_line(exc),
+                    self.snapshot.version,
+                    backoff,
+                )
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF)
+
+    def _listen_once(self) -> None:
+        if self._listener is None:
+            self._listener = self._connect_listener()
+            # Anything committed while we were not listening: catch up now.
+            self.refresh()
+        deadline = time.monotonic() + self._poll_interval
+        while not self._stop.is_set():
+            # Short waits, so that close() is prompt without cancelling from outside.
+            wait = min(_WAKE, deadline - time.monotonic())
+            if wait <= 0:
+                break
+            for _notify in self._listener.notifies(timeout=wait, stop_after=1):
+                self.refresh()
+                return
+        if not self._stop.is_set():
+            self.refresh()  # the poll: a missed notification costs at most one interval
+
+    def _connect_listener(self) -> psycopg.Connection[tuple[object, ...]]:
+        url = make_url(self._catalog.url)
+        params: dict[str, Any] = {
+            "host": url.host,
+            "port": url.port,
+            "user": url.username,
+            "password": url.password,
+            "dbname": url.database,
+            "connect_timeout": max(1, round(self._catalog.settings.connect_timeout)),
+            "application_name": "tenantry-map-listener",
+            **dict(url.query),
+        }
+        conninfo = make_conninfo(**{k: v for k, v in params.items() if v is not None})
+        conn = psycopg.connect(conninfo, autocommit=True)
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        return conn
+
+    def _close_listener(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(psycopg.Error):
+                listener.close()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, CatalogError):
+        return str(exc)
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
