@@ -23,7 +23,14 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     │   ├── TierMismatch                e.g. a dedicated tenant on a shared shard
     │   ├── ShardNotActive              the shard is draining or retired
     │   └── ShardOccupied               a dedicated shard already holds a tenant
-    └── ShardUnavailable                a shard's database cannot be reached
+    ├── ShardUnavailable                a shard's database cannot be reached
+    ├── ProvisionError                  a database could not be created and migrated
+    └── RoutingError                    a routed session cannot serve the request
+        ├── NoTenantInContext           no tenant given and none in context
+        ├── CrossTenantWrite            an object or row carries another tenant's id
+        ├── StaleRoute                  the tenant is not resident where the map says
+        ├── TenantFrozen                a move is copying the tenant: retry writes later
+        └── ConnectionBudgetExceeded    every engine is busy and the budget is spent
 """
 
 from __future__ import annotations
@@ -34,18 +41,25 @@ __all__ = [
     "CatalogNotInitialized",
     "CatalogUnavailable",
     "ConfigurationError",
+    "ConnectionBudgetExceeded",
+    "CrossTenantWrite",
     "InvalidName",
     "InvalidShardName",
     "InvalidShardUrl",
     "InvalidTenantId",
     "LookupFailed",
     "NoSharedShard",
+    "NoTenantInContext",
     "PlacementError",
+    "ProvisionError",
+    "RoutingError",
     "ShardExists",
     "ShardNotActive",
     "ShardOccupied",
     "ShardUnavailable",
+    "StaleRoute",
     "TenantExists",
+    "TenantFrozen",
     "TenantryError",
     "TierMismatch",
     "UnknownShard",
@@ -190,6 +204,73 @@ class ShardNotActive(PlacementError):
 
 class ShardUnavailable(TenantryError):
     """A shard's database cannot be reached; ``shard`` names it (never its password)."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class RoutingError(TenantryError):
+    """A routed session or connection cannot serve the request."""
+
+    retryable = False
+
+    def __init__(
+        self, message: str, *, tenant_id: str | None = None, shard: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.shard = shard
+
+
+class NoTenantInContext(RoutingError):
+    """No tenant was given and none is set in the current context."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message
+            or "no tenant in context: wrap the code in tenant_context(...) or pass a tenant id"
+        )
+
+
+class CrossTenantWrite(RoutingError):
+    """An object or row for another tenant was written through this tenant's session."""
+
+
+class StaleRoute(RoutingError):
+    """The tenant is not resident on the shard its (refreshed) map names."""
+
+    retryable = True
+
+
+class TenantFrozen(RoutingError):
+    """A move is copying the tenant; reads work, writes must be retried later."""
+
+    retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant_id: str | None = None,
+        shard: str | None = None,
+        retry_after: float = 1.0,
+    ) -> None:
+        super().__init__(message, tenant_id=tenant_id, shard=shard)
+        self.retry_after = retry_after
+
+
+class ConnectionBudgetExceeded(RoutingError):
+    """Opening another engine would exceed the router's connection budget."""
+
+    retryable = True
+
+
+class ProvisionError(TenantryError):
+    """A shard's database could not be created, migrated or registered.
+
+    Nothing is left half-done: a database tenantry created is dropped again.
+    """
 
     def __init__(self, message: str, *, shard: str | None = None) -> None:
         super().__init__(message)

@@ -7,6 +7,7 @@ collide with the application's ``alembic_version``.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from alembic import command, context
@@ -16,6 +17,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 
 __all__ = [
+    "ALEMBIC_LOCK",
     "CATALOG",
     "SHARD",
     "TenantrySchema",
@@ -23,6 +25,11 @@ __all__ = [
 ]
 
 _HERE = Path(__file__).resolve().parent
+
+#: Alembic runs a migration through module globals (``alembic.context``), so two
+#: threads of one process must not run Alembic commands at once. (Fleet migrations run
+#: in parallel in separate processes.)
+ALEMBIC_LOCK = threading.RLock()
 
 
 class TenantrySchema:
@@ -58,7 +65,8 @@ class TenantrySchema:
 
     def upgrade(self, connection: Connection, revision: str = "head") -> None:
         """Upgrade in the caller's transaction (the caller commits)."""
-        command.upgrade(self.config(connection), revision)
+        with ALEMBIC_LOCK:
+            command.upgrade(self.config(connection), revision)
 
 
 CATALOG = TenantrySchema("catalog", "tenantry_catalog_version")

@@ -1,0 +1,42 @@
+"""Users and chargers.
+
+Revision ID: d0001
+Revises:
+Create Date: 2026-11-28
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "d0001"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "users",
+        sa.Column("tenant_id", sa.String(63), nullable=False),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.Column("email", sa.String(200), nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "id"),
+    )
+    op.create_table(
+        "chargers",
+        sa.Column("tenant_id", sa.String(63), nullable=False),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.Column("name", sa.String(200), nullable=False),
+        sa.Column("location", sa.String(200), nullable=False),
+        sa.Column("power_kw", sa.Numeric(8, 2), nullable=False),
+        sa.Column("status", sa.String(20), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "id"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("chargers")
+    op.drop_table("users")

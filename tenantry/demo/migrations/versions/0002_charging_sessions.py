@@ -1,0 +1,40 @@
+"""Charging sessions, with foreign keys to users and chargers.
+
+Revision ID: d0002
+Revises: d0001
+Create Date: 2026-11-28
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "d0002"
+down_revision = "d0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "charging_sessions",
+        sa.Column("tenant_id", sa.String(63), nullable=False),
+        sa.Column("id", sa.Integer, nullable=False),
+        sa.Column("charger_id", sa.Integer, nullable=False),
+        sa.Column("user_id", sa.Integer, nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("energy_kwh", sa.Numeric(10, 3), nullable=False),
+        sa.PrimaryKeyConstraint("tenant_id", "id"),
+        sa.ForeignKeyConstraint(["tenant_id", "charger_id"], ["chargers.tenant_id", "chargers.id"]),
+        sa.ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
+    )
+    op.create_index(
+        "charging_sessions_by_charger", "charging_sessions", ["tenant_id", "charger_id"]
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("charging_sessions_by_charger", table_name="charging_sessions")
+    op.drop_table("charging_sessions")

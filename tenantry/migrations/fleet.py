@@ -1,0 +1,522 @@
+"""Fleet migrations: the application's Alembic migrations run on every shard.
+
+Each database is migrated on one connection of its operations role, in one
+transaction that first takes a per-database advisory lock (PostgreSQL) or the write
+lock (SQLite), so two runners never migrate the same database at once and there is no
+global lock. A database already at the target is skipped, so a re-run after a failure
+resumes; one failing database does not stop the others. The same transaction
+upgrades tenantry's own per-shard tables and, on PostgreSQL shared shards, installs
+or refreshes the row-level-security policies.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from tenantry.errors import ConfigurationError, TenantryError, UnknownShard
+from tenantry.migrations._alembic import ALEMBIC_LOCK, SHARD
+from tenantry.migrations.rls import check_role, grant_routing_role, install_rls
+from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.connect import WRITE, describe_error, make_engine
+from tenantry.shardmap.model import Shard, ShardState, Tier
+
+__all__ = [
+    "MIGRATION_LOCK",
+    "FleetRun",
+    "FleetStatus",
+    "ShardMigration",
+    "ShardStatus",
+    "app_config",
+    "downgrade",
+    "migrate_shard",
+    "select_shards",
+    "status",
+    "upgrade",
+]
+
+#: Advisory-lock key held while a database is migrated (advisory locks are per
+#: database, so this locks one database, never the fleet). Moves take it too.
+MIGRATION_LOCK = 0x7E4A7C02
+
+Result = Literal["upgraded", "downgraded", "skipped", "failed", "locked"]
+Verdict = Literal["ok", "behind", "ahead", "unknown", "unreachable"]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardMigration:
+    """What a fleet run did on one shard."""
+
+    shard: str
+    tier: Tier
+    before: str | None
+    after: str | None
+    result: Result
+    seconds: float
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def ok(self) -> bool:
+        return self.result in ("upgraded", "downgraded", "skipped")
+
+
+@dataclass(frozen=True, slots=True)
+class FleetRun:
+    """Every shard's result of one ``upgrade`` or ``downgrade``."""
+
+    target: str
+    results: list[ShardMigration] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when every shard reached the target."""
+        return all(r.ok for r in self.results)
+
+    @property
+    def failed(self) -> list[ShardMigration]:
+        return [r for r in self.results if not r.ok]
+
+
+@dataclass(frozen=True, slots=True)
+class ShardStatus:
+    """One shard's schema revision against the application's head."""
+
+    shard: str
+    tier: Tier
+    revision: str | None
+    verdict: Verdict
+    tenantry_revision: str | None = None
+    error: str | None = None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    """The fleet's revisions and its verdict."""
+
+    head: str
+    shards: list[ShardStatus]
+
+    @property
+    def in_step(self) -> bool:
+        """True when every shard is at head."""
+        return all(s.verdict == "ok" for s in self.shards)
+
+    @property
+    def verdict(self) -> str:
+        """One sentence for operators."""
+        if self.in_step:
+            return f"in step: all {len(self.shards)} shard(s) at {self.head}"
+        counts: dict[str, int] = {}
+        for s in self.shards:
+            if s.verdict != "ok":
+                counts[s.verdict] = counts.get(s.verdict, 0) + 1
+        detail = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
+        return f"out of step ({detail}): run `tenantry migrate upgrade`"
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for s in self.shards for w in s.warnings]
+
+
+# -- configuration ------------------------------------------------------------------------
+
+
+def app_config(source: str | Path | None) -> Config:
+    """The application's Alembic Config from an ``alembic.ini`` or a script directory."""
+    if source is None:
+        raise ConfigurationError(
+            "no Alembic configuration: pass --alembic-config PATH or set "
+            "TENANTRY_ALEMBIC_CONFIG to the application's alembic.ini or migrations folder",
+            field="alembic_config",
+        )
+    path = Path(source)
+    if path.is_dir():
+        cfg = Config()
+        cfg.set_main_option("script_location", str(path.resolve()))
+    elif path.is_file():
+        cfg = Config(str(path))
+        location = cfg.get_main_option("script_location")
+        if location and not Path(location).is_absolute() and ":" not in location:
+            # Relative to the ini file, as the alembic command line resolves it.
+            cfg.set_main_option("script_location", str((path.parent / location).resolve()))
+    else:
+        raise ConfigurationError(
+            f"Alembic configuration {str(source)!r} not found: give the path of the "
+            "application's alembic.ini or its migrations folder",
+            field="alembic_config",
+        )
+    try:
+        ScriptDirectory.from_config(cfg)
+    except CommandError as exc:
+        raise ConfigurationError(
+            f"cannot load Alembic scripts: {exc}", field="alembic_config"
+        ) from None
+    return cfg
+
+
+def _script(cfg: Config) -> ScriptDirectory:
+    return ScriptDirectory.from_config(cfg)
+
+
+def _target_heads(script: ScriptDirectory, revision: str) -> set[str]:
+    """The revisions a database is at after migrating to *revision*."""
+    if revision == "base":
+        return set()
+    try:
+        if revision in ("head", "heads"):
+            return set(script.get_heads())
+        found = script.get_revisions(revision)
+    except CommandError as exc:
+        raise ConfigurationError(
+            f"unknown revision {revision!r}: see `alembic history` ({exc})"
+        ) from None
+    if not found:
+        raise ConfigurationError(f"unknown revision {revision!r}: see `alembic history`")
+    return {r.revision for r in found if r is not None}
+
+
+def select_shards(
+    catalog: Catalog,
+    names: Sequence[str] | None = None,
+    tier: Tier | str | None = None,
+) -> list[Shard]:
+    """The shards a fleet command works on: named ones, or all (not retired) of a tier."""
+    everything = {s.name: s for s in catalog.list_shards()}
+    if names:
+        missing = [n for n in names if n not in everything]
+        if missing:
+            raise UnknownShard(missing[0])
+        chosen = [everything[n] for n in names]
+    else:
+        chosen = [s for s in everything.values() if s.state is not ShardState.RETIRED]
+    if tier is not None:
+        chosen = [s for s in chosen if s.tier is Tier(tier)]
+    return chosen
+
+
+def _catalog(target: object) -> Catalog:
+    if isinstance(target, Catalog):
+        return target
+    catalog = getattr(target, "catalog", None)
+    if isinstance(catalog, Catalog):
+        return catalog
+    raise TypeError(f"expected a Catalog or a Router, got {type(target).__name__}")
+
+
+# -- one shard ----------------------------------------------------------------------------
+
+
+def _lock(conn: Connection, wait: bool) -> bool:
+    if conn.dialect.name != "postgresql":
+        return True  # SQLite: BEGIN IMMEDIATE already holds the database's write lock
+    if wait:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+        return True
+    got = conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+    return bool(got.scalar())
+
+
+def _heads(conn: Connection, version_table: str) -> set[str]:
+    ctx = MigrationContext.configure(conn, opts={"version_table": version_table})
+    return set(ctx.get_current_heads())
+
+
+def _fmt(heads: Iterable[str]) -> str | None:
+    items = sorted(heads)
+    return ",".join(items) if items else None
+
+
+def _routing_user(shard: Shard) -> str | None:
+    """The routing role's name when it differs from the operations role's."""
+    if not shard.admin_url:
+        return None
+    routing, ops = make_url(shard.url), make_url(shard.admin_url)
+    return routing.username if routing.username != ops.username else None
+
+
+def migrate_shard(
+    shard: Shard,
+    cfg: Config,
+    revision: str = "head",
+    *,
+    settings: TenantrySettings,
+    direction: Literal["upgrade", "downgrade"] = "upgrade",
+    wait: bool = True,
+    version_table: str = "alembic_version",
+) -> ShardMigration:
+    """Migrate one shard; never raises for a database-side failure (it is reported)."""
+    started = time.monotonic()
+    before: set[str] = set()
+    script = _script(cfg)
+    target = _target_heads(script, revision)
+    warnings: list[str] = []
+
+    def result(outcome: Result, after: set[str] | None, error: str | None = None) -> ShardMigration:
+        return ShardMigration(
+            shard=shard.name,
+            tier=shard.tier,
+            before=_fmt(before),
+            after=_fmt(after) if after is not None else None,
+            result=outcome,
+            seconds=round(time.monotonic() - started, 3),
+            error=error,
+            warnings=tuple(warnings),
+        )
+
+    engine = make_engine(
+        shard.operations_url, connect_timeout=settings.connect_timeout, poolclass=NullPool
+    )
+    try:
+        with engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                if not _lock(conn, wait):
+                    return result(
+                        "locked",
+                        None,
+                        "another runner is migrating this database; it was left to it",
+                    )
+                before = _heads(conn, version_table)
+                changed = before != target
+                if changed:
+                    cfg.attributes["connection"] = conn
+                    # A env.py that ignores the shared connection would still reach
+                    # this database, never the one in alembic.ini.
+                    cfg.set_main_option(
+                        "sqlalchemy.url",
+                        make_url(shard.operations_url)
+                        .render_as_string(hide_password=False)
+                        .replace("%", "%%"),
+                    )
+                    with ALEMBIC_LOCK:
+                        if direction == "upgrade":
+                            command.upgrade(cfg, revision)
+                        else:
+                            command.downgrade(cfg, revision)
+                SHARD.upgrade(conn)
+                if conn.dialect.name == "postgresql" and shard.tier is Tier.SHARED:
+                    install_rls(conn, column=settings.tenant_column)
+                role = _routing_user(shard)
+                if conn.dialect.name == "postgresql" and role:
+                    grant_routing_role(conn, role, column=settings.tenant_column)
+                after = _heads(conn, version_table)
+        if after != target:
+            return result(
+                "failed",
+                after,
+                "the migration ran but the database is not at the target; does the "
+                "application's env.py use config.attributes['connection']?",
+            )
+        outcome: Result = direction + "d" if changed else "skipped"  # type: ignore[assignment]
+        return result(outcome, after)
+    except (sa.exc.SQLAlchemyError, CommandError, TenantryError, OSError) as exc:
+        return result("failed", None, describe_error(exc))
+    finally:
+        engine.dispose()
+
+
+# -- the fleet ------------------------------------------------------------------------------
+
+
+def _run(
+    target: object,
+    revision: str,
+    direction: Literal["upgrade", "downgrade"],
+    *,
+    jobs: int,
+    shards: Sequence[str] | None,
+    tier: Tier | str | None,
+    alembic_config: str | Path | None,
+    wait: bool,
+    on_result: Callable[[ShardMigration], None] | None,
+) -> FleetRun:
+    if jobs < 1:
+        raise ConfigurationError(f"jobs must be at least 1, got {jobs}", field="jobs")
+    catalog = _catalog(target)
+    settings = catalog.settings
+    source = alembic_config if alembic_config is not None else settings.alembic_config
+    base = app_config(source)
+    _target_heads(_script(base), revision)  # a bad revision fails before any database
+    chosen = select_shards(catalog, shards, tier)
+
+    results: dict[str, ShardMigration] = {}
+    if jobs == 1 or len(chosen) <= 1:
+        for shard in chosen:
+            outcome = _migrate_from_source(shard, source, revision, settings, direction, wait)
+            results[shard.name] = outcome
+            if on_result is not None:
+                on_result(outcome)
+    else:
+        # Alembic keeps its running environment in module globals (alembic.context), so
+        # concurrent migrations need a process each; spawn, not fork, so that no thread
+        # or connection of ours is copied into the workers.
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(jobs, len(chosen)), mp_context=context) as pool:
+            futures = {
+                pool.submit(
+                    _migrate_from_source, shard, source, revision, settings, direction, wait
+                ): shard
+                for shard in chosen
+            }
+            for future in as_completed(futures):
+                shard = futures[future]
+                try:
+                    outcome = future.result()
+                except Exception as exc:  # a worker died: report it, go on with the rest
+                    outcome = ShardMigration(
+                        shard.name, shard.tier, None, None, "failed", 0.0, describe_error(exc)
+                    )
+                results[shard.name] = outcome
+                if on_result is not None:
+                    on_result(outcome)
+    return FleetRun(target=revision, results=[results[s.name] for s in chosen])
+
+
+def _migrate_from_source(
+    shard: Shard,
+    source: str | Path | None,
+    revision: str,
+    settings: TenantrySettings,
+    direction: Literal["upgrade", "downgrade"],
+    wait: bool,
+) -> ShardMigration:
+    return migrate_shard(
+        shard, app_config(source), revision, settings=settings, direction=direction, wait=wait
+    )
+
+
+def upgrade(
+    target: object,
+    revision: str = "head",
+    *,
+    jobs: int = 4,
+    shards: Sequence[str] | None = None,
+    tier: Tier | str | None = None,
+    alembic_config: str | Path | None = None,
+    wait: bool = True,
+    on_result: Callable[[ShardMigration], None] | None = None,
+) -> FleetRun:
+    """Upgrade every shard (or the named ones, or one tier) to *revision*.
+
+    *target* is a Catalog or a Router. At most *jobs* databases at once, one
+    connection each. With ``wait=False`` a database another runner holds is left to
+    it (result ``locked``).
+    """
+    return _run(
+        target, revision, "upgrade", jobs=jobs, shards=shards, tier=tier,
+        alembic_config=alembic_config, wait=wait, on_result=on_result,
+    )  # fmt: skip
+
+
+def downgrade(
+    target: object,
+    revision: str,
+    *,
+    jobs: int = 4,
+    shards: Sequence[str] | None = None,
+    tier: Tier | str | None = None,
+    alembic_config: str | Path | None = None,
+    wait: bool = True,
+    on_result: Callable[[ShardMigration], None] | None = None,
+) -> FleetRun:
+    """Downgrade every shard (or the named ones, or one tier) to *revision*."""
+    return _run(
+        target, revision, "downgrade", jobs=jobs, shards=shards, tier=tier,
+        alembic_config=alembic_config, wait=wait, on_result=on_result,
+    )  # fmt: skip
+
+
+def _classify(script: ScriptDirectory, current: set[str], heads: set[str]) -> Verdict:
+    if not current:
+        return "unknown"
+    if current == heads:
+        return "ok"
+    for rev in current:
+        try:
+            script.get_revision(rev)
+        except CommandError:
+            return "ahead"  # a revision this code does not know: newer migrations ran
+    return "behind"
+
+
+def _shard_status(
+    shard: Shard, script: ScriptDirectory, heads: set[str], settings: TenantrySettings
+) -> ShardStatus:
+    warnings: list[str] = []
+    engine = make_engine(
+        shard.operations_url, connect_timeout=settings.connect_timeout, poolclass=NullPool
+    )
+    try:
+        with engine.connect() as conn:
+            current = _heads(conn, "alembic_version")
+            ours = SHARD.current(conn)
+            postgres = conn.dialect.name == "postgresql"
+    except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
+        return ShardStatus(shard.name, shard.tier, None, "unreachable", error=describe_error(exc))
+    finally:
+        engine.dispose()
+    if postgres and shard.tier is Tier.SHARED:
+        if not shard.admin_url or shard.admin_url == shard.url:
+            warnings.append(
+                f"shard {shard.name!r}: one URL serves routing and operations; give it an "
+                "--admin-url so that routing runs as a role that row-level security binds"
+            )
+        warnings.extend(_routing_role_warning(shard, settings))
+    return ShardStatus(
+        shard.name,
+        shard.tier,
+        _fmt(current),
+        _classify(script, current, heads),
+        tenantry_revision=ours,
+        warnings=tuple(warnings),
+    )
+
+
+def _routing_role_warning(shard: Shard, settings: TenantrySettings) -> list[str]:
+    engine = make_engine(shard.url, connect_timeout=settings.connect_timeout, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            warning = check_role(conn).warning(shard.name)
+    except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
+        warning = f"shard {shard.name!r}: cannot connect as the routing role: {describe_error(exc)}"
+    finally:
+        engine.dispose()
+    return [warning] if warning else []
+
+
+def status(
+    target: object,
+    *,
+    shards: Sequence[str] | None = None,
+    tier: Tier | str | None = None,
+    alembic_config: str | Path | None = None,
+    jobs: int = 4,
+) -> FleetStatus:
+    """Every shard's revision against the application's head, and role warnings."""
+    catalog = _catalog(target)
+    settings = catalog.settings
+    cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
+    script = _script(cfg)
+    heads = set(script.get_heads())
+    chosen = select_shards(catalog, shards, tier)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        found = list(pool.map(lambda s: _shard_status(s, script, heads, settings), chosen))
+    return FleetStatus(head=_fmt(heads) or "base", shards=found)
