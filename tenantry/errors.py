@@ -25,6 +25,13 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     │   └── ShardOccupied               a dedicated shard already holds a tenant
     ├── ShardUnavailable                a shard's database cannot be reached
     ├── ProvisionError                  a database could not be created and migrated
+    ├── MoveError                       a tenant move cannot start or go on
+    │   ├── MoveInProgress              the tenant is being moved already
+    │   ├── MoveRefused                 a precheck failed; nothing was changed
+    │   ├── FreezeTimeout               older transactions outlived the freeze wait
+    │   └── UnknownMove                 no move with this id
+    ├── SchemaContractError             a tenant table breaks the schema contract
+    ├── VerificationFailed              source and target digests of a tenant differ
     └── RoutingError                    a routed session cannot serve the request
         ├── NoTenantInContext           no tenant given and none in context
         ├── CrossTenantWrite            an object or row carries another tenant's id
@@ -35,6 +42,8 @@ name, ...) as attributes, and its message says what is wrong and what to do::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AlreadyExists",
     "CatalogError",
@@ -43,16 +52,21 @@ __all__ = [
     "ConfigurationError",
     "ConnectionBudgetExceeded",
     "CrossTenantWrite",
+    "FreezeTimeout",
     "InvalidName",
     "InvalidShardName",
     "InvalidShardUrl",
     "InvalidTenantId",
     "LookupFailed",
+    "MoveError",
+    "MoveInProgress",
+    "MoveRefused",
     "NoSharedShard",
     "NoTenantInContext",
     "PlacementError",
     "ProvisionError",
     "RoutingError",
+    "SchemaContractError",
     "ShardExists",
     "ShardNotActive",
     "ShardOccupied",
@@ -62,8 +76,10 @@ __all__ = [
     "TenantFrozen",
     "TenantryError",
     "TierMismatch",
+    "UnknownMove",
     "UnknownShard",
     "UnknownTenant",
+    "VerificationFailed",
 ]
 
 
@@ -275,3 +291,62 @@ class ProvisionError(TenantryError):
     def __init__(self, message: str, *, shard: str | None = None) -> None:
         super().__init__(message)
         self.shard = shard
+
+
+class MoveError(TenantryError):
+    """A tenant move cannot start or go on."""
+
+    def __init__(
+        self, message: str, *, tenant_id: str | None = None, move_id: int | None = None
+    ) -> None:
+        super().__init__(message)
+        self.tenant_id = tenant_id
+        self.move_id = move_id
+
+
+class MoveInProgress(MoveError):
+    """The tenant already has a live move (one move per tenant at a time)."""
+
+    def __init__(self, tenant_id: str, move_id: int | None) -> None:
+        which = f"move {move_id}" if move_id is not None else "another move"
+        super().__init__(
+            f"tenant {tenant_id!r} is being moved already ({which}): see `tenantry moves list`",
+            tenant_id=tenant_id,
+            move_id=move_id,
+        )
+
+
+class MoveRefused(MoveError):
+    """A precheck failed before anything was frozen or copied."""
+
+
+class FreezeTimeout(MoveError):
+    """Transactions older than the freeze did not end in time; the tenant was unfrozen."""
+
+
+class UnknownMove(MoveError, LookupError):
+    """No move with this id."""
+
+    def __init__(self, move_id: int) -> None:
+        super().__init__(f"unknown move {move_id}: see `tenantry moves list`", move_id=move_id)
+
+
+class SchemaContractError(TenantryError):
+    """A tenant table breaks the schema contract (DESIGN.md); ``table`` names it."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        super().__init__(f"table {table!r} cannot be moved: {reason}")
+        self.table = table
+        self.reason = reason
+
+
+class VerificationFailed(TenantryError):
+    """A tenant's rows differ between source and target; ``tables`` names every one."""
+
+    def __init__(self, message: str | None = None, *, tables: Sequence[str]) -> None:
+        self.tables = list(tables)
+        super().__init__(
+            message
+            or "verification failed: tables differ between source and target: "
+            + ", ".join(self.tables)
+        )

@@ -5,14 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tenantry.cli import demo, shardmap
+from tenantry.cli import demo, migrate, moves, shardmap
 from tenantry.cli.app import cli
 
 __all__ = ["cli", "main"]
 
-for module in (shardmap, demo):
+for module in (shardmap, migrate, moves, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
+for command in migrate.SHARD_COMMANDS:
+    shardmap.shard_group.add_command(command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

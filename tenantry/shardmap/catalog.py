@@ -22,6 +22,8 @@ from sqlalchemy.pool import NullPool
 from tenantry.errors import (
     CatalogNotInitialized,
     CatalogUnavailable,
+    ConfigurationError,
+    InvalidShardUrl,
     NoSharedShard,
     PlacementError,
     ShardExists,
@@ -50,7 +52,7 @@ from tenantry.shardmap.model import (
 )
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
-from tenantry.shardmap.schema import map_table, shards, tenants
+from tenantry.shardmap.schema import map_table, moves, shards, tenants
 
 __all__ = ["NOTIFY_CHANNEL", "Catalog"]
 
@@ -74,6 +76,7 @@ class Catalog:
     def __init__(self, url: str | None = None, *, settings: TenantrySettings | None = None) -> None:
         self.settings = settings if settings is not None else load_settings()
         self.url: str = url if url is not None else self.settings.catalog_url
+        _check_not_in_memory(self.url)
         self._engine: Engine = make_engine(
             self.url,
             connect_timeout=self.settings.connect_timeout,
@@ -256,20 +259,25 @@ class Catalog:
         """
         validate_shard_name(name)
         tier = Tier(tier)
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
-            raise PlacementError(f"invalid weight {weight!r}: use a whole number from 0 to 10000")
-        shard = Shard(
-            name=name,
-            url=normalize_url(url),
-            admin_url=normalize_url(admin_url) if admin_url else None,
-            tier=tier,
-            weight=weight,
-            created_at=datetime.now(UTC),
-        )
+        _check_weight(name, weight)
+        try:
+            shard = Shard(
+                name=name,
+                url=normalize_url(url),
+                admin_url=normalize_url(admin_url) if admin_url else None,
+                tier=tier,
+                weight=weight,
+                created_at=datetime.now(UTC),
+            )
+        except InvalidShardUrl as exc:
+            exc.shard = name
+            raise
         if shard.backend != (
             (shard.admin_url and Shard(name, shard.admin_url).backend) or shard.backend
         ):
-            raise PlacementError("url and admin_url must name the same kind of database")
+            raise PlacementError(
+                "url and admin_url must name the same kind of database", shard=name
+            )
         with self._write() as (conn, _version):
             if conn.execute(sa.select(shards.c.name).where(shards.c.name == name)).first():
                 raise ShardExists(name)
@@ -312,8 +320,7 @@ class Catalog:
 
     def set_shard_weight(self, name: str, weight: int) -> Shard:
         """Change a shared shard's weight (its share of new tenants and of the load)."""
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
-            raise PlacementError(f"invalid weight {weight!r}: use a whole number from 0 to 10000")
+        _check_weight(name, weight)
         with self._write() as (conn, _version):
             self._get_shard(conn, name)
             conn.execute(shards.update().where(shards.c.name == name).values(weight=weight))
@@ -383,6 +390,17 @@ class Catalog:
         with self._write() as (conn, version):
             tenant = self._get_tenant(conn, tenant_id)
             shard = self._get_shard(conn, tenant.shard)
+            live = conn.execute(
+                sa.select(moves.c.id).where(
+                    moves.c.tenant_id == tenant_id, moves.c.ended_at.is_(None)
+                )
+            ).scalar_one_or_none()
+            if live is not None:
+                raise PlacementError(
+                    f"tenant {tenant_id!r} is being moved (move {live}): finish it with "
+                    f"`tenantry moves resume {live}` or `tenantry moves abort {live}` first",
+                    tenant_id=tenant_id,
+                )
             # Fence first, so a router with an old map cannot write after we return.
             set_residency(shard, tenant_id, Residency.MOVED, version, self.settings)
             conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
@@ -393,6 +411,7 @@ class Catalog:
 
     def set_pinned(self, tenant_id: str, pinned: bool) -> Tenant:
         """Pin a tenant (the rebalancer never moves it) or unpin it."""
+        validate_tenant_id(tenant_id)
         with self._write() as (conn, _version):
             self._get_tenant(conn, tenant_id)
             conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(pinned=pinned))
@@ -422,6 +441,47 @@ class Catalog:
         """A catalog write transaction with the map version bumped (for the mover)."""
         with self._write() as pair:
             yield pair
+
+    @contextmanager
+    def journal_transaction(self) -> Iterator[Connection]:
+        """A catalog write transaction that leaves the map version alone.
+
+        For records that routers do not route by (the move journal): no snapshot
+        reload in every router for each step of a move.
+        """
+        self._check_ready()
+        with self._errors(), self._engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                yield conn
+
+    @contextmanager
+    def read_transaction(self) -> Iterator[Connection]:
+        """A consistent read transaction on the catalog."""
+        with self._read() as conn:
+            yield conn
+
+    def remove_shard(self, name: str) -> Shard:
+        """Unregister a shard that holds no tenant (its database is left alone)."""
+        with self._write() as (conn, _version):
+            shard = self._get_shard(conn, name)
+            count = conn.execute(
+                sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
+            ).scalar_one()
+            if count:
+                raise PlacementError(
+                    f"shard {name!r} still holds {count} tenant(s): move them away first",
+                    shard=name,
+                )
+            conn.execute(shards.delete().where(shards.c.name == name))
+        logger.info("removed shard %s", name)
+        return shard
+
+    def set_tenant_state(self, conn: Connection, tenant_id: str, state: TenantState) -> None:
+        """Mark a tenant active or moving, in the caller's catalog transaction."""
+        conn.execute(
+            tenants.update().where(tenants.c.id == tenant_id).values(state=TenantState(state).value)
+        )
 
     def _set_placement(
         self, conn: Connection, tenant_id: str, shard: str, *, check: bool
@@ -494,6 +554,26 @@ class Catalog:
                 )
 
 
+def _check_weight(name: str, weight: object) -> None:
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= 10_000:
+        raise PlacementError(
+            f"invalid weight {weight!r}: use a whole number from 0 to 10000", shard=name
+        )
+
+
+def _check_not_in_memory(url: str) -> None:
+    try:
+        parsed = sa.make_url(url)
+    except sa.exc.ArgumentError:
+        return  # make_engine says what is wrong with it
+    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "an in-memory SQLite catalog vanishes with its process: "
+            "use sqlite:///path/to/catalog.db",
+            field="catalog_url",
+        )
+
+
 def _utc(value: datetime | None) -> datetime | None:
     # SQLite hands back naive datetimes; everything tenantry stores is UTC.
     if value is not None and value.tzinfo is None:
@@ -533,6 +613,7 @@ def shard_admin(shard: Shard, *, connect_timeout: float = 5.0) -> Iterator[Conne
     engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
     try:
         with (
+            _naming_shard(shard.name),
             translate_errors(
                 f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
             ),
@@ -543,6 +624,16 @@ def shard_admin(shard: Shard, *, connect_timeout: float = 5.0) -> Iterator[Conne
                 yield conn
     finally:
         engine.dispose()
+
+
+@contextmanager
+def _naming_shard(name: str) -> Iterator[None]:
+    try:
+        yield
+    except ShardUnavailable as exc:
+        if exc.shard is None:
+            exc.shard = name
+        raise
 
 
 def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> str:

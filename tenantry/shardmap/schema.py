@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["catalog_metadata", "map_table", "residency", "shard_metadata", "shards", "tenants"]
+__all__ = [
+    "catalog_metadata",
+    "map_table",
+    "moves",
+    "residency",
+    "shard_metadata",
+    "shards",
+    "tenants",
+]
 
 catalog_metadata = sa.MetaData()
 
@@ -40,6 +48,26 @@ tenants = sa.Table(
     sa.Column("pinned", sa.Boolean, nullable=False),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+moves = sa.Table(
+    "tenantry_moves",
+    catalog_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant_id", sa.String(63), nullable=False),
+    sa.Column("source", sa.String(63), nullable=False),
+    sa.Column("target", sa.String(63), nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("options", sa.JSON, nullable=False),
+    sa.Column("artifacts", sa.JSON, nullable=False),
+    sa.Column("stats", sa.JSON, nullable=False),
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("owner", sa.String(200), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 shard_metadata = sa.MetaData()

@@ -1,0 +1,347 @@
+"""``tenantry move``, ``promote``, ``demote`` and ``moves list|show|resume|abort``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+from tenantry import moves
+from tenantry.cli.app import CliState, emit_json, json_option, pass_state, render_table
+from tenantry.moves import Move
+from tenantry.shardmap import mask_url
+
+__all__ = ["COMMANDS"]
+
+MODES = click.Choice(["offline", "online", "auto"])
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class RichObserver:
+    """Shows a move's steps and a line per table (rows, bytes, rate)."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self.enabled = enabled
+        self._tables: dict[str, tuple[TaskID, float]] = {}
+        self._step: TaskID | None = None
+
+    def __enter__(self) -> RichObserver:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def step(self, move_id: int, state: str) -> None:
+        if self._step is not None:
+            self.progress.update(self._step, completed=1, total=1)
+        self._step = self.progress.add_task(f"move {move_id}: {state}", detail="", total=None)
+
+    def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
+        task, started = self._tables.get(table, (None, time.monotonic()))
+        if task is None:
+            task = self.progress.add_task(f"  {table}", detail="", total=None)
+            self._tables[table] = (task, started)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        detail = f"{rows:,} rows"
+        if size:
+            detail += f", {_size(size)} ({_size(size / elapsed)}/s)"
+        self.progress.update(task, detail=detail)
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            self.progress.console.print(f"[yellow]{message}[/]")
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
+
+
+def move_record(move: Move) -> dict[str, Any]:
+    """A move as JSON-ready fields (URLs in artifacts masked)."""
+    artifacts = {key: _masked(value) for key, value in move.artifacts.items()}
+    return {
+        "id": move.id,
+        "tenant": move.tenant_id,
+        "kind": move.kind.value,
+        "mode": move.mode.value,
+        "source": move.source,
+        "target": move.target,
+        "state": move.state.value,
+        "live": move.live,
+        "error": move.error,
+        "next": move.next_step(),
+        "stats": dict(move.stats),
+        "artifacts": artifacts,
+        "owner": move.owner,
+        "created_at": move.created_at.isoformat() if move.created_at else None,
+        "ended_at": move.ended_at.isoformat() if move.ended_at else None,
+    }
+
+
+def _summary(console: Console, move: Move) -> None:
+    stats = move.stats
+    rows = int(stats.get("rows", 0))
+    size = int(stats.get("bytes", 0))
+    seconds = float(stats.get("copy_seconds", 0.0))
+    freeze = stats.get("freeze_seconds")
+    outcome = "done" if move.succeeded else move.state.value
+    console.print(
+        f"move {move.id}: {move.tenant_id} {move.source} -> {move.target}: {outcome}; "
+        f"{rows:,} rows, {_size(size)} copied in {seconds:.2f}s"
+        + (f"; writes frozen {float(freeze):.2f}s" if freeze is not None else "")
+    )
+
+
+def _finish(state: CliState, move: Move, as_json: bool) -> None:
+    if as_json:
+        emit_json(move_record(move))
+    else:
+        _summary(state.console, move)
+
+
+@click.command("move")
+@click.argument("tenant_id", metavar="TENANT")
+@click.option("--to", "to_shard", required=True, metavar="SHARD", help="Target shard.")
+@click.option(
+    "--mode",
+    type=MODES,
+    default="auto",
+    show_default=True,
+    help="online: logical replication and a short freeze; offline: writes frozen for the "
+    "copy; auto: online where both ends allow it.",
+)
+@click.option(
+    "--max-freeze",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds an online move may hold the tenant's writes per attempt.",
+)
+@json_option
+@pass_state
+def move_command(
+    state: CliState, tenant_id: str, to_shard: str, mode: str, max_freeze: float, as_json: bool
+) -> None:
+    """Move TENANT to shard SHARD, verified, with nothing lost."""
+    with RichObserver(state.console, not as_json) as observer:
+        move = moves.move(
+            state.catalog(),
+            tenant_id,
+            to_shard,
+            mode=mode,
+            max_freeze=max_freeze,
+            observer=observer,
+        )
+    _finish(state, move, as_json)
+
+
+@click.command("promote")
+@click.argument("tenant_id", metavar="TENANT")
+@click.option("--to", "to_shard", metavar="SHARD", help="An empty dedicated shard.")
+@click.option("--server", metavar="URL", help="Provision a new dedicated database here.")
+@click.option("--database", metavar="DBNAME", help="Name of the new database [default: TENANT].")
+@click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
+@click.option("--alembic-config", type=click.Path(path_type=Path))
+@click.option(
+    "--mode",
+    type=MODES,
+    default="auto",
+    show_default=True,
+    help="online: logical replication and a short freeze; offline: writes frozen for the "
+    "copy; auto: online where both ends allow it.",
+)
+@click.option(
+    "--max-freeze",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds an online move may hold the tenant's writes per attempt.",
+)
+@json_option
+@pass_state
+def promote_command(
+    state: CliState,
+    tenant_id: str,
+    to_shard: str | None,
+    server: str | None,
+    database: str | None,
+    routing_url: str | None,
+    alembic_config: Path | None,
+    mode: str,
+    max_freeze: float,
+    as_json: bool,
+) -> None:
+    """Move shared TENANT to a dedicated database (--to SHARD or --server URL)."""
+    if (to_shard is None) == (server is None):
+        raise click.UsageError("give exactly one of --to SHARD or --server URL")
+    with RichObserver(state.console, not as_json) as observer:
+        move = moves.promote(
+            state.catalog(),
+            tenant_id,
+            to=to_shard,
+            server=server,
+            database=database,
+            routing_url=routing_url,
+            alembic_config=alembic_config,
+            mode=mode,
+            max_freeze=max_freeze,
+            observer=observer,
+        )
+    _finish(state, move, as_json)
+
+
+@click.command("demote")
+@click.argument("tenant_id", metavar="TENANT")
+@click.option("--to", "to_shard", metavar="SHARD", help="Shared shard [default: the hash ring].")
+@click.option("--drop-source", is_flag=True, help="Drop the dedicated database afterwards.")
+@click.option(
+    "--mode",
+    type=MODES,
+    default="auto",
+    show_default=True,
+    help="online: logical replication and a short freeze; offline: writes frozen for the "
+    "copy; auto: online where both ends allow it.",
+)
+@click.option(
+    "--max-freeze",
+    type=click.FloatRange(0.05, 60),
+    default=1.0,
+    show_default=True,
+    help="Seconds an online move may hold the tenant's writes per attempt.",
+)
+@json_option
+@pass_state
+def demote_command(
+    state: CliState,
+    tenant_id: str,
+    to_shard: str | None,
+    drop_source: bool,
+    mode: str,
+    max_freeze: float,
+    as_json: bool,
+) -> None:
+    """Move dedicated TENANT into the shared pool."""
+    with RichObserver(state.console, not as_json) as observer:
+        move = moves.demote(
+            state.catalog(),
+            tenant_id,
+            to=to_shard,
+            drop_source=drop_source,
+            mode=mode,
+            max_freeze=max_freeze,
+            observer=observer,
+        )
+    _finish(state, move, as_json)
+
+
+@click.group("moves")
+def moves_group() -> None:
+    """List, inspect, resume and abort moves."""
+
+
+@moves_group.command("list")
+@click.option("--live", is_flag=True, help="Only unfinished moves.")
+@json_option
+@pass_state
+def moves_list(state: CliState, live: bool, as_json: bool) -> None:
+    """List moves, newest first; unfinished ones say what to run."""
+    found = moves.list_moves(state.catalog(), live=True if live else None)
+    if as_json:
+        emit_json([move_record(m) for m in found])
+        return
+    render_table(
+        state.console,
+        ["id", "tenant", "kind", "from", "to", "state", "next / error"],
+        (
+            [
+                m.id,
+                m.tenant_id,
+                m.kind.value,
+                m.source,
+                m.target,
+                m.state.value + ("" if m.live else " (ended)"),
+                m.next_step() or m.error or "",
+            ]
+            for m in found
+        ),
+        title="moves",
+    )
+
+
+@moves_group.command("show")
+@click.argument("move_id", type=int)
+@json_option
+@pass_state
+def moves_show(state: CliState, move_id: int, as_json: bool) -> None:
+    """Show one move in full."""
+    record = move_record(moves.get_move(state.catalog(), move_id))
+    if as_json:
+        emit_json(record)
+        return
+    render_table(
+        state.console,
+        ["field", "value"],
+        ([k, v] for k, v in record.items() if k not in ("stats", "artifacts")),
+        title=f"move {move_id}",
+    )
+    for key in ("rows", "bytes", "copy_seconds", "freeze_seconds", "cleaned_rows"):
+        if key in record["stats"]:
+            state.console.print(f"{key}: {record['stats'][key]}")
+
+
+@moves_group.command("resume")
+@click.argument("move_id", type=int, required=False)
+@json_option
+@pass_state
+def moves_resume(state: CliState, move_id: int | None, as_json: bool) -> None:
+    """Finish move MOVE_ID, or every unfinished move."""
+    with RichObserver(state.console, not as_json) as observer:
+        done = moves.resume(state.catalog(), move_id, observer=observer)
+    if as_json:
+        emit_json([move_record(m) for m in done])
+        return
+    if not done:
+        state.console.print("no unfinished moves")
+    for move in done:
+        _summary(state.console, move)
+
+
+@moves_group.command("abort")
+@click.argument("move_id", type=int)
+@json_option
+@pass_state
+def moves_abort(state: CliState, move_id: int, as_json: bool) -> None:
+    """Roll back MOVE_ID (only before its switch)."""
+    move = moves.abort(state.catalog(), move_id)
+    if as_json:
+        emit_json(move_record(move))
+    else:
+        state.console.print(f"move {move.id} rolled back: {move.tenant_id} stays on {move.source}")
+
+
+COMMANDS = [move_command, promote_command, demote_command, moves_group]

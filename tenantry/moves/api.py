@@ -1,0 +1,205 @@
+"""The library's move commands: ``move``, ``promote``, ``demote``, ``resume``, ``abort``.
+
+Each takes a Catalog or a Router first and returns the :class:`Move` record; the CLI
+only renders them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import make_url
+
+from tenantry.errors import MoveRefused, TenantryError
+from tenantry.moves.hooks import MoveObserver
+from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
+from tenantry.moves.mover import Checkpoints, Mover
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.model import Tier, normalize_url
+
+__all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
+
+
+def _catalog(target: object) -> Catalog:
+    from tenantry.migrations.fleet import _catalog as resolve
+
+    return resolve(target)
+
+
+def _mover(target: object, observer: MoveObserver | None, hooks: Checkpoints | None) -> Mover:
+    return Mover(_catalog(target), observer=observer, hooks=hooks)
+
+
+def _plan(
+    mover: Mover,
+    tenant_id: str,
+    target: str,
+    kind: MoveKind,
+    mode: MoveMode | str,
+    options: dict[str, Any],
+    **kwargs: Any,
+) -> Move:
+    """Resolve the mode (telling the observer which and why), then plan the move."""
+    catalog = mover.catalog
+    source = catalog.get_shard(catalog.get_tenant(tenant_id).shard)
+    chosen, why = mover.choose_mode(source, catalog.get_shard(target), mode)
+    mover.observer.note(f"mode: {why}")
+    return mover.plan(
+        tenant_id, target, kind=kind, mode=chosen, options={**options, "mode_reason": why}, **kwargs
+    )
+
+
+def move(
+    catalog_or_router: object,
+    tenant_id: str,
+    to_shard: str,
+    *,
+    mode: MoveMode | str = "auto",
+    max_freeze: float = 1.0,
+    observer: MoveObserver | None = None,
+    hooks: Checkpoints | None = None,
+) -> Move:
+    """Move *tenant_id* to shard *to_shard* (any tier to any tier).
+
+    *mode* is ``offline``, ``online`` or ``auto`` (online where both ends allow it);
+    *max_freeze* bounds, in seconds, how long an online move holds the tenant's writes.
+    """
+    mover = _mover(catalog_or_router, observer, hooks)
+    planned = _plan(mover, tenant_id, to_shard, MoveKind.MOVE, mode, {"max_freeze": max_freeze})
+    return mover.run(planned.id)
+
+
+def promote(
+    catalog_or_router: object,
+    tenant_id: str,
+    *,
+    to: str | None = None,
+    server: str | None = None,
+    database: str | None = None,
+    routing_url: str | None = None,
+    alembic_config: str | Path | None = None,
+    mode: MoveMode | str = "auto",
+    max_freeze: float = 1.0,
+    observer: MoveObserver | None = None,
+    hooks: Checkpoints | None = None,
+) -> Move:
+    """Move a shared tenant to a dedicated database: shard *to*, or a new database
+    provisioned on *server* (named after the tenant unless *database* is given)."""
+    if (to is None) == (server is None):
+        raise MoveRefused("promote needs exactly one of --to SHARD or --server URL")
+    mover = _mover(catalog_or_router, observer, hooks)
+    catalog = mover.catalog
+    tenant = catalog.get_tenant(tenant_id)
+    if tenant.tier is not Tier.SHARED:
+        raise MoveRefused(
+            f"tenant {tenant_id!r} is dedicated already (shard {tenant.shard!r})",
+            tenant_id=tenant_id,
+        )
+    options: dict[str, Any] = {"max_freeze": max_freeze}
+    if to is not None:
+        planned = _plan(mover, tenant_id, to, MoveKind.PROMOTE, mode, options)
+        return mover.run(planned.id)
+    assert server is not None
+    from tenantry.migrations.provision import _with_database, provision
+
+    name = database or tenant_id
+    admin_url = _with_database(make_url(normalize_url(server)), name).render_as_string(
+        hide_password=False
+    )
+    # Journal first: the database to be created is recorded before it exists, so an
+    # abort after a crash knows to drop it.
+    planned = mover.plan(
+        tenant_id,
+        name,
+        kind=MoveKind.PROMOTE,
+        mode=MoveMode.OFFLINE,
+        options=options,
+        artifacts={"provisioned": {"shard": name, "url": admin_url}},
+        check=False,
+    )
+    try:
+        provision(
+            catalog,
+            name,
+            server,
+            tier=Tier.DEDICATED,
+            database=name,
+            routing_url=routing_url,
+            alembic_config=alembic_config,
+        )
+        source = catalog.get_shard(tenant.shard)
+        target = catalog.get_shard(name)
+        mover.precheck(source, target)
+        chosen, why = mover.choose_mode(source, target, mode)
+        mover.observer.note(f"mode: {why}")
+        mover.journal.set_mode(planned.id, chosen, why)
+    except TenantryError:
+        mover.abort(planned.id)
+        raise
+    return mover.run(planned.id)
+
+
+def demote(
+    catalog_or_router: object,
+    tenant_id: str,
+    *,
+    to: str | None = None,
+    drop_source: bool = False,
+    mode: MoveMode | str = "auto",
+    max_freeze: float = 1.0,
+    observer: MoveObserver | None = None,
+    hooks: Checkpoints | None = None,
+) -> Move:
+    """Move a dedicated tenant into the shared pool: shard *to*, or where the
+    consistent-hash ring places it. The emptied dedicated database is kept and marked
+    retired, or dropped with *drop_source*."""
+    mover = _mover(catalog_or_router, observer, hooks)
+    catalog = mover.catalog
+    tenant = catalog.get_tenant(tenant_id)
+    if tenant.tier is not Tier.DEDICATED:
+        raise MoveRefused(
+            f"tenant {tenant_id!r} is shared already (shard {tenant.shard!r})",
+            tenant_id=tenant_id,
+        )
+    target = to if to is not None else catalog.propose_shard(tenant_id)
+    options: dict[str, Any] = {"drop_source": drop_source, "max_freeze": max_freeze}
+    planned = _plan(mover, tenant_id, target, MoveKind.DEMOTE, mode, options)
+    return mover.run(planned.id)
+
+
+def resume(
+    catalog_or_router: object,
+    move_id: int | None = None,
+    *,
+    observer: MoveObserver | None = None,
+    hooks: Checkpoints | None = None,
+) -> list[Move]:
+    """Finish one move (or every live one): forward from its state, or its rollback."""
+    mover = _mover(catalog_or_router, observer, hooks)
+    ids = [move_id] if move_id is not None else [m.id for m in mover.journal.list(live=True)]
+    done = []
+    for each in sorted(ids):
+        done.append(mover.run(each))
+    return done
+
+
+def abort(
+    catalog_or_router: object,
+    move_id: int,
+    *,
+    observer: MoveObserver | None = None,
+    hooks: Checkpoints | None = None,
+) -> Move:
+    """Roll back a move that has not switched yet."""
+    return _mover(catalog_or_router, observer, hooks).abort(move_id)
+
+
+def list_moves(catalog_or_router: object, *, live: bool | None = None) -> list[Move]:
+    """Moves, newest first."""
+    return Journal(_catalog(catalog_or_router)).list(live=live)
+
+
+def get_move(catalog_or_router: object, move_id: int) -> Move:
+    """One move by id."""
+    return Journal(_catalog(catalog_or_router)).get(move_id)

@@ -1,0 +1,576 @@
+"""The move state machine: planned → frozen → copied → verified → switched → cleaned.
+
+Each state is committed to the catalog's journal before its step acts, and every step
+is idempotent, so :meth:`Mover.run` resumes a move from its recorded state after a
+crash at any point; :meth:`Mover.abort` rolls back a move that has not switched.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy import Connection, Engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from tenantry.errors import (
+    FreezeTimeout,
+    MoveError,
+    MoveRefused,
+    ShardNotActive,
+    ShardOccupied,
+    ShardUnavailable,
+    TenantryError,
+    UnknownShard,
+    VerificationFailed,
+)
+from tenantry.migrations.fleet import MIGRATION_LOCK
+from tenantry.moves.copy import copy_tenant, delete_tenant_rows
+from tenantry.moves.hooks import EnvHooks, MoveObserver, NullObserver
+from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
+from tenantry.moves.online import FreezeBudgetExceeded, OnlineSteps, online_problems
+from tenantry.moves.tables import TenantTable, check_same_tables, tenant_tables
+from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.connect import WRITE, describe_error, make_engine, translate_errors
+from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier
+from tenantry.shardmap.residency import Residency, clear_residency, read_residency, write_residency
+
+__all__ = ["Checkpoints", "Mover"]
+
+logger = logging.getLogger("tenantry.moves")
+
+_MOVE_LOCK_BASE = 0x7E4A0000  # + move id: one advisory lock per move on the catalog
+_FREEZE_ATTEMPTS = 3
+
+
+class Checkpoints(Protocol):
+    """Test seam: called at named points of a move (see :mod:`tenantry.moves.hooks`)."""
+
+    def checkpoint(self, name: str) -> None: ...
+
+
+class Mover:
+    """Runs moves recorded in *catalog*'s journal."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        observer: MoveObserver | None = None,
+        hooks: Checkpoints | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.settings = catalog.settings
+        self.journal = Journal(catalog)
+        self.observer: MoveObserver = observer or NullObserver()
+        self.hooks: Checkpoints = hooks or EnvHooks()
+        self.column = self.settings.tenant_column
+        self.online = OnlineSteps(self)
+
+    # -- planning ---------------------------------------------------------------------
+
+    def plan(
+        self,
+        tenant_id: str,
+        target: str,
+        *,
+        kind: MoveKind = MoveKind.MOVE,
+        mode: MoveMode = MoveMode.OFFLINE,
+        options: dict[str, Any] | None = None,
+        artifacts: dict[str, Any] | None = None,
+        check: bool = True,
+    ) -> Move:
+        """Check that the move can run, then record it as planned. Nothing is frozen."""
+        snapshot = self.catalog.snapshot()
+        tenant = snapshot.tenant(tenant_id)
+        source = snapshot.shard(tenant.shard)
+        if check:
+            target_shard = snapshot.shard(target)
+            self._check_target(tenant_id, source, target_shard, kind)
+            self.precheck(source, target_shard)
+        return self.journal.create(
+            tenant_id,
+            source.name,
+            target,
+            kind=kind,
+            mode=mode,
+            options=options,
+            artifacts=artifacts,
+        )
+
+    def _check_target(self, tenant_id: str, source: Shard, target: Shard, kind: MoveKind) -> None:
+        if target.name == source.name:
+            raise MoveRefused(
+                f"tenant {tenant_id!r} lives on shard {source.name!r} already: choose "
+                "another target",
+                tenant_id=tenant_id,
+            )
+        if target.state is not ShardState.ACTIVE:
+            raise ShardNotActive(
+                f"shard {target.name!r} is {target.state.value} and takes no tenants: "
+                "choose an active shard",
+                tenant_id=tenant_id,
+                shard=target.name,
+            )
+        if kind is MoveKind.PROMOTE and target.tier is not Tier.DEDICATED:
+            raise MoveRefused(
+                f"promote needs a dedicated target; {target.name!r} is shared",
+                tenant_id=tenant_id,
+            )
+        if kind is MoveKind.DEMOTE and target.tier is not Tier.SHARED:
+            raise MoveRefused(
+                f"demote needs a shared target; {target.name!r} is dedicated",
+                tenant_id=tenant_id,
+            )
+        if target.tier is Tier.DEDICATED:
+            others = [t.id for t in self.catalog.list_tenants(shard=target.name)]
+            if others:
+                raise ShardOccupied(
+                    f"dedicated shard {target.name!r} already holds tenant {others[0]!r}: "
+                    "give each dedicated tenant its own shard",
+                    tenant_id=tenant_id,
+                    shard=target.name,
+                )
+
+    def choose_mode(
+        self, source: Shard, target: Shard, mode: MoveMode | str
+    ) -> tuple[MoveMode, str]:
+        """Resolve ``auto`` to online or offline, and say why (online asked for but
+        impossible is refused with the reasons)."""
+        wanted = str(mode)
+        if wanted == MoveMode.OFFLINE.value:
+            return MoveMode.OFFLINE, "offline, as asked"
+        if source.backend != "postgresql" or target.backend != "postgresql":
+            problems = [
+                "online moves need PostgreSQL on both ends (SQLite has no logical replication)"
+            ]
+        else:
+            with self.admin(source) as src_engine, self.admin(target) as dst_engine:
+                with src_engine.connect() as src, dst_engine.connect() as dst:
+                    tables = tenant_tables(src, column=self.column)
+                    problems = online_problems(src, dst, tables, self.column)
+        if not problems:
+            why = "online, as asked" if wanted == "online" else "online: both ends support it"
+            return MoveMode.ONLINE, why
+        if wanted == MoveMode.ONLINE.value:
+            raise MoveRefused("cannot move online: " + "; ".join(problems))
+        return MoveMode.OFFLINE, "offline: " + "; ".join(problems)
+
+    def precheck(self, source: Shard, target: Shard) -> list[TenantTable]:
+        """Both ends reachable, at one migration revision, with the same tenant tables."""
+        with self.admin(source) as src, self.admin(target) as dst:
+            with src.connect() as s, dst.connect() as d:
+                src_rev, dst_rev = _app_revision(s), _app_revision(d)
+                if src_rev != dst_rev:
+                    raise MoveRefused(
+                        f"shard {target.name!r} is at migration revision {dst_rev or 'none'} "
+                        f"but {source.name!r} is at {src_rev or 'none'}: run "
+                        "`tenantry migrate upgrade` first"
+                    )
+                tables = tenant_tables(s, column=self.column)
+                check_same_tables(tables, tenant_tables(d, column=self.column))
+                if not sa.inspect(d).has_table("tenantry_residency"):
+                    raise MoveRefused(
+                        f"shard {target.name!r} lacks tenantry's tables: run "
+                        "`tenantry migrate upgrade`"
+                    )
+        return tables
+
+    # -- running ------------------------------------------------------------------------
+
+    def run(self, move_id: int) -> Move:
+        """Drive the move from its recorded state to the end (this is also resume)."""
+        with self._claim(move_id):
+            move = self.journal.get(move_id)
+            if not move.live:
+                return move
+            if move.state is MoveState.ABORTED:
+                return self._rollback(move)
+            try:
+                return self._forward(move)
+            except (VerificationFailed, FreezeBudgetExceeded) as exc:
+                self.journal.update(move_id, state=MoveState.ABORTED, error=str(exc))
+                self._rollback(self.journal.get(move_id))
+                raise
+            except (TenantryError, sa.exc.SQLAlchemyError, OSError) as exc:
+                # The move stays where it stopped; `moves list` shows why and what to run.
+                self.journal.update(move_id, error=describe(exc))
+                raise
+
+    def _steps(self, move: Move) -> list[tuple[MoveState, Callable[[Move], None]]]:
+        if move.mode is MoveMode.ONLINE:
+            return [
+                (MoveState.COPIED, self.online.replicate),
+                (MoveState.FROZEN, self.online.cutover),
+                (MoveState.VERIFIED, self._verify),
+                (MoveState.SWITCHED, self._switch),
+                (MoveState.CLEANED, self._clean),
+            ]
+        return [
+            (MoveState.FROZEN, self._freeze),
+            (MoveState.COPIED, self._copy),
+            (MoveState.VERIFIED, self._verify),
+            (MoveState.SWITCHED, self._switch),
+            (MoveState.CLEANED, self._clean),
+        ]
+
+    def _forward(self, move: Move) -> Move:
+        steps = self._steps(move)
+        order = [MoveState.PLANNED, *(state for state, _ in steps)]
+        for state, action in steps:
+            if order.index(move.state) > order.index(state):
+                continue
+            if move.state is not state and state is not MoveState.SWITCHED:
+                # Journal first: the state is committed before its step acts.
+                self.journal.update(move.id, state=state, error=None)
+            self.observer.step(move.id, state.value)
+            self.hooks.checkpoint(state.value)
+            action(self.journal.get(move.id))
+            move = self.journal.get(move.id)
+        self.journal.update(move.id, ended=True, stats={"finished_at": time.time()})
+        self.observer.step(move.id, "done")
+        return self.journal.get(move.id)
+
+    # freeze ------------------------------------------------------------------------------
+
+    def _freeze(self, move: Move) -> None:
+        source = self.catalog.get_shard(move.source)
+        for attempt in range(1, _FREEZE_ATTEMPTS + 1):
+            with self.admin(source) as engine, engine.connect() as conn:
+                conn = conn.execution_options(**WRITE)
+                with conn.begin():
+                    write_residency(
+                        conn, move.tenant_id, Residency.FROZEN, self.catalog.map_version()
+                    )
+                frozen_at = time.time()
+                if "frozen_at" not in move.stats:
+                    self.journal.update(move.id, stats={"frozen_at": frozen_at})
+                if conn.dialect.name != "postgresql":
+                    return  # SQLite: our write lock already outlasted every writer
+                try:
+                    self.wait_out(conn, timeout=self.settings.freeze_timeout)
+                    return
+                except FreezeTimeout as exc:
+                    with conn.begin():
+                        write_residency(
+                            conn, move.tenant_id, Residency.ACTIVE, self.catalog.map_version()
+                        )
+                    self.observer.note(f"{exc}; unfrozen (attempt {attempt})")
+                    if attempt == _FREEZE_ATTEMPTS:
+                        self.journal.update(move.id, state=MoveState.PLANNED, error=str(exc))
+                        raise
+                    time.sleep(min(5.0, attempt * 1.0))
+
+    def wait_out(self, conn: Connection, *, timeout: float) -> None:
+        """Wait until every transaction that began before the freeze has ended.
+
+        The caller has just committed the freeze on *conn*: a transaction that began
+        later reads ``frozen`` in its fence and is read-only; one that began earlier may
+        still write, and is waited out (the way CREATE INDEX CONCURRENTLY waits).
+        """
+        if conn.dialect.name != "postgresql":
+            return  # SQLite: the freeze's write lock outlasted every earlier writer
+        with conn.begin():
+            since = conn.execute(sa.text("SELECT clock_timestamp()")).scalar_one()
+        deadline = time.monotonic() + timeout
+        noted = False
+        while True:
+            with conn.begin():
+                older = conn.execute(
+                    sa.text(
+                        "SELECT count(*) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        " AND backend_type = 'client backend' AND xact_start < :since"
+                    ),
+                    {"since": since},
+                ).scalar_one()
+            if older == 0:
+                return
+            if time.monotonic() > deadline:
+                raise FreezeTimeout(
+                    f"{older} transaction(s) older than the freeze still running after {timeout:g}s"
+                )
+            if not noted:
+                self.observer.note(f"waiting for {older} older transaction(s) to end")
+                noted = True
+            time.sleep(0.01)
+
+    # copy ------------------------------------------------------------------------------
+
+    def _copy(self, move: Move) -> None:
+        source = self.catalog.get_shard(move.source)
+        target = self.catalog.get_shard(move.target)
+        started = time.monotonic()
+        with self.admin(source) as src_engine, self.admin(target) as dst_engine:
+            with src_engine.connect() as src, dst_engine.connect() as dst:
+                if src.dialect.name == "postgresql":
+                    src = src.execution_options(isolation_level="REPEATABLE READ")
+                dst = dst.execution_options(**WRITE)
+                with src.begin():
+                    if src.dialect.name == "postgresql":
+                        src.exec_driver_sql("SET TRANSACTION READ ONLY")
+                    tables = tenant_tables(src, column=self.column)
+                    with dst.begin():
+                        write_residency(
+                            dst, move.tenant_id, Residency.INCOMING, self.catalog.map_version()
+                        )
+                        copies = copy_tenant(
+                            src,
+                            dst,
+                            move.tenant_id,
+                            tables,
+                            column=self.column,
+                            progress=lambda t, r, b: self.observer.table(t, r, b, None),
+                            checkpoint=self.hooks.checkpoint,
+                        )
+        seconds = time.monotonic() - started
+        self.journal.update(
+            move.id,
+            stats={
+                "tables": {c.table: {"rows": c.rows, "bytes": c.bytes} for c in copies},
+                "rows": sum(c.rows for c in copies),
+                "bytes": sum(c.bytes for c in copies),
+                "copy_seconds": round(seconds, 3),
+            },
+        )
+
+    # verify ----------------------------------------------------------------------------
+
+    def _verify(self, move: Move) -> None:
+        source = self.catalog.get_shard(move.source)
+        target = self.catalog.get_shard(move.target)
+        both_pg = source.backend == target.backend == "postgresql"
+        method: Literal["sql", "python"] = "sql" if both_pg else "python"
+        with self.admin(source) as src_engine, self.admin(target) as dst_engine:
+            with src_engine.connect() as src, dst_engine.connect() as dst:
+                with src.begin(), dst.begin():
+                    tables = tenant_tables(src, column=self.column)
+
+                    def digest(conn: Connection) -> dict[str, TableDigest]:
+                        return digest_tenant(
+                            conn, move.tenant_id, tables, column=self.column, method=method
+                        )
+
+                    # Both ends at once: half the time the tenant stays frozen.
+                    with ThreadPoolExecutor(max_workers=2) as pool:
+                        left_future = pool.submit(digest, src)
+                        right = digest(dst)
+                        left = left_future.result()
+        differ = compare_digests(left, right)
+        self.journal.update(
+            move.id,
+            stats={
+                "verified": {n: {"rows": d.rows, "checksum": d.checksum} for n, d in left.items()}
+            },
+        )
+        if differ:
+            message = (
+                f"verification failed: tables differ between source and target: {', '.join(differ)}"
+            )
+            self.journal.update(move.id, state=MoveState.ABORTED, error=message)
+            raise VerificationFailed(message, tables=differ)
+
+    # switch ------------------------------------------------------------------------------
+
+    def _switch(self, move: Move) -> None:
+        source = self.catalog.get_shard(move.source)
+        target = self.catalog.get_shard(move.target)
+        if move.state is not MoveState.SWITCHED:
+            if move.mode is MoveMode.ONLINE:
+                with self.admin(source) as engine, engine.connect() as conn:
+                    tables = tenant_tables(conn, column=self.column)
+                self.online.advance_sequences(move, tables)
+            # The target is not routed to until the catalog says so; make it resident first.
+            self._residency(target, move.tenant_id, Residency.ACTIVE)
+            with self.catalog.transaction() as (conn, _version):
+                self.catalog.set_placement(move.tenant_id, target.name, conn=conn, check=False)
+                self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
+                self.journal.update(move.id, conn=conn, state=MoveState.SWITCHED)
+            self.hooks.checkpoint("switched-committed")
+        self._residency(target, move.tenant_id, Residency.ACTIVE)
+        # Routers with the old map now find the tenant gone from the source, refresh
+        # their map and retry on the target.
+        self._residency(source, move.tenant_id, Residency.MOVED)
+        frozen_at = move.stats.get("frozen_at")
+        if frozen_at is not None and "freeze_seconds" not in move.stats:
+            self.journal.update(
+                move.id, stats={"freeze_seconds": round(time.time() - float(frozen_at), 3)}
+            )
+
+    # clean -------------------------------------------------------------------------------
+
+    def _clean(self, move: Move) -> None:
+        if move.mode is MoveMode.ONLINE and not move.artifacts.get("replication_dropped"):
+            # Before the source is cleaned, or its deletes would replicate to the target.
+            self.online.teardown(move)
+        try:
+            source = self.catalog.get_shard(move.source)
+        except UnknownShard:
+            return  # dropped already by a previous run of this step
+        if move.artifacts.get("dropped_source"):
+            self._drop_source(move, source)
+            return
+        with self.admin(source) as engine:
+            with engine.connect() as conn:
+                tables = tenant_tables(conn, column=self.column)
+            deleted = delete_tenant_rows(
+                engine,
+                move.tenant_id,
+                tables,
+                column=self.column,
+                progress=lambda t, n: self.observer.table(t, n, 0, None),
+                checkpoint=self.hooks.checkpoint,
+            )
+        self.journal.update(move.id, stats={"cleaned_rows": deleted})
+        if source.tier is Tier.DEDICATED and move.kind is MoveKind.DEMOTE:
+            if move.options.get("drop_source"):
+                # Recorded before the database goes, so a crash here finishes the drop.
+                self.journal.update(move.id, artifacts={"dropped_source": source.operations_url})
+                self._drop_source(move, source)
+            else:
+                with suppress(TenantryError):
+                    self.catalog.set_shard_state(source.name, ShardState.RETIRED)
+
+    def _drop_source(self, move: Move, source: Shard) -> None:
+        from tenantry.migrations.provision import drop_database
+
+        drop_database(source.operations_url, connect_timeout=self.settings.connect_timeout)
+        with suppress(UnknownShard):
+            self.catalog.remove_shard(source.name)
+        self.observer.note(f"dropped database of shard {source.name!r}")
+
+    # abort -------------------------------------------------------------------------------
+
+    def abort(self, move_id: int) -> Move:
+        """Roll back a move that has not switched: target copy deleted, source unfrozen."""
+        with self._claim(move_id):
+            move = self.journal.get(move_id)
+            if not move.live:
+                raise MoveError(
+                    f"move {move_id} has ended ({move.state.value}); nothing to abort",
+                    move_id=move_id,
+                )
+            if move.state.order >= MoveState.SWITCHED.order and move.state is not MoveState.ABORTED:
+                raise MoveError(
+                    f"move {move_id} has switched the tenant to {move.target!r} already; it "
+                    f"can only be completed: run `tenantry moves resume {move_id}`",
+                    move_id=move_id,
+                )
+            return self._rollback(move)
+
+    def _rollback(self, move: Move) -> Move:
+        if move.state is not MoveState.ABORTED:
+            self.journal.update(move.id, state=MoveState.ABORTED)
+        self.observer.step(move.id, "aborted")
+        if move.artifacts.get("publication") and not move.artifacts.get("replication_dropped"):
+            self.online.teardown(move)
+        provisioned = move.artifacts.get("provisioned")
+        try:
+            target: Shard | None = self.catalog.get_shard(move.target)
+        except UnknownShard:
+            target = None
+        if target is not None:
+            with self.admin(target) as engine:
+                with engine.connect() as conn:
+                    tables = tenant_tables(conn, column=self.column)
+                delete_tenant_rows(engine, move.tenant_id, tables, column=self.column)
+                with engine.connect() as conn:
+                    conn = conn.execution_options(**WRITE)
+                    with conn.begin():
+                        if read_residency(conn, move.tenant_id) is not Residency.MOVED:
+                            clear_residency(conn, move.tenant_id)
+        source = self.catalog.get_shard(move.source)
+        self._residency(source, move.tenant_id, Residency.ACTIVE)
+        with self.catalog.transaction() as (conn, _version):
+            self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
+        if provisioned:
+            from tenantry.migrations.provision import drop_database
+
+            if target is not None:
+                with suppress(TenantryError):
+                    self.catalog.remove_shard(target.name)
+            drop_database(str(provisioned["url"]), connect_timeout=self.settings.connect_timeout)
+        self.journal.update(move.id, ended=True)
+        return self.journal.get(move.id)
+
+    # plumbing ----------------------------------------------------------------------------
+
+    def _residency(self, shard: Shard, tenant_id: str, state: Residency) -> None:
+        with self.admin(shard) as engine, engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                write_residency(conn, tenant_id, state, self.catalog.map_version())
+
+    @contextmanager
+    def admin(self, shard: Shard) -> Iterator[Engine]:
+        """A short-lived engine on the shard's operations role; errors name the shard."""
+        engine = make_engine(
+            shard.operations_url, connect_timeout=self.settings.connect_timeout, poolclass=NullPool
+        )
+        try:
+            with translate_errors(
+                f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=MoveError
+            ):
+                yield engine
+        finally:
+            engine.dispose()
+
+    @contextmanager
+    def _claim(self, move_id: int) -> Iterator[None]:
+        """Only one process runs a given move; a killed owner's claim dies with it."""
+        if self.catalog.dialect == "postgresql":
+            with self.catalog.engine.connect() as conn:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                got = conn.execute(
+                    sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _MOVE_LOCK_BASE + move_id}
+                ).scalar()
+                if not got:
+                    raise MoveError(
+                        f"move {move_id} is being run by another process", move_id=move_id
+                    )
+                try:
+                    yield
+                finally:
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _MOVE_LOCK_BASE + move_id}
+                    )
+            return
+        path = Path(make_url(self.catalog.url).database or "catalog")
+        lock_path = path.with_name(f"{path.name}.move-{move_id}.lock")
+        with open(lock_path, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MoveError(
+                    f"move {move_id} is being run by another process", move_id=move_id
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _app_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    heads = MigrationContext.configure(conn).get_current_heads()
+    return ",".join(sorted(heads)) or None
+
+
+def migration_lock_key() -> int:
+    """The per-database advisory lock fleet migrations hold (moves check it)."""
+    return MIGRATION_LOCK
+
+
+def describe(exc: BaseException) -> str:
+    """One line about an error, for the journal."""
+    return str(exc) if isinstance(exc, TenantryError) else describe_error(exc)

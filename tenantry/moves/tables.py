@@ -1,0 +1,577 @@
+"""Which tables move: every table with the tenant column, parents before children.
+
+The mover needs no application code: :func:`tenant_tables` reflects the database
+(PostgreSQL catalogs or SQLite pragmas) and returns the tenant tables in foreign-key
+order, refusing a table that breaks the schema contract of DESIGN.md before anything
+is frozen.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import heapq
+import json
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+
+from tenantry.errors import SchemaContractError
+
+__all__ = [
+    "Convert",
+    "TenantTable",
+    "check_same_tables",
+    "tenant_tables",
+    "value_reader",
+    "value_writer",
+]
+
+#: tenantry's own tables (residency, catalog) never move with a tenant.
+_OWN_PREFIX = "tenantry_"
+_WITHOUT_ROWID = re.compile(r"\)\s*WITHOUT\s+ROWID\s*[;,]?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class TenantTable:
+    """One table of tenant rows, as reflected from a database.
+
+    ``columns`` are the copyable columns in table order (generated columns are left
+    out: the target computes them); ``column_types`` gives each one's type as the
+    database spells it (PostgreSQL ``format_type``, SQLite the declared type);
+    ``sequences`` pairs a serial or identity column with its schema-qualified
+    sequence (PostgreSQL only). ``schema`` is None for the connection's default
+    schema.
+    """
+
+    name: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    sequences: tuple[tuple[str, str], ...] = ()
+    column_types: tuple[str, ...] = ()
+    schema: str | None = None
+    #: SQLite only: a ``WITHOUT ROWID`` table (batched deletes go by primary key).
+    without_rowid: bool = False
+
+    @property
+    def qualified_name(self) -> str:
+        """``schema.name``, or the bare name in the default schema (for messages)."""
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+    def column_type(self, column: str) -> str | None:
+        """The type of *column*, or None if it is not a copyable column."""
+        try:
+            return self.column_types[self.columns.index(column)]
+        except (ValueError, IndexError):
+            return None
+
+
+@dataclass(slots=True)
+class _Reflected:
+    name: str
+    columns: list[tuple[str, str]] = field(default_factory=list)  # copyable: (name, type)
+    all_columns: set[str] = field(default_factory=set)  # generated ones too
+    primary_key: list[str] = field(default_factory=list)
+    sequences: list[tuple[str, str]] = field(default_factory=list)
+    parents: set[str] = field(default_factory=set)  # tables it references
+    without_rowid: bool = False
+
+
+def tenant_tables(
+    conn: Connection, *, column: str = "tenant_id", schema: str | None = None
+) -> list[TenantTable]:
+    """The tables holding tenant rows, parents before children by their foreign keys.
+
+    Every table (of *schema*, default: the connection's own) that has *column* is
+    taken, except tenantry's own ``tenantry_*`` tables. The order is topological:
+    among the tables whose parents are all placed, the first by name goes next, so
+    the order is deterministic. Self-references are ignored. The tables of a
+    foreign-key cycle stay together, after all their parents and before all their
+    children, the one with the fewest unplaced parents first (ties by name); a copy
+    of a cycle relies on deferred constraint checks (SQLite always, PostgreSQL for
+    ``DEFERRABLE`` keys).
+
+    Raises :class:`SchemaContractError` for a table whose primary key lacks *column*
+    (or that has no primary key), and for a table without *column* whose foreign key
+    references a tenant table: its rows would be left behind by a move.
+    """
+    if conn.dialect.name == "postgresql":
+        reflected = _reflect_postgresql(conn, schema)
+    elif conn.dialect.name == "sqlite":
+        reflected = _reflect_sqlite(conn, schema)
+    else:
+        raise NotImplementedError(f"tenant moves do not support {conn.dialect.name!r}")
+    tenant = {
+        name: table
+        for name, table in reflected.items()
+        if column in table.all_columns and not name.startswith(_OWN_PREFIX)
+    }
+    for name in sorted(tenant):
+        table = tenant[name]
+        if not table.primary_key:
+            raise SchemaContractError(
+                _qualify(schema, name),
+                f"it has a {column} column but no primary key: add one that includes "
+                f"{column}, e.g. PRIMARY KEY ({column}, id)",
+            )
+        if column not in table.primary_key:
+            raise SchemaContractError(
+                _qualify(schema, name),
+                f"its primary key ({', '.join(table.primary_key)}) does not include "
+                f"{column}, so the tenant's rows cannot be copied and verified by key: "
+                f"make {column} part of the primary key, e.g. PRIMARY KEY "
+                f"({column}, {', '.join(c for c in table.primary_key if c != column)})",
+            )
+    for name in sorted(set(reflected) - set(tenant)):
+        if name.startswith(_OWN_PREFIX):
+            continue
+        referenced = sorted(reflected[name].parents & set(tenant))
+        if referenced:
+            raise SchemaContractError(
+                _qualify(schema, name),
+                f"it references tenant table {referenced[0]!r} but has no {column} "
+                f"column, so a move would leave its rows behind: add {column} to it "
+                "(and to its primary key)",
+            )
+    return [
+        TenantTable(
+            name=name,
+            columns=tuple(c for c, _ in tenant[name].columns),
+            primary_key=tuple(tenant[name].primary_key),
+            sequences=tuple(tenant[name].sequences),
+            column_types=tuple(t for _, t in tenant[name].columns),
+            schema=schema,
+            without_rowid=tenant[name].without_rowid,
+        )
+        for name in _parents_first({n: t.parents & set(tenant) for n, t in tenant.items()})
+    ]
+
+
+def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> None:
+    """Raise :class:`SchemaContractError` for the first source table the target lacks.
+
+    A table differs when the target has no table of that name or another set of
+    copyable columns (the order may differ: copies name their columns).
+    """
+    by_name = {t.name: t for t in target}
+    for table in source:
+        other = by_name.get(table.name)
+        if other is None:
+            raise SchemaContractError(
+                table.qualified_name,
+                "it is missing on the target: run `tenantry migrate` so that every "
+                "shard has the same schema",
+            )
+        if set(table.columns) != set(other.columns):
+            missing = [c for c in table.columns if c not in other.columns]
+            extra = [c for c in other.columns if c not in table.columns]
+            parts = []
+            if missing:
+                parts.append(f"the target lacks {', '.join(missing)}")
+            if extra:
+                parts.append(f"the target has {', '.join(extra)} in addition")
+            raise SchemaContractError(
+                table.qualified_name,
+                f"its columns differ between source and target ({'; '.join(parts)}): "
+                "run `tenantry migrate` so that every shard has the same schema",
+            )
+
+
+def _qualify(schema: str | None, name: str) -> str:
+    return f"{schema}.{name}" if schema else name
+
+
+def _parents_first(parents: Mapping[str, Iterable[str]]) -> list[str]:
+    """Topological order of *parents* (name -> names it references), deterministic.
+
+    Tables of a foreign-key cycle (a strongly connected component) stay together, after
+    every parent of the cycle and before every child; inside it the table with the
+    fewest unplaced parents goes first, ties by name.
+    """
+    graph = {name: sorted(set(refs) & parents.keys() - {name}) for name, refs in parents.items()}
+    component = _components(graph)
+    members: dict[int, list[str]] = {}
+    for name in sorted(graph):
+        members.setdefault(component[name], []).append(name)
+    waiting = {c: {component[r] for n in ns for r in graph[n]} - {c} for c, ns in members.items()}
+    children: dict[int, set[int]] = {c: set() for c in members}
+    for c, refs in waiting.items():
+        for ref in refs:
+            children[ref].add(c)
+    ready = [(ns[0], c) for c, ns in members.items() if not waiting[c]]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, c = heapq.heappop(ready)
+        order += _break_cycle(members[c], graph)
+        for child in children[c]:
+            waiting[child].discard(c)
+            if not waiting[child]:
+                heapq.heappush(ready, (members[child][0], child))
+    return order
+
+
+def _break_cycle(names: list[str], graph: Mapping[str, list[str]]) -> list[str]:
+    """Order the tables of one cycle: fewest unplaced parents first, then by name."""
+    if len(names) == 1:
+        return names
+    left = set(names)
+    order: list[str] = []
+    while left:
+        name = min(left, key=lambda n: (sum(r in left for r in graph[n]), n))
+        left.discard(name)
+        order.append(name)
+    return order
+
+
+def _components(graph: Mapping[str, list[str]]) -> dict[str, int]:
+    """Strongly connected components (Tarjan's algorithm, without recursion)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    component: dict[str, int] = {}
+    found = 0
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(graph[root]))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, refs = work[-1]
+            for ref in refs:
+                if ref not in index:
+                    index[ref] = low[ref] = len(index)
+                    stack.append(ref)
+                    on_stack.add(ref)
+                    work.append((ref, iter(graph[ref])))
+                    break
+                if ref in on_stack:
+                    low[node] = min(low[node], index[ref])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component[member] = found
+                        if member == node:
+                            break
+                    found += 1
+    return component
+
+
+# PostgreSQL ---------------------------------------------------------------------------
+
+_PG_COLUMNS = sa.text(
+    """
+    SELECT c.relname AS table_name, a.attname AS column_name,
+           format_type(a.atttypid, a.atttypmod) AS column_type,
+           a.attgenerated <> '' AS generated,
+           COALESCE(
+               pg_get_serial_sequence(
+                   quote_ident(n.nspname) || '.' || quote_ident(c.relname), a.attname),
+               (SELECT quote_ident(sn.nspname) || '.' || quote_ident(s.relname)
+                  FROM pg_attrdef ad
+                  JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass
+                                  AND d.objid = ad.oid
+                                  AND d.refclassid = 'pg_class'::regclass
+                  JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+                  JOIN pg_namespace sn ON sn.oid = s.relnamespace
+                 WHERE ad.adrelid = c.oid AND ad.adnum = a.attnum
+                 LIMIT 1)
+           ) AS sequence_name
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+     WHERE n.nspname = COALESCE(:schema, current_schema())
+       AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+     ORDER BY c.relname, a.attnum
+    """
+)
+
+_PG_KEYS = sa.text(
+    """
+    SELECT c.relname AS table_name, k.contype AS kind,
+           ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, i)
+                   JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
+                  ORDER BY u.i) AS columns,
+           r.relname AS referenced,
+           rn.nspname = n.nspname AS same_schema
+      FROM pg_constraint k
+      JOIN pg_class c ON c.oid = k.conrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      LEFT JOIN pg_class r ON r.oid = k.confrelid
+      LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
+     WHERE n.nspname = COALESCE(:schema, current_schema())
+       AND k.contype IN ('p', 'f') AND NOT c.relispartition
+       AND k.conparentid = 0
+    """
+)
+
+
+def _reflect_postgresql(conn: Connection, schema: str | None) -> dict[str, _Reflected]:
+    tables: dict[str, _Reflected] = {}
+    for row in conn.execute(_PG_COLUMNS, {"schema": schema}):
+        table = tables.setdefault(row.table_name, _Reflected(row.table_name))
+        table.all_columns.add(row.column_name)
+        if not row.generated:
+            table.columns.append((row.column_name, row.column_type))
+        if row.sequence_name:
+            table.sequences.append((row.column_name, row.sequence_name))
+    for row in conn.execute(_PG_KEYS, {"schema": schema}):
+        keyed = tables.get(row.table_name)
+        if keyed is None:
+            continue
+        if row.kind == "p":
+            keyed.primary_key = list(row.columns)
+        elif row.same_schema and row.referenced:
+            keyed.parents.add(row.referenced)
+    return tables
+
+
+# SQLite -------------------------------------------------------------------------------
+
+
+def _reflect_sqlite(conn: Connection, schema: str | None) -> dict[str, _Reflected]:
+    prefix = f"{_quote(schema)}." if schema else ""
+    rows = conn.exec_driver_sql(
+        f"SELECT name, sql FROM {prefix}sqlite_master "
+        "WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY name"
+    ).all()
+    tables: dict[str, _Reflected] = {}
+    for name, ddl in rows:
+        table = _Reflected(name)
+        table.without_rowid = bool(ddl and _WITHOUT_ROWID.search(ddl))
+        keyed: list[tuple[int, str]] = []
+        # table_xinfo: cid, name, type, notnull, dflt_value, pk, hidden
+        for info in conn.exec_driver_sql(f"PRAGMA {prefix}table_xinfo({_quote(name)})"):
+            column, declared, pk, hidden = info[1], info[2], info[5], info[6]
+            table.all_columns.add(column)
+            if hidden == 0:  # 2 and 3 are generated columns, 1 virtual-table hidden ones
+                table.columns.append((column, declared or ""))
+            if pk:
+                keyed.append((pk, column))
+        table.primary_key = [c for _, c in sorted(keyed)]
+        # foreign_key_list: id, seq, table, from, to, on_update, on_delete, match
+        for fk in conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_list({_quote(name)})"):
+            table.parents.add(fk[2])
+        tables[name] = table
+    # SQLite matches table names case-insensitively, foreign keys included.
+    names = {name.lower(): name for name in tables}
+    for table in tables.values():
+        table.parents = {names.get(p.lower(), p) for p in table.parents}
+    return tables
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+# Column values across dialects --------------------------------------------------------
+#
+# SQLite keeps dates, JSON, booleans and decimals as text or numbers; PostgreSQL as
+# typed values. A copy or digest that involves SQLite reads each SQLite value into the
+# Python object PostgreSQL (psycopg) would give, and writes Python objects back the way
+# SQLAlchemy's own types store them in SQLite. A value that does not parse is passed
+# on unchanged rather than failing a whole move over a single odd row.
+
+Convert = Callable[[Any], Any]
+
+
+def value_reader(dialect: str, declared: str) -> Convert | None:
+    """How to turn a value read from a *declared*-type column into a typed object.
+
+    None when the driver's value is used as is (all of PostgreSQL).
+    """
+    if dialect != "sqlite":
+        return None
+    kind = _sqlite_kind(declared)
+    return _SQLITE_READERS.get(kind)
+
+
+def value_writer(dialect: str, declared: str) -> Convert | None:
+    """How to turn a Python object into what a *declared*-type column should store.
+
+    None when the driver adapts the object itself.
+    """
+    if dialect == "postgresql":
+        name = declared.lower()
+        if name == "json":
+            return _to_pg_json
+        if name == "jsonb":
+            return _to_pg_jsonb
+        if name == "timestamp with time zone":
+            return _naive_is_utc
+        return None
+    writer: Convert = _SQLITE_WRITERS.get(_sqlite_kind(declared), _to_sqlite_any)
+    return writer
+
+
+def _sqlite_kind(declared: str) -> str:
+    name = declared.upper().split("(", 1)[0].strip()
+    if "JSON" in name:
+        return "json"
+    if "BOOL" in name:
+        return "bool"
+    if name.startswith(("DATETIME", "TIMESTAMP")):
+        return "datetime"
+    if name == "DATE":
+        return "date"
+    if name.startswith("TIME"):
+        return "time"
+    if name.startswith(("NUMERIC", "DECIMAL")):
+        return "numeric"
+    return ""
+
+
+def _read_datetime(value: Any) -> Any:
+    if isinstance(value, str):
+        with suppress(ValueError):
+            return dt.datetime.fromisoformat(value)
+    return value
+
+
+def _read_date(value: Any) -> Any:
+    if isinstance(value, str):
+        with suppress(ValueError):
+            return dt.date.fromisoformat(value)
+    return value
+
+
+def _read_time(value: Any) -> Any:
+    if isinstance(value, str):
+        with suppress(ValueError):
+            return dt.time.fromisoformat(value)
+    return value
+
+
+def _read_bool(value: Any) -> Any:
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return value
+
+
+def _read_numeric(value: Any) -> Any:
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | str):
+        with suppress(ArithmeticError):
+            return Decimal(value)
+    if isinstance(value, float):
+        # repr is the shortest text that round-trips: 12.34, not 12.339999...
+        return Decimal(repr(value))
+    return value
+
+
+def _read_json(value: Any) -> Any:
+    if isinstance(value, str | bytes):
+        with suppress(ValueError):
+            return json.loads(value)
+    return value
+
+
+def _utc_naive(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is not None:
+        return value.astimezone(dt.UTC).replace(tzinfo=None)
+    return value
+
+
+def _write_datetime(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        # SQLAlchemy's SQLite DateTime storage format
+        return _utc_naive(value).isoformat(" ", "microseconds")
+    return value
+
+
+def _write_date(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.date().isoformat()
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value
+
+
+def _write_time(value: Any) -> Any:
+    if isinstance(value, dt.time):
+        return value.replace(tzinfo=None).isoformat("microseconds")
+    return value
+
+
+def _write_bool(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+def _write_numeric(value: Any) -> Any:
+    # SQLite has no decimal type; SQLAlchemy stores floats, and so do we.
+    return float(value) if isinstance(value, Decimal) else value
+
+
+def _write_json(value: Any) -> Any:
+    if value is None:
+        return None
+    return json.dumps(value, default=str)
+
+
+def _to_sqlite_any(value: Any) -> Any:
+    if value is None or isinstance(value, int | float | str | bytes):
+        return value
+    if isinstance(value, dt.datetime):
+        return _write_datetime(value)
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return value.hex  # as SQLAlchemy's Uuid stores it
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str)
+    if isinstance(value, dt.timedelta):
+        return value.total_seconds()
+    return str(value)
+
+
+def _to_pg_json(value: Any) -> Any:
+    from psycopg.types.json import Json
+
+    return None if value is None else Json(value)
+
+
+def _to_pg_jsonb(value: Any) -> Any:
+    from psycopg.types.json import Jsonb
+
+    return None if value is None else Jsonb(value)
+
+
+def _naive_is_utc(value: Any) -> Any:
+    if isinstance(value, dt.datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=dt.UTC)
+    return value
+
+
+_SQLITE_READERS: dict[str, Convert] = {
+    "json": _read_json,
+    "bool": _read_bool,
+    "datetime": _read_datetime,
+    "date": _read_date,
+    "time": _read_time,
+    "numeric": _read_numeric,
+}
+_SQLITE_WRITERS: dict[str, Convert] = {
+    "json": _write_json,
+    "bool": _write_bool,
+    "datetime": _write_datetime,
+    "date": _write_date,
+    "time": _write_time,
+    "numeric": _write_numeric,
+}

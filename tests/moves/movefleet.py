@@ -1,0 +1,186 @@
+"""A small fleet for move tests: PostgreSQL (two servers) and SQLite shards, the demo
+schema migrated on each, and helpers that check the move invariants."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+from tenantry import Catalog, load_settings
+from tenantry.demo import MIGRATIONS
+from tenantry.migrations import upgrade
+from tenantry.shardmap.residency import read_residency
+
+TABLES = ("users", "chargers", "charging_sessions")
+
+
+@dataclass
+class Fleet:
+    catalog: Catalog
+    catalog_url: str
+    urls: dict[str, str]  # shard name -> URL
+
+    def engine(self, shard: str) -> sa.Engine:
+        return sa.create_engine(self.urls[shard], poolclass=NullPool)
+
+    def close(self) -> None:
+        self.catalog.close()
+
+
+def build_fleet(
+    catalog_url: str,
+    shards: Iterable[tuple[str, str, str]],
+    **settings: object,
+) -> Fleet:
+    """*shards*: (name, url, tier). Migrates every shard to the demo app's head."""
+    cfg = load_settings(
+        catalog_url=catalog_url, alembic_config=str(MIGRATIONS), freeze_timeout=10.0, **settings
+    )
+    catalog = Catalog(settings=cfg)
+    catalog.init()
+    urls = {}
+    for name, url, tier in shards:
+        catalog.add_shard(name, url, tier=tier)
+        urls[name] = catalog.get_shard(name).url
+    run = upgrade(catalog, jobs=1)
+    assert run.ok, [r.error for r in run.results]
+    return Fleet(catalog, catalog_url, urls)
+
+
+def seed(
+    engine: sa.Engine, tenant: str, users: int = 5, chargers: int = 4, sessions: int = 40
+) -> None:
+    """The tenant's rows, written directly (the operations role)."""
+    start = datetime(2026, 11, 1, tzinfo=UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO users (tenant_id, id, email, name) VALUES (:t, :i, :e, :n)"),
+            [
+                {"t": tenant, "i": i, "e": f"u{i}@{tenant}", "n": f"User {i}"}
+                for i in range(1, users + 1)
+            ],
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO chargers (tenant_id, id, name, location, power_kw, status)"
+                " VALUES (:t, :i, :n, 'bay', :p, 'available')"
+            ),
+            [
+                {"t": tenant, "i": i, "n": f"C{i}", "p": Decimal("22.50") * i}
+                for i in range(1, chargers + 1)
+            ],
+        )
+        conn.execute(
+            sa.text(
+                "INSERT INTO charging_sessions (tenant_id, id, charger_id, user_id, started_at,"
+                " ended_at, energy_kwh) VALUES (:t, :i, :c, :u, :s, :e, :k)"
+            ),
+            [
+                {
+                    "t": tenant,
+                    "i": i,
+                    "c": 1 + i % chargers,
+                    "u": 1 + i % users,
+                    "s": start + timedelta(minutes=i),
+                    "e": None if i % 7 == 0 else start + timedelta(minutes=i + 30),
+                    "k": Decimal("1.125") * i,
+                }
+                for i in range(1, sessions + 1)
+            ],
+        )
+
+
+def tenant_rows(engine: sa.Engine, tenant: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of the tenant, per table, in primary-key order, values made comparable."""
+    from tenantry.demo.models import Base
+
+    found = {}
+    with engine.connect() as conn:
+        for name in TABLES:
+            # Typed columns, so SQLite's stored text comes back as datetimes and Decimals.
+            table = Base.metadata.tables[name]
+            rows = conn.execute(
+                sa.select(table).where(table.c.tenant_id == tenant).order_by(table.c.id)
+            ).all()
+            found[name] = [tuple(_plain(v) for v in row) for row in rows]
+    return found
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).astimezone(UTC).isoformat()
+    if isinstance(value, Decimal):
+        return str(value.normalize())
+    if isinstance(value, float):
+        return str(Decimal(str(value)).normalize())
+    return value
+
+
+def fingerprint(rows: dict[str, list[tuple[object, ...]]]) -> str:
+    return hashlib.sha256(repr(sorted(rows.items())).encode()).hexdigest()
+
+
+def count_rows(engine: sa.Engine, tenant: str) -> int:
+    with engine.connect() as conn:
+        return sum(
+            conn.execute(
+                sa.text(f"SELECT count(*) FROM {t} WHERE tenant_id = :t"), {"t": tenant}
+            ).scalar_one()
+            for t in TABLES
+        )
+
+
+def residency(engine: sa.Engine, tenant: str) -> str | None:
+    with engine.connect() as conn:
+        state = read_residency(conn, tenant)
+    return None if state is None else state.value
+
+
+def assert_one_home(
+    fleet: Fleet, tenant: str, expected: dict[str, list[tuple[object, ...]]]
+) -> str:
+    """The tenant's rows are complete at its placement and nowhere else; the catalog and
+    the residency rows agree; no move of it is live. Return the home shard."""
+    catalog = fleet.catalog
+    home = catalog.get_tenant(tenant).shard
+    assert catalog.get_tenant(tenant).state.value == "active"
+    for name in fleet.urls:
+        try:
+            catalog.get_shard(name)
+        except Exception:
+            continue  # dropped (demote --drop-source)
+        engine = fleet.engine(name)
+        try:
+            if name == home:
+                assert tenant_rows(engine, tenant) == expected, f"data differs at home {name}"
+                assert residency(engine, tenant) == "active"
+            else:
+                assert count_rows(engine, tenant) == 0, f"a copy of {tenant} is left on {name}"
+                assert residency(engine, tenant) in (None, "moved"), name
+        finally:
+            engine.dispose()
+    from tenantry.moves import list_moves
+
+    assert not [m for m in list_moves(catalog, live=True) if m.tenant_id == tenant]
+    return home
+
+
+def retrying(
+    action: Callable[[], None], errors: tuple[type[BaseException], ...], tries: int = 2000
+) -> int:
+    """Run *action* until it does not raise one of *errors*; return the retries."""
+    import time
+
+    for attempt in range(tries):
+        try:
+            action()
+            return attempt
+        except errors:
+            time.sleep(0.005)
+    raise AssertionError("never succeeded")
