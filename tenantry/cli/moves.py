@@ -344,4 +344,38 @@ def moves_abort(state: CliState, move_id: int, as_json: bool) -> None:
         state.console.print(f"move {move.id} rolled back: {move.tenant_id} stays on {move.source}")
 
 
+@moves_group.command("gc")
+@click.option("--apply", is_flag=True, help="Drop them (default: only list them).")
+@json_option
+@pass_state
+def moves_gc(state: CliState, apply: bool, as_json: bool) -> None:
+    """Find (and with --apply drop) replication objects no live move owns."""
+    found = moves.collect_garbage(state.catalog(), apply=apply)
+    if as_json:
+        emit_json(
+            [
+                {
+                    "shard": f.shard,
+                    "kind": f.kind,
+                    "name": f.name,
+                    "dropped": f.dropped,
+                    "error": f.error,
+                }
+                for f in found
+            ]
+        )
+        return
+    render_table(
+        state.console,
+        ["shard", "kind", "name", "action"],
+        (
+            [f.shard, f.kind, f.name, f.error or ("dropped" if f.dropped else "would drop")]
+            for f in found
+        ),
+        title="leftover replication objects",
+    )
+    if found and not apply:
+        state.console.print("dry run: run `tenantry moves gc --apply` to drop them")
+
+
 COMMANDS = [move_command, promote_command, demote_command, moves_group]

@@ -1,20 +1,41 @@
 """The seed story: EV-charger operator groups sharing a fleet.
 
-Most operator groups are small and share two databases; one, a municipal utility
-bound by its regulator to keep its data apart, has a database of its own.
+Most operator groups are small and share two databases; a municipal utility bound by
+its regulator to keep its data apart has a database of its own. The demo builds that
+fleet on SQLite files, migrates it with the demo app's Alembic scripts, writes each
+group's drivers, chargers and charging sessions through the router, and shows that
+every group sees only its own rows.
 """
 
 from __future__ import annotations
 
-from contextlib import suppress
+import hashlib
+import shutil
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
-from tenantry.errors import AlreadyExists
-from tenantry.settings import load_settings
+from sqlalchemy import func, select
+
+from tenantry.demo.models import Charger, ChargingSession, User
+from tenantry.errors import ConfigurationError
+from tenantry.migrations import provision, upgrade
+from tenantry.router import Router
+from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap import Catalog, MapSnapshot, Tier
 
-__all__ = ["DEDICATED_TENANT", "SHARED_TENANTS", "DemoFleet", "build_fleet"]
+__all__ = [
+    "DEDICATED_TENANT",
+    "GROWING_TENANT",
+    "OVERPROVISIONED_TENANT",
+    "SHARED_TENANTS",
+    "Census",
+    "DemoFleet",
+    "build_fleet",
+    "census",
+    "seed",
+]
 
 #: Operator groups that share the pool.
 SHARED_TENANTS = (
@@ -28,6 +49,13 @@ SHARED_TENANTS = (
 )
 #: The regulated municipal utility, on a database of its own.
 DEDICATED_TENANT = "nordgrid-utility"
+#: A small group that was given a database of its own it does not need.
+OVERPROVISIONED_TENANT = "tinyvolt"
+#: The group that grew: promoted to a dedicated database in the demo.
+GROWING_TENANT = "voltpark"
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_MARKER = ".tenantry-demo"
 
 
 @dataclass(frozen=True)
@@ -36,35 +64,131 @@ class DemoFleet:
 
     directory: Path
     catalog_url: str
+    settings: TenantrySettings
     snapshot: MapSnapshot
+
+    def catalog(self) -> Catalog:
+        return Catalog(settings=self.settings)
+
+
+@dataclass(frozen=True)
+class Census:
+    """What one tenant's own session sees."""
+
+    tenant: str
+    shard: str
+    users: int
+    chargers: int
+    sessions: int
+    energy_kwh: Decimal
+    foreign_rows: int
+
+
+def _reset(directory: Path) -> None:
+    """Start from scratch, but only in a folder the demo made (or an empty one)."""
+    if directory.exists() and any(directory.iterdir()):
+        ours = (directory / _MARKER).exists() or all(
+            p.name.endswith((".db", ".db-wal", ".db-shm", ".lock")) for p in directory.iterdir()
+        )
+        if not ours:
+            raise ConfigurationError(
+                f"{directory} exists and was not made by `tenantry demo`: choose another --dir"
+            )
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / _MARKER).write_text("made by `tenantry demo`; safe to delete\n")
 
 
 def build_fleet(directory: Path | str = ".tenantry-demo") -> DemoFleet:
-    """Create (or reuse) the demo fleet in *directory*: safe to run again."""
+    """Build the demo fleet afresh in *directory*: catalog, two shared shards and a
+    dedicated one, provisioned and migrated, and the tenants placed. Safe to run again."""
     directory = Path(directory).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    _reset(directory)
     catalog_url = f"sqlite:///{directory / 'catalog.db'}"
-    with Catalog(catalog_url, settings=load_settings(catalog_url=catalog_url)) as catalog:
+    settings = load_settings(catalog_url=catalog_url, alembic_config=str(_MIGRATIONS))
+    server = f"sqlite:///{directory}"
+    with Catalog(settings=settings) as catalog:
         catalog.init()
-        for name, tier in (
-            ("shared-1", Tier.SHARED),
-            ("shared-2", Tier.SHARED),
-            ("nordgrid", Tier.DEDICATED),
-        ):
-            _ignore_existing(
-                lambda n=name, t=tier: catalog.add_shard(
-                    n, f"sqlite:///{directory / (n + '.db')}", tier=t
+        provision(catalog, "shared-1", server, tier=Tier.SHARED)
+        provision(catalog, "shared-2", server, tier=Tier.SHARED)
+        provision(catalog, "nordgrid", server, tier=Tier.DEDICATED)
+        provision(catalog, "tinyvolt-db", server, tier=Tier.DEDICATED)
+        upgrade(catalog, jobs=1)  # a no-op here: provisioning migrated each one
+        for tenant in SHARED_TENANTS:
+            catalog.add_tenant(tenant)
+        catalog.add_tenant(DEDICATED_TENANT, tier=Tier.DEDICATED, shard="nordgrid")
+        catalog.add_tenant(OVERPROVISIONED_TENANT, tier=Tier.DEDICATED, shard="tinyvolt-db")
+        return DemoFleet(directory, catalog_url, settings, catalog.snapshot())
+
+
+def _numbers(tenant: str) -> tuple[int, int, int]:
+    # Stable per tenant, so the demo prints the same story every time.
+    digest = hashlib.sha256(tenant.encode()).digest()
+    return 2 + digest[0] % 4, 2 + digest[1] % 5, 5 + digest[2] % 20
+
+
+def seed(router: Router, tenants: list[str]) -> None:
+    """Write each tenant's drivers, chargers and charging sessions through the router.
+
+    Every tenant gets ids starting at 1: the same primary keys in the same tables of a
+    shared database, told apart only by ``tenant_id``.
+    """
+    start = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+    for tenant in tenants:
+        users, chargers, sessions = _numbers(tenant)
+        with router.session(tenant) as session:
+            session.add_all(
+                User(id=i, email=f"driver{i}@{tenant}.example", name=f"Driver {i}")
+                for i in range(1, users + 1)
+            )
+            session.add_all(
+                Charger(
+                    id=i,
+                    name=f"{tenant} charger {i}",
+                    location=f"Bay {i}",
+                    power_kw=Decimal(50 * (1 + i % 3)),
+                    status="available",
+                )
+                for i in range(1, chargers + 1)
+            )
+            session.flush()
+            session.add_all(
+                ChargingSession(
+                    id=i,
+                    charger_id=1 + i % chargers,
+                    user_id=1 + i % users,
+                    started_at=start + timedelta(hours=i),
+                    ended_at=start + timedelta(hours=i, minutes=40),
+                    energy_kwh=Decimal(10 + i % 30),
+                )
+                for i in range(1, sessions + 1)
+            )
+            session.commit()
+
+
+def census(router: Router, tenants: list[str]) -> list[Census]:
+    """Count what each tenant's own session sees, and any row of another tenant."""
+    found = []
+    for tenant in tenants:
+        with router.session(tenant) as session:
+            users = session.scalar(select(func.count()).select_from(User)) or 0
+            chargers = session.scalar(select(func.count()).select_from(Charger)) or 0
+            sessions = session.scalars(select(ChargingSession)).all()
+            foreign = sum(
+                1
+                for model in (User, Charger, ChargingSession)
+                for owner in session.scalars(select(model.tenant_id))
+                if owner != tenant
+            )
+            found.append(
+                Census(
+                    tenant=tenant,
+                    shard=router.shard_for(tenant).name,
+                    users=users,
+                    chargers=chargers,
+                    sessions=len(sessions),
+                    energy_kwh=sum((s.energy_kwh for s in sessions), Decimal(0)),
+                    foreign_rows=foreign,
                 )
             )
-        for tenant in SHARED_TENANTS:
-            _ignore_existing(lambda t=tenant: catalog.add_tenant(t))
-        _ignore_existing(
-            lambda: catalog.add_tenant(DEDICATED_TENANT, tier=Tier.DEDICATED, shard="nordgrid")
-        )
-        return DemoFleet(directory, catalog_url, catalog.snapshot())
-
-
-def _ignore_existing(action: object) -> None:
-    assert callable(action)
-    with suppress(AlreadyExists):
-        action()
+    return found

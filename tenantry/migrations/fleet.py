@@ -11,6 +11,7 @@ or refreshes the row-level-security policies.
 
 from __future__ import annotations
 
+import configparser
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -36,6 +37,7 @@ from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
 from tenantry.shardmap.model import Shard, ShardState, Tier
+from tenantry.shardmap.schema import moves
 
 __all__ = [
     "MIGRATION_LOCK",
@@ -153,7 +155,15 @@ def app_config(source: str | Path | None) -> Config:
         cfg.set_main_option("script_location", str(path.resolve()))
     elif path.is_file():
         cfg = Config(str(path))
-        location = cfg.get_main_option("script_location")
+        try:
+            location = cfg.get_main_option("script_location")
+        except (configparser.Error, CommandError) as exc:
+            raise ConfigurationError(
+                f"cannot read Alembic configuration {str(source)!r}: "
+                f"{str(exc).splitlines()[0]}; give the application's alembic.ini or its "
+                "migrations folder",
+                field="alembic_config",
+            ) from None
         if location and not Path(location).is_absolute() and ":" not in location:
             # Relative to the ini file, as the alembic command line resolves it.
             cfg.set_main_option("script_location", str((path.parent / location).resolve()))
@@ -164,11 +174,19 @@ def app_config(source: str | Path | None) -> Config:
             field="alembic_config",
         )
     try:
-        ScriptDirectory.from_config(cfg)
+        script = ScriptDirectory.from_config(cfg)
     except CommandError as exc:
         raise ConfigurationError(
             f"cannot load Alembic scripts: {exc}", field="alembic_config"
         ) from None
+    if not Path(script.env_py_location).is_file():
+        # Any folder loads as a script directory with no revisions: every database would
+        # be "skipped" and the run reported a success without migrating anything.
+        raise ConfigurationError(
+            f"{script.dir} is not an Alembic script directory (it has no env.py): give "
+            "the application's alembic.ini or its migrations folder",
+            field="alembic_config",
+        )
     return cfg
 
 
@@ -327,7 +345,10 @@ def migrate_shard(
             )
         outcome: Result = direction + "d" if changed else "skipped"  # type: ignore[assignment]
         return result(outcome, after)
-    except (sa.exc.SQLAlchemyError, CommandError, TenantryError, OSError) as exc:
+    except Exception as exc:
+        # The application's migration code may raise anything (a data check, a typo):
+        # it is this database's failure, reported like a driver error, never one that
+        # stops the rest of the fleet or escapes provision() with a traceback.
         return result("failed", None, describe_error(exc))
     finally:
         engine.dispose()
@@ -358,6 +379,23 @@ def _run(
     chosen = select_shards(catalog, shards, tier)
 
     results: dict[str, ShardMigration] = {}
+    # A live move (even one whose process died) owns its shards' schema until it ends.
+    busy = _shards_in_moves(catalog)
+    for shard in [s for s in chosen if s.name in busy]:
+        outcome = ShardMigration(
+            shard.name,
+            shard.tier,
+            None,
+            None,
+            "locked",
+            0.0,
+            f"move {busy[shard.name]} is live on this shard: finish it with `tenantry moves "
+            f"resume {busy[shard.name]}` (or abort it), then migrate",
+        )
+        results[shard.name] = outcome
+        if on_result is not None:
+            on_result(outcome)
+    chosen_all, chosen = chosen, [s for s in chosen if s.name not in busy]
     if jobs == 1 or len(chosen) <= 1:
         for shard in chosen:
             outcome = _migrate_from_source(shard, source, revision, settings, direction, wait)
@@ -387,7 +425,22 @@ def _run(
                 results[shard.name] = outcome
                 if on_result is not None:
                     on_result(outcome)
-    return FleetRun(target=revision, results=[results[s.name] for s in chosen])
+    return FleetRun(target=revision, results=[results[s.name] for s in chosen_all])
+
+
+def _shards_in_moves(catalog: Catalog) -> dict[str, int]:
+    """Shard name -> id of a live move that involves it (read from the move journal)."""
+    busy: dict[str, int] = {}
+    with catalog.read_transaction() as conn:
+        rows = conn.execute(
+            sa.select(moves.c.id, moves.c.source, moves.c.target)
+            .where(moves.c.ended_at.is_(None))
+            .order_by(moves.c.id)
+        ).all()
+    for move_id, source, target in rows:
+        busy.setdefault(source, move_id)
+        busy.setdefault(target, move_id)
+    return busy
 
 
 def _migrate_from_source(

@@ -193,18 +193,22 @@ class Mover:
             move = self.journal.get(move_id)
             if not move.live:
                 return move
-            if move.state is MoveState.ABORTED:
-                return self._rollback(move)
-            try:
-                return self._forward(move)
-            except (VerificationFailed, FreezeBudgetExceeded) as exc:
-                self.journal.update(move_id, state=MoveState.ABORTED, error=str(exc))
-                self._rollback(self.journal.get(move_id))
-                raise
-            except (TenantryError, sa.exc.SQLAlchemyError, OSError) as exc:
-                # The move stays where it stopped; `moves list` shows why and what to run.
-                self.journal.update(move_id, error=describe(exc))
-                raise
+            with self._no_migration(move):
+                return self._run(move)
+
+    def _run(self, move: Move) -> Move:
+        if move.state is MoveState.ABORTED:
+            return self._rollback(move)
+        try:
+            return self._forward(move)
+        except (VerificationFailed, FreezeBudgetExceeded) as exc:
+            self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
+            self._rollback(self.journal.get(move.id))
+            raise
+        except (TenantryError, sa.exc.SQLAlchemyError, OSError) as exc:
+            # The move stays where it stopped; `moves list` shows why and what to run.
+            self.journal.update(move.id, error=describe(exc))
+            raise
 
     def _steps(self, move: Move) -> list[tuple[MoveState, Callable[[Move], None]]]:
         if move.mode is MoveMode.ONLINE:
@@ -523,6 +527,54 @@ class Mover:
                 yield engine
         finally:
             engine.dispose()
+
+    @contextmanager
+    def _no_migration(self, move: Move) -> Iterator[None]:
+        """Hold the migration lock of both shards, shared, while the move runs.
+
+        DDL under a move breaks the copy's schema check and logical replication; fleet
+        migrations take the same per-database lock exclusively, so each waits for (or,
+        with --no-wait, refuses) the other. A crashed move's journal entry keeps
+        migrations off its shards too (see ``tenantry.migrations.fleet``).
+        """
+        held: list[Connection] = []
+        engines: list[Engine] = []
+        try:
+            for name in dict.fromkeys((move.source, move.target)):
+                try:
+                    shard = self.catalog.get_shard(name)
+                except UnknownShard:
+                    continue
+                if shard.backend != "postgresql":
+                    continue
+                engine = make_engine(
+                    shard.operations_url,
+                    connect_timeout=self.settings.connect_timeout,
+                    poolclass=NullPool,
+                    isolation_level="AUTOCOMMIT",
+                )
+                engines.append(engine)
+                with translate_errors(
+                    f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=MoveError
+                ):
+                    conn = engine.connect()
+                    held.append(conn)
+                    got = conn.execute(
+                        sa.text("SELECT pg_try_advisory_lock_shared(:k)"), {"k": MIGRATION_LOCK}
+                    ).scalar()
+                if not got:
+                    raise MoveError(
+                        f"shard {shard.name!r} is being migrated (`tenantry migrate` holds its "
+                        f"lock): run `tenantry moves resume {move.id}` when it has finished",
+                        move_id=move.id,
+                    )
+            yield
+        finally:
+            for conn in held:
+                with suppress(sa.exc.SQLAlchemyError):
+                    conn.close()
+            for engine in engines:
+                engine.dispose()
 
     @contextmanager
     def _claim(self, move_id: int) -> Iterator[None]:

@@ -32,11 +32,12 @@ TENANT_KEY = "tenantry.tenant_id"
 FROZEN_KEY = "tenantry.frozen"
 _QUERY_ONLY_KEY = "tenantry.sqlite_query_only"
 
+# One index lookup, no row lock; no row at all means "not resident here".
 PG_FENCE = (
-    "SELECT set_config('tenantry.tenant_id', %(t)s, true),"
-    " (SELECT state FROM tenantry_residency WHERE tenant_id = %(t)s),"
-    " (SELECT set_config('transaction_read_only', 'on', true)"
-    "  FROM tenantry_residency WHERE tenant_id = %(t)s AND state = 'frozen')"
+    "SELECT set_config('tenantry.tenant_id', %(t)s, true), r.state,"
+    " CASE WHEN r.state = 'frozen'"
+    " THEN set_config('transaction_read_only', 'on', true) END"
+    " FROM tenantry_residency r WHERE r.tenant_id = %(t)s"
 )
 SQLITE_FENCE = "SELECT state FROM tenantry_residency WHERE tenant_id = ?"
 
@@ -55,7 +56,8 @@ def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
         # psycopg drops its prepared statements (DEALLOCATE ALL, one more round trip) at
         # every ROLLBACK, which is how most read-only sessions end.
         dbapi: Any = conn.connection.dbapi_connection
-        value = dbapi.execute(PG_FENCE, {"t": tenant_id}).fetchone()[1]
+        row = dbapi.execute(PG_FENCE, {"t": tenant_id}).fetchone()
+        value = row[1] if row is not None else None
     else:
         value = _fence_generic(conn, tenant_id)
     state = Residency(value) if value is not None else None
@@ -76,9 +78,9 @@ def _fence_generic(conn: Connection, tenant_id: str) -> str | None:
     """The fence through SQLAlchemy (async drivers, SQLite)."""
     info = conn.info
     if conn.dialect.name == "postgresql":
-        row = conn.exec_driver_sql(PG_FENCE, {"t": tenant_id}).one()
-        value: str | None = row[1]
-        return value
+        found = conn.exec_driver_sql(PG_FENCE, {"t": tenant_id}).first()
+        state: str | None = found[1] if found is not None else None
+        return state
     found = conn.exec_driver_sql(SQLITE_FENCE, (tenant_id,)).first()
     value = found[0] if found else None
     frozen = value == Residency.FROZEN.value

@@ -15,6 +15,7 @@ __all__ = [
     "residency",
     "shard_metadata",
     "shards",
+    "tenant_sizes",
     "tenants",
 ]
 
@@ -68,6 +69,16 @@ moves = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+tenant_sizes = sa.Table(
+    "tenantry_tenant_sizes",
+    catalog_metadata,
+    sa.Column("tenant_id", sa.String(63), primary_key=True),
+    sa.Column("shard", sa.String(63), nullable=False),
+    sa.Column("rows", sa.BigInteger, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("measured_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 shard_metadata = sa.MetaData()

@@ -1,0 +1,282 @@
+"""``tenantry rebalance``, ``tenantry shard drain`` and ``tenantry tenant sizes``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import click
+
+from tenantry.cli.app import CliState, emit_json, json_option, pass_state, render_table
+from tenantry.cli.moves import RichObserver, _size
+from tenantry.moves.planner import STRATEGIES, Plan
+from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
+from tenantry.moves.sizes import measure_sizes, stored_sizes
+from tenantry.shardmap import ShardState
+
+__all__ = ["COMMANDS", "DRAIN", "SIZES"]
+
+
+def _plan_options(func: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--refresh", is_flag=True, help="Measure tenant sizes first."),
+            click.option(
+                "--strategy",
+                type=click.Choice(sorted(STRATEGIES)),
+                default="by_size",
+                show_default=True,
+            ),
+            click.option(
+                "--threshold",
+                type=click.FloatRange(0.01, 0.9),
+                default=0.10,
+                show_default=True,
+                help="How far from its weighted share a shard may be.",
+            ),
+            click.option("--max-moves", type=click.IntRange(1), help="At most this many moves."),
+            click.option("--max-bytes", type=click.IntRange(1), help="At most this many bytes."),
+            click.option("--apply", is_flag=True, help="Run the plan (default: print it)."),
+            click.option(
+                "--parallel",
+                type=click.IntRange(1, 32),
+                default=1,
+                show_default=True,
+                help="Moves at once (never two on one shard).",
+            ),
+            click.option(
+                "--mode",
+                type=click.Choice(["auto", "online", "offline"]),
+                default="auto",
+                show_default=True,
+            ),
+        ]
+    ):
+        func = option(func)
+    return func
+
+
+def _plan_record(plan: Plan) -> dict[str, Any]:
+    return {
+        "moves": [
+            {
+                "tenant": m.tenant_id,
+                "from": m.source,
+                "to": m.target,
+                "bytes": m.bytes,
+                "cost": m.cost,
+            }
+            for m in plan.moves
+        ],
+        "bytes": plan.bytes,
+        "spread_before": round(plan.spread_before(), 4),
+        "spread_after": round(plan.spread_after(), 4),
+        "threshold": plan.threshold,
+        "draining": list(plan.draining),
+        "reason": plan.reason,
+        "shards": [
+            {
+                "shard": s,
+                "share": round(plan.shares.get(s, 0.0), 4),
+                "before": plan.before[s],
+                "after": plan.after[s],
+            }
+            for s in sorted(plan.before)
+        ],
+    }
+
+
+def _show_plan(state: CliState, plan: Plan) -> None:
+    render_table(
+        state.console,
+        ["tenant", "from", "to", "size"],
+        ([m.tenant_id, m.source, m.target, _size(m.bytes)] for m in plan.moves),
+        title="plan",
+    )
+    total_before = sum(plan.before.values()) or 1.0
+    total_after = sum(plan.after.values()) or 1.0
+    render_table(
+        state.console,
+        ["shard", "share", "before", "after"],
+        (
+            [
+                s,
+                f"{plan.shares.get(s, 0.0):.1%}",
+                f"{plan.before[s] / total_before:.1%}",
+                f"{plan.after[s] / total_after:.1%}",
+            ]
+            for s in sorted(plan.before)
+        ),
+        title="load per shard (share of the pool)",
+    )
+    state.console.print(
+        f"{len(plan.moves)} move(s), {_size(plan.bytes)}; spread {plan.spread_before():.1%} -> "
+        f"{plan.spread_after():.1%} (threshold {plan.threshold:.0%}); {plan.reason}"
+    )
+
+
+def _apply(
+    state: CliState, plan: Plan, parallel: int, mode: str, as_json: bool
+) -> list[AppliedMove]:
+    stop = threading.Event()
+
+    def interrupted(_signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        state.console.print(
+            "[yellow]stopping: the moves in flight finish, no new ones start "
+            "(Ctrl-C again to interrupt them; `tenantry moves resume` finishes them)[/]"
+        )
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        with RichObserver(state.console, not as_json) as observer:
+            results = apply_plan(
+                state.catalog(),
+                plan,
+                parallel=parallel,
+                mode=mode,
+                stop=stop,
+                observer=observer,
+            )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return results
+
+
+def _run(
+    state: CliState,
+    *,
+    drain: Sequence[str],
+    refresh: bool,
+    strategy: str,
+    threshold: float,
+    max_moves: int | None,
+    max_bytes: int | None,
+    apply: bool,
+    parallel: int,
+    mode: str,
+    as_json: bool,
+) -> None:
+    plan = plan_for(
+        state.catalog(),
+        refresh=refresh,
+        strategy=strategy,
+        threshold=threshold,
+        max_moves=max_moves,
+        max_bytes=max_bytes,
+        drain=drain,
+    )
+    if not apply:
+        if as_json:
+            emit_json(_plan_record(plan))
+        else:
+            _show_plan(state, plan)
+            if plan.moves:
+                state.console.print("dry run: add --apply to run it")
+        return
+    if not as_json:
+        _show_plan(state, plan)
+    results = _apply(state, plan, parallel, mode, as_json)
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        emit_json(
+            {
+                **_plan_record(plan),
+                "applied": [
+                    {
+                        "tenant": r.planned.tenant_id,
+                        "from": r.planned.source,
+                        "to": r.planned.target,
+                        "ok": r.ok,
+                        "move": r.move.id if r.move else None,
+                        "error": r.error,
+                    }
+                    for r in results
+                ],
+            }
+        )
+    else:
+        for r in failed:
+            state.console.print(f"[red]{r.planned.tenant_id}: {r.error}[/]")
+        state.console.print(
+            f"{len(results) - len(failed)} of {len(plan.moves)} planned move(s) done"
+            + ("" if len(results) == len(plan.moves) else "; stopped early: plan again")
+        )
+    if failed:
+        raise SystemExit(1)
+
+
+@click.command("rebalance")
+@_plan_options
+@json_option
+@pass_state
+def rebalance_command(state: CliState, /, **options: Any) -> None:
+    """Even the shared pool's load with as little data moved as possible (dry run)."""
+    _run(state, drain=(), **options)
+
+
+@click.command("drain")
+@click.argument("name")
+@_plan_options
+@json_option
+@pass_state
+def drain_command(state: CliState, /, name: str, **options: Any) -> None:
+    """Mark shard NAME draining and plan moving all its tenants to the rest."""
+    catalog = state.catalog()
+    if catalog.get_shard(name).state is ShardState.ACTIVE:
+        catalog.set_shard_state(name, ShardState.DRAINING)
+        if not options["as_json"]:
+            state.console.print(f"shard {name} is draining: it takes no new tenants")
+    _run(state, drain=(name,), **options)
+
+
+@click.command("sizes")
+@click.option("--refresh", is_flag=True, help="Measure now (default: what is stored).")
+@json_option
+@pass_state
+def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
+    """Per-tenant rows and bytes on the shared shards, as stored or measured now."""
+    catalog = state.catalog()
+    if refresh:
+        measure_sizes(catalog)
+    stored = stored_sizes(catalog)
+    rows = sorted(stored.items(), key=lambda item: (-item[1][0].bytes, item[0]))
+    if as_json:
+        emit_json(
+            [
+                {
+                    "tenant": t,
+                    "shard": shard,
+                    "rows": size.rows,
+                    "bytes": size.bytes,
+                    "measured_at": when.isoformat() if when else None,
+                }
+                for t, (size, shard, when) in rows
+            ]
+        )
+        return
+    render_table(
+        state.console,
+        ["tenant", "shard", "rows", "size", "measured"],
+        (
+            [
+                t,
+                shard,
+                f"{size.rows:,}",
+                _size(size.bytes),
+                when.strftime("%Y-%m-%d %H:%M") if when else "",
+            ]
+            for t, (size, shard, when) in rows
+        ),
+        title="tenant sizes" + ("" if stored else " (none stored: add --refresh)"),
+    )
+
+
+COMMANDS = [rebalance_command]
+DRAIN = drain_command
+SIZES = sizes_command

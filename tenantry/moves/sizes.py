@@ -1,0 +1,111 @@
+"""Tenant sizes: rows and bytes over the tenant tables, measured on the shards and kept
+in the catalog with the time they were measured."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import sqlalchemy as sa
+from sqlalchemy import Connection
+from sqlalchemy.pool import NullPool
+
+from tenantry.errors import ShardUnavailable
+from tenantry.moves.planner import TenantSize
+from tenantry.moves.tables import TenantTable, tenant_tables
+from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.connect import make_engine, translate_errors
+from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.schema import tenant_sizes
+
+__all__ = ["measure_shard", "measure_sizes", "stored_sizes"]
+
+
+def _measure_table(conn: Connection, table: TenantTable, column: str) -> list[tuple[str, int, int]]:
+    q = conn.dialect.identifier_preparer.quote
+    name, col = q(table.name), q(column)
+    if conn.dialect.name == "postgresql":
+        # pg_column_size of the whole row: what the tenant's rows take on disk, roughly.
+        query = f"SELECT {col}, count(*), coalesce(sum(pg_column_size(t.*)), 0) FROM {name} t GROUP BY {col}"  # noqa: E501
+    else:
+        cols = (
+            " + ".join(f"coalesce(length(CAST({q(c)} AS BLOB)), 0)" for c in table.columns) or "0"
+        )
+        query = f"SELECT {col}, count(*), coalesce(sum({cols}), 0) FROM {name} GROUP BY {col}"
+    return [(str(r[0]), int(r[1]), int(r[2])) for r in conn.exec_driver_sql(query)]
+
+
+def measure_shard(
+    shard: Shard, *, column: str = "tenant_id", connect_timeout: float = 5.0
+) -> dict[str, TenantSize]:
+    """Every tenant's size on one shard, counted with one aggregate query per table."""
+    engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
+    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    try:
+        with translate_errors(
+            f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
+        ):
+            with engine.connect() as conn:
+                for table in tenant_tables(conn, column=column):
+                    for tenant, rows, size in _measure_table(conn, table, column):
+                        totals[tenant][0] += rows
+                        totals[tenant][1] += size
+    finally:
+        engine.dispose()
+    return {t: TenantSize(rows=r, bytes=b) for t, (r, b) in totals.items()}
+
+
+def measure_sizes(
+    catalog: Catalog, *, shards: Sequence[str] | None = None, tier: Tier | None = Tier.SHARED
+) -> dict[str, TenantSize]:
+    """Measure the tenants of the shared shards (or the named ones) and store the sizes."""
+    snapshot = catalog.snapshot()
+    chosen = [
+        s
+        for s in snapshot.shards.values()
+        if (shards is None or s.name in shards) and (tier is None or s.tier is tier or shards)
+    ]
+    found: dict[str, TenantSize] = {}
+    now = datetime.now(UTC)
+    rows = []
+    for shard in chosen:
+        measured = measure_shard(
+            shard,
+            column=catalog.settings.tenant_column,
+            connect_timeout=catalog.settings.connect_timeout,
+        )
+        for tenant in snapshot.tenants_on(shard.name):
+            size = measured.get(tenant.id, TenantSize())
+            found[tenant.id] = size
+            rows.append(
+                {
+                    "tenant_id": tenant.id,
+                    "shard": shard.name,
+                    "rows": size.rows,
+                    "bytes": size.bytes,
+                    "measured_at": now,
+                }
+            )
+    with catalog.journal_transaction() as conn:
+        if rows:
+            conn.execute(
+                tenant_sizes.delete().where(
+                    tenant_sizes.c.tenant_id.in_([r["tenant_id"] for r in rows])
+                )
+            )
+            conn.execute(tenant_sizes.insert(), rows)
+    return found
+
+
+def stored_sizes(catalog: Catalog) -> dict[str, tuple[TenantSize, str, datetime | None]]:
+    """Sizes kept in the catalog: tenant -> (size, shard measured on, when)."""
+    with catalog.read_transaction() as conn:
+        result = conn.execute(sa.select(tenant_sizes)).all()
+    found = {}
+    for row in result:
+        when = row.measured_at
+        if when is not None and when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        found[row.tenant_id] = (TenantSize(int(row.rows), int(row.bytes)), row.shard, when)
+    return found
