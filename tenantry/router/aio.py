@@ -48,11 +48,15 @@ class AsyncRouter(RouterBase):
         super().__init__(
             catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
         )
-        self._engines = EngineRegistry(
-            self.settings,
-            configure=lambda engine, _shard: configure_engine(engine),
-            factory=make_async_engine,
-        )
+        try:
+            self._engines = EngineRegistry(
+                self.settings,
+                configure=lambda engine, _shard: configure_engine(engine),
+                factory=make_async_engine,
+            )
+        except BaseException:
+            self._close_cache()  # else its thread and LISTEN connection outlive us
+            raise
 
     async def has_tenant_async(self, tenant_id: str) -> bool:
         """:meth:`has_tenant` without blocking the event loop."""

@@ -149,9 +149,13 @@ class Router(RouterBase):
         super().__init__(
             catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
         )
-        self._engines = EngineRegistry(
-            self.settings, configure=lambda engine, _shard: configure_engine(engine)
-        )
+        try:
+            self._engines = EngineRegistry(
+                self.settings, configure=lambda engine, _shard: configure_engine(engine)
+            )
+        except BaseException:
+            self._close_cache()  # else its thread and LISTEN connection outlive us
+            raise
         self._criteria: OrderedDict[str, LoaderCriteriaOption] = OrderedDict()
 
     def engine_for(self, tenant_id: str | None = None) -> Engine:
@@ -254,11 +258,12 @@ class Router(RouterBase):
 @contextmanager
 def reaching(shard: Shard) -> Iterator[None]:
     """Connection failures name the shard (never its password) as ShardUnavailable."""
-    with translate_errors(
-        f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
-    ):
-        try:
+    try:
+        with translate_errors(
+            f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
+        ):
             yield
-        except ShardUnavailable as exc:
-            exc.shard = shard.name
-            raise
+    except ShardUnavailable as exc:
+        # translate_errors raised it: only out here can it be given the shard's name
+        exc.shard = shard.name
+        raise

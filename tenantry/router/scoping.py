@@ -4,15 +4,15 @@
    model (relationship loads, joins, ``Session.get`` included) gets
    ``tenant_id = <session tenant>`` through ``with_loader_criteria``.
 2. Writes: at flush, new objects are stamped with the session's tenant and an object
-   carrying another tenant's id raises :class:`CrossTenantWrite`; ``insert()`` and
-   ``update()`` statements naming another tenant's id raise it too.
+   carrying another tenant's id raises :class:`CrossTenantWrite`; ``insert()``,
+   ``update()`` and ``delete()`` statements naming another tenant's id raise it too.
 3. PostgreSQL shared shards: row-level security on ``tenantry.tenant_id``, set by the
    fence of every transaction, stops raw ``text()`` SQL as well.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from sqlalchemy import Engine, String, event
@@ -25,8 +25,14 @@ from sqlalchemy.orm import (
     mapped_column,
     with_loader_criteria,
 )
-from sqlalchemy.sql import Delete, Insert, Update
-from sqlalchemy.sql.elements import BindParameter, ClauseElement
+from sqlalchemy.sql import Delete, Insert, Update, operators
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    ClauseElement,
+    Label,
+)
 
 from tenantry.errors import CrossTenantWrite
 from tenantry.router.fence import FROZEN_KEY, TENANT_KEY, frozen_error, reset_connection, run_fence
@@ -104,14 +110,22 @@ def _scope_statement(state: ORMExecuteState) -> None:
     tenant = _tenant_of(state.session)
     if tenant is None:
         return
-    if state.is_insert or state.is_update:
+    if state.is_insert or state.is_update or state.is_delete:
         check_statement(state.statement, state.parameters, tenant)
-    if state.is_select or state.is_update or state.is_delete:
+    from_select = state.is_insert and getattr(state.statement, "select", None) is not None
+    if state.is_select or state.is_update or state.is_delete or from_select:
         # Propagates to lazy and eager relationship loads of the objects loaded here.
         criteria = state.session.info.get(SESSION_CRITERIA)
         if criteria is None:
             criteria = state.session.info[SESSION_CRITERIA] = tenant_criteria(tenant)
         state.statement = state.statement.options(criteria)
+    if state.is_column_load:
+        # SQLAlchemy leaves loader criteria out of refreshes and expired-attribute loads:
+        # an object with another tenant's key, attached to this session, must not load.
+        mapper = state.bind_mapper
+        if mapper is not None and issubclass(mapper.class_, TenantScoped):
+            refresh: Any = state.statement  # a Select of the mapper
+            state.statement = refresh.where(mapper.columns[_TENANT_COLUMN] == tenant)
 
 
 @event.listens_for(TenantSession, "before_flush")
@@ -127,7 +141,7 @@ def _stamp(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
                 obj.tenant_id = tenant
             elif obj.tenant_id != tenant:
                 raise _cross(tenant, obj.tenant_id, type(obj).__name__)
-    for obj in session.dirty:
+    for obj in (*session.dirty, *session.deleted):
         if isinstance(obj, TenantScoped) and obj.tenant_id != tenant:
             raise _cross(tenant, obj.tenant_id, type(obj).__name__)
 
@@ -147,9 +161,14 @@ def _has_tenant_column(statement: Any) -> bool:
 
 
 def check_statement(statement: Any, parameters: Any, tenant: str) -> None:
-    """Raise CrossTenantWrite if an INSERT or UPDATE names another tenant's id."""
-    if not isinstance(statement, Insert | Update) or not _has_tenant_column(statement):
+    """Raise CrossTenantWrite if an INSERT, UPDATE or DELETE names another tenant's id.
+
+    Looked at: the values written, an INSERT's FROM SELECT, and ``tenant_id = ...``
+    in an UPDATE's or DELETE's WHERE (how executemany by primary key names rows).
+    """
+    if not isinstance(statement, Insert | Update | Delete) or not _has_tenant_column(statement):
         return
+    param_sets = list(_param_sets(parameters))
     values: list[Any] = []
     own = getattr(statement, "_values", None) or {}
     values.extend(v for k, v in own.items() if _key(k) == _TENANT_COLUMN)
@@ -157,9 +176,20 @@ def check_statement(statement: Any, parameters: Any, tenant: str) -> None:
         for row in rows:
             if isinstance(row, Mapping):
                 values.extend(v for k, v in row.items() if _key(k) == _TENANT_COLUMN)
-    for params in _param_sets(parameters):
+    for params in param_sets:
         if _TENANT_COLUMN in params:
             values.append(params[_TENANT_COLUMN])
+    source = statement.select if isinstance(statement, Insert) else None
+    if source is not None:
+        names = [_key(name) for name in getattr(statement, "_select_names", None) or ()]
+        if _TENANT_COLUMN in names:
+            column = list(source.selected_columns)[names.index(_TENANT_COLUMN)]
+            values.append(column.element if isinstance(column, Label) else column)
+    if isinstance(statement, Update | Delete):
+        for criterion in statement._where_criteria:
+            for bind in _tenant_binds(criterion):
+                given = [params[bind.key] for params in param_sets if bind.key in params]
+                values.extend(given or [bind])
     for value in values:
         if isinstance(value, BindParameter):
             value = value.effective_value
@@ -167,6 +197,20 @@ def check_statement(statement: Any, parameters: Any, tenant: str) -> None:
             continue  # a SQL expression: row-level security checks it on PostgreSQL
         if value != tenant:
             raise _cross(tenant, value, str(getattr(statement.table, "name", "")))
+
+
+def _tenant_binds(criterion: Any) -> Iterator[BindParameter[Any]]:
+    """The parameters compared with ``=`` to the tenant column in AND-ed criteria."""
+    if isinstance(criterion, BooleanClauseList) and criterion.operator is operators.and_:
+        for clause in criterion.clauses:
+            yield from _tenant_binds(clause)
+    elif isinstance(criterion, BinaryExpression) and criterion.operator is operators.eq:
+        for column, other in (
+            (criterion.left, criterion.right),
+            (criterion.right, criterion.left),
+        ):
+            if getattr(column, "name", None) == _TENANT_COLUMN and isinstance(other, BindParameter):
+                yield other
 
 
 def _key(key: Any) -> str:
