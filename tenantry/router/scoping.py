@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from sqlalchemy import Engine, String, event
+from sqlalchemy import Engine, String, bindparam, event
 from sqlalchemy.orm import (
     LoaderCriteriaOption,
     Mapped,
@@ -92,6 +92,15 @@ def tenant_criteria(tenant_id: str) -> LoaderCriteriaOption:
     )
 
 
+_TENANT_PARAM = "tenantry_scope_tenant"
+_SHARED_CRITERIA = with_loader_criteria(
+    TenantScoped,
+    # A literal name: SQLAlchemy's lambda tracking would wrap a global variable.
+    lambda cls: cls.tenant_id == bindparam("tenantry_scope_tenant"),
+    include_aliases=True,
+)
+
+
 def _tenant_of(session: Session) -> str | None:
     return session.info.get(SESSION_TENANT)
 
@@ -115,10 +124,18 @@ def _scope_statement(state: ORMExecuteState) -> None:
     from_select = state.is_insert and getattr(state.statement, "select", None) is not None
     if state.is_select or state.is_update or state.is_delete or from_select:
         # Propagates to lazy and eager relationship loads of the objects loaded here.
-        criteria = state.session.info.get(SESSION_CRITERIA)
-        if criteria is None:
-            criteria = state.session.info[SESSION_CRITERIA] = tenant_criteria(tenant)
-        state.statement = state.statement.options(criteria)
+        params = state.parameters
+        if not state.is_insert and (params is None or isinstance(params, Mapping)):
+            # One criteria object for every tenant, the tenant a bound parameter: far
+            # less work per statement than a criteria per tenant. A load that misses the
+            # parameter fails ("a value is required"), never widens.
+            state.parameters = {**(params or {}), _TENANT_PARAM: tenant}
+            state.statement = state.statement.options(_SHARED_CRITERIA)
+        else:  # INSERT, executemany: the parameters are the rows, leave them alone
+            criteria = state.session.info.get(SESSION_CRITERIA)
+            if criteria is None:
+                criteria = state.session.info[SESSION_CRITERIA] = tenant_criteria(tenant)
+            state.statement = state.statement.options(criteria)
     if state.is_column_load:
         # SQLAlchemy leaves loader criteria out of refreshes and expired-attribute loads:
         # an object with another tenant's key, attached to this session, must not load.
