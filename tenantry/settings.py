@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field, ValidationError
@@ -64,6 +65,15 @@ class TenantrySettings(BaseSettings):
     alembic_config: str | None = Field(
         None, description="The application's alembic.ini, or its script directory."
     )
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        # repr() ends up in logs; the catalog URL may carry a password (invariant 7).
+        from tenantry.shardmap.model import mask_url
+
+        for name, value in super().__repr_args__():
+            if name == "catalog_url" and isinstance(value, str):
+                value = mask_url(value)
+            yield name, value
 
 
 def load_settings(**overrides: Any) -> TenantrySettings:

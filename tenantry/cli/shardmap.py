@@ -15,7 +15,7 @@ from tenantry.cli.app import (
     shard_record,
     tenant_record,
 )
-from tenantry.shardmap import ShardState, Tier, mask_url
+from tenantry.shardmap import ShardState, Tier, mask_url, validate_tenant_id
 
 __all__ = ["COMMANDS"]
 
@@ -137,10 +137,12 @@ def shard_set(
         raise click.UsageError("nothing to change: give --state and/or --weight")
     catalog = state.catalog()
     shard = catalog.get_shard(name)
-    if weight is not None:
-        shard = catalog.set_shard_weight(name, weight)
+    # The state first: it is the change that can be refused (retiring a shard that
+    # still holds tenants), and a refused command must change nothing.
     if new_state is not None:
         shard = catalog.set_shard_state(name, new_state)
+    if weight is not None:
+        shard = catalog.set_shard_weight(name, weight)
     if as_json:
         emit_json(shard_record(shard))
     else:
@@ -234,6 +236,7 @@ def tenant_pin(state: CliState, tenant_id: str, off: bool) -> None:
 @pass_state
 def route_command(state: CliState, tenant_id: str, as_json: bool) -> None:
     """Print where tenant ID lives: shard, tier and URL (password masked)."""
+    validate_tenant_id(tenant_id)
     snapshot = state.catalog().snapshot()
     tenant = snapshot.tenant(tenant_id)
     shard = snapshot.shard(tenant.shard)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +69,9 @@ def make_engine(
         kwargs["poolclass"] = poolclass
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            # If the folder cannot be made, connecting says so, as one tenantry error.
+            with suppress(OSError):
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         connect_args.setdefault("timeout", max(connect_timeout, 30.0))
     elif backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")

@@ -14,8 +14,11 @@ from tenantry.shardmap.model import Shard, ShardState, Tier
 
 __all__ = ["VNODES", "PlacementRing"]
 
-#: Virtual nodes per unit of weight. uhashring's default (160) leaves shares up to
-#: ~3% off their weight; 400 keeps them within ~1% for a ring built in milliseconds.
+#: Virtual nodes per unit of weight. A shard's share of the hash space strays from its
+#: weight by about sqrt(share * (1 - share) / ring points): with 400, typically by ~1
+#: percentage point, at worst by ~5 for two equal shards with unlucky names (measured
+#: over 300 random pairs; uhashring's default of 160 is worse by 1.6x). Each ring point
+#: costs ~2 µs to build.
 VNODES = 400
 
 
