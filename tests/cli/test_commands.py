@@ -198,6 +198,12 @@ def test_demo_builds_the_fleet_and_can_run_again(run: Run, make_run: type[Run]) 
     for tenant in (*SHARED_TENANTS, DEDICATED_TENANT):
         assert tenant in out
     first = demo_map_is_sound(url)
+    # the router showed isolation, the moves kept every row, the pool was rebalanced
+    assert "rows of another group seen: 0" in out
+    assert out.count("same data") == 2 and "DATA DIFFERS" not in out
+    assert first.shard_of("voltpark").tier.value == "dedicated"
+    assert first.shard_of("tinyvolt").tier.value == "shared"
+    assert "shared-3" in first.shards and "tinyvolt-db" not in first.shards
     assert {p.name for p in directory.iterdir()} >= {"catalog.db", "shared-1.db", "nordgrid.db"}
 
     # again, naming the same directory: no error, same tenants
