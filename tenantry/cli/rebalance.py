@@ -13,9 +13,8 @@ import click
 from tenantry.cli.app import CliState, emit_json, json_option, pass_state, render_table
 from tenantry.cli.moves import RichObserver, _size
 from tenantry.moves.planner import STRATEGIES, Plan
-from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
+from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for, start_drain
 from tenantry.moves.sizes import measure_sizes, stored_sizes
-from tenantry.shardmap import ShardState
 
 __all__ = ["COMMANDS", "DRAIN", "SIZES"]
 
@@ -76,6 +75,7 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
         "spread_after": round(plan.spread_after(), 4),
         "threshold": plan.threshold,
         "draining": list(plan.draining),
+        "left_behind": dict(sorted(plan.left_behind.items())),
         "reason": plan.reason,
         "shards": [
             {
@@ -228,10 +228,10 @@ def rebalance_command(state: CliState, /, **options: Any) -> None:
 def drain_command(state: CliState, /, name: str, **options: Any) -> None:
     """Mark shard NAME draining and plan moving all its tenants to the rest."""
     catalog = state.catalog()
-    if catalog.get_shard(name).state is ShardState.ACTIVE:
-        catalog.set_shard_state(name, ShardState.DRAINING)
-        if not options["as_json"]:
-            state.console.print(f"shard {name} is draining: it takes no new tenants")
+    was = catalog.get_shard(name).state
+    shard = start_drain(catalog, name)
+    if was is not shard.state and not options["as_json"]:
+        state.console.print(f"shard {name} is draining: it takes no new tenants")
     _run(state, drain=(name,), **options)
 
 

@@ -1,25 +1,39 @@
 """Rebalancing plans for the shared pool: pure functions, map + sizes + strategy → plan.
 
 Each active shared shard should carry its weighted share of the pool's load, within a
-threshold (default 10%). The planner is greedy: while a shard is outside the threshold
-(or is being drained), it moves one tenant from the most loaded shard (relative to its
-share) to the least loaded one, choosing the largest tenant that fits in the gap, so
-that the bytes moved stay close to the minimum needed. A move must lower the pool's
-imbalance by at least an improvement threshold and must not widen the spread, so any
-prefix of a plan leaves the pool no worse than before. Pinned and dedicated tenants
-never move; draining and retired shards never receive tenants.
+threshold (default 10%). A plan has two phases:
+
+1. **Drain**: every movable tenant of a draining shard leaves, the biggest first, for
+   the active shard whose ratio (load ÷ its share of the load) is lowest after taking it.
+2. **Balance**: while a shard is outside the threshold, move one tenant from a shard
+   above its share to one below it, the largest tenant that fits the gap between them,
+   so that the load moved (and so the bytes) stays close to the minimum needed.
+
+Any prefix of a plan, and so a plan stopped half-way, leaves the pool no worse than
+before, as measured by :func:`spread`: a balancing move keeps both shards' ratios
+within the old lowest and highest ratio and must lower the sum of squared deviations by
+at least *min_improvement* of it; a drain move never raises a shard above the deviation
+the draining shard's load counted for (see :func:`spread`).
+
+A tenant moves at most once per plan: moving it twice would copy its bytes twice, and
+it bounds a plan at one move per movable tenant. Pinned, dedicated and moving tenants
+never move; draining, retired, dedicated and weight-0 shards never receive tenants (a
+weight-0 active shard keeps what it holds: drain it to empty it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from tenantry.errors import ConfigurationError
-from tenantry.shardmap.model import MapSnapshot, ShardState, Tenant, Tier
+from tenantry.errors import ConfigurationError, UnknownShard
+from tenantry.shardmap.model import MapSnapshot, ShardState, Tenant, TenantState, Tier
 
 __all__ = [
+    "BASE_COST_BYTES",
     "BY_COUNT",
     "BY_SIZE",
     "CostFunction",
@@ -42,7 +56,7 @@ class TenantSize:
 
 
 class CostFunction(Protocol):
-    """How much load a tenant puts on a shard (any non-negative number)."""
+    """How much load a tenant puts on a shard (a finite, non-negative number)."""
 
     def __call__(self, tenant: Tenant, size: TenantSize) -> float: ...
 
@@ -79,7 +93,12 @@ class PlannedMove:
 
 @dataclass(frozen=True)
 class Plan:
-    """A rebalancing plan and the pool's load before and after it."""
+    """A rebalancing plan and the pool's load before and after it.
+
+    ``before`` and ``after`` give every shared shard's load; ``shares`` every active
+    shard's share of it (by weight). ``left_behind`` names the tenants of draining
+    shards that the plan does not move, and why (pinned, being moved, over budget).
+    """
 
     moves: list[PlannedMove]
     before: dict[str, float]
@@ -89,37 +108,77 @@ class Plan:
     draining: tuple[str, ...] = ()
     reason: str = ""
     stats: dict[str, float] = field(default_factory=dict)
+    left_behind: dict[str, str] = field(default_factory=dict)
 
     @property
     def bytes(self) -> int:
         return sum(m.bytes for m in self.moves)
 
     def spread_before(self) -> float:
-        return spread(self.before, self.shares)
+        return spread(self.before, self.shares, self.draining)
 
     def spread_after(self) -> float:
-        return spread(self.after, self.shares)
+        return spread(self.after, self.shares, self.draining)
 
 
-def _ratios(load: Mapping[str, float], shares: Mapping[str, float]) -> dict[str, float]:
-    total = sum(load.get(s, 0.0) for s in shares) or 1.0
-    return {s: load.get(s, 0.0) / (total * share) for s, share in shares.items() if share > 0}
+def spread(
+    load: Mapping[str, float], shares: Mapping[str, float], draining: Iterable[str] = ()
+) -> float:
+    """The pool's imbalance: the largest relative distance of a shard from its target.
+
+    An active shard's target is its share of the load of the active and draining shards
+    together (all of it belongs on the active shards): its distance is
+    ``abs(load / (total * share) - 1)`` (0.1: 10% above or below). A draining shard's
+    target is nothing; its load counts as the distance it would add to the smallest
+    share, ``load / (total * smallest share)``. So moving a tenant off a draining shard
+    onto the active shard it fills least never reads as worse, and without draining
+    shards this is just the largest deviation of an active shard.
+    """
+    active = {s: share for s, share in shares.items() if share > 0}
+    if not active:
+        return 0.0
+    draining = [d for d in draining if d not in active]
+    total = sum(load.get(s, 0.0) for s in active) + sum(load.get(d, 0.0) for d in draining)
+    if total <= 0:
+        return 0.0
+    smallest = min(active.values())
+    worst = max(abs(load.get(s, 0.0) / (total * share) - 1.0) for s, share in active.items())
+    return max([worst, *(load.get(d, 0.0) / (total * smallest) for d in draining)])
 
 
-def spread(load: Mapping[str, float], shares: Mapping[str, float]) -> float:
-    """Largest relative distance of an active shard's load from its weighted share
-    (0.1 = some shard is 10% above or below its share)."""
-    ratios = _ratios(load, shares)
-    return max((abs(r - 1.0) for r in ratios.values()), default=0.0)
+def _cost_function(strategy: CostFunction | str) -> CostFunction:
+    if isinstance(strategy, str):
+        try:
+            return STRATEGIES[strategy]
+        except KeyError:
+            raise ConfigurationError(
+                f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)} "
+                "or pass a cost function",
+                field="strategy",
+            ) from None
+    if not callable(strategy):
+        raise ConfigurationError(
+            f"strategy must be a name or a cost function, not {type(strategy).__name__}",
+            field="strategy",
+        )
+    return strategy
 
 
-def _imbalance(load: Mapping[str, float], shares: Mapping[str, float], total: float) -> float:
-    # Sum of squared relative deviations: strictly smaller after every useful move.
-    return sum(
-        ((load.get(s, 0.0) - total * share) / (total * share)) ** 2
-        for s, share in shares.items()
-        if share > 0
-    )
+def _check_options(
+    threshold: float, min_improvement: float, max_moves: int | None, max_bytes: int | None
+) -> None:
+    if not 0 < threshold < 1:
+        raise ConfigurationError(
+            f"threshold must be between 0 and 1, got {threshold!r}", field="threshold"
+        )
+    if not 0 <= min_improvement < 1:
+        raise ConfigurationError(
+            f"min_improvement must be at least 0 and below 1, got {min_improvement!r}",
+            field="min_improvement",
+        )
+    for name, value in (("max_moves", max_moves), ("max_bytes", max_bytes)):
+        if value is not None and value < 0:
+            raise ConfigurationError(f"{name} must not be negative, got {value!r}", field=name)
 
 
 def plan_rebalance(
@@ -131,30 +190,31 @@ def plan_rebalance(
     min_improvement: float = 0.001,
     max_moves: int | None = None,
     max_bytes: int | None = None,
-    drain: tuple[str, ...] = (),
+    drain: Iterable[str] = (),
 ) -> Plan:
     """Plan moves that bring every active shared shard within *threshold* of its share.
 
-    *drain* names shards (typically ``draining`` ones; draining shards of the snapshot
-    are drained too) whose every movable tenant must go to the rest of the pool.
+    *drain* names shared shards (draining shards of the snapshot are drained anyway)
+    whose every movable tenant must go to the rest of the pool. Tenants without a size
+    count as empty. Budgets: at most *max_moves* moves and *max_bytes* bytes.
     """
-    if not 0 < threshold < 1:
-        raise ConfigurationError(f"threshold must be between 0 and 1, got {threshold!r}")
-    if isinstance(strategy, str):
-        try:
-            cost_of = STRATEGIES[strategy]
-        except KeyError:
+    started = time.perf_counter()
+    _check_options(threshold, min_improvement, max_moves, max_bytes)
+    cost_of = _cost_function(strategy)
+    drain = tuple(drain)
+    for name in drain:
+        named = snapshot.shards.get(name)
+        if named is None:
+            raise UnknownShard(name)
+        if named.tier is not Tier.SHARED:
             raise ConfigurationError(
-                f"unknown strategy {strategy!r}: use one of {', '.join(STRATEGIES)}"
-            ) from None
-    else:
-        cost_of = strategy
+                f"only shared shards can be drained: {name!r} is {named.tier.value} "
+                "(demote or move its tenant instead)",
+                field="drain",
+            )
     shared = {name: shard for name, shard in snapshot.shards.items() if shard.tier is Tier.SHARED}
     draining = tuple(
-        sorted(
-            {*drain, *(n for n, s in shared.items() if s.state is ShardState.DRAINING)}
-            & set(shared)
-        )
+        sorted({*drain, *(n for n, s in shared.items() if s.state is ShardState.DRAINING)})
     )
     active = {
         n: s
@@ -162,94 +222,222 @@ def plan_rebalance(
         if s.state is ShardState.ACTIVE and s.weight > 0 and n not in draining
     }
     weight_total = sum(s.weight for s in active.values())
-    shares = {n: s.weight / weight_total for n, s in active.items()} if weight_total else {}
+    shares = {n: s.weight / weight_total for n, s in sorted(active.items())}
 
     load: dict[str, float] = {n: 0.0 for n in shared}
     costs: dict[str, float] = {}
     placed: dict[str, list[str]] = {n: [] for n in shared}
     movable: set[str] = set()
-    for record in snapshot.tenants.values():
+    left_behind: dict[str, str] = {}
+    for record in sorted(snapshot.tenants.values(), key=lambda t: t.id):
         if record.shard not in shared:
             continue
         size = sizes.get(record.id, TenantSize())
-        cost = max(0.0, float(cost_of(record, size)))
+        cost = float(cost_of(record, size))
+        if not math.isfinite(cost) or cost < 0:
+            raise ConfigurationError(
+                f"the cost function gave {cost!r} for tenant {record.id!r}: a cost must be "
+                "a finite number, zero or more",
+                field="strategy",
+            )
         costs[record.id] = cost
         load[record.shard] += cost
         placed[record.shard].append(record.id)
-        if not record.pinned and record.tier is Tier.SHARED:
+        if record.pinned:
+            why = "pinned"
+        elif record.tier is not Tier.SHARED:
+            why = "dedicated"
+        elif record.state is not TenantState.ACTIVE:
+            why = "being moved"
+        else:
             movable.add(record.id)
+            continue
+        if record.shard in draining:
+            left_behind[record.id] = why
     before = dict(load)
     bytes_of = {t: sizes.get(t, TenantSize()).bytes for t in costs}
     moves: list[PlannedMove] = []
-    if not shares:
+    moved: set[str] = set()
+    spent = 0
+
+    def finish(reason: str) -> Plan:
+        notes = _drain_notes(draining, placed, left_behind)
         return Plan(
-            moves, before, dict(load), shares, threshold, draining, "no active shared shard"
+            moves,
+            before,
+            dict(load),
+            shares,
+            threshold,
+            draining,
+            "; ".join([*notes, reason]),
+            {"seconds": time.perf_counter() - started, "moves": float(len(moves))},
+            {t: why for t, why in left_behind.items() if t not in moved},
         )
 
-    def room() -> bool:
-        if max_moves is not None and len(moves) >= max_moves:
-            return False
-        return max_bytes is None or sum(m.bytes for m in moves) < max_bytes
+    def budget_left() -> bool:
+        return (max_moves is None or len(moves) < max_moves) and (
+            max_bytes is None or spent < max_bytes
+        )
 
     def fits_budget(tenant: str) -> bool:
-        return max_bytes is None or sum(m.bytes for m in moves) + bytes_of[tenant] <= max_bytes
+        return max_bytes is None or spent + bytes_of[tenant] <= max_bytes
 
     def relocate(tenant: str, source: str, target: str) -> None:
+        nonlocal spent
         placed[source].remove(tenant)
         placed[target].append(tenant)
         load[source] -= costs[tenant]
         load[target] += costs[tenant]
+        moved.add(tenant)
+        spent += bytes_of[tenant]
         moves.append(PlannedMove(tenant, source, target, costs[tenant], bytes_of[tenant]))
 
-    # 1. Drain: every movable tenant leaves, the biggest first, to the least loaded share.
+    if not shares:
+        for name in draining:
+            for tenant in placed[name]:
+                left_behind.setdefault(tenant, "nowhere to go")
+        return finish("no active shared shard")
+
+    # 1. Drain: every movable tenant leaves, the biggest first, for the shard it fills
+    # least. Some shard is at or below its target, so the one chosen ends at most the
+    # tenant's cost (in units of the smallest share) above its target: never worse than
+    # the draining shard's load counted for in spread().
     for source in draining:
         for tenant in sorted(placed[source], key=lambda t: (-costs[t], t)):
-            if tenant not in movable or not room() or not fits_budget(tenant):
+            if tenant not in movable:
                 continue
-            total = sum(load[s] for s in shares) + sum(load[d] for d in draining)
-            target = min(shares, key=lambda s: ((load[s] + costs[tenant]) / (total * shares[s]), s))
+            if not budget_left() or not fits_budget(tenant):
+                left_behind[tenant] = "over the move or byte budget"
+                continue
+            target = min(shares, key=lambda s: ((load[s] + costs[tenant]) / shares[s], s))
             relocate(tenant, source, target)
 
-    # 2. Balance the active shards.
+    # 2. Balance the active shards: their own load against their shares (what stays on a
+    # draining shard is reported, not balanced).
     total = sum(load[s] for s in shares)
-    reason = "balanced"
-    while room() and total > 0:
+    if total <= 0:
+        return finish("balanced (no load)")
+    while True:
         ratios = {s: load[s] / (total * shares[s]) for s in shares}
         if max(abs(r - 1.0) for r in ratios.values()) <= threshold:
-            reason = f"every active shard within {threshold:.0%} of its share"
-            break
-        source = max(ratios, key=lambda s: (ratios[s], s))
-        target = min(ratios, key=lambda s: (ratios[s], s))
-        if source == target:
-            break
-        # The most a move may carry without overshooting: the smaller of the source's
-        # excess and the target's deficit (in absolute load).
-        gap = min(load[source] - total * shares[source], total * shares[target] - load[target])
-        # Never widen the spread: the target must stay at or below the source's old ratio.
-        limit = (ratios[source] - ratios[target]) * total * shares[target]
-        current = _imbalance(load, shares, total)
-        best: str | None = None
-        best_key: tuple[float, ...] | None = None
-        for tenant in placed[source]:
-            cost = costs[tenant]
-            if tenant not in movable or cost <= 0 or cost > limit or not fits_budget(tenant):
+            return finish(f"every active shard within {threshold:.0%} of its share")
+        if not budget_left():
+            return finish("stopped at the move or byte budget")
+        choice = _next_move(
+            ratios,
+            shares,
+            load,
+            total,
+            threshold,
+            min_improvement,
+            placed,
+            costs,
+            movable,
+            moved,
+            fits_budget,
+        )
+        if choice is None:
+            blocked = max_bytes is not None and any(
+                t in movable and t not in moved and not fits_budget(t)
+                for s in shares
+                for t in placed[s]
+            )
+            if blocked:
+                return finish("stopped at the byte budget")
+            return finish(
+                "no move improves the balance enough (the rest are too big, pinned or "
+                "moved already)"
+            )
+        relocate(*choice)
+
+
+def _next_move(
+    ratios: Mapping[str, float],
+    shares: Mapping[str, float],
+    load: Mapping[str, float],
+    total: float,
+    threshold: float,
+    min_improvement: float,
+    placed: Mapping[str, list[str]],
+    costs: Mapping[str, float],
+    movable: set[str],
+    moved: set[str],
+    fits_budget: Callable[[str], bool],
+) -> tuple[str, str, str] | None:
+    """The next balancing move (tenant, source, target), or None.
+
+    Pairs are tried from the most extreme down: sources from the highest ratio,
+    targets from the lowest; a pair must involve a shard outside the threshold.
+    """
+    current = sum((ratios[s] - 1.0) ** 2 for s in shares)
+    by_ratio = sorted(shares, key=lambda s: (ratios[s], s))
+    for source in reversed(by_ratio):
+        for target in by_ratio:
+            if ratios[source] <= ratios[target]:
+                break
+            if ratios[source] <= 1 + threshold and ratios[target] >= 1 - threshold:
                 continue
-            load[source] -= cost
-            load[target] += cost
-            after = _imbalance(load, shares, total)
-            load[source] += cost
-            load[target] -= cost
-            if current - after < min_improvement * max(current, 1e-12):
-                continue
-            # Prefer the largest tenant that fits the gap; past the gap, the smallest.
-            key = (0.0, -cost) if cost <= gap else (1.0, cost)
-            if best_key is None or key < best_key:
-                best, best_key = tenant, key
-        if best is None:
-            reason = "no move improves the balance enough (the rest are too big or pinned)"
-            break
-        relocate(best, source, target)
-    else:
-        if total > 0:
-            reason = "stopped at the move or byte budget"
-    return Plan(moves, before, dict(load), shares, threshold, draining, reason)
+            want_s, want_t = total * shares[source], total * shares[target]
+            # The most a move may carry without overshooting: the smaller of the source's
+            # excess and the target's deficit.
+            gap = min(load[source] - want_s, want_t - load[target])
+            # Never widen the range of ratios: the target must not rise above the
+            # source's old ratio, nor the source fall below the target's.
+            limit = (ratios[source] - ratios[target]) * total * min(shares[source], shares[target])
+            best: str | None = None
+            best_key: tuple[float, float, str] | None = None
+            for tenant in placed[source]:
+                cost = costs[tenant]
+                if (
+                    tenant not in movable
+                    or tenant in moved
+                    or cost <= 0
+                    or cost > limit
+                    or not fits_budget(tenant)
+                ):
+                    continue
+                change = (
+                    ((load[source] - cost - want_s) / want_s) ** 2
+                    - ((load[source] - want_s) / want_s) ** 2
+                    + ((load[target] + cost - want_t) / want_t) ** 2
+                    - ((load[target] - want_t) / want_t) ** 2
+                )
+                if change >= 0 or -change < min_improvement * current:
+                    continue
+                # Prefer the largest tenant that fits the gap; past the gap, the smallest.
+                key = (0.0, -cost, tenant) if cost <= gap else (1.0, cost, tenant)
+                if best_key is None or key < best_key:
+                    best, best_key = tenant, key
+            if best is not None:
+                return best, source, target
+    return None
+
+
+#: Why a tenant stays on a draining shard: how to say it, and what to do about it.
+_STAYS = {
+    "pinned": ("pinned tenant(s)", "unpin them or move them by hand"),
+    "dedicated": ("dedicated tenant(s)", "move them by hand"),
+    "being moved": ("tenant(s) being moved", "finish or abort those moves, then plan again"),
+    "over the move or byte budget": ("tenant(s) over the move or byte budget", "plan again"),
+    "nowhere to go": ("tenant(s) with nowhere to go", "add or activate a shared shard"),
+}
+
+
+def _drain_notes(
+    draining: tuple[str, ...], placed: Mapping[str, list[str]], left_behind: Mapping[str, str]
+) -> list[str]:
+    notes = []
+    for shard in draining:
+        if not placed[shard]:
+            notes.append(f"shard {shard} drained")
+            continue
+        reasons: dict[str, list[str]] = {}
+        for tenant in sorted(placed[shard]):
+            reasons.setdefault(left_behind.get(tenant, "pinned"), []).append(tenant)
+        parts = []
+        for why, tenants in sorted(reasons.items()):
+            what, hint = _STAYS[why]
+            shown = ", ".join(tenants[:5]) + (f" +{len(tenants) - 5}" if len(tenants) > 5 else "")
+            parts.append(f"{len(tenants)} {what} ({shown}): {hint}")
+        notes.append(f"shard {shard} keeps " + "; ".join(parts))
+    return notes

@@ -2,8 +2,10 @@
 
 At most *parallel* moves run at once, and never two on the same shard (as source or
 target), so no shard carries more than one copy at a time. Each move is journaled and
-resumable like any other. Setting *stop* (the CLI does on Ctrl-C) lets the moves in
-flight finish and starts no more; the rest can be planned again.
+resumable like any other. Each shard sees its moves in the plan's order, so a run
+stopped half-way leaves the pool no worse than before. Setting *stop* (the CLI does on
+Ctrl-C) lets the moves in flight finish and starts no more; the rest can be planned
+again.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from tenantry.errors import ConfigurationError, TenantryError
 from tenantry.moves.api import move as run_move
 from tenantry.moves.hooks import MoveObserver
 from tenantry.moves.journal import Move
-from tenantry.moves.planner import Plan, PlannedMove, TenantSize, plan_rebalance
+from tenantry.moves.planner import CostFunction, Plan, PlannedMove, TenantSize, plan_rebalance
 from tenantry.moves.sizes import measure_sizes, stored_sizes
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.model import Shard, ShardState, Tier
 
-__all__ = ["AppliedMove", "apply_plan", "plan_for"]
+__all__ = ["AppliedMove", "apply_plan", "plan_for", "start_drain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +47,9 @@ def plan_for(
     catalog: Catalog,
     *,
     refresh: bool = False,
-    strategy: str = "by_size",
+    strategy: CostFunction | str = "by_size",
     threshold: float = 0.10,
+    min_improvement: float = 0.001,
     max_moves: int | None = None,
     max_bytes: int | None = None,
     drain: Sequence[str] = (),
@@ -60,10 +64,29 @@ def plan_for(
         sizes,
         strategy=strategy,
         threshold=threshold,
+        min_improvement=min_improvement,
         max_moves=max_moves,
         max_bytes=max_bytes,
         drain=tuple(drain),
     )
+
+
+def start_drain(catalog: Catalog, name: str) -> Shard:
+    """Mark shared shard *name* draining (it takes no new tenants) and return it.
+
+    A draining or retired shard is left as it is; a dedicated shard is refused, before
+    anything changes: its tenant leaves by ``demote`` or ``move``.
+    """
+    shard = catalog.get_shard(name)
+    if shard.tier is not Tier.SHARED:
+        raise ConfigurationError(
+            f"only shared shards can be drained: {name!r} is {shard.tier.value} "
+            "(move or demote its tenant instead)",
+            field="drain",
+        )
+    if shard.state is ShardState.ACTIVE:
+        shard = catalog.set_shard_state(name, ShardState.DRAINING)
+    return shard
 
 
 def apply_plan(
@@ -76,12 +99,19 @@ def apply_plan(
     observer: MoveObserver | None = None,
     on_done: Callable[[AppliedMove], None] | None = None,
 ) -> list[AppliedMove]:
-    """Run the plan's moves, at most one per shard at a time; return what happened."""
+    """Run the plan's moves, at most one per shard at a time; return what happened.
+
+    Each shard sees its moves in the plan's order, so whatever has run when the work
+    stops leaves every shard at a load the plan passed through (the planner makes each
+    of those no worse than before). For the same reason, once a move fails, the later
+    moves touching its shards are skipped and reported: plan again.
+    """
     if parallel < 1:
         raise ConfigurationError(f"parallel must be at least 1, got {parallel}")
     stop = stop or threading.Event()
     pending = list(plan.moves)
     busy: set[str] = set()
+    broken: dict[str, str] = {}  # shard -> the tenant whose move on it failed or was skipped
     done: list[AppliedMove] = []
     running: dict[Future[AppliedMove], PlannedMove] = {}
 
@@ -98,25 +128,47 @@ def apply_plan(
             text = str(exc) if isinstance(exc, TenantryError) else describe_error(exc)
             return AppliedMove(planned, None, text)
 
+    def finished(result: AppliedMove) -> None:
+        if not result.ok:
+            for shard in (result.planned.source, result.planned.target):
+                broken.setdefault(shard, result.planned.tenant_id)
+        done.append(result)
+        if on_done is not None:
+            on_done(result)
+
     with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="tenantry-rebalance") as pool:
         while pending or running:
-            while not stop.is_set() and len(running) < parallel:
-                ready = next(
-                    (m for m in pending if m.source not in busy and m.target not in busy), None
-                )
-                if ready is None:
+            # A shard is claimed by a running move, or by an earlier move still waiting:
+            # a later move must not overtake it there.
+            claimed = set(busy)
+            for planned in list(pending):
+                if stop.is_set() or len(running) >= parallel:
                     break
-                pending.remove(ready)
-                busy.update((ready.source, ready.target))
-                running[pool.submit(one, ready)] = ready
+                shards = {planned.source, planned.target}
+                hit = sorted(shards & set(broken))
+                if hit and not shards & claimed:
+                    pending.remove(planned)
+                    finished(
+                        AppliedMove(
+                            planned,
+                            None,
+                            f"skipped: the move of {broken[hit[0]]} on shard {hit[0]} did not "
+                            "succeed (plan again)",
+                        )
+                    )
+                    continue
+                if shards & claimed:
+                    claimed |= shards
+                    continue
+                pending.remove(planned)
+                busy |= shards
+                claimed |= shards
+                running[pool.submit(one, planned)] = planned
             if not running:
                 break
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
+            completed, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in completed:
                 planned = running.pop(future)
                 busy.difference_update((planned.source, planned.target))
-                result = future.result()
-                done.append(result)
-                if on_done is not None:
-                    on_done(result)
+                finished(future.result())
     return done
