@@ -86,8 +86,10 @@ class OnlineSteps:
                 problems = online_problems(src, dst, tables, mover.column)
                 if problems:
                     raise MoveRefused("cannot move online: " + "; ".join(problems))
-                if "subscription" not in move.artifacts:
-                    # A fresh start at the target: the subscription copies every row.
+                if not _exists(dst, "pg_subscription", "subname", name):
+                    # A fresh start at the target: the subscription copies every row. Not
+                    # "is it in the journal": a crash between recording the subscription
+                    # and creating it leaves it recorded but missing.
                     self._reset_target(move, target, tables)
                     mover.journal.update(move.id, artifacts={"publication": name})
                     if not _exists(src, "pg_publication", "pubname", name):
@@ -207,10 +209,14 @@ class OnlineSteps:
         deletes must not replicate to the new home."""
         name = repl.artifact_name(move.id)
         catalog = self.mover.catalog
+        forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),
             (move.source, lambda c: repl.drop_publication(c, name)),
+            # The sentinel has done its job; leave no trace of the tenant behind.
+            (move.source, lambda c: c.execute(forget, {"m": move.id})),
+            (move.target, lambda c: c.execute(forget, {"m": move.id})),
         ):
             self._on(catalog.get_shard(shard_name), drop)
         self.mover.journal.update(move.id, artifacts={"replication_dropped": True})

@@ -214,6 +214,10 @@ def lag_bytes(conn: Connection, slot: str) -> int | None:
 
 def write_sentinel(conn: Connection, tenant_id: str, move_id: int, token: str) -> None:
     """Write the sentinel on the source (the caller commits)."""
+    # A logical walsender sends only flushed WAL: on a server with
+    # synchronous_commit=off the sentinel would wait for the WAL writer (up to
+    # wal_writer_delay, 200 ms by default) inside the freeze.
+    conn.execute(sa.text("SET LOCAL synchronous_commit = local"))
     conn.execute(
         sa.text(f"DELETE FROM {SENTINEL} WHERE tenant_id = :t AND move_id = :m"),
         {"t": tenant_id, "m": move_id},

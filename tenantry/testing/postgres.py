@@ -71,6 +71,8 @@ DEFAULT_SETTINGS: Mapping[str, str] = MappingProxyType(
         "max_logical_replication_workers": "16",
         "max_sync_workers_per_subscription": "2",
         "max_worker_processes": "32",
+        # by default a server starts at most one subscription worker every 5 s
+        "wal_retrieve_retry_interval": "200ms",
         "shared_buffers": "128MB",
         # the data directory may live in RAM (see TempPostgres.start): bound the WAL kept
         "max_wal_size": "256MB",
