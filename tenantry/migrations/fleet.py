@@ -404,9 +404,12 @@ def _run(
                 on_result(outcome)
     else:
         # Alembic keeps its running environment in module globals (alembic.context), so
-        # concurrent migrations need a process each; spawn, not fork, so that no thread
-        # or connection of ours is copied into the workers.
-        context = multiprocessing.get_context("spawn")
+        # concurrent migrations need a process each. A forkserver, not fork, so that no
+        # thread or connection of ours is copied into the workers; with this module
+        # preloaded, a worker starts in milliseconds instead of re-importing everything
+        # (spawn: ~3 s per worker on a busy 2-core machine).
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
         with ProcessPoolExecutor(max_workers=min(jobs, len(chosen)), mp_context=context) as pool:
             futures = {
                 pool.submit(
