@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tenantry import migrations
@@ -86,7 +87,9 @@ def _run(
         TextColumn("{task.description}"),
         console=state.console,
         transient=True,
-        disable=as_json,
+        # Off a terminal the bar is never drawn, yet stopping it printed a blank line:
+        # on stdout before an error, and ahead of the table in a pipe.
+        disable=as_json or not state.console.is_terminal,
     )
     with progress:
         task = progress.add_task("", total=count)
@@ -147,7 +150,8 @@ def _render_run(state: CliState, run: FleetRun, as_json: bool) -> None:
         title=f"migration to {run.target}",
     )
     for r in run.failed:
-        state.console.print(f"[red]{r.shard}: {r.error}[/]")
+        # Error text is the database's or the migration's: brackets in it are not markup.
+        state.console.print(f"[red]{r.shard}: {escape(r.error or '')}[/]")
     done = sum(1 for r in run.results if r.ok)
     state.console.print(f"{done} of {len(run.results)} shard(s) at {run.target}")
 
@@ -241,14 +245,14 @@ def migrate_status(
                     s.shard,
                     s.tier.value,
                     s.revision or "-",
-                    s.verdict + (f": {s.error}" if s.error else ""),
+                    s.verdict + (f": {escape(s.error)}" if s.error else ""),
                 ]
                 for s in fleet.shards
             ),
             title=f"fleet schema (head {fleet.head})",
         )
         for warning in fleet.warnings:
-            state.console.print(f"[yellow]warning: {warning}[/]")
+            state.console.print(f"[yellow]warning: {escape(warning)}[/]")
         state.console.print(fleet.verdict)
     if not fleet.in_step:
         raise SystemExit(1)
