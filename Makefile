@@ -18,6 +18,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(VENV)/.installed $@
 
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
+	touch $(VENV)/.installed $(VENV)/.installed-test $@
+
 demo: $(VENV)/.installed
 	$(BIN)/tenantry demo
 
@@ -27,6 +31,10 @@ test: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tenantry tests benchmarks
 	$(BIN)/mypy --strict tenantry
+
+# BENCH_ARGS=--quick for a run of a few minutes; results in benchmarks/results/.
+bench: $(VENV)/.installed-bench
+	$(BIN)/tenantry bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tenantry .tenantry-demo .pytest_cache .mypy_cache .ruff_cache
