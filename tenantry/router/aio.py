@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from tenantry.errors import StaleRoute
-from tenantry.router.engines import EngineRegistry, EngineStats
+from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
 from tenantry.router.router import RouterBase, reaching
 from tenantry.router.scoping import (
@@ -18,10 +18,7 @@ from tenantry.router.scoping import (
     SESSION_SHARD,
     SESSION_TENANT,
     TenantSession,
-    configure_engine,
 )
-from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
 
@@ -36,27 +33,7 @@ class AsyncRouter(RouterBase):
     thread, never on the event loop.
     """
 
-    def __init__(
-        self,
-        catalog_url: str | None = None,
-        *,
-        settings: TenantrySettings | None = None,
-        catalog: Catalog | None = None,
-        listen: bool = True,
-        background: bool = True,
-    ) -> None:
-        super().__init__(
-            catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
-        )
-        try:
-            self._engines = EngineRegistry(
-                self.settings,
-                configure=lambda engine, _shard: configure_engine(engine),
-                factory=make_async_engine,
-            )
-        except BaseException:
-            self._close_cache()  # else its thread and LISTEN connection outlive us
-            raise
+    engine_factory = staticmethod(make_async_engine)
 
     async def has_tenant_async(self, tenant_id: str) -> bool:
         """:meth:`has_tenant` without blocking the event loop."""

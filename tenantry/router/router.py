@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -37,7 +37,7 @@ from tenantry.router.scoping import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import translate_errors
+from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 
 __all__ = ["Router", "RouterBase", "reaching"]
@@ -48,7 +48,10 @@ _CRITERIA_CACHE = 4096
 
 
 class RouterBase:
-    """What the sync and async routers share: the map cache and the lookup."""
+    """What the sync and async routers share: the map cache, the engines, the lookup."""
+
+    #: Makes an engine for a shard URL (sync or asyncio).
+    engine_factory: Callable[..., Any] = staticmethod(make_engine)
 
     def __init__(
         self,
@@ -72,6 +75,15 @@ class RouterBase:
             listen=listen,
             background=background,
         )
+        try:
+            self._engines = EngineRegistry(
+                settings,
+                configure=lambda engine, _shard: configure_engine(engine),
+                factory=type(self).engine_factory,
+            )
+        except BaseException:
+            self._close_cache()  # else its thread and LISTEN connection outlive us
+            raise
 
     # -- the map -----------------------------------------------------------------
 
@@ -149,13 +161,6 @@ class Router(RouterBase):
         super().__init__(
             catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
         )
-        try:
-            self._engines = EngineRegistry(
-                self.settings, configure=lambda engine, _shard: configure_engine(engine)
-            )
-        except BaseException:
-            self._close_cache()  # else its thread and LISTEN connection outlive us
-            raise
         self._criteria: OrderedDict[str, LoaderCriteriaOption] = OrderedDict()
 
     def engine_for(self, tenant_id: str | None = None) -> Engine:
