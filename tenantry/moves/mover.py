@@ -395,6 +395,11 @@ class Mover:
                 self.online.advance_sequences(move, tables)
             # The target is not routed to until the catalog says so; make it resident first.
             self._residency(target, move.tenant_id, Residency.ACTIVE)
+            # And the source stops serving before the catalog switches: were it still
+            # "frozen" after the switch (a crash right after the commit), routers with
+            # the old map would go on reading the copy left behind there. Until the
+            # commit they get StaleRoute (retryable); a rollback makes it active again.
+            self._residency(source, move.tenant_id, Residency.MOVED)
             with self.catalog.transaction() as (conn, _version):
                 self.catalog.set_placement(move.tenant_id, target.name, conn=conn, check=False)
                 self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
