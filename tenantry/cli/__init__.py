@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tenantry.cli import demo, migrate, moves, rebalance, shardmap
+from tenantry.cli import bench, demo, migrate, moves, rebalance, shardmap
 from tenantry.cli.app import cli
 
 __all__ = ["cli", "main"]
 
-for module in (shardmap, migrate, moves, rebalance, demo):
+for module in (shardmap, migrate, moves, rebalance, bench, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
 for command in [*migrate.SHARD_COMMANDS, rebalance.DRAIN]:
