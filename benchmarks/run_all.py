@@ -44,6 +44,9 @@ BENCHMARKS = (
     ("rebalance", "-"),
 )
 TIMEOUT_S = {"quick": 15 * 60, "full": 45 * 60}
+#: Options of a full run beyond each benchmark's defaults, to keep the whole run near
+#: half an hour on a small machine (run a benchmark alone for its own full default).
+FULL_ARGS = {"online_moves": ["--moves", "3"]}
 
 
 @dataclass
@@ -78,12 +81,15 @@ def run_one(
     argv = [sys.executable, str(script)]
     if args.quick and _accepts(script, "--quick"):
         argv.append("--quick")
+    if not args.quick and name in FULL_ARGS:
+        argv += FULL_ARGS[name]
+        outcome.detail = "run with " + " ".join(FULL_ARGS[name])
     if _accepts(script, "--pg-url"):
         argv += ["--pg-url", *urls]
     if _accepts(script, "--out"):
         argv += ["--out", str(args.out)]
     elif args.out != RESULTS_DIR:
-        outcome.detail = f"{name}.py has no --out: its results go to {RESULTS_DIR}"
+        outcome.detail += f"{name}.py has no --out: its results go to {RESULTS_DIR}"
     mode = "quick" if args.quick else "full"
     begun = time.monotonic()
     # A session of its own, so a timeout stops the benchmark and whatever it started.
@@ -311,21 +317,32 @@ def render_report(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds
             lines += [f"## {TITLES[part]}", "", text, ""]
     else:
         lines += ["Questions 1-4: `tiers.py` produced no results (see *Runs* below).", ""]
-    lines += [
-        "## 5. Routing overhead, move throughput, online against offline moves",
-        "",
-        "Each benchmark's own report, re-run here (method: `benchmarks/README.md` and each "
-        "script's docstring).",
-        "",
-    ]
-    rest = [o for o in outcomes if o.name != "tiers"]
-    for o in sorted(rest, key=lambda o: (o.question != "5", o.question)):
-        title = o.name.replace("_", " ")
-        lines += [f"### {title[0].upper()}{title[1:]}", ""]
-        if o.markdown:
-            lines += [embedded(o.markdown), ""]
-        else:
-            lines += [f"Not measured: {o.status}. {o.detail}".rstrip(), ""]
+    groups = {
+        "5": (
+            "## 5. Routing overhead, move throughput, online against offline moves",
+            "Each benchmark's own report, re-run here on the same servers (method: "
+            "`benchmarks/README.md` and each script's docstring).",
+        ),
+        "other": (
+            "## More figures",
+            "The fleet-migration benchmark (parallel runs and provisioning; question 4 "
+            "above migrates each layout serially) and the rebalancing benchmark.",
+        ),
+    }
+    for group, (title, intro) in groups.items():
+        chosen = [
+            o for o in outcomes if o.name != "tiers" and (o.question == "5") == (group == "5")
+        ]
+        if not chosen:
+            continue
+        lines += [title, "", intro, ""]
+        for o in chosen:
+            name = o.name.replace("_", " ")
+            lines += [f"### {name[0].upper()}{name[1:]}", ""]
+            if o.markdown:
+                lines += [embedded(o.markdown), ""]
+            else:
+                lines += [f"Not measured: {o.status}. {o.detail}".rstrip(), ""]
     lines += [
         "## Runs",
         "",
@@ -385,7 +402,9 @@ def load_existing(args: argparse.Namespace) -> list[Outcome]:
     outcomes = []
     for name, question in BENCHMARKS:
         outcome = Outcome(name, question, status="missing", detail="no results file")
-        path = args.out / f"{name}.json"
+        script = HERE / f"{name}.py"
+        folder = args.out if not script.is_file() or _accepts(script, "--out") else RESULTS_DIR
+        path = folder / f"{name}.json"
         if path.is_file():
             outcome.status, outcome.detail = "ok", "from an earlier run"
             outcome.data = json.loads(path.read_text())

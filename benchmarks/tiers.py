@@ -132,7 +132,7 @@ class Config:
     max_dedicated: int = 100  # layouts needing more dedicated databases are skipped
     pool8_sizes: tuple[int, ...] = (10, 100)  # the N at which "dedicated-pool8" runs
     threads: int = 8
-    rounds: int = 10
+    rounds: int = 8
     window_s: float = 1.5
     warmup_s: float = 1.0
     users: int = 20
@@ -147,8 +147,12 @@ class Config:
     add_tenant_samples: int = 20
     provision_samples: int = 5
     migrate_jobs: tuple[int, ...] = (1, 4)
-    move_rows: tuple[int, ...] = (10_000, 1_000_000)
-    move_modes: tuple[str, ...] = ("offline", "online")
+    # (rows, mode) of each promote-and-demote; online_moves.py times 1M-row online moves
+    moves: tuple[tuple[int, str], ...] = (
+        (10_000, "offline"),
+        (10_000, "online"),
+        (1_000_000, "offline"),
+    )
     # Router settings: the defaults (64 engines, 400 connections) would evict engines
     # of a 100-database layout on every round and measure connection set-up instead.
     max_engines: int = 256
@@ -170,7 +174,7 @@ QUICK = Config(
     add_tenant_samples=10,
     provision_samples=3,
     migrate_jobs=(1,),
-    move_rows=(10_000,),
+    moves=((10_000, "offline"), (10_000, "online")),
 )
 
 
@@ -1214,7 +1218,7 @@ def measure_moves(catalog: Catalog, servers: Servers, cfg: Config) -> list[dict[
     """Promote a shared tenant to a new dedicated database on the other server, and
     demote it back, offline and online."""
     rows = []
-    plan = [(size, mode) for size in cfg.move_rows for mode in cfg.move_modes]
+    plan = list(cfg.moves)
     with progress() as bar:
         task = bar.add_task("4. promote and demote", total=len(plan) * 2)
         for size, mode in plan:
