@@ -69,9 +69,7 @@ def _accepts(script: Path, option: str) -> bool:
     return f'"{option}"' in script.read_text()
 
 
-def run_one(
-    name: str, question: str, args: argparse.Namespace, urls: Sequence[str], started: float
-) -> Outcome:
+def run_one(name: str, question: str, args: argparse.Namespace, urls: Sequence[str]) -> Outcome:
     outcome = Outcome(name, question)
     script = HERE / f"{name}.py"
     if not script.is_file():
@@ -79,18 +77,21 @@ def run_one(
         outcome.detail = f"benchmarks/{name}.py does not exist in this checkout"
         return outcome
     argv = [sys.executable, str(script)]
+    notes = []
     if args.quick and _accepts(script, "--quick"):
         argv.append("--quick")
     if not args.quick and name in FULL_ARGS:
         argv += FULL_ARGS[name]
-        outcome.detail = "run with " + " ".join(FULL_ARGS[name])
+        notes.append("run with " + " ".join(FULL_ARGS[name]))
     if _accepts(script, "--pg-url"):
         argv += ["--pg-url", *urls]
     if _accepts(script, "--out"):
         argv += ["--out", str(args.out)]
     elif args.out != RESULTS_DIR:
-        outcome.detail += f"{name}.py has no --out: its results go to {RESULTS_DIR}"
+        notes.append(f"{name}.py has no --out: its results went to {RESULTS_DIR}")
+    outcome.detail = "; ".join(notes)
     mode = "quick" if args.quick else "full"
+    started = time.time()
     begun = time.monotonic()
     # A session of its own, so a timeout stops the benchmark and whatever it started.
     child = subprocess.Popen(argv, cwd=HERE.parent, start_new_session=True)
@@ -117,7 +118,7 @@ def run_one(
     fresh = json_path.is_file() and json_path.stat().st_mtime >= started
     if code != 0:
         outcome.status = "failed"
-        outcome.detail = f"exit status {code}" + ("" if fresh else "; no results written")
+        outcome.detail = f"exit status {code}" + ("" if fresh else ", no results written")
     elif not fresh:
         outcome.status = "no results"
         outcome.detail = f"exit status 0 but {json_path.name} was not written by this run"
@@ -281,11 +282,10 @@ def _fmt(h: dict[str, Any]) -> str:
     return f"{value:.2f}{unit}" if unit == "x" else f"{value:.3g} {unit}"
 
 
-def render_report(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds: float) -> str:
+def render_report(outcomes: Sequence[Outcome], mode: str, seconds: float) -> str:
     by_name = {o.name: o for o in outcomes}
     tiers = by_name.get("tiers")
     tiers_data = tiers.data if tiers and tiers.data else None
-    mode = "quick" if args.quick else "full"
     headline_rows = sorted(
         (
             [str(h.get("question", o.question)), str(h["figure"]), _fmt(h), o.name]
@@ -352,7 +352,7 @@ def render_report(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds
                 [f"`{o.name}.py`", o.question, o.status, f"{o.seconds / 60:.1f}", o.detail]
                 for o in outcomes
             ],
-            align="lcllr",
+            align="lclrl",
         ),
         "",
     ]
@@ -362,7 +362,9 @@ def render_report(outcomes: Sequence[Outcome], args: argparse.Namespace, seconds
         else next((o.data["machine"] for o in outcomes if o.data.get("machine")), None)
     )
     if machine:
-        lines += ["## Machine", "", machine_markdown(machine), ""]
+        # The benchmarks' own command lines (throwaway servers' URLs) say nothing here.
+        shown = {k: v for k, v in machine.items() if k != "argv"}
+        lines += ["## Machine", "", machine_markdown(shown), ""]
         if tiers_data and tiers_data.get("postgres_settings"):
             settings = tiers_data["postgres_settings"]
             lines += [
@@ -398,7 +400,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_existing(args: argparse.Namespace) -> list[Outcome]:
+#: What run_all.py did last (mode, time, each benchmark's status): --report-only reuses it.
+RUNS_FILE = "run_all.json"
+
+
+def save_runs(outcomes: Sequence[Outcome], mode: str, seconds: float, out: Path) -> None:
+    runs = [
+        {
+            "name": o.name,
+            "question": o.question,
+            "status": o.status,
+            "seconds": round(o.seconds, 1),
+            "detail": o.detail,
+        }
+        for o in outcomes
+    ]
+    record = {"mode": mode, "seconds": round(seconds, 1), "runs": runs}
+    (out / RUNS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def load_existing(args: argparse.Namespace) -> tuple[list[Outcome], str, float]:
+    """The results in the folder, with the mode and duration of the run that wrote them."""
+    saved_path = args.out / RUNS_FILE
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    runs = {r["name"]: r for r in saved.get("runs", [])}
     outcomes = []
     for name, question in BENCHMARKS:
         outcome = Outcome(name, question, status="missing", detail="no results file")
@@ -406,12 +431,16 @@ def load_existing(args: argparse.Namespace) -> list[Outcome]:
         folder = args.out if not script.is_file() or _accepts(script, "--out") else RESULTS_DIR
         path = folder / f"{name}.json"
         if path.is_file():
-            outcome.status, outcome.detail = "ok", "from an earlier run"
+            run = runs.get(name, {})
+            outcome.status = run.get("status", "ok")
+            outcome.seconds = run.get("seconds", 0.0)
+            outcome.detail = run.get("detail", "from an earlier run")
             outcome.data = json.loads(path.read_text())
             md = path.with_suffix(".md")
             outcome.markdown = md.read_text() if md.is_file() else ""
         outcomes.append(outcome)
-    return outcomes
+    mode = saved.get("mode", "quick" if args.quick else "full")
+    return outcomes, mode, saved.get("seconds", 0.0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -419,8 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    mode = "quick" if args.quick else "full"
     if args.report_only:
-        outcomes = load_existing(args)
+        outcomes, mode, seconds = load_existing(args)
         tiers = next(o for o in outcomes if o.name == "tiers")
         if tiers.data:
             draw_charts(tiers.data, args.out)
@@ -431,16 +461,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (name, question) in enumerate(chosen, 1):
                 elapsed = (time.time() - started) / 60
                 console.rule(f"[bold]{i}/{len(chosen)} {name}[/] ({elapsed:.1f} min so far)")
-                outcome = run_one(name, question, args, urls, started)
+                outcome = run_one(name, question, args, urls)
                 colour = "green" if outcome.status == "ok" else "yellow"
                 console.print(
                     f"[{colour}]{name}: {outcome.status}[/] in {outcome.seconds / 60:.1f} min"
                     + (f" ({outcome.detail})" if outcome.detail else "")
                 )
                 outcomes.append(outcome)
-    seconds = time.time() - started
+        seconds = time.time() - started
+        save_runs(outcomes, mode, seconds, args.out)
     report = args.out / "report.md"
-    report.write_text(render_report(outcomes, args, seconds).rstrip() + "\n")
+    report.write_text(render_report(outcomes, mode, seconds).rstrip() + "\n")
     console.rule("[bold]headline ratios")
     for o in outcomes:
         for h in headline_of(o):
