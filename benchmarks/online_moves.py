@@ -25,10 +25,13 @@ Per move:
 - the move's **duration** (``tenantry.moves.move`` start to return);
 - the mover's own figures: ``freeze_seconds`` from the journal (freeze commit to the
   end of the switch) and how many freeze attempts an online move needed;
-- a **breakdown** from the mover's checkpoints: online, the cut-over (freeze, wait out
-  older transactions, sentinel written and awaited: the part ``--max-freeze`` bounds),
-  verification (counts and checksums of both ends, in parallel, inside the freeze) and
-  the switch; offline, the wait-out, the copy, verification and the switch.
+- a **breakdown** from the mover's checkpoints: online, the replication (initial copy
+  and catch-up), the cut's short freeze and the full verification at the cut (counts
+  and checksums of both snapshots, outside any freeze), the final cut-over (freeze,
+  wait out older transactions, sentinel written and awaited, the rows changed since
+  the cut compared: the part ``--max-freeze`` bounds) and the switch; offline, the
+  wait-out, the copy, verification and the switch. Online moves also report how many
+  rows changed since the cut (``tail_rows``).
 
 Targets (issue 6): online freeze p99 <= 250 ms; online / offline freeze (p99) <= 0.05.
 ``--quick``: 100,000 rows, 2 + 2 moves, about two minutes. Results go to
@@ -262,8 +265,13 @@ def breakdown(mode: str, timeline: Timeline) -> dict[str, float | None]:
     t = timeline
     if mode == "online":
         return {
-            "replicate_s": _span(t.first("copied"), t.first("frozen")),
-            # The last attempt's freeze up to the sentinel's arrival (what --max-freeze bounds).
+            "replicate_s": _span(t.first("copied"), t.first("online-cut-frozen")),
+            # Freeze, snapshots, unfreeze: the cut (the journal has its exact freeze).
+            "cut_s": _span(t.last("online-cut-frozen"), t.first("online-cut")),
+            # Counts and checksums on the two snapshots, the tenant writing meanwhile.
+            "cut_verify_s": _span(t.first("online-cut"), t.first("frozen")),
+            # The last attempt's freeze up to the sentinel's arrival and the changed rows'
+            # comparison (what --max-freeze bounds).
             "cutover_s": _span(t.last("online-frozen"), t.first("verified")),
             "verify_s": _span(t.first("verified"), t.first("switched")),
             "switch_s": _span(t.first("switched"), t.first("cleaned")),
@@ -388,6 +396,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                             "duration_s": round(end - start, 3),
                             "journal_freeze_s": done.stats.get("freeze_seconds"),
                             "freeze_attempts": done.stats.get("freeze_attempts"),
+                            "cut_freeze_s": done.stats.get("cut_freeze_seconds"),
+                            "tail_rows": done.stats.get("tail_rows"),
                             "breakdown": breakdown(mode, timeline),
                             "notes": [n for n in timeline.notes if "lag" not in n][:10],
                         }
@@ -507,6 +517,8 @@ MOVE_COLUMNS = (
     "attempts",
     "duration",
     "cut-over / wait-out",
+    "cut freeze",
+    "rows changed since the cut",
     "copy",
     "verify",
     "switch",
@@ -584,10 +596,13 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
         "",
         "## Where an online move's freeze goes (p50 of each phase)",
         "",
-        "Cut-over: the last freeze attempt, from the freeze's commit through waiting out "
-        "older transactions to the sentinel's arrival on the target — the part "
-        "`--max-freeze` bounds. Verify (row counts and checksums of both ends, in parallel) "
-        "and the switch run after it, still frozen.",
+        "Cut: the short freeze that takes a snapshot on both ends. Cut verify: row counts "
+        "and checksums of the two snapshots, with the tenant writing again. Cut-over: the "
+        "last freeze attempt, from the freeze's commit through waiting out older "
+        "transactions and the sentinel's arrival on the target to the comparison of the "
+        "rows changed since the cut — the part `--max-freeze` bounds. Verify (nothing left "
+        "to do after a cut-over in the same process) and the switch run after it, still "
+        "frozen.",
         "",
         markdown_table(
             ["mode", *stats["online"]["breakdown_p50_s"]],
@@ -618,6 +633,8 @@ def markdown(data: dict[str, Any], info: dict[str, Any]) -> str:
                     m["freeze_attempts"] or "",
                     _s(m["duration_s"]),
                     _ms(m["breakdown"].get("cutover_s", m["breakdown"].get("wait_out_s"))),
+                    _ms(m.get("cut_freeze_s")),
+                    "" if m.get("tail_rows") is None else f"{m['tail_rows']:,}",
                     _s(m["breakdown"].get("replicate_s", m["breakdown"].get("copy_s"))),
                     _ms(m["breakdown"]["verify_s"]),
                     _ms(m["breakdown"]["switch_s"]),

@@ -4,7 +4,7 @@ A move interrupted and then abandoned (or a bug) could leave a publication, a
 replication slot — which holds WAL on the source until the disk fills — or a
 subscription behind. Every tenantry object is named ``tenantry_move_<id>``, so the
 collector lists those on every PostgreSQL shard and drops the ones whose move is not
-live. Dry run by default.
+live (an online move's tail slot is ``tenantry_move_<id>_tail``). Dry run by default.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from tenantry.moves import replication as repl
 from tenantry.moves.journal import Journal
+from tenantry.moves.tail import tail_slot_name
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error, make_engine
 
@@ -35,7 +36,11 @@ class Leftover:
 
 def collect_garbage(catalog: Catalog, *, apply: bool = False) -> list[Leftover]:
     """Every orphaned tenantry publication, slot and subscription; dropped with *apply*."""
-    owned = {repl.artifact_name(m.id) for m in Journal(catalog).list(live=True)}
+    owned = {
+        name
+        for m in Journal(catalog).list(live=True)
+        for name in (repl.artifact_name(m.id), tail_slot_name(m.id))
+    }
     found: list[Leftover] = []
     # Subscriptions first: dropping one releases the slot it was using.
     for kind in ("subscription", "slot", "publication"):

@@ -36,7 +36,12 @@ from tenantry.migrations.fleet import MIGRATION_LOCK
 from tenantry.moves.copy import copy_tenant, delete_tenant_rows
 from tenantry.moves.hooks import EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
-from tenantry.moves.online import FreezeBudgetExceeded, OnlineSteps, online_problems
+from tenantry.moves.online import (
+    SNAPSHOT_APPLICATION,
+    FreezeBudgetExceeded,
+    OnlineSteps,
+    online_problems,
+)
 from tenantry.moves.tables import TenantTable, check_same_tables, tenant_tables
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
@@ -213,7 +218,7 @@ class Mover:
     def _steps(self, move: Move) -> list[tuple[MoveState, Callable[[Move], None]]]:
         if move.mode is MoveMode.ONLINE:
             return [
-                (MoveState.COPIED, self.online.replicate),
+                (MoveState.COPIED, self.online.prepare),
                 (MoveState.FROZEN, self.online.cutover),
                 (MoveState.VERIFIED, self._verify),
                 (MoveState.SWITCHED, self._switch),
@@ -279,7 +284,8 @@ class Mover:
 
         The caller has just committed the freeze on *conn*: a transaction that began
         later reads ``frozen`` in its fence and is read-only; one that began earlier may
-        still write, and is waited out (the way CREATE INDEX CONCURRENTLY waits).
+        still write, and is waited out (the way CREATE INDEX CONCURRENTLY waits). The
+        read-only snapshots of online moves' cuts are not waited for.
         """
         if conn.dialect.name != "postgresql":
             return  # SQLite: the freeze's write lock outlasted every earlier writer
@@ -294,8 +300,9 @@ class Mover:
                         "SELECT count(*) FROM pg_stat_activity"
                         " WHERE datname = current_database() AND pid <> pg_backend_pid()"
                         " AND backend_type = 'client backend' AND xact_start < :since"
+                        " AND application_name <> :snapshots"
                     ),
-                    {"since": since},
+                    {"since": since, "snapshots": SNAPSHOT_APPLICATION},
                 ).scalar_one()
             if older == 0:
                 return
@@ -350,6 +357,8 @@ class Mover:
     # verify ----------------------------------------------------------------------------
 
     def _verify(self, move: Move) -> None:
+        if self.online.verified_in_freeze(move.id):
+            return  # verified in full at the cut, the rows changed since in the freeze
         source = self.catalog.get_shard(move.source)
         target = self.catalog.get_shard(move.target)
         both_pg = source.backend == target.backend == "postgresql"

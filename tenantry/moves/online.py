@@ -2,26 +2,36 @@
 
 Order of an online move: ``planned → copied → frozen → verified → switched →
 cleaned``. In ``copied`` the target subscribes to the tenant's rows and catches up
-while the tenant keeps writing; in ``frozen`` the tenant is frozen, a sentinel written
-on the source is awaited on the target — proof that the target holds every
-acknowledged write — and if it does not arrive within the freeze budget the tenant is
-unfrozen and the mover catches up and tries again (a bounded number of times).
+while the tenant keeps writing; then the tenant is verified in full at a *cut* (a short
+freeze takes a snapshot on both ends, and the counts and checksums are computed on the
+snapshots after the tenant is unfrozen), and a second slot starts collecting the keys
+of the rows that change after the cut (:mod:`tenantry.moves.tail`). In ``frozen`` the
+tenant is frozen, a sentinel written on the source is awaited on the target — proof
+that the target holds every acknowledged write — and only the rows changed since the
+cut are compared. If that does not fit in the freeze budget the tenant is unfrozen and
+the mover catches up and tries again (a bounded number of times). The freeze therefore
+grows with the writes since the cut, not with the tenant's size.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, TypeVar
 
+import psycopg
 import sqlalchemy as sa
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
-from tenantry.errors import FreezeTimeout, MoveRefused
+from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
 from tenantry.moves import replication as repl
+from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
 from tenantry.moves.tables import TenantTable, tenant_tables
+from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.residency import Residency, write_residency
@@ -43,19 +53,35 @@ ONLINE_ORDER = [
 DEFAULT_MAX_FREEZE = 1.0
 DEFAULT_FREEZE_ATTEMPTS = 5
 _CAUGHT_UP_BYTES = 64 * 1024
+#: More changed rows than this since the cut: check them at a new cut before freezing.
+TAIL_ROWS_PER_FREEZE = 20_000
+
+_T = TypeVar("_T")
+
+#: application_name of the read-only connections that hold a cut's snapshots.
+SNAPSHOT_APPLICATION = "tenantry-move-snapshot"
 
 
 class FreezeBudgetExceeded(FreezeTimeout):
     """The sentinel never arrived within the freeze budget; the move was rolled back."""
 
 
+class _OutOfBudget(Exception):
+    """This freeze attempt cannot finish within the budget."""
+
+
 def online_problems(
-    source: Connection, target: Connection, tables: list[TenantTable], column: str
+    source: Connection,
+    target: Connection,
+    tables: list[TenantTable],
+    column: str,
+    move_id: int | None = None,
 ) -> list[str]:
-    """Why an online move between these two databases cannot run (empty: it can)."""
+    """Why an online move between these two databases cannot run (empty: it can).
+    With *move_id*, that move's own slots are not counted against the free ones."""
     if source.dialect.name != "postgresql" or target.dialect.name != "postgresql":
         return ["online moves need PostgreSQL on both ends (SQLite has no logical replication)"]
-    found = repl.server_facts(source).problems("source")
+    found = repl.server_facts(source, move_id).problems("source")
     found += repl.server_facts(target).problems("target")
     found += repl.replica_identity_problems(source, tables, column)
     return found
@@ -66,12 +92,20 @@ class OnlineSteps:
 
     def __init__(self, mover: Mover) -> None:
         self.mover = mover
+        # Per move, in this process: the rows changed since the verified cut.
+        self._tails: dict[int, tail.Tail] = {}
+        self._verified: set[int] = set()
 
     def _shards(self, move: Move) -> tuple[Shard, Shard]:
         catalog = self.mover.catalog
         return catalog.get_shard(move.source), catalog.get_shard(move.target)
 
     # copied: subscribe and catch up ---------------------------------------------------
+
+    def prepare(self, move: Move) -> None:
+        """The ``copied`` step: replicate, catch up, then verify at a cut."""
+        self.replicate(move)
+        self.verify_cut(move)
 
     def replicate(self, move: Move) -> None:
         """Create publication, slot and subscription (each recorded first), then wait for
@@ -83,7 +117,7 @@ class OnlineSteps:
                 src = src.execution_options(isolation_level="AUTOCOMMIT")
                 dst = dst.execution_options(isolation_level="AUTOCOMMIT")
                 tables = tenant_tables(src, column=mover.column)
-                problems = online_problems(src, dst, tables, mover.column)
+                problems = online_problems(src, dst, tables, mover.column, move.id)
                 if problems:
                     raise MoveRefused("cannot move online: " + "; ".join(problems))
                 if not _exists(dst, "pg_subscription", "subname", name):
@@ -144,59 +178,242 @@ class OnlineSteps:
                 return
             time.sleep(0.1)
 
+    # copied, then: verify a consistent cut, outside any freeze ---------------------------
+
+    def verify_cut(self, move: Move) -> None:
+        """Verify the tenant in full at a cut, with its writes frozen only for the cut.
+
+        The cut is a short, budgeted freeze: once the sentinel proves the target holds
+        every acknowledged write, a REPEATABLE READ snapshot is taken on each end and the
+        source's WAL position noted, and the tenant is unfrozen. Counts and checksums
+        are then computed on the two snapshots while the tenant writes again. What
+        changes after the cut is collected from the tail slot, made before the cut, and
+        checked inside the final freeze (:meth:`cutover`).
+        """
+        mover = self.mover
+        source, target = self._shards(move)
+        slot = tail.tail_slot_name(move.id)
+        publication = repl.artifact_name(move.id)
+        with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
+            with src_engine.connect() as plain:
+                mover.journal.update(move.id, artifacts={"tail_slot": slot})
+                tail.create_tail_slot(
+                    plain.execution_options(isolation_level="AUTOCOMMIT"), move.id
+                )
+                tables = tenant_tables(plain, column=mover.column)
+                plain.rollback()
+                began = time.monotonic()
+                with _snapshots(src_engine, dst_engine) as (src_snap, dst_snap):
+                    cut_lsn = self._cut(move, src_engine, dst_engine, src_snap, dst_snap)
+                    # Changes committed before the cut are in the snapshots: drop them.
+                    tail.drain(plain, slot, publication, None, upto_lsn=cut_lsn)
+                    self._tails[move.id] = tail.Tail()
+                    mover.hooks.checkpoint("online-cut")
+                    left, right = _digest_both(
+                        src_snap, dst_snap, move.tenant_id, tables, mover.column
+                    )
+        differ = compare_digests(left, right)
+        seconds = time.monotonic() - began
+        mover.observer.note(
+            f"verified {sum(d.rows for d in left.values()):,} rows at the cut in {seconds:.1f}s"
+            + (f"; tables differ: {', '.join(differ)}" if differ else "")
+        )
+        mover.journal.update(
+            move.id,
+            stats={
+                "cut": {"lsn": cut_lsn, "verify_seconds": round(seconds, 3)},
+                "verified": {n: {"rows": d.rows, "checksum": d.checksum} for n, d in left.items()},
+            },
+        )
+        if differ:
+            raise VerificationFailed(
+                "verification failed at the cut: tables differ between source and target: "
+                + ", ".join(differ),
+                tables=differ,
+            )
+
+    def _cut(
+        self,
+        move: Move,
+        src_engine: Engine,
+        dst_engine: Engine,
+        src_snap: Connection,
+        dst_snap: Connection,
+    ) -> str:
+        """A budgeted freeze that takes a snapshot on both ends and returns the source's
+        WAL insert position; the tenant is unfrozen again before it returns."""
+
+        def take(src: Connection, _dst: Connection, _deadline: float) -> str:
+            for conn in (src_snap, dst_snap):
+                if conn.in_transaction():  # from an attempt that ran out of budget
+                    conn.rollback()
+                conn.begin()
+                conn.execute(sa.text("SELECT pg_current_snapshot()")).one()
+            # Every transaction committing after the unfreeze commits past this point.
+            with src.begin():
+                return str(src.execute(sa.text("SELECT pg_current_wal_insert_lsn()")).scalar())
+
+        return self._budgeted_freeze(
+            move, src_engine, dst_engine, take, checkpoint="online-cut-frozen", stay=False
+        )
+
+    def _key_cut(self, move: Move, src_engine: Engine, dst_engine: Engine) -> None:
+        """Check the rows changed so far at a new cut and start the tail afresh there,
+        so that the final freeze never has many rows to compare."""
+        mover = self.mover
+        changed = self._tails[move.id]
+        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
+        with src_engine.connect() as plain, _snapshots(src_engine, dst_engine) as snaps:
+            tables = tenant_tables(plain, column=mover.column)
+            plain.rollback()
+            cut_lsn = self._cut(move, src_engine, dst_engine, *snaps)
+            tail.drain(plain, slot, publication, changed, upto_lsn=cut_lsn)
+            mover.observer.note(f"checking {len(changed):,} changed rows at a new cut")
+            differ = tail.compare_tail(*snaps, move.tenant_id, tables, changed, column=mover.column)
+        if differ:
+            raise VerificationFailed(
+                "verification failed: changed rows differ between source and target: "
+                + ", ".join(differ),
+                tables=differ,
+            )
+        changed.clear()
+
     # frozen: the budgeted cut-over --------------------------------------------------------
 
     def cutover(self, move: Move) -> None:
         """Freeze, wait out older transactions, write the sentinel and await it on the
-        target, all within the freeze budget; else unfreeze, catch up and try again."""
+        target, then compare the rows changed since the cut, all within the freeze
+        budget; else unfreeze, catch up and try again.
+
+        A mover resumed here after a crash has no tail in memory: the tenant is frozen
+        and the verified step compares every row instead.
+        """
+        mover = self.mover
+        source, target = self._shards(move)
+        changed = self._tails.get(move.id)
+        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
+        with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
+            if changed is not None:
+                for _ in range(DEFAULT_FREEZE_ATTEMPTS):
+                    with src_engine.connect() as plain:
+                        tail.drain(plain, slot, publication, changed)
+                    if len(changed) <= TAIL_ROWS_PER_FREEZE:
+                        break
+                    self._key_cut(move, src_engine, dst_engine)
+
+            def check(src: Connection, dst: Connection, deadline: float) -> None:
+                if changed is None:
+                    return
+                self._check_tail(move, src, dst, changed, deadline)
+
+            self._budgeted_freeze(
+                move, src_engine, dst_engine, check, checkpoint="online-frozen", stay=True
+            )
+        if changed is not None:
+            self._verified.add(move.id)
+            mover.journal.update(move.id, stats={"tail_rows": len(changed)})
+
+    def _check_tail(
+        self, move: Move, src: Connection, dst: Connection, changed: tail.Tail, deadline: float
+    ) -> None:
+        """Inside the final freeze: compare the rows changed since the cut, within what is
+        left of the budget (else :class:`_OutOfBudget`, and the freeze is retried)."""
+        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
+        try:
+            tail.drain(src, slot, publication, changed, timeout=_left(deadline))
+            with src.begin(), dst.begin():
+                for conn in (src, dst):
+                    _statement_timeout(conn, _left(deadline))
+                tables = tenant_tables(src, column=self.mover.column)
+                differ = tail.compare_tail(
+                    src, dst, move.tenant_id, tables, changed, column=self.mover.column
+                )
+        except sa.exc.OperationalError as exc:
+            if not isinstance(exc.orig, psycopg.errors.QueryCanceled):
+                raise
+            raise _OutOfBudget(
+                f"{len(changed):,} changed rows could not be compared within the budget"
+            ) from None
+        if differ:
+            raise VerificationFailed(
+                "verification failed: rows changed since the cut differ between source "
+                "and target: " + ", ".join(differ),
+                tables=differ,
+            )
+
+    def verified_in_freeze(self, move_id: int) -> bool:
+        """Whether :meth:`cutover` compared the rows changed since a verified cut (in this
+        process): then the move needs no full verification inside the freeze."""
+        return move_id in self._verified
+
+    def _budgeted_freeze(
+        self,
+        move: Move,
+        src_engine: Engine,
+        dst_engine: Engine,
+        inside: Callable[[Connection, Connection, float], _T],
+        *,
+        checkpoint: str,
+        stay: bool,
+    ) -> _T:
+        """Freeze, wait out older transactions, write the sentinel and await it, then run
+        *inside* — all within the budget, else unfreeze, catch up and retry (a bounded
+        number of times). With *stay* the tenant is left frozen on success."""
         mover = self.mover
         budget = float(move.options.get("max_freeze", DEFAULT_MAX_FREEZE))
         attempts = int(move.options.get("freeze_attempts", DEFAULT_FREEZE_ATTEMPTS))
-        source, target = self._shards(move)
         name = repl.artifact_name(move.id)
-        with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
-            with src_engine.connect() as src, dst_engine.connect() as dst:
-                src = src.execution_options(**WRITE)
-                for attempt in range(1, attempts + 1):
-                    self._set(src, move.tenant_id, Residency.FROZEN)
-                    frozen_at = time.time()
-                    started = time.monotonic()
-                    mover.hooks.checkpoint("online-frozen")
-                    try:
-                        mover.wait_out(src, timeout=budget)
-                        token = uuid.uuid4().hex
-                        with src.begin():
-                            repl.write_sentinel(src, move.tenant_id, move.id, token)
-                        left = budget - (time.monotonic() - started)
-                        if left > 0 and repl.wait_sentinel(
-                            dst, move.tenant_id, move.id, token, timeout=left
-                        ):
-                            mover.journal.update(
-                                move.id,
-                                stats={"frozen_at": frozen_at, "freeze_attempts": attempt},
-                            )
-                            return
-                        reason = f"the sentinel did not reach the target within {budget:g}s"
-                    except FreezeTimeout as exc:
-                        reason = str(exc)
-                    self._set(src, move.tenant_id, Residency.ACTIVE)
-                    held = time.monotonic() - started
-                    mover.observer.note(
-                        f"freeze attempt {attempt}: {reason}; unfrozen after {held:.3f}s, "
-                        "catching up"
-                    )
-                    with src_engine.connect() as plain:
-                        self._catch_up(
-                            plain.execution_options(isolation_level="AUTOCOMMIT"),
-                            name,
-                            timeout=max(1.0, budget * 5),
+        with src_engine.connect() as src, dst_engine.connect() as dst:
+            src = src.execution_options(**WRITE)
+            for attempt in range(1, attempts + 1):
+                self._set(src, move.tenant_id, Residency.FROZEN)
+                frozen_at = time.time()
+                started = time.monotonic()
+                deadline = started + budget
+                mover.hooks.checkpoint(checkpoint)
+                try:
+                    mover.wait_out(src, timeout=budget)
+                    token = uuid.uuid4().hex
+                    with src.begin():
+                        repl.write_sentinel(src, move.tenant_id, move.id, token)
+                    if _left(deadline) <= 0 or not repl.wait_sentinel(
+                        dst, move.tenant_id, move.id, token, timeout=_left(deadline)
+                    ):
+                        raise _OutOfBudget(
+                            f"the sentinel did not reach the target within {budget:g}s"
                         )
-                raise FreezeBudgetExceeded(
-                    f"gave up after {attempts} freeze attempts: {reason}; the tenant was "
-                    "unfrozen each time and the move was rolled back",
-                    tenant_id=move.tenant_id,
-                    move_id=move.id,
+                    result = inside(src, dst, deadline)
+                    if stay and _left(deadline) < 0:
+                        raise _OutOfBudget(f"the freeze outlasted its budget of {budget:g}s")
+                except (FreezeTimeout, _OutOfBudget) as exc:
+                    reason = str(exc)
+                else:
+                    if stay:
+                        mover.journal.update(
+                            move.id, stats={"frozen_at": frozen_at, "freeze_attempts": attempt}
+                        )
+                    else:
+                        self._set(src, move.tenant_id, Residency.ACTIVE)
+                        held = time.monotonic() - started
+                        mover.journal.update(move.id, stats={"cut_freeze_seconds": round(held, 3)})
+                    return result
+                self._set(src, move.tenant_id, Residency.ACTIVE)
+                held = time.monotonic() - started
+                mover.observer.note(
+                    f"freeze attempt {attempt}: {reason}; unfrozen after {held:.3f}s, catching up"
                 )
+                with src_engine.connect() as plain:
+                    self._catch_up(
+                        plain.execution_options(isolation_level="AUTOCOMMIT"),
+                        name,
+                        timeout=max(1.0, budget * 5),
+                    )
+            raise FreezeBudgetExceeded(
+                f"gave up after {attempts} freeze attempts: {reason}; the tenant was "
+                "unfrozen each time and the move was rolled back",
+                tenant_id=move.tenant_id,
+                move_id=move.id,
+            )
 
     def _set(self, conn: Connection, tenant_id: str, state: Residency) -> None:
         with conn.begin():
@@ -210,9 +427,11 @@ class OnlineSteps:
         name = repl.artifact_name(move.id)
         catalog = self.mover.catalog
         forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
+        self._tails.pop(move.id, None)
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),
+            (move.source, lambda c: repl.drop_slot(c, tail.tail_slot_name(move.id))),
             (move.source, lambda c: repl.drop_publication(c, name)),
             # The sentinel has done its job; leave no trace of the tenant behind.
             (move.source, lambda c: c.execute(forget, {"m": move.id})),
@@ -243,6 +462,48 @@ class OnlineSteps:
                             ),
                             {"s": sequence},
                         )
+
+
+def _left(deadline: float) -> float:
+    return deadline - time.monotonic()
+
+
+def _statement_timeout(conn: Connection, seconds: float) -> None:
+    """Cancel the transaction's statements after *seconds* (at least 1 ms)."""
+    conn.execute(
+        sa.text("SELECT set_config('statement_timeout', :ms, true)"),
+        {"ms": f"{max(1, int(seconds * 1000))}ms"},
+    )
+
+
+@contextmanager
+def _snapshots(src_engine: Engine, dst_engine: Engine) -> Iterator[tuple[Connection, Connection]]:
+    """A REPEATABLE READ connection on each end, read-only, for a cut's snapshots.
+
+    Named :data:`SNAPSHOT_APPLICATION`: they cannot write, so the freezes of other
+    moves on the same database do not wait for them (:meth:`Mover.wait_out`).
+    """
+    with src_engine.connect() as src, dst_engine.connect() as dst:
+        for conn in (src, dst):
+            conn.execute(
+                sa.text("SELECT set_config('application_name', :n, false)"),
+                {"n": SNAPSHOT_APPLICATION},
+            )
+            conn.commit()
+        yield (
+            src.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True),
+            dst.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True),
+        )
+
+
+def _digest_both(
+    src: Connection, dst: Connection, tenant_id: str, tables: list[TenantTable], column: str
+) -> tuple[dict[str, TableDigest], dict[str, TableDigest]]:
+    """Counts and checksums of the tenant on both ends at once, each in its snapshot."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        left = pool.submit(digest_tenant, src, tenant_id, tables, column=column)
+        right = digest_tenant(dst, tenant_id, tables, column=column)
+        return left.result(), right
 
 
 def _exists(conn: Connection, catalog_table: str, column: str, name: str) -> bool:

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 PREFIX = "tenantry_move_"
+#: Replication slots an online move holds on its source: the subscription's, the tail's.
+SLOTS_PER_MOVE = 2
 SENTINEL = "tenantry_move_sentinel"
 
 
@@ -73,8 +75,12 @@ class ServerFacts:
                 found.append(
                     f"the source has wal_level={self.wal_level}; set wal_level=logical and restart"
                 )
-            if self.free_slots < 1:
-                found.append("the source has no free replication slot (max_replication_slots)")
+            if self.free_slots < SLOTS_PER_MOVE:
+                found.append(
+                    f"the source has {max(self.free_slots, 0)} free replication slot(s) and an "
+                    f"online move needs {SLOTS_PER_MOVE}: raise max_replication_slots or run "
+                    "`tenantry moves gc`"
+                )
             if not (self.superuser or self.replication):
                 found.append("the source's operations role needs REPLICATION (or superuser)")
         elif not self.superuser:
@@ -84,17 +90,23 @@ class ServerFacts:
         return found
 
 
-def server_facts(conn: Connection) -> ServerFacts:
-    """Version, wal_level, free slots and the connected role's rights."""
+def server_facts(conn: Connection, move_id: int | None = None) -> ServerFacts:
+    """Version, wal_level, free slots and the connected role's rights.
+
+    Slots that move *move_id* made already count as free: they are its own.
+    """
+    own = [artifact_name(move_id), f"{artifact_name(move_id)}_tail"] if move_id else []
     row = conn.execute(
         sa.text(
             "SELECT current_setting('server_version_num')::int,"
             " current_setting('wal_level'),"
             " current_setting('max_replication_slots')::int"
-            "   - (SELECT count(*) FROM pg_replication_slots),"
+            "   - (SELECT count(*) FROM pg_replication_slots"
+            "      WHERE slot_name <> ALL(CAST(:own AS text[]))),"
             " r.rolsuper, r.rolreplication"
             " FROM pg_roles r WHERE r.rolname = current_user"
-        )
+        ),
+        {"own": own},
     ).one()
     return ServerFacts(int(row[0]), str(row[1]), int(row[2]), bool(row[3]), bool(row[4]))
 

@@ -32,10 +32,10 @@ from tenantry import Router, load_settings, moves
 from tenantry.cli import cli
 from tenantry.demo import MIGRATIONS
 from tenantry.demo.models import Charger, ChargingSession
-from tenantry.errors import MoveError, MoveRefused, TenantryError
+from tenantry.errors import MoveError, MoveRefused, TenantryError, VerificationFailed
 from tenantry.migrations import upgrade
 from tenantry.migrations.fleet import MIGRATION_LOCK
-from tenantry.moves import MoveState
+from tenantry.moves import MoveState, online
 from tenantry.moves.online import FreezeBudgetExceeded
 from tenantry.moves.replication import artifact_name
 from tenantry.testing import TempPostgres, create_database
@@ -382,12 +382,24 @@ def test_online_move_with_writers(fleet, kind):
     print(f"{kind}: writes of acme held {gap:.3f}s at most; stats {dict(done.stats)}")
     assert gap < MAX_FREEZE + MARGIN, observer.notes
     assert done.stats["freeze_attempts"] == 1, observer.notes
+    # Verified in full at the cut, outside the freeze; the freeze compared only the rows
+    # changed since (the writers changed some).
+    assert set(done.stats["cut"]) == {"lsn", "verify_seconds"}
+    assert done.stats["verified"]["charging_sessions"]["rows"] > 0
+    assert done.stats["tail_rows"] > 0
+    assert done.stats["cut_freeze_seconds"] < MAX_FREEZE + MARGIN
     assert replication_objects(fleet) == []
 
 
 # -- SIGKILL of the mover in each online state ----------------------------------------------
 
-CRASH_POINTS = ["online-subscribed", "online-synced", "online-frozen", "switched-committed"]
+CRASH_POINTS = [
+    "online-subscribed",
+    "online-synced",
+    "online-cut",  # the cut taken, its full verification running
+    "online-frozen",
+    "switched-committed",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -511,7 +523,7 @@ def test_sigkill_in_each_online_state_then_resume(fleet, tmp_path):
 
 
 def test_sigkill_before_the_switch_then_abort(fleet, tmp_path):
-    crashed = _crash(fleet, tmp_path, CRASH_POINTS[:3])
+    crashed = _crash(fleet, tmp_path, CRASH_POINTS[:4])
     for writer, move_id in crashed.values():
         record = run_cli(fleet, "moves", "abort", str(move_id))
         assert record["state"] == "aborted" and not record["live"], record
@@ -545,6 +557,97 @@ def test_resume_when_the_subscription_was_recorded_but_never_created(fleet):
     (done,) = moves.resume(fleet.catalog, live.id)
     assert done.succeeded
     assert assert_one_home(fleet, "acme", before) == "s2"
+    assert_clean(fleet)
+
+
+# -- verification: at the cut, then the rows changed since ---------------------------------
+
+
+class AtCheckpoint:
+    """Runs *action* once, when the mover reaches checkpoint *name*."""
+
+    def __init__(self, name: str, action: Any) -> None:
+        self.name, self.action, self.ran = name, action, False
+
+    def checkpoint(self, name: str) -> None:
+        if name == self.name and not self.ran:
+            self.ran = True
+            self.action()
+
+
+def _sql(fleet: Fleet, shard: str, statement: str) -> None:
+    engine = fleet.engine(shard)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+    engine.dispose()
+
+
+def test_a_difference_before_the_cut_fails_verification_and_rolls_back(fleet):
+    before = rows(fleet, "s1", "acme")
+    # The target loses a row behind replication's back before the cut.
+    lose = AtCheckpoint(
+        "online-synced",
+        lambda: _sql(
+            fleet, "s2", "DELETE FROM charging_sessions WHERE tenant_id = 'acme' AND id = 5"
+        ),
+    )
+    with pytest.raises(VerificationFailed) as info:
+        moves.move(fleet.catalog, "acme", "s2", mode="online", hooks=lose)
+    assert lose.ran and info.value.tables == ["charging_sessions"]
+    assert "at the cut" in str(info.value)
+    (record,) = moves.list_moves(fleet.catalog)
+    assert record.state is MoveState.ABORTED and "charging_sessions" in (record.error or "")
+    assert assert_one_home(fleet, "acme", before) == "s1"
+    assert_clean(fleet)
+
+
+def test_a_change_lost_after_the_cut_is_caught_inside_the_freeze(fleet):
+    """After the cut the target loses a row, then the source updates it: logical
+    replication skips an update whose row is missing without an error, so only the
+    comparison of the rows changed since the cut can see it."""
+
+    def diverge() -> None:
+        _sql(fleet, "s2", "DELETE FROM charging_sessions WHERE tenant_id = 'acme' AND id = 7")
+        _sql(
+            fleet,
+            "s1",
+            "UPDATE charging_sessions SET energy_kwh = 1 WHERE tenant_id = 'acme' AND id = 7",
+        )
+
+    lose = AtCheckpoint("online-cut", diverge)
+    with pytest.raises(VerificationFailed) as info:
+        moves.move(fleet.catalog, "acme", "s2", mode="online", hooks=lose)
+    assert lose.ran and info.value.tables == ["charging_sessions"]
+    assert "changed since the cut" in str(info.value)
+    (record,) = moves.list_moves(fleet.catalog)
+    assert record.state is MoveState.ABORTED
+    # Rolled back: the source keeps every row (with the update), the target none.
+    after = rows(fleet, "s1", "acme")
+    assert assert_one_home(fleet, "acme", after) == "s1"
+    assert count_rows(fleet.engine("s2"), "acme") == 0
+    assert_clean(fleet)
+
+
+def test_many_changes_since_the_cut_are_checked_at_a_new_cut(fleet, monkeypatch):
+    monkeypatch.setattr(online, "TAIL_ROWS_PER_FREEZE", 3)
+    writers = start_writers(fleet, ["acme"])
+    observer = Notes()
+    # Writes pile up after the cut while its verification runs.
+    pause = AtCheckpoint("online-cut", lambda: time.sleep(1.0))
+    try:
+        time.sleep(0.3)
+        done = moves.move(
+            fleet.catalog, "acme", "s2", mode="online", observer=observer, hooks=pause
+        )
+        time.sleep(0.2)
+    finally:
+        for writer in writers:
+            writer.stop()
+    assert done.succeeded
+    rechecked = [n for n in observer.notes if n.endswith("changed rows at a new cut")]
+    assert rechecked, observer.notes
+    assert writers[0].failed == []
+    assert assert_one_home(fleet, "acme", writers[0].expected()) == "s2"
     assert_clean(fleet)
 
 
@@ -627,8 +730,9 @@ def test_freeze_budget_too_small_unfreezes_each_time_then_aborts(fleet):
     reason = f"the sentinel did not reach the target within {budget:g}s"
     assert f"gave up after {hooks.attempts} freeze attempts: {reason}" in str(info.value)
     assert hooks.attempts == 5
-    # Each attempt held the tenant's writes for the budget (and a statement or two) only.
-    assert len(spans.spans) == hooks.attempts, spans.spans
+    # The cut's freeze first (the apply worker was not stalled yet), then each attempt
+    # held the tenant's writes for the budget (and a statement or two) only.
+    assert len(spans.spans) == 1 + hooks.attempts, spans.spans
     assert max(spans.spans) < budget + 0.3, spans.spans
     assert acme.max_gap(began, ended) < budget + 0.5
     held = [n for n in observer.notes if n.startswith("freeze attempt")]
