@@ -397,27 +397,35 @@ class Mover:
     def _switch(self, move: Move) -> None:
         source = self.catalog.get_shard(move.source)
         target = self.catalog.get_shard(move.target)
-        if move.state is not MoveState.SWITCHED:
-            if move.mode is MoveMode.ONLINE:
-                with self.admin(source) as engine, engine.connect() as conn:
-                    tables = tenant_tables(conn, column=self.column)
-                self.online.advance_sequences(move, tables)
-            # The target is not routed to until the catalog says so; make it resident first.
-            self._residency(target, move.tenant_id, Residency.ACTIVE)
-            # And the source stops serving before the catalog switches: were it still
-            # "frozen" after the switch (a crash right after the commit), routers with
-            # the old map would go on reading the copy left behind there. Until the
-            # commit they get StaleRoute (retryable); a rollback makes it active again.
-            self._residency(source, move.tenant_id, Residency.MOVED)
-            with self.catalog.transaction() as (conn, _version):
-                self.catalog.set_placement(move.tenant_id, target.name, conn=conn, check=False)
-                self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
-                self.journal.update(move.id, conn=conn, state=MoveState.SWITCHED)
-            self.hooks.checkpoint("switched-committed")
-        self._residency(target, move.tenant_id, Residency.ACTIVE)
-        # Routers with the old map now find the tenant gone from the source, refresh
-        # their map and retry on the target.
-        self._residency(source, move.tenant_id, Residency.MOVED)
+        # The tenant is frozen: one connection to each end, opened once.
+        with self.admin(source) as src_engine, self.admin(target) as dst_engine:
+            with src_engine.connect() as src, dst_engine.connect() as dst:
+                src, dst = src.execution_options(**WRITE), dst.execution_options(**WRITE)
+                version = self.catalog.map_version()
+                if move.state is not MoveState.SWITCHED:
+                    if move.mode is MoveMode.ONLINE:
+                        self.online.advance_sequences(move, src, dst)
+                    # The target is not routed to until the catalog says so; make it
+                    # resident first. And the source stops serving before the catalog
+                    # switches: were it still "frozen" after the switch (a crash right
+                    # after the commit), routers with the old map would go on reading
+                    # the copy left behind there. Until the commit they get StaleRoute
+                    # (retryable); a rollback makes it active again.
+                    _write_residency(dst, move.tenant_id, Residency.ACTIVE, version)
+                    _write_residency(src, move.tenant_id, Residency.MOVED, version)
+                    with self.catalog.transaction() as (conn, _version):
+                        self.catalog.set_placement(
+                            move.tenant_id, target.name, conn=conn, check=False
+                        )
+                        self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
+                        self.journal.update(move.id, conn=conn, state=MoveState.SWITCHED)
+                    self.hooks.checkpoint("switched-committed")
+                else:
+                    # Resumed after the switch committed: make sure both ends say so.
+                    # Routers with the old map find the tenant gone from the source,
+                    # refresh their map and retry on the target.
+                    _write_residency(dst, move.tenant_id, Residency.ACTIVE, version)
+                    _write_residency(src, move.tenant_id, Residency.MOVED, version)
         frozen_at = move.stats.get("frozen_at")
         if frozen_at is not None and "freeze_seconds" not in move.stats:
             self.journal.update(
@@ -623,6 +631,11 @@ class Mover:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_residency(conn: Connection, tenant_id: str, state: Residency, version: int) -> None:
+    with conn.begin():
+        write_residency(conn, tenant_id, state, version)
 
 
 def _app_revision(conn: Connection) -> str | None:

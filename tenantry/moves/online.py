@@ -94,6 +94,7 @@ class OnlineSteps:
         self.mover = mover
         # Per move, in this process: the rows changed since the verified cut.
         self._tails: dict[int, tail.Tail] = {}
+        self._tables: dict[int, list[TenantTable]] = {}
         self._verified: set[int] = set()
 
     def _shards(self, move: Move) -> tuple[Shard, Shard]:
@@ -202,6 +203,7 @@ class OnlineSteps:
                 )
                 tables = tenant_tables(plain, column=mover.column)
                 plain.rollback()
+                self._tables[move.id] = tables
                 began = time.monotonic()
                 with _snapshots(src_engine, dst_engine) as (src_snap, dst_snap):
                     cut_lsn = self._cut(move, src_engine, dst_engine, src_snap, dst_snap)
@@ -321,10 +323,10 @@ class OnlineSteps:
         slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
         try:
             tail.drain(src, slot, publication, changed, timeout=_left(deadline))
+            tables = self._tenant_tables(move, src)
             with src.begin(), dst.begin():
                 for conn in (src, dst):
                     _statement_timeout(conn, _left(deadline))
-                tables = tenant_tables(src, column=self.mover.column)
                 differ = tail.compare_tail(
                     src, dst, move.tenant_id, tables, changed, column=self.mover.column
                 )
@@ -428,6 +430,7 @@ class OnlineSteps:
         catalog = self.mover.catalog
         forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
         self._tails.pop(move.id, None)
+        self._tables.pop(move.id, None)
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),
@@ -444,24 +447,32 @@ class OnlineSteps:
         with self.mover.admin(shard) as engine, engine.connect() as conn:
             action(conn.execution_options(isolation_level="AUTOCOMMIT"))
 
-    def advance_sequences(self, move: Move, tables: list[TenantTable]) -> None:
+    def advance_sequences(self, move: Move, src: Connection, dst: Connection) -> None:
         """Move the target's sequences past the replicated ids (never backwards)."""
-        _, target = self._shards(move)
-        with self.mover.admin(target) as engine, engine.connect() as conn:
-            with conn.begin():
-                for table in tables:
-                    quoted = conn.dialect.identifier_preparer.quote(table.name)
-                    for column, sequence in table.sequences:
-                        col = conn.dialect.identifier_preparer.quote(column)
-                        conn.execute(
-                            sa.text(
-                                f"SELECT setval(CAST(:s AS regclass), m, true)"
-                                f" FROM (SELECT max({col}) AS m FROM {quoted}) AS x"
-                                " WHERE m IS NOT NULL AND m > coalesce("
-                                "pg_sequence_last_value(CAST(:s AS regclass)), 0)"
-                            ),
-                            {"s": sequence},
-                        )
+        with dst.begin():
+            for table in self._tenant_tables(move, src):
+                quoted = dst.dialect.identifier_preparer.quote(table.name)
+                for column, sequence in table.sequences:
+                    col = dst.dialect.identifier_preparer.quote(column)
+                    dst.execute(
+                        sa.text(
+                            f"SELECT setval(CAST(:s AS regclass), m, true)"
+                            f" FROM (SELECT max({col}) AS m FROM {quoted}) AS x"
+                            " WHERE m IS NOT NULL AND m > coalesce("
+                            "pg_sequence_last_value(CAST(:s AS regclass)), 0)"
+                        ),
+                        {"s": sequence},
+                    )
+
+    def _tenant_tables(self, move: Move, src: Connection) -> list[TenantTable]:
+        """The tenant tables, as reflected at the cut (reflecting takes a few round trips,
+        too many for inside the freeze); reflected anew by a resumed mover."""
+        tables = self._tables.get(move.id)
+        if tables is None:
+            tables = tenant_tables(src, column=self.mover.column)
+            src.rollback()
+            self._tables[move.id] = tables
+        return tables
 
 
 def _left(deadline: float) -> float:
