@@ -42,7 +42,12 @@ from tenantry.moves.online import (
     OnlineSteps,
     online_problems,
 )
-from tenantry.moves.tables import TenantTable, check_same_tables, tenant_tables
+from tenantry.moves.tables import (
+    TenantTable,
+    analyze_tables,
+    check_same_tables,
+    tenant_tables,
+)
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine, translate_errors
@@ -438,6 +443,12 @@ class Mover:
         if move.mode is MoveMode.ONLINE and not move.artifacts.get("replication_dropped"):
             # Before the source is cleaned, or its deletes would replicate to the target.
             self.online.teardown(move)
+        if move.mode is MoveMode.OFFLINE and not move.stats.get("analyzed"):
+            # Outside the freeze: the new home's statistics, for the application's plans.
+            target = self.catalog.get_shard(move.target)
+            with self.admin(target) as engine, engine.begin() as conn:
+                analyze_tables(conn, tenant_tables(conn, column=self.column))
+            self.journal.update(move.id, stats={"analyzed": True})
         try:
             source = self.catalog.get_shard(move.source)
         except UnknownShard:

@@ -30,7 +30,7 @@ from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
-from tenantry.moves.tables import TenantTable, tenant_tables
+from tenantry.moves.tables import TenantTable, analyze_tables, tenant_tables
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard
@@ -139,6 +139,8 @@ class OnlineSteps:
                         )
                 mover.hooks.checkpoint("online-subscribed")
                 self._wait_sync(move, dst, name)
+                # The target's statistics may still say its tables are empty.
+                analyze_tables(dst, tables)
                 mover.hooks.checkpoint("online-synced")
                 self._catch_up(src, name, timeout=mover.settings.freeze_timeout * 10)
 

@@ -27,6 +27,7 @@ from tenantry.errors import SchemaContractError
 __all__ = [
     "Convert",
     "TenantTable",
+    "analyze_tables",
     "check_same_tables",
     "tenant_tables",
     "value_reader",
@@ -151,6 +152,19 @@ def tenant_tables(
         )
         for name in _parents_first({n: t.parents & set(tenant) for n, t in tenant.items()})
     ]
+
+
+def analyze_tables(conn: Connection, tables: Iterable[TenantTable]) -> None:
+    """Refresh the planner's statistics of *tables* after a bulk copy into them (until
+    autovacuum gets to it, they may describe the tables as they were before, e.g.
+    empty). ANALYZE samples a bounded number of rows, whatever the table's size.
+    PostgreSQL only; nothing on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return
+    quote = conn.dialect.identifier_preparer.quote
+    for table in tables:
+        name = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
+        conn.exec_driver_sql(f"ANALYZE {name}")
 
 
 def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> None:

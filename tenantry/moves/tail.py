@@ -15,7 +15,8 @@ protocol version 1 it needs (Relation, Insert, Update, Delete) and skips the oth
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
@@ -270,6 +271,35 @@ def compare_tail(
     return differ
 
 
+@contextmanager
+def _lookup_plan(conn: Connection) -> Iterator[None]:
+    """Find the changed rows one by one through the primary key whatever the planner's
+    statistics say: right after a bulk copy they may still describe an empty table, and
+    a sequential scan per key would not fit in a freeze."""
+    names = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin", "enable_bitmapscan")
+    previous = (
+        conn.execute(
+            sa.text("SELECT current_setting(name) FROM unnest(CAST(:n AS text[])) AS name"),
+            {"n": list(names)},
+        )
+        .scalars()
+        .all()
+    )
+    _set_all(conn, names, ["off"] * len(names))
+    yield
+    _set_all(conn, names, list(previous))
+
+
+def _set_all(conn: Connection, names: Sequence[str], values: Sequence[str]) -> None:
+    conn.execute(
+        sa.text(
+            "SELECT set_config(n, v, true)"
+            " FROM unnest(CAST(:n AS text[]), CAST(:v AS text[])) AS s(n, v)"
+        ),
+        {"n": list(names), "v": list(values)},
+    ).all()
+
+
 def _lookup_keys(table: TenantTable, changed: TailTable) -> tuple[tuple[str, ...], list[Key]]:
     """The columns to find the changed rows by — the primary key when the replica
     identity holds it (always, for the default identity and FULL) — and their values."""
@@ -311,7 +341,7 @@ def _row_hashes(
     columns = ", ".join(f"t.{quote(c)}" for c in table.columns)
     params: dict[str, object] = {s: [k[i] for k in keys] for i, s in enumerate(slots)}
     params["tenant"] = tenant_id
-    with rendering_settings(conn):
+    with rendering_settings(conn), _lookup_plan(conn):
         rows = conn.execute(
             sa.text(
                 f"SELECT k.n, md5(ROW({columns})::text)"

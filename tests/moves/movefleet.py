@@ -136,6 +136,16 @@ def count_rows(engine: sa.Engine, tenant: str) -> int:
         )
 
 
+def analyzed_tables(engine: sa.Engine) -> set[str]:
+    """Tables of the database with a manual ANALYZE on record (PostgreSQL)."""
+    with engine.connect() as conn:
+        return set(
+            conn.execute(
+                sa.text("SELECT relname FROM pg_stat_user_tables WHERE last_analyze IS NOT NULL")
+            ).scalars()
+        )
+
+
 def residency(engine: sa.Engine, tenant: str) -> str | None:
     with engine.connect() as conn:
         state = read_residency(conn, tenant)

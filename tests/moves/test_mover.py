@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from click.testing import CliRunner
 from movefleet import (
     Fleet,
+    analyzed_tables,
     assert_one_home,
     build_fleet,
     count_rows,
@@ -76,6 +77,9 @@ def test_offline_move_between_servers(fleet):
     assert residency(fleet.engine("s1"), "acme") == "moved"
     assert _rows(fleet, "s1", "neighbor") == neighbor
     assert fleet.catalog.map_version() > version
+    # The new home's planner statistics were refreshed after the bulk copy.
+    assert analyzed_tables(fleet.engine("s2")) >= {"users", "chargers", "charging_sessions"}
+    assert done.stats["analyzed"] is True
 
 
 def test_auto_chooses_offline_for_sqlite_and_says_why(fleet):

@@ -25,7 +25,16 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from movefleet import Fleet, _plain, assert_one_home, build_fleet, count_rows, residency, seed
+from movefleet import (
+    Fleet,
+    _plain,
+    analyzed_tables,
+    assert_one_home,
+    build_fleet,
+    count_rows,
+    residency,
+    seed,
+)
 from movefleet import tenant_rows as _tenant_rows
 
 from tenantry import Router, load_settings, moves
@@ -388,6 +397,9 @@ def test_online_move_with_writers(fleet, kind):
     assert done.stats["verified"]["charging_sessions"]["rows"] > 0
     assert done.stats["tail_rows"] > 0
     assert done.stats["cut_freeze_seconds"] < MAX_FREEZE + MARGIN
+    # The target's statistics were refreshed after the initial copy, before the cut.
+    analyzed = analyzed_tables(fleet.engine(target))
+    assert analyzed >= {"users", "chargers", "charging_sessions"}, analyzed
     assert replication_objects(fleet) == []
 
 

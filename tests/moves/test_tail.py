@@ -54,9 +54,7 @@ def _drain(engine_url: str, changed: tail.Tail, upto: str | None = None) -> int:
             for _ in range(100):
                 with conn.begin():
                     flushed = conn.execute(
-                        sa.text(
-                            "SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()"
-                        )
+                        sa.text("SELECT pg_current_wal_flush_lsn() >= pg_current_wal_insert_lsn()")
                     ).scalar()
                 if flushed:
                     break
