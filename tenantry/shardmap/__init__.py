@@ -2,6 +2,7 @@
 
 from tenantry.shardmap.catalog import NOTIFY_CHANNEL, Catalog
 from tenantry.shardmap.model import (
+    MapDelta,
     MapSnapshot,
     Shard,
     ShardState,
@@ -18,6 +19,7 @@ from tenantry.shardmap.ring import PlacementRing
 __all__ = [
     "NOTIFY_CHANNEL",
     "Catalog",
+    "MapDelta",
     "MapSnapshot",
     "PlacementRing",
     "Residency",

@@ -1,11 +1,13 @@
 """A versioned, in-process snapshot of the shard map, kept fresh in the background.
 
 Routers read :attr:`MapCache.snapshot` on every request: one attribute read, no lock.
-A background thread replaces the snapshot whole when the catalog's map version
-changes: woken by ``LISTEN tenantry_map`` on PostgreSQL, and by polling the version
-every ``poll_interval`` seconds everywhere (the only way on SQLite, and the fallback
-when a notification is missed). A lost catalog connection is retried with backoff;
-routing goes on from the last snapshot meanwhile.
+A background thread replaces the snapshot when the catalog's map version changes,
+woken by ``LISTEN tenantry_map`` on PostgreSQL, and by polling the version every
+``poll_interval`` seconds everywhere (the only way on SQLite, and the fallback when a
+notification is missed). The new snapshot is the old one with the tenants changed
+since (the catalog keeps a change log), or the whole map when it is too far behind.
+A lost catalog connection is retried with backoff; routing goes on from the last
+snapshot meanwhile.
 """
 
 from __future__ import annotations
@@ -75,14 +77,17 @@ class MapCache:
     def refresh(self, *, min_version: int | None = None) -> MapSnapshot:
         """Reload the snapshot if the catalog's version moved (or is below *min_version*).
 
-        Cheap when nothing changed: one query of the version.
+        Cheap when nothing changed: one query of the version. Otherwise it reads only
+        the tenants changed since its version (the catalog's change log), or the whole
+        map when the log does not reach back that far.
         """
         with self._refresh_lock:
             current = self.snapshot
             version = self._catalog.map_version()
             if version == current.version and (min_version is None or version >= min_version):
                 return current
-            fresh = self._catalog.snapshot()
+            delta = self._catalog.map_delta(current.version)
+            fresh = current.apply(delta) if delta is not None else self._catalog.snapshot()
             if fresh.version > current.version:
                 self.snapshot = fresh
                 logger.debug("map version %d -> %d", current.version, fresh.version)

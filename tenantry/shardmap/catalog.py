@@ -39,6 +39,7 @@ from tenantry.errors import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import (
+    MapDelta,
     MapSnapshot,
     Shard,
     ShardState,
@@ -52,7 +53,7 @@ from tenantry.shardmap.model import (
 )
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
-from tenantry.shardmap.schema import map_table, moves, shards, tenants
+from tenantry.shardmap.schema import map_changes, map_table, moves, shards, tenants
 
 __all__ = ["NOTIFY_CHANNEL", "Catalog"]
 
@@ -60,6 +61,10 @@ logger = logging.getLogger("tenantry.catalog")
 
 #: PostgreSQL channel on which every map change is announced (payload: new version).
 NOTIFY_CHANNEL = "tenantry_map"
+#: How many map versions of tenant changes the catalog keeps for routers' refreshes;
+#: a router further behind reloads the whole map.
+CHANGES_KEPT = 10_000
+_PRUNE_EVERY = 100
 
 # Any constant works; it only has to be the same in every tenantry process.
 _INIT_LOCK_KEY = 0x7E4A7C01
@@ -180,7 +185,28 @@ class Catalog:
                 version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
                 if self.dialect == "postgresql":
                     conn.execute(sa.select(sa.func.pg_notify(NOTIFY_CHANNEL, str(version))))
+                if version % _PRUNE_EVERY == 0:
+                    self._prune_changes(conn, version - CHANGES_KEPT)
                 yield conn, version
+
+    @staticmethod
+    def _prune_changes(conn: Connection, below: int) -> None:
+        """Forget the tenant changes of versions up to *below*: routers older than that
+        reload the whole map."""
+        conn.execute(map_changes.delete().where(map_changes.c.version <= below))
+        conn.execute(
+            map_table.update().where(map_table.c.changes_since < below).values(changes_since=below)
+        )
+
+    @staticmethod
+    def _log_change(conn: Connection, tenant_id: str) -> None:
+        """Record that this transaction's map version changes *tenant_id*."""
+        conn.execute(
+            map_changes.insert().from_select(
+                ["version", "tenant_id"],
+                sa.select(map_table.c.version, sa.literal(tenant_id, sa.String(63))),
+            )
+        )
 
     # -- reads ---------------------------------------------------------------------
 
@@ -208,6 +234,46 @@ class Catalog:
             version=version,
             shards={row.name: _shard(row) for row in shard_rows},
             tenants=_tenants_fast(tenant_rows),
+        )
+
+    def map_delta(self, since: int) -> MapDelta | None:
+        """What changed after map version *since*: every shard, and the tenants added,
+        changed or removed since. None when the change log does not reach back that far
+        (then take a whole :meth:`snapshot`)."""
+        with self._read() as conn:
+            version, complete_from = conn.execute(
+                sa.select(map_table.c.version, map_table.c.changes_since)
+            ).one()
+            if since < int(complete_from) or since > int(version):
+                return None
+            changed_ids = list(
+                conn.execute(
+                    sa.select(map_changes.c.tenant_id)
+                    .where(map_changes.c.version > since)
+                    .distinct()
+                ).scalars()
+            )
+            rows: list[Any] = []
+            for start in range(0, len(changed_ids), 1000):
+                chunk = changed_ids[start : start + 1000]
+                rows += conn.execute(
+                    sa.select(
+                        tenants.c.id,
+                        tenants.c.shard,
+                        tenants.c.tier,
+                        tenants.c.pinned,
+                        tenants.c.state,
+                        tenants.c.created_at,
+                    ).where(tenants.c.id.in_(chunk))
+                ).all()
+            shard_rows = conn.execute(sa.select(shards)).all()
+        changed = _tenants_fast(rows)
+        return MapDelta(
+            version=int(version),
+            since=since,
+            shards={row.name: _shard(row) for row in shard_rows},
+            tenants=changed,
+            removed=frozenset(changed_ids) - changed.keys(),
         )
 
     def get_shard(self, name: str) -> Shard:
@@ -384,6 +450,7 @@ class Catalog:
                         created_at=created,
                     )
                 )
+                self._log_change(conn, tenant_id)
         except BaseException:
             if written is not None:
                 # The catalog did not commit: take back the residency row we wrote.
@@ -413,6 +480,7 @@ class Catalog:
             # Fence first, so a router with an old map cannot write after we return.
             set_residency(shard, tenant_id, Residency.MOVED, version, self.settings)
             conn.execute(tenants.delete().where(tenants.c.id == tenant_id))
+            self._log_change(conn, tenant_id)
         with suppress(TenantryError):
             drop_residency(shard, tenant_id, self.settings)
         logger.info("removed tenant %s from shard %s", tenant_id, tenant.shard)
@@ -424,6 +492,7 @@ class Catalog:
         with self._write() as (conn, _version):
             self._get_tenant(conn, tenant_id)
             conn.execute(tenants.update().where(tenants.c.id == tenant_id).values(pinned=pinned))
+            self._log_change(conn, tenant_id)
             return self._get_tenant(conn, tenant_id)
 
     def set_placement(
@@ -491,6 +560,7 @@ class Catalog:
         conn.execute(
             tenants.update().where(tenants.c.id == tenant_id).values(state=TenantState(state).value)
         )
+        self._log_change(conn, tenant_id)
 
     def _set_placement(
         self, conn: Connection, tenant_id: str, shard: str, *, check: bool
@@ -504,6 +574,7 @@ class Catalog:
             .where(tenants.c.id == tenant_id)
             .values(shard=target.name, tier=target.tier.value)
         )
+        self._log_change(conn, tenant_id)
         version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
         del tenant
         return self._get_tenant(conn, tenant_id), version

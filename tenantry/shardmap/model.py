@@ -22,6 +22,7 @@ from tenantry.errors import (
 
 __all__ = [
     "NAME_PATTERN",
+    "MapDelta",
     "MapSnapshot",
     "Shard",
     "ShardState",
@@ -167,7 +168,8 @@ class Tenant:
 class MapSnapshot:
     """An immutable view of the whole shard map at one map version.
 
-    Routers keep one and look tenants up in its dicts; a newer version replaces it whole.
+    Routers keep one and look tenants up in its dicts; a newer version replaces it (built
+    from the changes since, :meth:`apply`, or read whole).
     """
 
     version: int
@@ -204,8 +206,32 @@ class MapSnapshot:
         """The tenants placed on *shard*, by id."""
         return sorted((t for t in self.tenants.values() if t.shard == shard), key=lambda t: t.id)
 
+    def apply(self, delta: MapDelta) -> MapSnapshot:
+        """The snapshot at *delta*'s version: this one with the delta's changes."""
+        if delta.since != self.version:
+            raise ValueError(
+                f"a delta since version {delta.since} does not apply to version {self.version}"
+            )
+        tenants = dict(self.tenants)
+        for tenant_id in delta.removed:
+            tenants.pop(tenant_id, None)
+        tenants.update(delta.tenants)
+        return MapSnapshot(version=delta.version, shards=delta.shards, tenants=tenants)
+
     def __repr__(self) -> str:
         return (
             f"MapSnapshot(version={self.version}, shards={len(self.shards)}, "
             f"tenants={len(self.tenants)})"
         )
+
+
+@dataclass(frozen=True, slots=True)
+class MapDelta:
+    """What changed in the map from version ``since`` to ``version``: every shard (there
+    are few), the tenants added or changed, and the ids of those removed."""
+
+    version: int
+    since: int
+    shards: Mapping[str, Shard]
+    tenants: Mapping[str, Tenant]
+    removed: frozenset[str]

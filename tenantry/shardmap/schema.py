@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 __all__ = [
     "catalog_metadata",
+    "map_changes",
     "map_table",
     "moves",
     "residency",
@@ -26,6 +27,16 @@ map_table = sa.Table(
     catalog_metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("version", sa.BigInteger, nullable=False),
+    #: The oldest version from which map_changes is complete.
+    sa.Column("changes_since", sa.BigInteger, nullable=False),
+)
+
+#: Which tenants each map version changed (routers refresh by it).
+map_changes = sa.Table(
+    "tenantry_map_changes",
+    catalog_metadata,
+    sa.Column("version", sa.BigInteger, nullable=False, index=True),
+    sa.Column("tenant_id", sa.String(63), nullable=False),
 )
 
 shards = sa.Table(
