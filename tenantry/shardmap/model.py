@@ -212,7 +212,10 @@ class MapSnapshot:
             raise ValueError(
                 f"a delta since version {delta.since} does not apply to version {self.version}"
             )
-        tenants = dict(self.tenants)
+        # The proxy's copy() copies the dict beneath at C speed; dict(proxy) would go
+        # through the mapping protocol key by key (20x slower for 100,000 tenants).
+        proxy = self.tenants
+        tenants = proxy.copy() if isinstance(proxy, MappingProxyType) else dict(proxy)
         for tenant_id in delta.removed:
             tenants.pop(tenant_id, None)
         tenants.update(delta.tenants)
