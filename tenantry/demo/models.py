@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import DateTime, ForeignKeyConstraint, Numeric, String
+from sqlalchemy import DateTime, ForeignKeyConstraint, Index, Numeric, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from tenantry.router.scoping import TenantScoped
@@ -58,6 +58,8 @@ class ChargingSession(TenantScoped, Base):
     __table_args__ = (
         ForeignKeyConstraint(["tenant_id", "charger_id"], ["chargers.tenant_id", "chargers.id"]),
         ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
+        Index("charging_sessions_by_charger", "tenant_id", "charger_id"),
+        Index("charging_sessions_by_user", "tenant_id", "user_id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)

@@ -47,6 +47,7 @@ from tenantry.moves.tables import (
     analyze_tables,
     check_same_tables,
     tenant_tables,
+    unindexed_foreign_keys,
 )
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
@@ -459,6 +460,9 @@ class Mover:
         with self.admin(source) as engine:
             with engine.connect() as conn:
                 tables = tenant_tables(conn, column=self.column)
+                for slow in unindexed_foreign_keys(conn, tables):
+                    logger.warning("%s", slow)
+                    self.observer.note(slow)
             deleted = delete_tenant_rows(
                 engine,
                 move.tenant_id,

@@ -30,6 +30,7 @@ __all__ = [
     "analyze_tables",
     "check_same_tables",
     "tenant_tables",
+    "unindexed_foreign_keys",
     "value_reader",
     "value_writer",
 ]
@@ -165,6 +166,39 @@ def analyze_tables(conn: Connection, tables: Iterable[TenantTable]) -> None:
     for table in tables:
         name = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
         conn.exec_driver_sql(f"ANALYZE {name}")
+
+
+def unindexed_foreign_keys(conn: Connection, tables: Iterable[TenantTable]) -> list[str]:
+    """One line for each foreign key between *tables* that no index of the referencing
+    table leads with: deleting a tenant's parent rows (a move's cleanup) then checks
+    each one by scanning the child table. PostgreSQL only; empty on SQLite."""
+    if conn.dialect.name != "postgresql":
+        return []
+    names = [f"{_quote(t.schema)}.{_quote(t.name)}" if t.schema else _quote(t.name) for t in tables]
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.conrelid::regclass::text, c.confrelid::regclass::text,"
+            " ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY AS k(n, o)"
+            "       JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n"
+            "       ORDER BY k.o)"
+            " FROM pg_constraint c"
+            " WHERE c.contype = 'f'"
+            " AND c.conrelid = ANY(ARRAY(SELECT to_regclass(n) FROM unnest(CAST(:t AS text[])) n))"
+            " AND c.confrelid = ANY(ARRAY(SELECT to_regclass(n) FROM unnest(CAST(:t AS text[])) n))"
+            " AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.conrelid"
+            "   AND i.indpred IS NULL"
+            "   AND (string_to_array(i.indkey::text, ' ')::int2[])"
+            "       [1:array_length(c.conkey, 1)] @> c.conkey)"
+            " ORDER BY 1, 2"
+        ),
+        {"t": names},
+    ).all()
+    return [
+        f"table {child} has no index on ({', '.join(columns)}) for its foreign key to "
+        f"{parent}: deleting a tenant's {parent} rows (a move's cleanup) scans {child} "
+        f"once per row; CREATE INDEX ON {child} ({', '.join(columns)})"
+        for child, parent, columns in rows
+    ]
 
 
 def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> None:

@@ -14,6 +14,7 @@ from tenantry.moves.tables import (
     _parents_first,
     check_same_tables,
     tenant_tables,
+    unindexed_foreign_keys,
 )
 from tenantry.shardmap.connect import make_engine
 
@@ -339,3 +340,36 @@ def test_same_tables_between_sqlite_and_postgresql(pg_engine: sa.Engine, sqlite_
         assert info.value.table == "mid_child"
     finally:
         lite.dispose()
+
+
+def test_foreign_keys_without_an_index_are_named_with_the_fix(pg_engine: sa.Engine) -> None:
+    run(
+        pg_engine,
+        "CREATE TABLE owners (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE TABLE pets (tenant_id text, id int, owner_id int, vet_id int,"
+        " PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, owner_id) REFERENCES owners (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, vet_id) REFERENCES owners (tenant_id, id))",
+        # Leads with the key's columns in another order: it serves the check.
+        "CREATE INDEX ON pets (vet_id, tenant_id, id)",
+        # Partial: it does not.
+        "CREATE INDEX ON pets (tenant_id, owner_id) WHERE owner_id > 0",
+    )
+    with pg_engine.connect() as conn:
+        tables = tenant_tables(conn)
+        assert unindexed_foreign_keys(conn, tables) == [
+            "table pets has no index on (tenant_id, owner_id) for its foreign key to owners: "
+            "deleting a tenant's owners rows (a move's cleanup) scans pets once per row; "
+            "CREATE INDEX ON pets (tenant_id, owner_id)"
+        ]
+    run(pg_engine, "CREATE INDEX ON pets (tenant_id, owner_id)")
+    with pg_engine.connect() as conn:
+        assert unindexed_foreign_keys(conn, tenant_tables(conn)) == []
+
+
+def test_the_demo_schema_indexes_its_foreign_keys(pg_engine: sa.Engine) -> None:
+    from tenantry.demo.models import Base
+
+    Base.metadata.create_all(pg_engine)
+    with pg_engine.connect() as conn:
+        assert unindexed_foreign_keys(conn, tenant_tables(conn)) == []

@@ -30,11 +30,16 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["tenant_id", "charger_id"], ["chargers.tenant_id", "chargers.id"]),
         sa.ForeignKeyConstraint(["tenant_id", "user_id"], ["users.tenant_id", "users.id"]),
     )
+    # An index behind each foreign key: deleting a user or charger checks for its
+    # sessions, and without one each check scans the tenant's sessions (moving a tenant
+    # out of a database deletes all its users).
     op.create_index(
         "charging_sessions_by_charger", "charging_sessions", ["tenant_id", "charger_id"]
     )
+    op.create_index("charging_sessions_by_user", "charging_sessions", ["tenant_id", "user_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("charging_sessions_by_user", table_name="charging_sessions")
     op.drop_index("charging_sessions_by_charger", table_name="charging_sessions")
     op.drop_table("charging_sessions")
