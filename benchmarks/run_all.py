@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -302,6 +303,17 @@ def render_report(outcomes: Sequence[Outcome], mode: str, seconds: float) -> str
         "times vary between machines; every raw figure is in the JSON file of each "
         "benchmark (`tiers.json`, `routing_overhead.json`, ...) next to this report.",
         "",
+    ]
+    reruns = [o for o in outcomes if o.detail.startswith("re-run on its own")]
+    if reruns:
+        lines += [
+            "> Re-run on their own after this run, on the same machine: "
+            + ", ".join(f"`{o.name}` ({o.detail.split(' at ')[1].split(',')[0]})" for o in reruns)
+            + ". Their figures below are from those later runs, not interleaved with the "
+            "others.",
+            "",
+        ]
+    lines += [
         "## Headline ratios",
         "",
         markdown_table(["Q", "figure", "ratio", "from"], headline_rows, align="clrl")
@@ -415,8 +427,18 @@ def save_runs(outcomes: Sequence[Outcome], mode: str, seconds: float, out: Path)
         }
         for o in outcomes
     ]
-    record = {"mode": mode, "seconds": round(seconds, 1), "runs": runs}
+    finished = datetime.now(UTC).replace(microsecond=0).isoformat()
+    record = {"mode": mode, "seconds": round(seconds, 1), "finished": finished, "runs": runs}
     (out / RUNS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def rerun_after(outcome: Outcome, finished: str | None) -> str | None:
+    """When *outcome*'s results were measured, if after the run that ended at *finished*
+    (a benchmark re-run on its own since, e.g. after a change it measures)."""
+    when = outcome.data.get("machine", {}).get("when")
+    if finished and isinstance(when, str) and when > finished:
+        return when
+    return None
 
 
 def load_existing(args: argparse.Namespace) -> tuple[list[Outcome], str, float]:
@@ -436,6 +458,9 @@ def load_existing(args: argparse.Namespace) -> tuple[list[Outcome], str, float]:
             outcome.seconds = run.get("seconds", 0.0)
             outcome.detail = run.get("detail", "from an earlier run")
             outcome.data = json.loads(path.read_text())
+            when = rerun_after(outcome, saved.get("finished"))
+            if when:
+                outcome.detail = f"re-run on its own at {when}, after this run"
             md = path.with_suffix(".md")
             outcome.markdown = md.read_text() if md.is_file() else ""
         outcomes.append(outcome)
