@@ -280,7 +280,10 @@ def _fmt(h: dict[str, Any]) -> str:
     if math.isnan(value):
         return str(h.get("value", "n/a"))
     unit = h.get("unit", "x")
-    return f"{value:.2f}{unit}" if unit == "x" else f"{value:.3g} {unit}"
+    if unit == "x":
+        # Small ratios keep their digits: 0.005x is not 0.01x.
+        return f"{value:.3f}x" if abs(value) < 0.1 else f"{value:.2f}x"
+    return f"{value:.3g} {unit}"
 
 
 def render_report(outcomes: Sequence[Outcome], mode: str, seconds: float) -> str:
