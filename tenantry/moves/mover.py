@@ -61,6 +61,7 @@ logger = logging.getLogger("tenantry.moves")
 
 _MOVE_LOCK_BASE = 0x7E4A0000  # + move id: one advisory lock per move on the catalog
 _FREEZE_ATTEMPTS = 3
+_CLAIM_PATIENCE = 3.0  # seconds a move's claim is retried before "run by another process"
 
 
 class Checkpoints(Protocol):
@@ -619,9 +620,19 @@ class Mover:
         if self.catalog.dialect == "postgresql":
             with self.catalog.engine.connect() as conn:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
-                got = conn.execute(
-                    sa.text("SELECT pg_try_advisory_lock(:k)"), {"k": _MOVE_LOCK_BASE + move_id}
-                ).scalar()
+                # A killed owner's session ends when the server notices its socket
+                # closed: moments later, not at once. Give it that long.
+                deadline = time.monotonic() + _CLAIM_PATIENCE
+                while (
+                    not (
+                        got := conn.execute(
+                            sa.text("SELECT pg_try_advisory_lock(:k)"),
+                            {"k": _MOVE_LOCK_BASE + move_id},
+                        ).scalar()
+                    )
+                    and time.monotonic() < deadline
+                ):
+                    time.sleep(0.05)
                 if not got:
                     raise MoveError(
                         f"move {move_id} is being run by another process", move_id=move_id
