@@ -220,16 +220,7 @@ class Catalog:
         with self._read() as conn:
             version = int(conn.execute(sa.select(map_table.c.version)).scalar_one())
             shard_rows = conn.execute(sa.select(shards)).all()
-            tenant_rows = conn.execute(
-                sa.select(
-                    tenants.c.id,
-                    tenants.c.shard,
-                    tenants.c.tier,
-                    tenants.c.pinned,
-                    tenants.c.state,
-                    tenants.c.created_at,
-                )
-            ).all()
+            tenant_rows = conn.execute(sa.select(*_SNAPSHOT_COLUMNS)).all()
         return MapSnapshot(
             version=version,
             shards={row.name: _shard(row) for row in shard_rows},
@@ -257,14 +248,7 @@ class Catalog:
             for start in range(0, len(changed_ids), 1000):
                 chunk = changed_ids[start : start + 1000]
                 rows += conn.execute(
-                    sa.select(
-                        tenants.c.id,
-                        tenants.c.shard,
-                        tenants.c.tier,
-                        tenants.c.pinned,
-                        tenants.c.state,
-                        tenants.c.created_at,
-                    ).where(tenants.c.id.in_(chunk))
+                    sa.select(*_SNAPSHOT_COLUMNS).where(tenants.c.id.in_(chunk))
                 ).all()
             shard_rows = conn.execute(sa.select(shards)).all()
         changed = _tenants_fast(rows)
@@ -675,6 +659,17 @@ def _shard(row: Any) -> Shard:
 
 _TIERS = {t.value: t for t in Tier}
 _TENANT_STATES = {s.value: s for s in TenantState}
+
+
+#: A tenant's columns in a snapshot, in the order :func:`_tenants_fast` reads them.
+_SNAPSHOT_COLUMNS = (
+    tenants.c.id,
+    tenants.c.shard,
+    tenants.c.tier,
+    tenants.c.pinned,
+    tenants.c.state,
+    tenants.c.created_at,
+)
 
 
 def _tenants_fast(rows: Any) -> dict[str, Tenant]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tenantry import Catalog, Shard, load_settings
+from tenantry import Catalog, MapSnapshot, Shard, load_settings
 from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.schema import residency
 
@@ -51,3 +51,23 @@ def residency_rows(shard: Shard) -> dict[str, tuple[str, int]]:
 def read_residency() -> Callable[[Shard], dict[str, tuple[str, int]]]:
     """``read_residency(shard)``: the residency rows on a shard."""
     return residency_rows
+
+
+@pytest.fixture
+def count_loads(monkeypatch: pytest.MonkeyPatch) -> Callable[[Catalog], list[int]]:
+    """``loads = count_loads(catalog)``: each whole-map read (``catalog.snapshot()``)
+    appends its version."""
+
+    def install(catalog: Catalog) -> list[int]:
+        loads: list[int] = []
+        original = catalog.snapshot
+
+        def snapshot() -> MapSnapshot:
+            result = original()
+            loads.append(result.version)
+            return result
+
+        monkeypatch.setattr(catalog, "snapshot", snapshot)
+        return loads
+
+    return install

@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from tenantry import Catalog, MapSnapshot, load_settings
+from tenantry import Catalog, load_settings
 from tenantry.errors import CatalogUnavailable
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.schema import map_table
@@ -51,25 +51,6 @@ def caches() -> Iterator[Callable[..., MapCache]]:
     yield make
     for cache in made:
         cache.close()
-
-
-@pytest.fixture
-def count_loads(monkeypatch: pytest.MonkeyPatch) -> Callable[[Catalog], list[int]]:
-    """``loads = count_loads(catalog)``: each full snapshot read appends its version."""
-
-    def install(catalog: Catalog) -> list[int]:
-        loads: list[int] = []
-        original = catalog.snapshot
-
-        def snapshot() -> MapSnapshot:
-            result = original()
-            loads.append(result.version)
-            return result
-
-        monkeypatch.setattr(catalog, "snapshot", snapshot)
-        return loads
-
-    return install
 
 
 # -- refresh --------------------------------------------------------------------------------

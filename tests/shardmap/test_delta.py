@@ -25,18 +25,9 @@ ShardUrl = Callable[[], str]
 
 
 @pytest.fixture
-def full_loads(catalog: Catalog, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def full_loads(catalog: Catalog, count_loads: Callable[[Catalog], list[int]]) -> list[int]:
     """The version of every whole-map read (``catalog.snapshot()``) from now on."""
-    loads: list[int] = []
-    original = catalog.snapshot
-
-    def snapshot() -> MapSnapshot:
-        result = original()
-        loads.append(result.version)
-        return result
-
-    monkeypatch.setattr(catalog, "snapshot", snapshot)
-    return loads
+    return count_loads(catalog)
 
 
 @pytest.fixture
