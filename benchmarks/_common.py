@@ -13,6 +13,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -35,6 +36,7 @@ from sqlalchemy.pool import NullPool
 
 __all__ = [
     "RESULTS_DIR",
+    "Phases",
     "console",
     "fmt_ns",
     "load_average",
@@ -305,3 +307,20 @@ def progress() -> Progress:
         console=console,
         transient=False,
     )
+
+
+class Phases:
+    """Wall time of each phase of a benchmark, for its report:
+    ``with phase("load"): ...`` prints the name and records the seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        console.print(f"[bold]{name}[/]")
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(time.monotonic() - started, 1)

@@ -59,6 +59,7 @@ from typing import Any
 import sqlalchemy as sa
 from _common import (
     RESULTS_DIR,
+    Phases,
     console,
     fmt_ns,
     load_average,
@@ -1020,22 +1021,6 @@ def print_summary(data: dict[str, Any]) -> None:
 
 
 # -- main -----------------------------------------------------------------------------
-
-
-class Phases:
-    """Wall time of each phase, for the report."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        console.print(f"[bold]{name}[/]")
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.monotonic() - start, 1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -67,6 +67,7 @@ import psycopg
 import sqlalchemy as sa
 from _common import (
     RESULTS_DIR,
+    Phases,
     console,
     load_average,
     machine_info,
@@ -1299,22 +1300,6 @@ def planned_layouts(cfg: Config) -> tuple[list[tuple[str, int]], list[dict[str, 
             else:
                 run.append((tier, n))
     return run, skipped
-
-
-class Phases:
-    """Wall time of each phase, for the report."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        console.print(f"[bold]{name}[/]")
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(time.monotonic() - started, 1)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

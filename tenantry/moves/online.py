@@ -31,7 +31,7 @@ from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
 from tenantry.moves.tables import TenantTable, analyze_tables, tenant_tables
-from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
+from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
 from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.residency import Residency, write_residency
@@ -203,9 +203,7 @@ class OnlineSteps:
                 tail.create_tail_slot(
                     plain.execution_options(isolation_level="AUTOCOMMIT"), move.id
                 )
-                tables = tenant_tables(plain, column=mover.column)
-                plain.rollback()
-                self._tables[move.id] = tables
+                tables = self._tenant_tables(move, plain)
                 began = time.monotonic()
                 with _snapshots(src_engine, dst_engine) as (src_snap, dst_snap):
                     cut_lsn = self._cut(move, src_engine, dst_engine, src_snap, dst_snap)
@@ -268,8 +266,7 @@ class OnlineSteps:
         changed = self._tails[move.id]
         slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
         with src_engine.connect() as plain, _snapshots(src_engine, dst_engine) as snaps:
-            tables = tenant_tables(plain, column=mover.column)
-            plain.rollback()
+            tables = self._tenant_tables(move, plain)
             cut_lsn = self._cut(move, src_engine, dst_engine, *snaps)
             tail.drain(plain, slot, publication, changed, upto_lsn=cut_lsn)
             mover.observer.note(f"checking {len(changed):,} changed rows at a new cut")
@@ -328,7 +325,7 @@ class OnlineSteps:
             tables = self._tenant_tables(move, src)
             with src.begin(), dst.begin():
                 for conn in (src, dst):
-                    _statement_timeout(conn, _left(deadline))
+                    set_local(conn, {"statement_timeout": tail.timeout_ms(_left(deadline))})
                 differ = tail.compare_tail(
                     src, dst, move.tenant_id, tables, changed, column=self.mover.column
                 )
@@ -479,14 +476,6 @@ class OnlineSteps:
 
 def _left(deadline: float) -> float:
     return deadline - time.monotonic()
-
-
-def _statement_timeout(conn: Connection, seconds: float) -> None:
-    """Cancel the transaction's statements after *seconds* (at least 1 ms)."""
-    conn.execute(
-        sa.text("SELECT set_config('statement_timeout', :ms, true)"),
-        {"ms": f"{max(1, int(seconds * 1000))}ms"},
-    )
 
 
 @contextmanager

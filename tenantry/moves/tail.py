@@ -15,15 +15,20 @@ protocol version 1 it needs (Relation, Insert, Update, Delete) and skips the oth
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
 from tenantry.moves.tables import TenantTable
-from tenantry.moves.verify import TableDigest, digest_tenant, rendering_settings
+from tenantry.moves.verify import (
+    TableDigest,
+    digest_tenant,
+    pinned_settings,
+    rendering_settings,
+    set_local,
+)
 
 __all__ = [
     "Tail",
@@ -33,12 +38,28 @@ __all__ = [
     "drain",
     "parse_messages",
     "tail_slot_name",
+    "timeout_ms",
 ]
 
 _SENTINEL = "tenantry_move_sentinel"
 _BATCH = 5_000
 
+#: Find the changed rows one by one through the primary key whatever the planner's
+#: statistics say: right after a bulk copy they may still describe an empty table, and
+#: a sequential scan per key would not fit in a freeze.
+_LOOKUP_PLAN = {
+    "enable_seqscan": "off",
+    "enable_hashjoin": "off",
+    "enable_mergejoin": "off",
+    "enable_bitmapscan": "off",
+}
+
 Key = tuple[str | None, ...]
+
+
+def timeout_ms(seconds: float) -> str:
+    """A ``statement_timeout`` of *seconds*, at least 1 ms (0 would mean none)."""
+    return f"{max(1, int(seconds * 1000))}ms"
 
 
 def tail_slot_name(move_id: int) -> str:
@@ -209,10 +230,7 @@ def drain(
     """
     with conn.begin(), rendering_settings(conn):
         if timeout is not None:
-            conn.execute(
-                sa.text("SELECT set_config('statement_timeout', :ms, true)"),
-                {"ms": f"{max(1, int(timeout * 1000))}ms"},
-            )
+            set_local(conn, {"statement_timeout": timeout_ms(timeout)})
         rows = (
             conn.execute(
                 sa.text(
@@ -271,35 +289,6 @@ def compare_tail(
     return differ
 
 
-@contextmanager
-def _lookup_plan(conn: Connection) -> Iterator[None]:
-    """Find the changed rows one by one through the primary key whatever the planner's
-    statistics say: right after a bulk copy they may still describe an empty table, and
-    a sequential scan per key would not fit in a freeze."""
-    names = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin", "enable_bitmapscan")
-    previous = (
-        conn.execute(
-            sa.text("SELECT current_setting(name) FROM unnest(CAST(:n AS text[])) AS name"),
-            {"n": list(names)},
-        )
-        .scalars()
-        .all()
-    )
-    _set_all(conn, names, ["off"] * len(names))
-    yield
-    _set_all(conn, names, list(previous))
-
-
-def _set_all(conn: Connection, names: Sequence[str], values: Sequence[str]) -> None:
-    conn.execute(
-        sa.text(
-            "SELECT set_config(n, v, true)"
-            " FROM unnest(CAST(:n AS text[]), CAST(:v AS text[])) AS s(n, v)"
-        ),
-        {"n": list(names), "v": list(values)},
-    ).all()
-
-
 def _lookup_keys(table: TenantTable, changed: TailTable) -> tuple[tuple[str, ...], list[Key]]:
     """The columns to find the changed rows by — the primary key when the replica
     identity holds it (always, for the default identity and FULL) — and their values."""
@@ -341,7 +330,7 @@ def _row_hashes(
     columns = ", ".join(f"t.{quote(c)}" for c in table.columns)
     params: dict[str, object] = {s: [k[i] for k in keys] for i, s in enumerate(slots)}
     params["tenant"] = tenant_id
-    with rendering_settings(conn), _lookup_plan(conn):
+    with rendering_settings(conn), pinned_settings(conn, _LOOKUP_PLAN):
         rows = conn.execute(
             sa.text(
                 f"SELECT k.n, md5(ROW({columns})::text)"

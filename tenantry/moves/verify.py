@@ -35,8 +35,10 @@ __all__ = [
     "canonical",
     "compare_digests",
     "digest_tenant",
+    "pinned_settings",
     "rendering_settings",
     "row_hash",
+    "set_local",
 ]
 
 #: PostgreSQL settings under which two servers print the same value the same way.
@@ -104,19 +106,28 @@ def rendering_settings(conn: Connection) -> Iterator[None]:
     if conn.dialect.name != "postgresql":
         yield
         return
-    names = list(RENDERING)
+    with pinned_settings(conn, RENDERING):
+        yield
+
+
+@contextmanager
+def pinned_settings(conn: Connection, settings: Mapping[str, str]) -> Iterator[None]:
+    """Set *settings* for the current transaction (``SET LOCAL``), then restore the
+    previous values (PostgreSQL)."""
+    names = list(settings)
     old = conn.execute(
         sa.text("SELECT current_setting(name) FROM unnest(CAST(:names AS text[])) AS name"),
         {"names": names},
     ).scalars()
     previous = dict(zip(names, old, strict=True))
-    _set_local(conn, RENDERING)
+    set_local(conn, settings)
     yield
     # Not on error: the transaction is failing then, and its settings end with it.
-    _set_local(conn, previous)
+    set_local(conn, previous)
 
 
-def _set_local(conn: Connection, settings: Mapping[str, str]) -> None:
+def set_local(conn: Connection, settings: Mapping[str, str]) -> None:
+    """``SET LOCAL`` each of *settings*, in one statement (PostgreSQL)."""
     conn.execute(
         sa.text(
             "SELECT set_config(name, value, true) "

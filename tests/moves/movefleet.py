@@ -194,3 +194,31 @@ def retrying(
         except errors:
             time.sleep(0.005)
     raise AssertionError("never succeeded")
+
+
+def replication_objects(fleet: Fleet) -> set[tuple[str, str, str]]:
+    """(shard, kind, name) of every publication, replication slot and subscription in
+    the fleet's PostgreSQL databases, tenantry's or not (a table-sync slot left by an
+    interrupted initial copy counts)."""
+    found = set()
+    for shard, url in fleet.urls.items():
+        if not url.startswith("postgresql"):
+            continue
+        engine = fleet.engine(shard)
+        with engine.connect() as conn:
+            for kind, query in (
+                ("publication", "SELECT pubname FROM pg_publication"),
+                (
+                    "slot",
+                    "SELECT slot_name FROM pg_replication_slots"
+                    " WHERE database = current_database()",
+                ),
+                (
+                    "subscription",
+                    "SELECT subname FROM pg_subscription WHERE subdbid ="
+                    " (SELECT oid FROM pg_database WHERE datname = current_database())",
+                ),
+            ):
+                found |= {(shard, kind, n) for n in conn.execute(sa.text(query)).scalars()}
+        engine.dispose()
+    return found

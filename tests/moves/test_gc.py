@@ -14,7 +14,14 @@ from contextlib import suppress
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from movefleet import Fleet, assert_one_home, build_fleet, seed, tenant_rows
+from movefleet import (
+    Fleet,
+    assert_one_home,
+    build_fleet,
+    replication_objects,
+    seed,
+    tenant_rows,
+)
 
 from tenantry import moves
 from tenantry.cli import cli
@@ -70,31 +77,6 @@ def _autocommit(fleet: Fleet, shard: str) -> sa.Engine:
     return sa.create_engine(fleet.urls[shard], isolation_level="AUTOCOMMIT")
 
 
-def objects(fleet: Fleet) -> set[tuple[str, str, str]]:
-    """(shard, kind, name) of every publication, slot and subscription of the fleet's
-    PostgreSQL databases, tenantry's or not."""
-    found = set()
-    for shard in ("s1", "s2"):
-        engine = fleet.engine(shard)
-        with engine.connect() as conn:
-            for kind, query in (
-                ("publication", "SELECT pubname FROM pg_publication"),
-                (
-                    "slot",
-                    "SELECT slot_name FROM pg_replication_slots"
-                    " WHERE database = current_database()",
-                ),
-                (
-                    "subscription",
-                    "SELECT subname FROM pg_subscription WHERE subdbid ="
-                    " (SELECT oid FROM pg_database WHERE datname = current_database())",
-                ),
-            ):
-                found |= {(shard, kind, n) for n in conn.execute(sa.text(query)).scalars()}
-        engine.dispose()
-    return found
-
-
 def make_orphans(fleet: Fleet, name: str = ORPHAN) -> set[tuple[str, str, str]]:
     """A publication and slot on s1 and a subscription on s2 that streams from them,
     named like a move's; plus the application's own publication, which is not ours."""
@@ -124,18 +106,18 @@ def listed(found: list[Leftover]) -> set[tuple[str, str, str]]:
 
 def test_dry_run_lists_orphans_and_apply_drops_them(fleet):
     orphans = make_orphans(fleet)
-    assert objects(fleet) == orphans | {("s1", "publication", "app_changes")}
+    assert replication_objects(fleet) == orphans | {("s1", "publication", "app_changes")}
     dry = collect_garbage(fleet.catalog)
     assert listed(dry) == orphans
     assert not any(f.dropped for f in dry)
     # Subscriptions first: dropping one frees the slot it streams from.
     assert [f.kind for f in dry] == ["subscription", "slot", "publication"]
-    assert objects(fleet) == orphans | {("s1", "publication", "app_changes")}
+    assert replication_objects(fleet) == orphans | {("s1", "publication", "app_changes")}
     applied = collect_garbage(fleet.catalog, apply=True)
     assert listed(applied) == orphans
     assert all(f.dropped for f in applied)
     # Only the application's own publication is left.
-    assert objects(fleet) == {("s1", "publication", "app_changes")}
+    assert replication_objects(fleet) == {("s1", "publication", "app_changes")}
     assert collect_garbage(fleet.catalog) == []
 
 
@@ -150,7 +132,7 @@ def test_objects_of_a_live_move_are_never_listed(fleet):
             if name == "online-synced":
                 (self.live,) = moves.list_moves(fleet.catalog, live=True)
                 self.mine = {("s1", "publication"), ("s1", "slot"), ("s2", "subscription")}
-                self.present = {(s, k) for s, k, n in objects(fleet) if n == self.name}
+                self.present = {(s, k) for s, k, n in replication_objects(fleet) if n == self.name}
                 self.dry = collect_garbage(fleet.catalog)
                 self.applied = collect_garbage(fleet.catalog, apply=True)
 
@@ -167,7 +149,7 @@ def test_objects_of_a_live_move_are_never_listed(fleet):
     assert listed(hooks.applied) == orphans and all(f.dropped for f in hooks.applied)
     assert done.succeeded
     assert assert_one_home(fleet, "acme", before) == "s2"
-    assert objects(fleet) == {("s1", "publication", "app_changes")}
+    assert replication_objects(fleet) == {("s1", "publication", "app_changes")}
 
 
 def test_objects_of_an_abandoned_move_are_collected(fleet):
@@ -184,16 +166,16 @@ def test_objects_of_an_abandoned_move_are_collected(fleet):
     (live,) = moves.list_moves(fleet.catalog, live=True)
     name = artifact_name(live.id)
     left = {("s1", "publication", name), ("s1", "slot", name), ("s2", "subscription", name)}
-    assert objects(fleet) == left
+    assert replication_objects(fleet) == left
     # Live: its objects are its own, however long it has been stopped.
     assert collect_garbage(fleet.catalog, apply=True) == []
-    assert objects(fleet) == left
+    assert replication_objects(fleet) == left
     # Its journal entry lost (by hand, or a bug): now they are orphans.
     with fleet.catalog.engine.begin() as conn:
         conn.execute(moves_table.delete().where(moves_table.c.id == live.id))
     assert listed(collect_garbage(fleet.catalog)) == left
     assert listed(collect_garbage(fleet.catalog, apply=True)) == left
-    assert objects(fleet) == set()
+    assert replication_objects(fleet) == set()
 
 
 def test_cli_moves_gc(fleet):
@@ -212,14 +194,14 @@ def test_cli_moves_gc(fleet):
     records = json.loads(dry.output)
     assert {(r["shard"], r["kind"], r["name"]) for r in records} == orphans
     assert all(r["dropped"] is False and r["error"] is None for r in records)
-    assert len(objects(fleet)) == 4  # nothing dropped
+    assert len(replication_objects(fleet)) == 4  # nothing dropped
 
     applied = runner.invoke(cli, [*base, "moves", "gc", "--apply", "--json"], env=env)
     assert applied.exit_code == 0, applied.output
     records = json.loads(applied.output)
     assert {(r["shard"], r["kind"], r["name"]) for r in records} == orphans
     assert all(r["dropped"] is True for r in records)
-    assert objects(fleet) == {("s1", "publication", "app_changes")}
+    assert replication_objects(fleet) == {("s1", "publication", "app_changes")}
 
     empty = runner.invoke(cli, [*base, "moves", "gc", "--json"], env=env)
     assert empty.exit_code == 0 and json.loads(empty.output) == []

@@ -32,6 +32,7 @@ from movefleet import (
     assert_one_home,
     build_fleet,
     count_rows,
+    replication_objects,
     residency,
     seed,
 )
@@ -110,31 +111,6 @@ def _pg_shards(fleet: Fleet) -> list[str]:
     return [name for name, url in fleet.urls.items() if url.startswith("postgresql")]
 
 
-def replication_objects(fleet: Fleet) -> list[str]:
-    """Every publication, replication slot and subscription in the fleet's databases,
-    tenantry's or not (a table-sync slot left by an interrupted initial copy counts)."""
-    found = []
-    for name in _pg_shards(fleet):
-        engine = fleet.engine(name)
-        with engine.connect() as conn:
-            for kind, query in (
-                ("publication", "SELECT pubname FROM pg_publication"),
-                (
-                    "slot",
-                    "SELECT slot_name FROM pg_replication_slots"
-                    " WHERE database = current_database()",
-                ),
-                (
-                    "subscription",
-                    "SELECT subname FROM pg_subscription WHERE subdbid ="
-                    " (SELECT oid FROM pg_database WHERE datname = current_database())",
-                ),
-            ):
-                found += [f"{name}: {kind} {n}" for n in conn.execute(sa.text(query)).scalars()]
-        engine.dispose()
-    return found
-
-
 def _drop_replication(fleet: Fleet) -> None:
     for name in _pg_shards(fleet):
         engine = sa.create_engine(fleet.urls[name], isolation_level="AUTOCOMMIT")
@@ -178,7 +154,7 @@ def _drop_replication(fleet: Fleet) -> None:
 
 def assert_clean(fleet: Fleet) -> None:
     """No replication object left, no tenant frozen or moving, no live move."""
-    assert replication_objects(fleet) == []
+    assert replication_objects(fleet) == set()
     for name in _pg_shards(fleet):
         engine = fleet.engine(name)
         with engine.connect() as conn:
@@ -400,7 +376,7 @@ def test_online_move_with_writers(fleet, kind):
     # The target's statistics were refreshed after the initial copy, before the cut.
     analyzed = analyzed_tables(fleet.engine(target))
     assert analyzed >= {"users", "chargers", "charging_sessions"}, analyzed
-    assert replication_objects(fleet) == []
+    assert replication_objects(fleet) == set()
 
 
 # -- SIGKILL of the mover in each online state ----------------------------------------------
@@ -846,7 +822,7 @@ def test_replica_identity_without_tenant_column_is_refused(fleet, table, ddl):
     assert moves.list_moves(fleet.catalog) == []
     assert residency(fleet.engine("s1"), "acme") == "active"
     assert count_rows(fleet.engine("s2"), "acme") == 0
-    assert replication_objects(fleet) == []
+    assert replication_objects(fleet) == set()
     assert assert_one_home(fleet, "acme", before) == "s1"
 
 
@@ -889,7 +865,7 @@ def test_migration_holding_the_lock_makes_a_move_refuse(fleet):
         assert planned.state is MoveState.PLANNED
         assert residency(fleet.engine("s1"), "acme") == "active"
         assert count_rows(fleet.engine("s2"), "acme") == 0
-        assert replication_objects(fleet) == []
+        assert replication_objects(fleet) == set()
     finally:
         migration.rollback()
         migration.close()
