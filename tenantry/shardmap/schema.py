@@ -14,6 +14,7 @@ __all__ = [
     "map_table",
     "moves",
     "residency",
+    "shard_identity",
     "shard_metadata",
     "shards",
     "tenant_sizes",
@@ -49,6 +50,9 @@ shards = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("weight", sa.Integer, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    #: The shard database's identity (``shard_identity.database_id``); NULL until known.
+    sa.Column("database_id", sa.String(64), nullable=True),
+    sa.Index("tenantry_shards_database_id", "database_id", unique=True),
 )
 
 tenants = sa.Table(
@@ -101,4 +105,15 @@ residency = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("map_version", sa.BigInteger, nullable=False),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+#: One row: which database this is (see tenantry.shardmap.identity).
+shard_identity = sa.Table(
+    "tenantry_shard_identity",
+    shard_metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("database_id", sa.String(64), nullable=False),
+    sa.Column("system_identifier", sa.String(32), nullable=True),
+    sa.Column("database_oid", sa.BigInteger, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
 )
