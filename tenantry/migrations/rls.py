@@ -1,13 +1,21 @@
-"""Row-level security on PostgreSQL shared shards.
+"""Row-level security on PostgreSQL shards.
 
-Every tenant table gets ``ENABLE`` and ``FORCE ROW LEVEL SECURITY`` and one policy
-whose ``USING`` and ``WITH CHECK`` compare the tenant column to
-``current_setting('tenantry.tenant_id', true)``: the setting the router's fence sets,
-transaction-local, in every routed transaction. No setting means NULL, and NULL
-matches no row: fail closed.
+Every tenant table (a table with the tenant column, in any schema, partitions
+included) gets ``ENABLE`` and ``FORCE ROW LEVEL SECURITY`` and policies that compare
+the tenant column with the tenant the fence of the transaction signed:
 
-Tenant tables are found by reflection (every table with the tenant column), so no
-application code needs importing. Everything here is idempotent.
+- reads: ``USING (tenant_id = (SELECT tenantry.tenant()))``;
+- writes (INSERT, UPDATE, DELETE): ``tenantry.writable_tenant()``, which also refuses
+  (SQLSTATE 25006) unless the tenant's residency row on the shard is ``active``, so a
+  frozen or moved tenant's rows cannot change whatever SQL reaches the shard.
+
+``tenantry.tenant()`` returns NULL unless the signature the fence stored verifies for
+this server connection (shard revision s0004), and NULL matches no row: fail closed.
+The ``(SELECT ...)`` makes it an InitPlan, evaluated once per statement.
+
+Views over tenant tables are made ``security_invoker`` (PostgreSQL 15), so that they
+apply the querying role's policies, not their owner's. Tenant tables are found in the
+system catalogs, so no application code needs importing. Everything here is idempotent.
 """
 
 from __future__ import annotations
@@ -18,23 +26,73 @@ import sqlalchemy as sa
 from sqlalchemy import Connection
 
 __all__ = [
-    "POLICY_NAME",
+    "LEGACY_POLICY_NAME",
+    "POLICY_NAMES",
+    "RlsTable",
     "RoleCheck",
     "check_role",
+    "find_tenant_tables",
     "grant_routing_role",
     "install_rls",
     "policy_statements",
     "tenant_tables",
 ]
 
-POLICY_NAME = "tenantry_tenant_isolation"
-SETTING = "tenantry.tenant_id"
+#: The single policy of tenantry before the signed fence (dropped on upgrade).
+LEGACY_POLICY_NAME = "tenantry_tenant_isolation"
+_READ, _WRITE = "(SELECT tenantry.tenant())", "(SELECT tenantry.writable_tenant())"
+#: Policy name -> (command, USING, WITH CHECK); {c} is the quoted tenant column.
+POLICY_NAMES: dict[str, tuple[str, str | None, str | None]] = {
+    "tenantry_read": ("SELECT", f"{{c}} = {_READ}", None),
+    "tenantry_insert": ("INSERT", None, f"{{c}} = {_WRITE}"),
+    "tenantry_update": ("UPDATE", f"{{c}} = {_WRITE}", f"{{c}} = {_WRITE}"),
+    "tenantry_delete": ("DELETE", f"{{c}} = {_WRITE}", None),
+}
+
+#: Schemas that never hold application tables.
+_SYSTEM_SCHEMAS = ("pg_catalog", "information_schema", "pg_toast", "tenantry")
+
+
+@dataclass(frozen=True, slots=True)
+class RlsTable:
+    """A table with the tenant column: its schema, its name, and its kind."""
+
+    schema: str
+    name: str
+    partitioned: bool = False
+
+    def quoted(self, conn: Connection) -> str:
+        q = conn.dialect.identifier_preparer
+        return f"{q.quote(self.schema)}.{q.quote(self.name)}"
+
+
+def find_tenant_tables(conn: Connection, *, column: str = "tenant_id") -> list[RlsTable]:
+    """Every table with the tenant column, in every schema (tenantry's own excluded).
+
+    Plain, partitioned and partition tables: a partition queried by its own name is
+    checked against its own policies, not its parent's.
+    """
+    rows = conn.execute(
+        sa.text(
+            "SELECT n.nspname, c.relname, c.relkind = 'p'"
+            " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column"
+            "  AND NOT a.attisdropped AND a.attnum > 0"
+            " WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'"
+            "  AND n.nspname NOT IN :system AND n.nspname NOT LIKE 'pg_temp%'"
+            "  AND n.nspname NOT LIKE 'pg_toast_temp%'"
+            "  AND c.relname NOT LIKE 'tenantry\\_%'"
+            " ORDER BY 1, 2"
+        ).bindparams(sa.bindparam("system", expanding=True)),
+        {"column": column, "system": list(_SYSTEM_SCHEMAS)},
+    )
+    return [RlsTable(r[0], r[1], bool(r[2])) for r in rows]
 
 
 def tenant_tables(
     conn: Connection, *, column: str = "tenant_id", schema: str | None = None
 ) -> list[str]:
-    """Names of the tables that have the tenant column (tenantry's own excluded)."""
+    """Names of the tables of one schema (default: the current one) with the tenant column."""
     inspector = sa.inspect(conn)
     found = []
     for table in inspector.get_table_names(schema=schema):
@@ -45,56 +103,109 @@ def tenant_tables(
     return sorted(found)
 
 
-def policy_statements(
-    conn: Connection, table: str, *, column: str = "tenant_id", schema: str | None = None
-) -> list[str]:
-    """The DDL that installs (or refreshes) the isolation policy on *table*."""
+def policy_statements(conn: Connection, table: RlsTable, *, column: str = "tenant_id") -> list[str]:
+    """The DDL that installs (or refreshes) the isolation policies on *table*."""
     q = conn.dialect.identifier_preparer
-    target = f"{q.quote(schema)}.{q.quote(table)}" if schema else q.quote(table)
-    check = f"{q.quote(column)} = current_setting('{SETTING}', true)"
-    return [
+    target = table.quoted(conn)
+    col = q.quote(column)
+    statements = [
         f"ALTER TABLE {target} ENABLE ROW LEVEL SECURITY",
         f"ALTER TABLE {target} FORCE ROW LEVEL SECURITY",
-        f"DROP POLICY IF EXISTS {POLICY_NAME} ON {target}",
-        f"CREATE POLICY {POLICY_NAME} ON {target} USING ({check}) WITH CHECK ({check})",
+        f"DROP POLICY IF EXISTS {LEGACY_POLICY_NAME} ON {target}",
     ]
+    for name, (command, using, check) in POLICY_NAMES.items():
+        statements.append(f"DROP POLICY IF EXISTS {name} ON {target}")
+        clauses = f" USING ({using.format(c=col)})" if using else ""
+        clauses += f" WITH CHECK ({check.format(c=col)})" if check else ""
+        statements.append(f"CREATE POLICY {name} ON {target} FOR {command}{clauses}")
+    return statements
 
 
 def install_rls(
     conn: Connection,
-    tables: list[str] | None = None,
+    tables: list[RlsTable] | None = None,
     *,
     column: str = "tenant_id",
-    schema: str | None = None,
-) -> list[str]:
-    """Install the policy on *tables* (default: every tenant table); return their names.
+) -> list[RlsTable]:
+    """Install the policies on *tables* (default: every tenant table); return them.
 
-    Runs in the caller's transaction, as a role that owns the tables.
+    Also makes every view that reads a tenant table ``security_invoker``. Runs in the
+    caller's transaction, as a role that owns the tables.
     """
     if conn.dialect.name != "postgresql":
         raise ValueError("row-level security needs PostgreSQL")
+    if conn.exec_driver_sql("SELECT to_regprocedure('tenantry.tenant()')").scalar() is None:
+        # The policies call the fence's functions: tenantry's shard schema comes first.
+        from tenantry.migrations._alembic import SHARD
+
+        SHARD.upgrade(conn)
     if tables is None:
-        tables = tenant_tables(conn, column=column, schema=schema)
+        tables = find_tenant_tables(conn, column=column)
     for table in tables:
-        for statement in policy_statements(conn, table, column=column, schema=schema):
+        for statement in policy_statements(conn, table, column=column):
             conn.exec_driver_sql(statement)
+    _invoker_views(conn, tables)
     return tables
 
 
+def _invoker_views(conn: Connection, tables: list[RlsTable]) -> None:
+    """Views over tenant tables check the querying role's policies, not their owner's."""
+    if not tables:
+        return
+    names = [table.quoted(conn) for table in tables]
+    views = conn.execute(
+        sa.text(
+            "SELECT DISTINCT quote_ident(vn.nspname) || '.' || quote_ident(v.relname)"
+            " FROM pg_depend d JOIN pg_rewrite w ON w.oid = d.objid"
+            " JOIN pg_class v ON v.oid = w.ev_class AND v.relkind = 'v'"
+            " JOIN pg_namespace vn ON vn.oid = v.relnamespace"
+            " WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass"
+            "  AND d.refobjid = ANY (CAST(:tables AS regclass[]))"
+            "  AND NOT coalesce('security_invoker=true' = ANY (v.reloptions), false)"
+        ),
+        {"tables": names},
+    ).scalars()
+    for view in views:
+        conn.exec_driver_sql(f"ALTER VIEW {view} SET (security_invoker = true)")
+
+
 def grant_routing_role(
-    conn: Connection, role: str, tables: list[str] | None = None, *, column: str = "tenant_id"
+    conn: Connection,
+    role: str,
+    tables: list[RlsTable] | None = None,
+    *,
+    column: str = "tenant_id",
+    shared: bool = True,
 ) -> None:
-    """Give the routing role what routed sessions need, and nothing to bypass RLS."""
+    """Give the routing role what routed sessions need, and nothing to bypass RLS.
+
+    Data rights on the tenant tables and their sequences; no right on tenantry's own
+    tables (the residency is read through the fence function, the fence keys never).
+    On a shared shard, TEMPORARY on the database is taken from PUBLIC: a temporary
+    table outlives the transaction on a pooled connection and, named like a tenant
+    table, would stand in for it in the next tenant's transactions.
+    """
     q = conn.dialect.identifier_preparer
     if tables is None:
-        tables = tenant_tables(conn, column=column)
+        tables = find_tenant_tables(conn, column=column)
     grantee = q.quote(role)
+    for schema in sorted({table.schema for table in tables} | {"tenantry"}):
+        conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {q.quote(schema)} TO {grantee}")
     for table in tables:
         conn.exec_driver_sql(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {q.quote(table)} TO {grantee}"
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {table.quoted(conn)} TO {grantee}"
         )
-    conn.exec_driver_sql(f"GRANT SELECT ON tenantry_residency TO {grantee}")
-    conn.exec_driver_sql(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {grantee}")
+    for schema in sorted({table.schema for table in tables}):
+        conn.exec_driver_sql(
+            f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA {q.quote(schema)} TO {grantee}"
+        )
+    residency = conn.exec_driver_sql("SELECT to_regclass('tenantry_residency')::text").scalar()
+    if residency is not None:
+        conn.exec_driver_sql(f"REVOKE ALL ON {residency} FROM {grantee}")
+    if shared:
+        database = q.quote(str(conn.exec_driver_sql("SELECT current_database()").scalar()))
+        conn.exec_driver_sql(f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC, {grantee}")
+        conn.exec_driver_sql(f"GRANT TEMPORARY ON DATABASE {database} TO CURRENT_USER")
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from tenantry.errors import StaleRoute
+from tenantry.errors import FenceRejected, StaleRoute
 from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
 from tenantry.router.router import RouterBase, reaching
@@ -48,8 +48,14 @@ class AsyncRouter(RouterBase):
     async def _shard(self, tenant_id: str) -> Shard:
         tenant = self.snapshot.tenants.get(tenant_id)
         if tenant is not None:
-            return self.snapshot.shards[tenant.shard]
-        return await asyncio.to_thread(self._lookup, tenant_id)
+            shard = self.snapshot.shards[tenant.shard]
+        else:
+            shard = await asyncio.to_thread(self._lookup, tenant_id)
+        if shard.backend == "postgresql" and shard.name not in self._fence_keys:
+            # Read the shard's fence key here, not inside the fence: no catalog query
+            # blocks the event loop.
+            await asyncio.to_thread(self._fence_key, shard.name)
+        return shard
 
     @asynccontextmanager
     async def _lease(self, shard: Shard) -> AsyncIterator[AsyncEngine]:
@@ -95,6 +101,11 @@ class AsyncRouter(RouterBase):
                         raise
                     shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                     continue
+                except FenceRejected:
+                    await session.close()
+                    if attempt == 2:
+                        raise
+                    continue  # the fence read the shard's key again
                 except BaseException:
                     await session.close()
                     raise
@@ -122,6 +133,11 @@ class AsyncRouter(RouterBase):
                             raise
                         shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                         continue
+                    except FenceRejected:
+                        await transaction.rollback()
+                        if attempt == 2:
+                            raise
+                        continue  # the fence read the shard's key again
                     try:
                         yield conn
                     except BaseException:

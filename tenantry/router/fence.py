@@ -1,18 +1,30 @@
 """The residency fence: the first statement of every routed transaction.
 
-One statement sets the tenant for row-level security and reads the tenant's
-residency row on this shard, and — when the tenant is frozen by a move — makes the
-transaction read-only. No row lock: the mover waits out older transactions instead
-(DESIGN.md, "hot-path facts"). psycopg prepares it on the server.
+On PostgreSQL one statement, ``SELECT tenantry.fence(tenant, signature)``, hands the
+shard the tenant with the router's signature of (tenant, this server connection's
+backend pid), under the shard's fence key. The shard's fence function verifies it,
+sets the tenant for row-level security, reads the tenant's residency row, and — when
+the tenant is frozen by a move — makes the transaction read-only. The policies admit a
+row only while that signature verifies, so no other statement of the transaction can
+change which tenant it acts for (``tenantry/migrations/shard/versions/0004_fence.py``).
+No row lock: the mover waits out older transactions instead (DESIGN.md, "hot-path
+facts").
+
+On SQLite the fence reads the residency row and sets ``PRAGMA query_only`` for a
+frozen tenant; SQLite has no row-level security.
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
-from tenantry.errors import StaleRoute, TenantFrozen
+from tenantry.errors import ConfigurationError, FenceRejected, StaleRoute, TenantFrozen
+from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.residency import Residency
 
 __all__ = [
@@ -21,6 +33,7 @@ __all__ = [
     "SQLITE_FENCE",
     "TENANT_KEY",
     "frozen_error",
+    "register_keys",
     "reset_connection",
     "run_fence",
 ]
@@ -31,35 +44,40 @@ __all__ = [
 TENANT_KEY = "tenantry.tenant_id"
 FROZEN_KEY = "tenantry.frozen"
 _QUERY_ONLY_KEY = "tenantry.sqlite_query_only"
+_SIGNATURE_KEY = "tenantry.signature"
 
-# One index lookup, no row lock; no row at all means "not resident here".
-PG_FENCE = (
-    "SELECT set_config('tenantry.tenant_id', %(t)s, true), r.state,"
-    " CASE WHEN r.state = 'frozen'"
-    " THEN set_config('transaction_read_only', 'on', true) END"
-    " FROM tenantry_residency r WHERE r.tenant_id = %(t)s"
-)
+#: The shard's fence function (schema-qualified: the routing role's search_path
+#: cannot put another function of that name in its way).
+PG_FENCE = "SELECT tenantry.fence(%(t)s, %(s)s)"
 SQLITE_FENCE = "SELECT state FROM tenantry_residency WHERE tenant_id = ?"
+
+#: SQLSTATE of a signature the shard does not accept (invalid_authorization_specification).
+_REJECTED = "28000"
+
+#: For each routed engine: a function giving the shard's fence key (``reload=True``
+#: reads it again from the catalog, after a rotation).
+KeySource = Callable[[bool], FenceKey]
+_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource]] = weakref.WeakKeyDictionary()
+
+
+def register_keys(engine: Engine, shard: str, keys: KeySource) -> None:
+    """Say where the fence of *engine* (a shard's routed engine) gets its key."""
+    _KEYS[engine] = (shard, keys)
 
 
 def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
     """Run the fence for *tenant_id* as the transaction's first statement.
 
     Return the residency state (``active`` or ``frozen``); raise StaleRoute when the
-    tenant does not live on this shard (no row, ``moved`` or ``incoming``).
+    tenant does not live on this shard (no row, ``moved`` or ``incoming``), and
+    FenceRejected when the shard does not accept the signature (its key was rotated:
+    the key is read again, and the caller retries in a new transaction).
     """
     info = conn.info
-    if conn.dialect.is_async:
-        value = _fence_generic(conn, tenant_id)
-    elif conn.dialect.name == "postgresql":
-        # Straight to psycopg: none of SQLAlchemy's per-statement work. Not prepare=True:
-        # psycopg drops its prepared statements (DEALLOCATE ALL, one more round trip) at
-        # every ROLLBACK, which is how most read-only sessions end.
-        dbapi: Any = conn.connection.dbapi_connection
-        row = dbapi.execute(PG_FENCE, {"t": tenant_id}).fetchone()
-        value = row[1] if row is not None else None
+    if conn.dialect.name == "postgresql":
+        value = _fence_postgresql(conn, tenant_id, shard)
     else:
-        value = _fence_generic(conn, tenant_id)
+        value = _fence_sqlite(conn, tenant_id)
     state = Residency(value) if value is not None else None
     if state is None or state in (Residency.MOVED, Residency.INCOMING):
         info.pop(TENANT_KEY, None)
@@ -74,15 +92,59 @@ def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
     return state
 
 
-def _fence_generic(conn: Connection, tenant_id: str) -> str | None:
-    """The fence through SQLAlchemy (async drivers, SQLite)."""
+def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | None:
+    registered = _KEYS.get(conn.engine)
+    if registered is None:
+        raise ConfigurationError(
+            f"shard {shard!r}: this engine was not made by a router, so it has no fence key"
+        )
+    _name, keys = registered
+    driver: Any = conn.connection.driver_connection
     info = conn.info
-    if conn.dialect.name == "postgresql":
-        found = conn.exec_driver_sql(PG_FENCE, {"t": tenant_id}).first()
-        state: str | None = found[1] if found is not None else None
-        return state
+    # The signature depends only on the tenant and the server connection: keep the
+    # last one per pooled connection (one HMAC saved on most transactions).
+    cached = info.get(_SIGNATURE_KEY)
+    key = keys(False)
+    if cached is not None and cached[0] == tenant_id and cached[1] == key.key_id:
+        signature = cached[2]
+    else:
+        signature = key.sign(tenant_id, _backend_pid(driver))
+        info[_SIGNATURE_KEY] = (tenant_id, key.key_id, signature)
+    params = {"t": tenant_id, "s": signature}
+    try:
+        if conn.dialect.is_async:
+            row = conn.exec_driver_sql(PG_FENCE, params).first()
+        else:
+            # Straight to psycopg: none of SQLAlchemy's per-statement work. Not
+            # prepare=True: psycopg drops its prepared statements (DEALLOCATE ALL, one
+            # more round trip) at every ROLLBACK, which is how most read-only sessions end.
+            row = driver.execute(PG_FENCE, params).fetchone()
+    except Exception as exc:
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if getattr(orig, "sqlstate", None) != _REJECTED:
+            raise
+        info.pop(_SIGNATURE_KEY, None)
+        keys(True)
+        raise FenceRejected(
+            f"shard {shard!r} did not accept the fence signature for tenant {tenant_id!r} "
+            "(its fence key was rotated?); the key was read again from the catalog: retry",
+            tenant_id=tenant_id,
+            shard=shard,
+        ) from None
+    value: str | None = row[0] if row is not None else None
+    return value
+
+
+def _backend_pid(driver: Any) -> int:
+    """The server process of a psycopg connection (sync or async), without a round trip."""
+    pid: int = driver.info.backend_pid
+    return pid
+
+
+def _fence_sqlite(conn: Connection, tenant_id: str) -> str | None:
+    info = conn.info
     found = conn.exec_driver_sql(SQLITE_FENCE, (tenant_id,)).first()
-    value = found[0] if found else None
+    value: str | None = found[0] if found else None
     frozen = value == Residency.FROZEN.value
     if frozen != bool(info.get(_QUERY_ONLY_KEY)):
         # SQLite has no read-only transactions; query_only refuses every write.

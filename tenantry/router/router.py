@@ -9,6 +9,7 @@ an old map) makes the router refresh its map and retry once on the new home.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
+    FenceRejected,
     NoTenantInContext,
     ShardUnavailable,
     StaleRoute,
@@ -25,7 +27,7 @@ from tenantry.errors import (
 )
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.fence import run_fence
+from tenantry.router.fence import register_keys, run_fence
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -38,6 +40,7 @@ from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import make_engine, translate_errors
+from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 
 __all__ = ["Router", "RouterBase", "reaching"]
@@ -75,15 +78,36 @@ class RouterBase:
             listen=listen,
             background=background,
         )
+        self._fence_keys: dict[str, FenceKey] = {}
+        self._keys_lock = threading.Lock()
         try:
             self._engines = EngineRegistry(
                 settings,
-                configure=lambda engine, _shard: configure_engine(engine),
+                configure=self._configure_engine,
                 factory=type(self).engine_factory,
             )
         except BaseException:
             self._close_cache()  # else its thread and LISTEN connection outlive us
             raise
+
+    def _configure_engine(self, engine: Engine, shard: Shard) -> None:
+        configure_engine(engine)
+        if shard.backend == "postgresql":
+            name = shard.name
+            register_keys(engine, name, lambda reload: self._fence_key(name, reload))
+
+    def _fence_key(self, shard: str, reload: bool = False) -> FenceKey:
+        """The key this router signs *shard*'s fences with (read once from the catalog)."""
+        key = self._fence_keys.get(shard)
+        if key is not None and not reload:
+            return key
+        with self._keys_lock:
+            fresh = self.catalog.fence_key(shard)
+            if reload and key is not None and fresh.key_id == key.key_id:
+                # The catalog has the key the shard just refused: learn it from the shard.
+                fresh = self.catalog.fence_key(shard, resync=True)
+            self._fence_keys[shard] = fresh
+            return fresh
 
     # -- the map -----------------------------------------------------------------
 
@@ -199,6 +223,11 @@ class Router(RouterBase):
                         raise
                     shard = self._rerouted(tenant, shard, exc)
                     continue
+                except FenceRejected:
+                    session.close()
+                    if attempt == 2:
+                        raise
+                    continue  # the fence read the shard's key again
                 except BaseException:
                     session.close()
                     raise
@@ -239,6 +268,11 @@ class Router(RouterBase):
                             raise
                         shard = self._rerouted(tenant, shard, exc)
                         continue
+                    except FenceRejected:
+                        transaction.rollback()
+                        if attempt == 2:
+                            raise
+                        continue  # the fence read the shard's key again
                     with transaction:
                         yield conn
                     return

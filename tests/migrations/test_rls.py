@@ -12,10 +12,11 @@ from fleet_helpers import PASSWORD, Cli, engine, query, with_password
 
 from tenantry import Catalog, load_settings, migrations
 from tenantry.demo import MIGRATIONS
-from tenantry.migrations.rls import POLICY_NAME
+from tenantry.migrations.rls import POLICY_NAMES
 from tenantry.testing import DatabaseFactory
 
 TENANT_TABLES = ["charging_sessions", "chargers", "users"]
+POLICIES = sorted(POLICY_NAMES)
 
 
 @pytest.fixture
@@ -57,6 +58,16 @@ def seed(admin_url: str) -> None:
     )
 
 
+def fence(conn: sa.Connection, catalog: Catalog, shard: str, tenant: str) -> str | None:
+    """Run the signed fence by hand, as the router does: the residency state."""
+    pid = conn.connection.driver_connection.info.backend_pid  # type: ignore[union-attr]
+    signature = catalog.fence_key(shard).sign(tenant, pid)
+    state: str | None = conn.scalar(
+        sa.text("SELECT tenantry.fence(:t, :s)"), {"t": tenant, "s": signature}
+    )
+    return state
+
+
 def test_the_run_installs_rls_that_binds_the_routing_role(
     catalog: Catalog,
     make_pg_database: DatabaseFactory,
@@ -73,6 +84,8 @@ def test_the_run_installs_rls_that_binds_the_routing_role(
     assert result.ok and {r.result for r in result.results} == {"upgraded"}
     seed(shared)
     seed(dedicated)
+    for url in (shared, dedicated):
+        query(url, "INSERT INTO tenantry_residency VALUES ('a', 'active', 1, now())")
     as_app = engine(with_password(shared, user=app))
     try:
         with as_app.begin() as conn:
@@ -81,24 +94,26 @@ def test_the_run_installs_rls_that_binds_the_routing_role(
             assert conn.execute(sa.text("SELECT * FROM chargers")).all() == []
             assert conn.scalar(sa.text("SELECT count(*) FROM users")) == 0
         with as_app.begin() as conn:
+            # the plain setting is not enough any more: only a signed fence admits rows
             conn.execute(sa.text("SELECT set_config('tenantry.tenant_id', 'a', true)"))
+            assert conn.scalar(sa.text("SELECT count(*) FROM chargers")) == 0
+        with as_app.begin() as conn:
+            assert fence(conn, catalog, "shared", "a") == "active"
             rows = conn.execute(sa.text("SELECT tenant_id, id FROM chargers ORDER BY id")).all()
             assert [tuple(r) for r in rows] == [("a", 1), ("a", 2)]
-            # the routing role was granted what routing needs: its own tenant's writes...
+            # the routing role was granted what routing needs: its own tenant's writes
             conn.execute(
                 sa.text(
                     "INSERT INTO users (tenant_id, id, email, name) "
                     "VALUES ('a', 1, 'x@a.test', 'x')"
                 )
             )
-            # ...and reading the residency table
-            conn.execute(sa.text("SELECT count(*) FROM tenantry_residency"))
         with as_app.begin() as conn:
             # the setting was transaction-local: gone again
             assert conn.scalar(sa.text("SELECT count(*) FROM chargers")) == 0
         with pytest.raises(sa.exc.ProgrammingError, match="violates row-level security policy"):
             with as_app.begin() as conn:
-                conn.execute(sa.text("SELECT set_config('tenantry.tenant_id', 'a', true)"))
+                fence(conn, catalog, "shared", "a")
                 conn.execute(
                     sa.text(
                         "INSERT INTO users (tenant_id, id, email, name) "
@@ -107,33 +122,49 @@ def test_the_run_installs_rls_that_binds_the_routing_role(
                 )
         with pytest.raises(sa.exc.ProgrammingError, match="violates row-level security policy"):
             with as_app.begin() as conn:
-                conn.execute(sa.text("SELECT set_config('tenantry.tenant_id', 'a', true)"))
+                fence(conn, catalog, "shared", "a")
                 conn.execute(sa.text("UPDATE chargers SET tenant_id = 'b' WHERE id = 2"))
+        for statement in ("SELECT * FROM tenantry_residency", "DELETE FROM tenantry_residency"):
+            # the residency is read through the fence only; the keys never
+            with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+                with as_app.begin() as conn:
+                    conn.execute(sa.text(statement))
         with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
             with as_app.begin() as conn:
-                conn.execute(sa.text("DELETE FROM tenantry_residency"))
+                conn.execute(sa.text("SELECT * FROM tenantry.fence_keys"))
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            with as_app.begin() as conn:
+                conn.execute(sa.text("CREATE TEMP TABLE chargers (tenant_id text)"))
     finally:
         as_app.dispose()
     assert query(shared, "SELECT tenant_id, count(*) FROM users GROUP BY 1") == [("a", 1)]
 
     flags = rls_flags(shared)
     assert {t: flags[t] for t in TENANT_TABLES} == dict.fromkeys(TENANT_TABLES, (True, True))
-    assert flags["tenantry_residency"] == (False, False)  # routing reads it unscoped
-    assert policies(shared) == {key: [POLICY_NAME] for key in TENANT_TABLES}
-    # dedicated shards hold one tenant: no policies, but the routing role's grants
+    assert flags["tenantry_residency"] == (False, False)  # no grant at all to the router
+    assert policies(shared) == {key: POLICIES for key in TENANT_TABLES}
+    # dedicated shards hold one tenant, and get the same policies: they refuse writes
+    # while the tenant is frozen, whatever SQL the application sends
     assert {t: rls_flags(dedicated)[t] for t in TENANT_TABLES} == dict.fromkeys(
-        TENANT_TABLES, (False, False)
+        TENANT_TABLES, (True, True)
     )
-    assert policies(dedicated) == {}
-    assert query(with_password(dedicated, user=app), "SELECT count(*) FROM chargers") == [(3,)]
+    assert policies(dedicated) == {key: POLICIES for key in TENANT_TABLES}
+    as_dedicated = engine(with_password(dedicated, user=app))
+    try:
+        with as_dedicated.begin() as conn:
+            assert conn.scalar(sa.text("SELECT count(*) FROM chargers")) == 0
+            assert fence(conn, catalog, "dedicated", "a") == "active"
+            assert conn.scalar(sa.text("SELECT count(*) FROM chargers")) == 2
+    finally:
+        as_dedicated.dispose()
 
     # idempotent: re-runs, and a table dropped and made again, end with one policy each
     again = migrations.upgrade(catalog, jobs=1)
     assert {r.result for r in again.results} == {"skipped"}
     migrations.downgrade(catalog, "d0001", shards=["shared"], jobs=1)
-    assert policies(shared) == {key: [POLICY_NAME] for key in ["chargers", "users"]}
+    assert policies(shared) == {key: POLICIES for key in ["chargers", "users"]}
     migrations.upgrade(catalog, shards=["shared"], jobs=1)
-    assert policies(shared) == {key: [POLICY_NAME] for key in TENANT_TABLES}
+    assert policies(shared) == {key: POLICIES for key in TENANT_TABLES}
     assert rls_flags(shared)["charging_sessions"] == (True, True)
     with as_app.begin() as conn:
         assert conn.scalar(sa.text("SELECT count(*) FROM charging_sessions")) == 0

@@ -132,7 +132,7 @@ def install_app_schema(admin_url: str, *, rls: bool) -> None:
         with engine.begin() as conn:
             Base.metadata.create_all(conn)
             if rls and conn.dialect.name == "postgresql":
-                assert install_rls(conn) == ["projects", "tasks"]
+                assert [t.name for t in install_rls(conn)] == ["projects", "tasks"]
     finally:
         engine.dispose()
 
