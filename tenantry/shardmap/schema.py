@@ -10,6 +10,7 @@ import sqlalchemy as sa
 
 __all__ = [
     "catalog_metadata",
+    "fence_keys",
     "map_changes",
     "map_table",
     "moves",
@@ -53,6 +54,16 @@ shards = sa.Table(
     #: The shard database's identity (``shard_identity.database_id``); NULL until known.
     sa.Column("database_id", sa.String(64), nullable=True),
     sa.Index("tenantry_shards_database_id", "database_id", unique=True),
+)
+
+#: Each shard's current fence key (tenantry.shardmap.keys); never printed.
+fence_keys = sa.Table(
+    "tenantry_fence_keys",
+    catalog_metadata,
+    sa.Column("shard", sa.String(63), primary_key=True),
+    sa.Column("key_id", sa.Integer, nullable=False),
+    sa.Column("secret", sa.LargeBinary, nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 tenants = sa.Table(
