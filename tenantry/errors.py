@@ -18,6 +18,7 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     ├── AlreadyExists
     │   ├── TenantExists
     │   └── ShardExists
+    │       └── DatabaseAlreadyRegistered   the database is a shard already, by another name
     ├── PlacementError                  no valid home for a tenant
     │   ├── NoSharedShard               no active shared shard to place a tenant on
     │   ├── TierMismatch                e.g. a dedicated tenant on a shared shard
@@ -52,6 +53,7 @@ __all__ = [
     "ConfigurationError",
     "ConnectionBudgetExceeded",
     "CrossTenantWrite",
+    "DatabaseAlreadyRegistered",
     "FreezeTimeout",
     "InvalidName",
     "InvalidShardName",
@@ -189,6 +191,21 @@ class ShardExists(AlreadyExists):
     def __init__(self, shard: str) -> None:
         super().__init__(f"shard {shard!r} exists already: choose another name")
         self.shard = shard
+
+
+class DatabaseAlreadyRegistered(ShardExists):
+    """The database is registered already as another shard (its URL spelled another way);
+    ``shard`` is the name asked for, ``existing`` the shard it is registered as."""
+
+    def __init__(self, shard: str, existing: str, *, message: str | None = None) -> None:
+        AlreadyExists.__init__(
+            self,
+            message
+            or f"cannot add shard {shard!r}: its database is already registered as shard "
+            f"{existing!r} (same database, another spelling of its URL): use that shard",
+        )
+        self.shard = shard
+        self.existing = existing
 
 
 class PlacementError(TenantryError):

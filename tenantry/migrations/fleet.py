@@ -16,7 +16,7 @@ import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -30,12 +30,18 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tenantry.errors import ConfigurationError, TenantryError, UnknownShard
+from tenantry.errors import (
+    ConfigurationError,
+    DatabaseAlreadyRegistered,
+    TenantryError,
+    UnknownShard,
+)
 from tenantry.migrations._alembic import ALEMBIC_LOCK, SHARD
 from tenantry.migrations.rls import check_role, grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
+from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
 from tenantry.shardmap.schema import moves
 
@@ -73,6 +79,8 @@ class ShardMigration:
     seconds: float
     error: str | None = None
     warnings: tuple[str, ...] = ()
+    #: The database's identity (tenantry.shardmap.identity), recorded in the catalog.
+    database_id: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -286,6 +294,7 @@ def migrate_shard(
     script = _script(cfg)
     target = _target_heads(script, revision)
     warnings: list[str] = []
+    database_id: str | None = None
 
     def result(outcome: Result, after: set[str] | None, error: str | None = None) -> ShardMigration:
         return ShardMigration(
@@ -297,6 +306,7 @@ def migrate_shard(
             seconds=round(time.monotonic() - started, 3),
             error=error,
             warnings=tuple(warnings),
+            database_id=database_id,
         )
 
     engine = make_engine(
@@ -330,6 +340,7 @@ def migrate_shard(
                         else:
                             command.downgrade(cfg, revision)
                 SHARD.upgrade(conn)
+                database_id = ensure_identity(conn).database_id
                 if conn.dialect.name == "postgresql" and shard.tier is Tier.SHARED:
                     install_rls(conn, column=settings.tenant_column)
                 role = _routing_user(shard)
@@ -399,6 +410,7 @@ def _run(
     if jobs == 1 or len(chosen) <= 1:
         for shard in chosen:
             outcome = _migrate_from_source(shard, source, revision, settings, direction, wait)
+            outcome = _record_identity(catalog, outcome)
             results[shard.name] = outcome
             if on_result is not None:
                 on_result(outcome)
@@ -425,10 +437,28 @@ def _run(
                     outcome = ShardMigration(
                         shard.name, shard.tier, None, None, "failed", 0.0, describe_error(exc)
                     )
+                outcome = _record_identity(catalog, outcome)
                 results[shard.name] = outcome
                 if on_result is not None:
                     on_result(outcome)
     return FleetRun(target=revision, results=[results[s.name] for s in chosen_all])
+
+
+def _record_identity(catalog: Catalog, outcome: ShardMigration) -> ShardMigration:
+    """Record the shard's database identity in the catalog (shards registered before
+    identities get theirs here). Two shard names for one database: the second one
+    recorded fails, naming the first."""
+    if outcome.database_id is None or not outcome.ok:
+        return outcome
+    try:
+        warning = catalog.record_database_id(outcome.shard, outcome.database_id)
+    except DatabaseAlreadyRegistered as exc:
+        return replace(outcome, result="failed", error=str(exc))
+    except TenantryError as exc:
+        warning = f"shard {outcome.shard!r}: its database identity was not recorded: {exc}"
+    if warning is None:
+        return outcome
+    return replace(outcome, warnings=(*outcome.warnings, warning))
 
 
 def _shards_in_moves(catalog: Catalog) -> dict[str, int]:

@@ -52,6 +52,7 @@ from tenantry.moves.tables import (
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine, translate_errors
+from tenantry.shardmap.identity import LiveDatabase, live_database
 from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier
 from tenantry.shardmap.residency import Residency, clear_residency, read_residency, write_residency
 
@@ -178,8 +179,10 @@ class Mover:
         return MoveMode.OFFLINE, "offline: " + "; ".join(problems)
 
     def precheck(self, source: Shard, target: Shard) -> list[TenantTable]:
-        """Both ends reachable, at one migration revision, with the same tenant tables."""
+        """Both ends reachable, two different databases, at one migration revision,
+        with the same tenant tables."""
         with self.admin(source) as src, self.admin(target) as dst:
+            self.check_distinct(source, target, src, dst)
             with src.connect() as s, dst.connect() as d:
                 src_rev, dst_rev = _app_revision(s), _app_revision(d)
                 if src_rev != dst_rev:
@@ -196,6 +199,22 @@ class Mover:
                         "`tenantry migrate upgrade`"
                     )
         return tables
+
+    def check_distinct(self, source: Shard, target: Shard, src: Engine, dst: Engine) -> None:
+        """Refuse (MoveRefused) when *src* and *dst* reach one database.
+
+        The identities are read on live connections of the engines the move uses, so
+        this holds whatever the catalog says (two shard names for one database, its
+        URL spelled two ways): a move between them would delete the tenant's rows.
+        """
+        left, right = identify(src), identify(dst)
+        if left.same_as(right):
+            raise MoveRefused(
+                f"source and target are the same database (shard {source.name!r} and "
+                f"shard {target.name!r}: {left.describe()}): a move would delete the "
+                f"tenant's rows; remove the duplicate shard with `tenantry shard remove "
+                f"{target.name}`"
+            )
 
     # -- running ------------------------------------------------------------------------
 
@@ -240,6 +259,8 @@ class Mover:
         ]
 
     def _forward(self, move: Move) -> Move:
+        if move.state is MoveState.PLANNED:
+            self._check_planned(move)
         steps = self._steps(move)
         order = [MoveState.PLANNED, *(state for state, _ in steps)]
         for state, action in steps:
@@ -255,6 +276,20 @@ class Mover:
         self.journal.update(move.id, ended=True, stats={"finished_at": time.time()})
         self.observer.step(move.id, "done")
         return self.journal.get(move.id)
+
+    def _check_planned(self, move: Move) -> None:
+        """Before anything is frozen or copied, on the live connections: source and
+        target are two databases (even when the plan skipped its checks). A refusal
+        ends the move, rolled back (nothing was done)."""
+        source = self.catalog.get_shard(move.source)
+        target = self.catalog.get_shard(move.target)
+        try:
+            with self.admin(source) as src, self.admin(target) as dst:
+                self.check_distinct(source, target, src, dst)
+        except MoveRefused as exc:
+            self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
+            self._rollback(self.journal.get(move.id))
+            raise
 
     # freeze ------------------------------------------------------------------------------
 
@@ -459,6 +494,7 @@ class Mover:
             self._drop_source(move, source)
             return
         with self.admin(source) as engine:
+            self._not_the_target(move, source, engine)
             with engine.connect() as conn:
                 tables = tenant_tables(conn, column=self.column)
                 for slow in unindexed_foreign_keys(conn, tables):
@@ -481,6 +517,28 @@ class Mover:
             else:
                 with suppress(TenantryError):
                     self.catalog.set_shard_state(source.name, ShardState.RETIRED)
+
+    def _not_the_target(self, move: Move, source: Shard, engine: Engine) -> None:
+        """Cleanup's last check, on its own live connection: the database it is about
+        to delete the tenant's rows from is not the move's target (the new home)."""
+        try:
+            target = self.catalog.get_shard(move.target)
+        except UnknownShard:
+            target = None
+        if target is None:
+            return
+        with self.admin(target) as dst:
+            there = identify(dst)
+        here = identify(engine)
+        if here.same_as(there):
+            message = (
+                f"refusing to delete tenant {move.tenant_id!r}'s rows from shard "
+                f"{source.name!r}: it is the same database as the move's target "
+                f"{target.name!r} ({here.describe()}), the tenant's home; nothing was "
+                "deleted"
+            )
+            logger.error("move %s: %s", move.id, message)
+            raise MoveError(message, tenant_id=move.tenant_id, move_id=move.id)
 
     def _drop_source(self, move: Move, source: Shard) -> None:
         from tenantry.migrations.provision import drop_database
@@ -520,7 +578,13 @@ class Mover:
             target: Shard | None = self.catalog.get_shard(move.target)
         except UnknownShard:
             target = None
-        if target is not None:
+        source = self.catalog.get_shard(move.source)
+        same = target is not None and self._same_database(source, target)
+        if same:
+            # The "target" is the source database under another name: its rows and
+            # residency row are the tenant's own. Nothing to take back there.
+            self.observer.note(f"shard {move.target!r} is the source's database: it was kept")
+        if target is not None and not same:
             with self.admin(target) as engine:
                 with engine.connect() as conn:
                     tables = tenant_tables(conn, column=self.column)
@@ -530,11 +594,10 @@ class Mover:
                     with conn.begin():
                         if read_residency(conn, move.tenant_id) is not Residency.MOVED:
                             clear_residency(conn, move.tenant_id)
-        source = self.catalog.get_shard(move.source)
         self._residency(source, move.tenant_id, Residency.ACTIVE)
         with self.catalog.transaction() as (conn, _version):
             self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
-        if provisioned:
+        if provisioned and not same:
             from tenantry.migrations.provision import drop_database
 
             if target is not None:
@@ -543,6 +606,10 @@ class Mover:
             drop_database(str(provisioned["url"]), connect_timeout=self.settings.connect_timeout)
         self.journal.update(move.id, ended=True)
         return self.journal.get(move.id)
+
+    def _same_database(self, source: Shard, target: Shard) -> bool:
+        with self.admin(source) as src, self.admin(target) as dst:
+            return identify(src).same_as(identify(dst))
 
     # plumbing ----------------------------------------------------------------------------
 
@@ -657,6 +724,15 @@ class Mover:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def identify(engine: Engine) -> LiveDatabase:
+    """Which database *engine* (an operations role's) reaches, read on a live
+    connection; its identity row is made or repaired first when needed."""
+    with engine.connect() as conn:
+        conn = conn.execution_options(**WRITE)
+        with conn.begin():
+            return live_database(conn)
 
 
 def _write_residency(conn: Connection, tenant_id: str, state: Residency, version: int) -> None:

@@ -125,6 +125,9 @@ class OnlineSteps:
                     # A fresh start at the target: the subscription copies every row. Not
                     # "is it in the journal": a crash between recording the subscription
                     # and creating it leaves it recorded but missing.
+                    # The reset deletes the tenant's rows at the target: never at its
+                    # home (one database under two shard names).
+                    mover.check_distinct(source, target, src_engine, dst_engine)
                     self._reset_target(move, target, tables)
                     mover.journal.update(move.id, artifacts={"publication": name})
                     if not _exists(src, "pg_publication", "pubname", name):

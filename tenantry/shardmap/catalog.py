@@ -23,6 +23,7 @@ from tenantry.errors import (
     CatalogNotInitialized,
     CatalogUnavailable,
     ConfigurationError,
+    DatabaseAlreadyRegistered,
     InvalidShardUrl,
     NoSharedShard,
     PlacementError,
@@ -38,6 +39,7 @@ from tenantry.errors import (
 )
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
+from tenantry.shardmap.identity import DatabaseIdentity, ensure_identity
 from tenantry.shardmap.model import (
     MapDelta,
     MapSnapshot,
@@ -313,8 +315,11 @@ class Catalog:
         """Register a database as a shard.
 
         With *prepare* (the default) the shard is first connected to through its
-        operations role and given tenantry's per-shard tables (residency), so an
-        unreachable or unusable database is refused before it is registered.
+        operations role and given tenantry's per-shard tables (residency, identity), so
+        an unreachable or unusable database is refused before it is registered, and so
+        is a database registered already under another name, however its URL is spelled
+        (:class:`DatabaseAlreadyRegistered`). Without *prepare* its identity is recorded
+        by the next ``tenantry migrate upgrade``.
         """
         validate_shard_name(name)
         tier = Tier(tier)
@@ -340,8 +345,11 @@ class Catalog:
         with self._write() as (conn, _version):
             if conn.execute(sa.select(shards.c.name).where(shards.c.name == name)).first():
                 raise ShardExists(name)
+            database_id: str | None = None
             if prepare:
-                prepare_shard(shard, connect_timeout=self.settings.connect_timeout)
+                identity = prepare_shard(shard, connect_timeout=self.settings.connect_timeout)
+                database_id = identity.database_id
+                self._check_unregistered(conn, name, database_id)
             conn.execute(
                 shards.insert().values(
                     name=shard.name,
@@ -351,10 +359,64 @@ class Catalog:
                     state=shard.state.value,
                     weight=shard.weight,
                     created_at=shard.created_at,
+                    database_id=database_id,
                 )
             )
         logger.info("added shard %s (%s)", name, tier.value)
         return shard
+
+    def database_ids(self) -> dict[str, str | None]:
+        """Each shard's recorded database identity (None: not recorded yet)."""
+        with self._read() as conn:
+            rows = conn.execute(sa.select(shards.c.name, shards.c.database_id)).all()
+        return {name: database_id for name, database_id in rows}
+
+    def record_database_id(self, name: str, database_id: str) -> str | None:
+        """Record the identity read from shard *name*'s database (``migrate upgrade``
+        fills it for shards registered before identities existed).
+
+        Raises :class:`DatabaseAlreadyRegistered` when another shard has this identity:
+        the two names are one database. Returns a warning when the shard had another
+        identity recorded (its database was restored or recreated), else None.
+        """
+        with self.journal_transaction() as conn:
+            recorded = conn.execute(
+                sa.select(shards.c.database_id).where(shards.c.name == name)
+            ).first()
+            if recorded is None:
+                raise UnknownShard(name)
+            if recorded[0] == database_id:
+                return None
+            self._check_unregistered(conn, name, database_id, registered=True)
+            conn.execute(
+                shards.update().where(shards.c.name == name).values(database_id=database_id)
+            )
+        if recorded[0] is None:
+            return None
+        return (
+            f"shard {name!r}: its database has a new identity (restored, recreated or its "
+            "URL changed); recorded the new one"
+        )
+
+    @staticmethod
+    def _check_unregistered(
+        conn: Connection, name: str, database_id: str, *, registered: bool = False
+    ) -> None:
+        other = conn.execute(
+            sa.select(shards.c.name).where(
+                shards.c.database_id == database_id, shards.c.name != name
+            )
+        ).scalar_one_or_none()
+        if other is None:
+            return
+        message = None
+        if registered:
+            message = (
+                f"shard {name!r} is the database of shard {other!r} (same database, another "
+                f"spelling of its URL): moves between them would lose data; remove one with "
+                f"`tenantry shard remove {name}`"
+            )
+        raise DatabaseAlreadyRegistered(name, other, message=message)
 
     def set_shard_state(self, name: str, state: ShardState | str) -> Shard:
         """Mark a shard active, draining or retired.
@@ -728,17 +790,17 @@ def _naming_shard(name: str) -> Iterator[None]:
         raise
 
 
-def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> str:
-    """Create or upgrade tenantry's own tables on the shard; return their revision."""
+def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
+    """Create or upgrade tenantry's own tables on the shard; return the identity of its
+    database (made, or repaired in a copy of another database, first when needed)."""
     from tenantry.migrations._alembic import SHARD
 
     with shard_admin(shard, connect_timeout=connect_timeout) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
         SHARD.upgrade(conn)
-        revision = SHARD.current(conn)
-    assert revision is not None
-    return revision
+        identity = ensure_identity(conn)
+    return identity
 
 
 def set_residency(
