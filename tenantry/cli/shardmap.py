@@ -149,6 +149,47 @@ def shard_set(
         state.console.print(f"shard {shard.name}: state {shard.state.value}, weight {shard.weight}")
 
 
+@shard_group.command("rotate-key")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard.")
+@click.option(
+    "--retire-previous",
+    is_flag=True,
+    help="Stop accepting the previous key at once (routers retry one fence).",
+)
+@json_option
+@pass_state
+def shard_rotate_key(
+    state: CliState, names: tuple[str, ...], every: bool, retire_previous: bool, as_json: bool
+) -> None:
+    """Give shards a new fence key; the key itself is never shown.
+
+    The shard keeps accepting the previous key until the next rotation (or at once
+    with --retire-previous), so routers keep working while they pick up the new one.
+    """
+    if bool(names) == every:
+        raise click.UsageError("name the shards to rotate, or give --all (not both)")
+    catalog = state.catalog()
+    if every:
+        names = tuple(s.name for s in catalog.list_shards() if s.backend == "postgresql")
+    else:
+        for name in names:  # every name checked before any key changes
+            catalog.get_shard(name)
+    rotated = []
+    for name in names:
+        key = catalog.rotate_fence_key(name, retire_previous=retire_previous)
+        rotated.append({"shard": name, "key_id": key.key_id, "retired_previous": retire_previous})
+        if not as_json:
+            accepted = "only the new key" if retire_previous else "the new and the previous key"
+            state.console.print(
+                f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}"
+            )
+    if as_json:
+        emit_json({"rotated": rotated})
+    elif not rotated:
+        state.console.print("no PostgreSQL shard: nothing to rotate")
+
+
 # -- tenants ----------------------------------------------------------------------------
 
 
