@@ -23,7 +23,8 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     │   ├── NoSharedShard               no active shared shard to place a tenant on
     │   ├── TierMismatch                e.g. a dedicated tenant on a shared shard
     │   ├── ShardNotActive              the shard is draining or retired
-    │   └── ShardOccupied               a dedicated shard already holds a tenant
+    │   ├── ShardOccupied               a dedicated shard already holds a tenant
+    │   └── TenantHasRows               a tenant to remove still has rows at its home
     ├── ShardUnavailable                a shard's database cannot be reached
     ├── ProvisionError                  a database could not be created and migrated
     ├── MoveError                       a tenant move cannot start or go on
@@ -43,7 +44,7 @@ name, ...) as attributes, and its message says what is wrong and what to do::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 __all__ = [
     "AlreadyExists",
@@ -76,6 +77,7 @@ __all__ = [
     "StaleRoute",
     "TenantExists",
     "TenantFrozen",
+    "TenantHasRows",
     "TenantryError",
     "TierMismatch",
     "UnknownMove",
@@ -229,6 +231,18 @@ class TierMismatch(PlacementError):
 
 class ShardOccupied(PlacementError):
     """A dedicated shard holds another tenant already."""
+
+
+class TenantHasRows(PlacementError):
+    """A tenant to be removed still has rows at its home; ``counts`` gives them per
+    table. Purge them, or keep them knowingly (``tenantry tenant remove --purge`` or
+    ``--keep-rows``)."""
+
+    def __init__(
+        self, message: str, *, tenant_id: str, shard: str, counts: Mapping[str, int]
+    ) -> None:
+        super().__init__(message, tenant_id=tenant_id, shard=shard)
+        self.counts = dict(counts)
 
 
 class ShardNotActive(PlacementError):

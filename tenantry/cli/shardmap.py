@@ -15,6 +15,7 @@ from tenantry.cli.app import (
     shard_record,
     tenant_record,
 )
+from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.shardmap import ShardState, Tier, mask_url, validate_tenant_id
 
 __all__ = ["COMMANDS"]
@@ -250,15 +251,46 @@ def tenant_show(state: CliState, tenant_id: str, as_json: bool) -> None:
 
 @tenant_group.command("remove")
 @click.argument("tenant_id", metavar="ID")
+@click.option("--purge", is_flag=True, help="Delete the tenant's rows at its home first.")
+@click.option(
+    "--keep-rows",
+    is_flag=True,
+    help="Leave its rows at its home (a tenant added again with this id sees them).",
+)
 @json_option
 @pass_state
-def tenant_remove(state: CliState, tenant_id: str, as_json: bool) -> None:
-    """Unregister tenant ID (its rows stay on its shard; routing to it stops)."""
-    tenant = state.catalog().remove_tenant(tenant_id)
+def tenant_remove(
+    state: CliState, tenant_id: str, purge: bool, keep_rows: bool, as_json: bool
+) -> None:
+    """Unregister tenant ID; refused while it has rows at its home, unless --purge or
+    --keep-rows."""
+    if purge and keep_rows:
+        raise click.UsageError("give --purge or --keep-rows, not both")
+    policy: RowsPolicy = "purge" if purge else "keep" if keep_rows else "refuse"
+    done = remove_tenant(state.catalog(), tenant_id, rows=policy)
+    tenant, total = done.tenant, sum(done.rows.values())
     if as_json:
-        emit_json(tenant_record(tenant))
+        emit_json(
+            {
+                **tenant_record(tenant),
+                "rows": policy,
+                "row_counts": done.rows,
+                "deleted": done.deleted,
+            }
+        )
+    elif policy == "purge":
+        counts = ", ".join(f"{t} {n}" for t, n in sorted(done.deleted.items()))
+        state.console.print(
+            f"removed tenant {tenant.id}: deleted {sum(done.deleted.values())} row(s) on "
+            f"shard {tenant.shard}" + (f" ({counts})" if counts else "")
+        )
+    elif done.kept:
+        state.console.print(
+            f"removed tenant {tenant.id}: its {total} row(s) stay on shard {tenant.shard}; "
+            f"a tenant added again as {tenant.id} will see them"
+        )
     else:
-        state.console.print(f"removed tenant {tenant.id} (its rows stay on shard {tenant.shard})")
+        state.console.print(f"removed tenant {tenant.id} (it had no rows on shard {tenant.shard})")
 
 
 @tenant_group.command("pin")

@@ -5,6 +5,7 @@ from tenantry.moves.gc import Leftover, collect_garbage
 from tenantry.moves.hooks import MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
 from tenantry.moves.mover import Mover
+from tenantry.moves.removal import TenantRemoval, remove_tenant, tenant_row_counts
 
 __all__ = [
     "Journal",
@@ -16,6 +17,7 @@ __all__ = [
     "MoveState",
     "Mover",
     "NullObserver",
+    "TenantRemoval",
     "abort",
     "collect_garbage",
     "demote",
@@ -23,5 +25,7 @@ __all__ = [
     "list_moves",
     "move",
     "promote",
+    "remove_tenant",
     "resume",
+    "tenant_row_counts",
 ]

@@ -507,7 +507,12 @@ class Catalog:
         return Tenant(tenant_id, target.name, tier, pinned, TenantState.ACTIVE, created)
 
     def remove_tenant(self, tenant_id: str) -> Tenant:
-        """Unregister a tenant. Its rows stay on its shard; routers stop serving it."""
+        """Unregister a tenant; routers stop serving it. Only the registration: its rows
+        stay on its shard, and a tenant added again with this id would see them.
+
+        :func:`tenantry.moves.remove_tenant` (what ``tenantry tenant remove`` runs)
+        refuses while the tenant has rows, or purges them first, then calls this.
+        """
         validate_tenant_id(tenant_id)
         with self._write() as (conn, version):
             tenant = self._get_tenant(conn, tenant_id)

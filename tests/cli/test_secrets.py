@@ -52,13 +52,18 @@ def logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]
 
 
 def test_no_output_shows_a_shard_password(
-    run: Run, pg_shard_urls: tuple[str, str], logs: pytest.LogCaptureFixture
+    run: Run,
+    pg_shard_urls: tuple[str, str],
+    make_pg_database: DatabaseFactory,
+    logs: pytest.LogCaptureFixture,
 ) -> None:
     url, admin_url = pg_shard_urls
+    # a database of its own: one database is never registered as two shards
+    url2 = with_password(make_pg_database(0), PASSWORD)
     run("init")
     outputs = [
         run("shard", "add", "pg1", url, "--admin-url", admin_url),
-        run("shard", "add", "pg2", url, "--json", "--weight", "2"),
+        run("shard", "add", "pg2", url2, "--json", "--weight", "2"),
         run("shard", "add", "pg3", url, "--tier", "dedicated", "--no-prepare"),
         run("tenant", "add", "acme", "--shard", "pg1"),
         run("tenant", "add", "globex", "--json"),
