@@ -7,10 +7,13 @@ any statement the application sends, so the tenant travels with a signature inst
     signature = "<key id>:" + hex(HMAC-SHA256(key, utf8(tenant) || int4(backend pid)))
 
 The router computes it (it reads the shard's key from the catalog) and passes it to
-the shard's fence function as a bound parameter; the shard's functions verify it
-against the keys in ``tenantry.fence_keys``, a table the routing role cannot read.
-A signature names one tenant on one server connection: it cannot be replayed for
-another tenant or on another connection.
+the shard's fence function as a bound parameter; the fence verifies it against the
+keys in ``tenantry.fence_keys``, a table the routing role cannot read, and leaves in
+the transaction's settings a token — the same HMAC over ``0x00 || tenant || pid ||
+the transaction's start time`` — that the row-level-security policies verify on every
+statement. A signature names one tenant on one server connection, a token one
+transaction too: neither can be replayed for another tenant, on another connection,
+or (the token) in a later transaction.
 
 Every shard keeps at most two keys: the current one and the one before it, so a key
 can be rotated while routers still sign with the old one (``tenantry shard

@@ -55,21 +55,18 @@ LAYOUT = {
     "dedicated": ("solo", "d1", "d2", None),
 }
 
-#: A hole found in the signed fence (reported to the lead, issue 12): the RAISE of
-#: tenantry.writable_tenant() calls ``pg_catalog.coalesce(v_state, 'not resident')``;
-#: COALESCE is SQL syntax, not a function, so every write the policies refuse for a
-#: frozen (or moved) tenant fails with 42883 "function pg_catalog.coalesce(text,
-#: unknown) does not exist" instead of 25006 / TenantFrozen (still refused, but not as
-#: the retryable error). Strict: once fixed these pass, and the mark must go.
-COALESCE_HOLE = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="tenantry.writable_tenant() raises 42883 (pg_catalog.coalesce) instead of 25006",
-)
-
 INSUFFICIENT_PRIVILEGE = "42501"
 READ_ONLY_TRANSACTION = "25006"
 ACTIVE_SQL_TRANSACTION = "25001"
+#: How a write may be refused once a raw COMMIT ended the fenced transaction: the next
+#: transaction acts for no tenant (the fence's token was bound to the one that ended),
+#: so the policies admit nothing, or the freeze refuses it.
+REFUSED_AFTER_COMMIT = {
+    "TenantFrozen",
+    READ_ONLY_TRANSACTION,
+    INSUFFICIENT_PRIVILEGE,
+    "no row matched",
+}
 
 
 def routing_url(admin_url: str) -> str:
@@ -236,10 +233,7 @@ def frozen(request: pytest.FixtureRequest, _frozen_fleet: Fleet) -> Iterator[Fro
 
 @pytest.mark.parametrize(
     "escape",
-    [
-        pytest.param(name, marks=COALESCE_HOLE) if name.startswith("raw-commit-") else name
-        for name in ESCAPES
-    ],
+    [name for name in ESCAPES],
 )
 @pytest.mark.parametrize("path", ["session", "connection"])
 def test_raw_writes_of_a_frozen_tenant_are_refused(frozen: Frozen, path: str, escape: str) -> None:
@@ -266,13 +260,16 @@ def test_raw_writes_of_a_frozen_tenant_are_refused(frozen: Frozen, path: str, es
         except sa.exc.DBAPIError as exc:  # the block's commit of a failed transaction
             assert name in outcomes, exc
     assert set(outcomes) == set(WRITES)
-    if escape in ("fenced", "raw-commit-signature-kept", "raw-commit-read-write-default"):
+    if escape == "fenced":
         # the transaction acts for the tenant: the freeze itself must refuse, loudly
         assert set(outcomes.values()) <= {"TenantFrozen", READ_ONLY_TRANSACTION}, outcomes
+    elif escape.startswith("raw-commit-"):
+        # out of the fenced transaction, even with its settings kept session-wide, the
+        # next transaction acts for no tenant: the token was bound to the one that ended
+        assert set(outcomes.values()) <= REFUSED_AFTER_COMMIT, outcomes
     assert rows_at(frozen.fleet, frozen.shard, frozen.tenant) == before, outcomes
 
 
-@COALESCE_HOLE
 @pytest.mark.parametrize("tier", list(LAYOUT))
 def test_a_transaction_begun_before_the_freeze_cannot_write_after_it(
     _frozen_fleet: Fleet, tier: str
@@ -349,8 +346,6 @@ def test_a_temporary_residency_table_does_not_unfreeze(
     """A temporary table named like the residency, searched first, changes nothing: on
     a shared shard the routing role may not make one; on a dedicated shard it may, and
     the policy functions name the real table with its schema."""
-    if frozen.tier == "dedicated":
-        request.applymarker(COALESCE_HOLE)
     before = rows_at(frozen.fleet, frozen.shard, frozen.tenant)
     with frozen.router.session(frozen.tenant) as session:
         # out of the read-only fenced transaction first, the signature kept
@@ -371,7 +366,7 @@ def test_a_temporary_residency_table_does_not_unfreeze(
         )
         session.execute(text("SET search_path = pg_temp, public, pg_catalog"))
         outcomes = {name: attempt(session, sql, frozen.tenant) for name, sql in WRITES.items()}
-    assert set(outcomes.values()) <= {"TenantFrozen", READ_ONLY_TRANSACTION}, outcomes
+    assert set(outcomes.values()) <= REFUSED_AFTER_COMMIT, outcomes
     assert rows_at(frozen.fleet, frozen.shard, frozen.tenant) == before
 
 
@@ -464,7 +459,6 @@ def move_dbs(pg_servers: list[str], app_role: str) -> Iterator[DatabaseFactory]:
         yield dbs
 
 
-@COALESCE_HOLE
 @pytest.mark.parametrize("then", ["resume", "abort"])
 @pytest.mark.parametrize("tier", list(LAYOUT))
 def test_mover_killed_in_its_freeze_then_writes_come_back(
@@ -493,7 +487,7 @@ def test_mover_killed_in_its_freeze_then_writes_come_back(
             session.execute(text(ESCAPES["raw-commit-signature-kept"][0]))
             session.execute(text("COMMIT"))
             outcomes = {name: attempt(session, sql, tenant) for name, sql in WRITES.items()}
-            assert set(outcomes.values()) <= {"TenantFrozen", READ_ONLY_TRANSACTION}, outcomes
+            assert set(outcomes.values()) <= REFUSED_AFTER_COMMIT, outcomes
         with router.session(tenant) as session:
             session.execute(text("COMMIT"))
             outcomes = {name: attempt(session, sql, tenant) for name, sql in WRITES.items()}

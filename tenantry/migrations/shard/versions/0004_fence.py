@@ -7,17 +7,20 @@ role:
   it), readable by no other role;
 - ``tenantry.fence(tenant, signature)``: the first statement of every routed
   transaction. It verifies the router's signature of (tenant, this backend's pid),
-  stores both in transaction-local settings, reads the tenant's residency row, makes a
+  stores the tenant and a token — an HMAC of (tenant, pid, the transaction's start
+  time) — in transaction-local settings, reads the tenant's residency row, makes a
   frozen tenant's transaction read-only, and returns the residency state;
-- ``tenantry.tenant()``: the tenant of the transaction when the signature in the
-  settings verifies for this backend, else NULL. The row-level-security policies
-  compare the tenant column with it (once per statement: an InitPlan);
+- ``tenantry.tenant()``: the tenant of the transaction when the token in the settings
+  verifies for this backend and this transaction, else NULL. The row-level-security
+  policies compare the tenant column with it (once per statement: an InitPlan);
 - ``tenantry.writable_tenant()``: the same, and an error (SQLSTATE 25006) unless the
   tenant's residency row here is ``active``: the shard itself refuses writes to a
   frozen or moved tenant, whatever SQL the application sends.
 
 Changing ``tenantry.tenant_id`` or ``tenantry.signature`` by hand (SET, set_config,
-RESET, savepoints) only ever makes the policies admit nothing. The functions are
+RESET, savepoints) only ever makes the policies admit nothing, and a token copied into
+a session-wide setting is worthless once its transaction ends (a raw ``COMMIT``, or
+the next request on the pooled connection). The functions are
 SECURITY DEFINER and name every object with its schema (the per-statement ones name
 their operators too, instead of paying for a ``SET search_path`` on every call).
 
@@ -52,8 +55,10 @@ BEGIN
    WHERE k.key_id OPERATOR(pg_catalog.=)
          pg_catalog.split_part(v_signature, ':', 1)::pg_catalog.int4;
   IF pg_catalog.sha256(v_opad OPERATOR(pg_catalog.||) pg_catalog.sha256(
-       v_ipad OPERATOR(pg_catalog.||) pg_catalog.convert_to(v_tenant, 'UTF8')
-       OPERATOR(pg_catalog.||) pg_catalog.int4send(pg_catalog.pg_backend_pid())))
+       v_ipad OPERATOR(pg_catalog.||) '\\x00'::pg_catalog.bytea
+       OPERATOR(pg_catalog.||) pg_catalog.convert_to(v_tenant, 'UTF8')
+       OPERATOR(pg_catalog.||) pg_catalog.int4send(pg_catalog.pg_backend_pid())
+       OPERATOR(pg_catalog.||) pg_catalog.timestamptz_send(pg_catalog.transaction_timestamp())))
      OPERATOR(pg_catalog.=) pg_catalog.decode(pg_catalog.split_part(v_signature, ':', 2), 'hex')
   THEN
     RETURN v_tenant;
@@ -75,7 +80,7 @@ BEGIN
     RETURN v_tenant;
   END IF;
   RAISE EXCEPTION 'tenantry: tenant "%" is % on this shard: writes are refused', v_tenant,
-    pg_catalog.coalesce(v_state, 'not resident')
+    COALESCE(v_state, 'not resident')
     USING ERRCODE = '25006',
           HINT = 'a move is copying the tenant or has moved it: retry through the router';
 END
@@ -102,8 +107,14 @@ BEGIN
       p_tenant USING ERRCODE = '28000',
       HINT = 'the shard''s fence key was rotated: the router reads it again from the catalog';
   END IF;
+  -- What the policies verify is not the router's signature (which never leaves this
+  -- function) but a token bound to this transaction too: settings stashed by hand in
+  -- one transaction admit nothing in the next one on the same connection.
   PERFORM set_config('tenantry.tenant_id', p_tenant, true),
-          set_config('tenantry.signature', p_signature, true);
+          set_config('tenantry.signature', split_part(p_signature, ':', 1) || ':' || encode(
+            sha256(v_opad || sha256(v_ipad || '\\x00'::bytea || convert_to(p_tenant, 'UTF8')
+              || int4send(pg_backend_pid()) || timestamptz_send(transaction_timestamp()))),
+            'hex'), true);
   IF v_state = 'frozen' THEN
     PERFORM set_config('transaction_read_only', 'on', true);
   END IF;
