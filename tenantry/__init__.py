@@ -38,6 +38,7 @@ from tenantry.errors import (
     UnknownMove,
     UnknownShard,
     UnknownTenant,
+    UnsafeRoutingRole,
     VerificationFailed,
 )
 from tenantry.moves import Move, MoveKind, MoveMode, MoveState
@@ -124,6 +125,7 @@ __all__ = [
     "UnknownMove",
     "UnknownShard",
     "UnknownTenant",
+    "UnsafeRoutingRole",
     "VerificationFailed",
     "WSGITenantMiddleware",
     "__version__",

@@ -5,6 +5,7 @@ name, ...) as attributes, and its message says what is wrong and what to do::
 
     TenantryError
     ├── ConfigurationError              a setting or argument is invalid
+    │   └── UnsafeRoutingRole           row-level security would not bind the routing role
     ├── InvalidName (ValueError)        a tenant id or shard name breaks the naming rule
     │   ├── InvalidTenantId
     │   └── InvalidShardName
@@ -83,6 +84,7 @@ __all__ = [
     "UnknownMove",
     "UnknownShard",
     "UnknownTenant",
+    "UnsafeRoutingRole",
     "VerificationFailed",
 ]
 
@@ -97,6 +99,20 @@ class ConfigurationError(TenantryError):
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+
+
+class UnsafeRoutingRole(ConfigurationError):
+    """A shared PostgreSQL shard's routing role is one that row-level security does not
+    bind (a superuser, BYPASSRLS, an owner of the tenant tables, the operations role);
+    ``problems`` says which. The message names the fix: ``tenantry shard secure``."""
+
+    def __init__(
+        self, message: str, *, shard: str, role: str, problems: Sequence[str] = ()
+    ) -> None:
+        super().__init__(message, field="allow_unsafe_routing_role")
+        self.shard = shard
+        self.role = role
+        self.problems = list(problems)
 
 
 class InvalidName(TenantryError, ValueError):

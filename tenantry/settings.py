@@ -65,6 +65,12 @@ class TenantrySettings(BaseSettings):
     alembic_config: str | None = Field(
         None, description="The application's alembic.ini, or its script directory."
     )
+    allow_unsafe_routing_role: bool = Field(
+        False,
+        description="Let a shared PostgreSQL shard route as a role that row-level security "
+        "does not bind (superuser, BYPASSRLS, table owner, the operations role): for local "
+        "development only; a warning is logged every time it lets one through.",
+    )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() ends up in logs; the catalog URL may carry a password (invariant 7).

@@ -4,16 +4,45 @@ PostgreSQL comes from :class:`tenantry.testing.PostgresServers`: the servers nam
 ``TENANTRY_TEST_PG_URLS``, else two throwaway servers started with ``initdb``, else two
 Docker containers. With none of these, every test that needs PostgreSQL errors with
 one message saying how to provide it; nothing is skipped.
+
+Most tests route shared PostgreSQL shards as the servers' superuser, so the suite runs
+with ``TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE=1`` (each use logs its warning). Tests of the
+refusal take it away with ``@pytest.mark.strict_routing_role`` (or the
+``strict_routing_role`` fixture); the suites' environment cleaners keep it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tenantry.testing import DatabaseFactory, NoPostgresAvailable, PostgresServers
+
+#: The override of the routing-role check, on for the suite (see the module's docstring).
+UNSAFE_ROUTING_ROLE = "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "strict_routing_role: the unsafe-routing-role override is off (refusals are tested)",
+    )
+    os.environ[UNSAFE_ROUTING_ROLE] = "1"
+
+
+@pytest.fixture
+def strict_routing_role(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No unsafe-routing-role override: unsafe routing roles are refused."""
+    monkeypatch.delenv(UNSAFE_ROUTING_ROLE, raising=False)
+
+
+@pytest.fixture(autouse=True)
+def _routing_role_override(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("strict_routing_role") is not None:
+        request.getfixturevalue("strict_routing_role")
 
 
 @pytest.fixture(scope="session")

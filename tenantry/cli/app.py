@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -68,6 +69,20 @@ class CliState:
 
 pass_state = click.make_pass_decorator(CliState)
 
+#: The library's warnings every command shows on stderr (the unsafe-routing-role
+#: override, routing-role cautions): ``warning: ...``, one line each.
+SHOWN_LOGGERS = ("tenantry.security",)
+
+
+class WarningPrinter(logging.Handler):
+    """Prints the library's warnings on stderr while a command runs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.secho(f"warning: {record.getMessage()}", fg="yellow", err=True)
+
 
 class TenantryGroup(click.Group):
     """Turns TenantryError into one clear line (the traceback only with --traceback)."""
@@ -97,6 +112,10 @@ def cli(ctx: click.Context, catalog_url: str | None, traceback: bool) -> None:
     state = CliState(catalog_url=catalog_url, traceback=traceback)
     ctx.obj = state
     ctx.call_on_close(state.close)
+    printer = WarningPrinter()
+    for name in SHOWN_LOGGERS:
+        logging.getLogger(name).addHandler(printer)
+        ctx.call_on_close(lambda name=name: logging.getLogger(name).removeHandler(printer))
 
 
 def json_option(func: F) -> F:

@@ -19,7 +19,9 @@ from tenantry.cli.app import (
     shard_record,
 )
 from tenantry.migrations.fleet import FleetRun, ShardMigration, select_shards
-from tenantry.shardmap import Tier, mask_url
+from tenantry.migrations.provision import SecuredShard
+from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
+from tenantry.shardmap import ShardState, Tier, mask_url
 
 __all__ = ["COMMANDS"]
 
@@ -127,6 +129,7 @@ def _render_run(state: CliState, run: FleetRun, as_json: bool) -> None:
                         "result": r.result,
                         "seconds": r.seconds,
                         "error": r.error,
+                        "warnings": list(r.warnings),
                     }
                     for r in run.results
                 ],
@@ -152,6 +155,9 @@ def _render_run(state: CliState, run: FleetRun, as_json: bool) -> None:
     for r in run.failed:
         # Error text is the database's or the migration's: brackets in it are not markup.
         state.console.print(f"[red]{r.shard}: {escape(r.error or '')}[/]")
+    for r in run.results:
+        for warning in r.warnings:
+            state.console.print(f"[yellow]warning: {escape(warning)}[/]")
     done = sum(1 for r in run.results if r.ok)
     state.console.print(f"{done} of {len(run.results)} shard(s) at {run.target}")
 
@@ -269,6 +275,22 @@ def _verdict(verdict: str, error: str | None) -> str:
 @click.option("--database", metavar="DBNAME", help="Database name [default: NAME].")
 @click.option("--template", metavar="DBNAME", help="Create from this template database.")
 @click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Route as a role made for it, with only the grants routing needs (see `shard secure`).",
+)
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role --secure makes or reuses.",
+)
+@click.option(
+    "--allow-unsafe-routing-role",
+    is_flag=True,
+    help="Local development only: accept a routing role row-level security does not bind.",
+)
 @click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
 @click.option("--revision", default="head", show_default=True, help="Migrate it to this revision.")
 @click.option("--alembic-config", type=click.Path(path_type=Path))
@@ -282,12 +304,17 @@ def shard_create(
     database: str | None,
     template: str | None,
     routing_url: str | None,
+    secure: bool,
+    role: str,
+    allow_unsafe_routing_role: bool,
     weight: int,
     revision: str,
     alembic_config: Path | None,
     as_json: bool,
 ) -> None:
     """Create a database on a server, migrate it, and register it as shard NAME."""
+    if secure and routing_url:
+        raise click.UsageError("give --secure or --routing-url, not both")
     shard = migrations.provision(
         state.catalog(),
         name,
@@ -299,6 +326,8 @@ def shard_create(
         weight=weight,
         alembic_config=alembic_config,
         revision=revision,
+        secure_role=role if secure else None,
+        allow_unsafe_routing_role=allow_unsafe_routing_role or None,
     )
     if as_json:
         emit_json(shard_record(shard, 0))
@@ -309,5 +338,69 @@ def shard_create(
         )
 
 
+def secured_record(secured: SecuredShard) -> dict[str, Any]:
+    """What ``shard secure`` did to one shard, JSON-ready (URLs masked, no password)."""
+    return {
+        **shard_record(secured.shard),
+        "role": secured.role,
+        "role_created": secured.role_created,
+        "password": secured.password,
+        "changed": secured.changed,
+        "warnings": list(secured.warnings),
+    }
+
+
+@click.command("secure")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard (not retired).")
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role to make (or reuse).",
+)
+@json_option
+@pass_state
+def shard_secure(
+    state: CliState, names: tuple[str, ...], every: bool, role: str, as_json: bool
+) -> None:
+    """Make shards route as a role with exactly the grants routing needs.
+
+    Through each shard's operations URL, makes (or reuses) ROLE: LOGIN NOSUPERUSER
+    NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT, with a generated password that is
+    stored in the catalog and never shown; grants it CONNECT, USAGE on the schemas and
+    SELECT, INSERT, UPDATE, DELETE on the tenant tables (and their sequences); then the
+    shard's URL routes as it and the old URL stays as its operations URL (--admin-url).
+    Safe to run again.
+    """
+    if bool(names) == every:
+        raise click.UsageError("name the shards to secure, or give --all (not both)")
+    catalog = state.catalog()
+    if every:
+        names = tuple(
+            s.name
+            for s in catalog.list_shards()
+            if s.backend == "postgresql" and s.state is not ShardState.RETIRED
+        )
+    else:
+        for name in names:  # every name checked before any shard changes
+            catalog.get_shard(name)
+    done = []
+    for name in names:
+        secured = migrations.secure_shard(catalog, name, role=role)
+        done.append(secured_record(secured))
+        if not as_json:
+            how = "already" if not secured.changed else "now"
+            made = "made" if secured.role_created else "reused"
+            state.console.print(
+                f"shard {name} routes as {secured.role} {how} (role {made}, password "
+                f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}"
+            )
+    if as_json:
+        emit_json({"secured": done})
+    elif not done:
+        state.console.print("no PostgreSQL shard: nothing to secure")
+
+
 COMMANDS = [migrate_group]
-SHARD_COMMANDS = [shard_create]
+SHARD_COMMANDS = [shard_create, shard_secure]

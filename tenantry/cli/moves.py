@@ -165,7 +165,16 @@ def move_command(
 @click.option("--to", "to_shard", metavar="SHARD", help="An empty dedicated shard.")
 @click.option("--server", metavar="URL", help="Provision a new dedicated database here.")
 @click.option("--database", metavar="DBNAME", help="Name of the new database [default: TENANT].")
-@click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
+@click.option(
+    "--routing-url",
+    metavar="URL",
+    help="Server URL of the routing role [default: the tenant's routing role now, on --server].",
+)
+@click.option(
+    "--allow-unsafe-routing-role",
+    is_flag=True,
+    help="Local development only: let the operations role route too (warns).",
+)
 @click.option("--alembic-config", type=click.Path(path_type=Path))
 @click.option(
     "--mode",
@@ -191,6 +200,7 @@ def promote_command(
     server: str | None,
     database: str | None,
     routing_url: str | None,
+    allow_unsafe_routing_role: bool,
     alembic_config: Path | None,
     mode: str,
     max_freeze: float,
@@ -211,6 +221,7 @@ def promote_command(
             mode=mode,
             max_freeze=max_freeze,
             observer=observer,
+            allow_unsafe_routing_role=allow_unsafe_routing_role or None,
         )
     _finish(state, move, as_json)
 

@@ -15,6 +15,7 @@ from tenantry.cli.app import (
     shard_record,
     tenant_record,
 )
+from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
 from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.shardmap import ShardState, Tier, mask_url, validate_tenant_id
 
@@ -56,6 +57,23 @@ def shard_group() -> None:
     is_flag=True,
     help="Register without connecting (tenantry's tables are created on first migrate).",
 )
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Route as a role made for it through URL (or --admin-url), with only the grants "
+    "routing needs (see `shard secure`); URL stays the operations role.",
+)
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role --secure makes or reuses.",
+)
+@click.option(
+    "--allow-unsafe-routing-role",
+    is_flag=True,
+    help="Local development only: accept a routing role row-level security does not bind.",
+)
 @json_option
 @pass_state
 def shard_add(
@@ -66,12 +84,31 @@ def shard_add(
     tier: str,
     weight: int,
     no_prepare: bool,
+    secure: bool,
+    role: str,
+    allow_unsafe_routing_role: bool,
     as_json: bool,
 ) -> None:
     """Register database URL as shard NAME."""
-    shard = state.catalog().add_shard(
-        name, url, admin_url=admin_url, tier=tier, weight=weight, prepare=not no_prepare
-    )
+    if secure and no_prepare:
+        raise click.UsageError("--secure connects to the database: drop --no-prepare")
+    if secure:
+        from tenantry.migrations.provision import add_secured_shard
+
+        secured = add_secured_shard(
+            state.catalog(), name, url, admin_url=admin_url, tier=tier, weight=weight, role=role
+        )
+        shard = secured.shard
+    else:
+        shard = state.catalog().add_shard(
+            name,
+            url,
+            admin_url=admin_url,
+            tier=tier,
+            weight=weight,
+            prepare=not no_prepare,
+            allow_unsafe_routing_role=allow_unsafe_routing_role or None,
+        )
     if as_json:
         emit_json(shard_record(shard, 0))
     else:

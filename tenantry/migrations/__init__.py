@@ -9,18 +9,21 @@ from tenantry.migrations.fleet import (
     status,
     upgrade,
 )
-from tenantry.migrations.provision import provision
+from tenantry.migrations.provision import SecuredShard, add_secured_shard, provision, secure_shard
 from tenantry.migrations.rls import install_rls, policy_statements
 
 __all__ = [
     "FleetRun",
     "FleetStatus",
+    "SecuredShard",
     "ShardMigration",
     "ShardStatus",
+    "add_secured_shard",
     "downgrade",
     "install_rls",
     "policy_statements",
     "provision",
+    "secure_shard",
     "status",
     "upgrade",
 ]

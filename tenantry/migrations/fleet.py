@@ -37,7 +37,12 @@ from tenantry.errors import (
     UnknownShard,
 )
 from tenantry.migrations._alembic import ALEMBIC_LOCK, SHARD
-from tenantry.migrations.rls import check_role, grant_routing_role, install_rls
+from tenantry.migrations.rls import (
+    check_role,
+    grant_routing_role,
+    inspect_routing_role,
+    install_rls,
+)
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
@@ -355,6 +360,8 @@ def migrate_shard(
                 "application's env.py use config.attributes['connection']?",
             )
         outcome: Result = direction + "d" if changed else "skipped"  # type: ignore[assignment]
+        if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
+            warnings.extend(_routing_role_warnings(shard, settings))
         return result(outcome, after)
     except Exception as exc:
         # The application's migration code may raise anything (a data check, a typo):
@@ -576,11 +583,24 @@ def _shard_status(
     )
 
 
+def _routing_role_warnings(shard: Shard, settings: TenantrySettings) -> list[str]:
+    """What ``migrate upgrade`` says about a shared shard's routing role (it never
+    refuses: ``shard add`` and the routers do)."""
+    try:
+        check = inspect_routing_role(shard, settings)
+    except TenantryError as exc:
+        return [f"shard {shard.name!r}: cannot check its routing role: {exc}"]
+    return [line for line in (check.refusal(shard.name), check.caution(shard.name)) if line]
+
+
 def _routing_role_warning(shard: Shard, settings: TenantrySettings) -> list[str]:
     engine = make_engine(shard.url, connect_timeout=settings.connect_timeout, poolclass=NullPool)
+    # One URL for both roles is warned about on its own (see _shard_status).
+    ops = make_url(shard.admin_url).username if shard.admin_url not in (None, shard.url) else None
     try:
         with engine.connect() as conn:
-            warning = check_role(conn).warning(shard.name)
+            check = check_role(conn, column=settings.tenant_column, operations_role=ops)
+            warning = check.warning(shard.name)
     except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
         warning = f"shard {shard.name!r}: cannot connect as the routing role: {describe_error(exc)}"
     finally:

@@ -7,8 +7,11 @@ migrated.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import secrets
 from contextlib import suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -21,9 +24,20 @@ from tenantry.errors import (
     ShardExists,
     TenantryError,
     UnknownShard,
+    UnsafeRoutingRole,
 )
 from tenantry.migrations.fleet import app_config, migrate_shard
-from tenantry.shardmap.catalog import Catalog
+from tenantry.migrations.rls import (
+    DEFAULT_ROUTING_ROLE,
+    ROLE_NAME,
+    enforce_routing_role,
+    inspect_routing_role,
+    role_state,
+    same_role_refusal,
+    security_logger,
+    setup_routing_role,
+)
+from tenantry.shardmap.catalog import Catalog, prepare_shard, shard_admin
 from tenantry.shardmap.connect import describe_error, make_engine
 from tenantry.shardmap.model import (
     NAME_PATTERN,
@@ -34,7 +48,14 @@ from tenantry.shardmap.model import (
     validate_shard_name,
 )
 
-__all__ = ["create_database", "drop_database", "provision"]
+__all__ = [
+    "SecuredShard",
+    "add_secured_shard",
+    "create_database",
+    "drop_database",
+    "provision",
+    "secure_shard",
+]
 
 logger = logging.getLogger("tenantry.provision")
 
@@ -133,12 +154,20 @@ def provision(
     alembic_config: str | Path | None = None,
     revision: str = "head",
     migrate: bool = True,
+    secure_role: str | None = None,
+    allow_unsafe_routing_role: bool | None = None,
 ) -> Shard:
     """Create database *database* (default *name*) on *server_url*, migrate it to
     *revision* of the application's migrations, and register it as shard *name*.
 
     *server_url* is the operations role (it owns the new database); *routing_url*, if
-    given, is the routing role on the same server, granted what routing needs.
+    given, is the routing role on the same server, granted what routing needs; with
+    *secure_role* instead, that role is created (or reused) as :func:`secure_shard`
+    does. A shared PostgreSQL shard whose routing role would be the operations role is
+    refused before anything is created (:class:`UnsafeRoutingRole`), and one whose
+    routing role row-level security would not bind when it is registered (the
+    database is dropped again), unless *allow_unsafe_routing_role* (default: the
+    setting), which logs a warning.
     """
     from tenantry.migrations.fleet import _catalog
 
@@ -150,6 +179,25 @@ def provision(
     with suppress(UnknownShard):
         catalog.get_shard(name)
         raise ShardExists(name)
+    allow = (
+        settings.allow_unsafe_routing_role
+        if allow_unsafe_routing_role is None
+        else allow_unsafe_routing_role
+    )
+    if (
+        tier is Tier.SHARED
+        and secure_role is None
+        and not allow  # allowed: registering it warns, once
+        and make_url(normalize_url(server_url)).get_backend_name() == "postgresql"
+    ):
+        same_role_refusal(
+            name,
+            routing_url or server_url,
+            server_url,
+            allow=False,
+            fix="pass --secure (a routing role with only the grants it needs) or "
+            "--routing-url URL of a role that owns nothing",
+        )
     cfg = None
     if migrate:
         cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
@@ -177,8 +225,17 @@ def provision(
                     f"({outcome.error}); it was dropped again",
                     shard=name,
                 )
+        if secure_role is not None:
+            ops = Shard(name=name, url=admin_url, tier=tier)
+            secured, _created, _generated, _warnings = _routing_role(catalog, ops, secure_role)
+            shard = dataclasses.replace(shard, url=secured, admin_url=admin_url)
         return catalog.add_shard(
-            name, shard.url, admin_url=shard.admin_url, tier=tier, weight=weight
+            name,
+            shard.url,
+            admin_url=shard.admin_url,
+            tier=tier,
+            weight=weight,
+            allow_unsafe_routing_role=allow,
         )
     except BaseException as exc:
         try:
@@ -189,8 +246,215 @@ def provision(
                 mask_url(admin_url),
                 describe_error(cleanup),
             )
-        if isinstance(exc, TenantryError) and not isinstance(exc, ProvisionError):
+        if isinstance(exc, TenantryError) and not isinstance(
+            exc, (ProvisionError, UnsafeRoutingRole)
+        ):
             raise ProvisionError(
                 f"{exc} (database {database!r} was dropped again)", shard=name
             ) from None
         raise
+
+
+# -- routing roles ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SecuredShard:
+    """What ``tenantry shard secure`` did to one shard (never its password)."""
+
+    shard: Shard
+    role: str
+    role_created: bool
+    #: "generated": a new password was set and stored in the catalog's URL; "kept".
+    password: str
+    #: Whether the catalog's URLs changed (False: it was secured already).
+    changed: bool
+    warnings: tuple[str, ...] = ()
+
+
+def secure_shard(target: object, name: str, *, role: str = DEFAULT_ROUTING_ROLE) -> SecuredShard:
+    """Make PostgreSQL shard *name* route as *role*, a role with exactly the grants
+    routing needs, created (or reused) through the shard's operations URL.
+
+    The role is ``LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT``,
+    with a generated password that is stored in the catalog's URL and never printed
+    or logged (the server is sent its SCRAM verifier only). The shard's ``url`` becomes
+    the role's; ``admin_url`` keeps the operations URL. The new routing role is checked
+    like ``shard add``'s, and the catalog is changed only when it passes. Idempotent.
+    """
+    from tenantry.migrations.fleet import _catalog
+
+    catalog: Catalog = _catalog(target)
+    shard = catalog.get_shard(name)
+    if shard.backend != "postgresql":
+        raise ConfigurationError(
+            f"shard {name!r} is SQLite: SQLite has no roles (and no row-level security)"
+        )
+    ops_url = shard.operations_url
+    routing, created, generated, warnings = _routing_role(catalog, shard, role)
+    probe = dataclasses.replace(shard, url=routing, admin_url=ops_url)
+    check = inspect_routing_role(probe, catalog.settings)  # and the new URL connects
+    cautions: list[str] = []
+    if shard.tier is Tier.SHARED:
+        cautions = enforce_routing_role(name, check, allow=False, fix=_manual_fix(role))
+    changed = (routing, ops_url) != (shard.url, shard.admin_url)
+    if changed:
+        # Checks the role again, in the catalog's transaction; logs the cautions.
+        shard = catalog.set_shard_urls(
+            name, routing, admin_url=ops_url, allow_unsafe_routing_role=False
+        )
+        logger.info("shard %s routes as role %s now", name, role)
+    else:
+        for caution in cautions:
+            security_logger.warning("%s", caution)
+    return SecuredShard(
+        shard=shard,
+        role=role,
+        role_created=created,
+        password="generated" if generated else "kept",
+        changed=changed,
+        warnings=tuple(warnings + cautions),
+    )
+
+
+def add_secured_shard(
+    catalog: Catalog,
+    name: str,
+    url: str,
+    *,
+    admin_url: str | None = None,
+    tier: Tier | str = Tier.SHARED,
+    weight: int = 1,
+    role: str = DEFAULT_ROUTING_ROLE,
+) -> SecuredShard:
+    """Register a PostgreSQL database as shard *name* routing as *role* (what
+    ``tenantry shard add --secure`` does): *admin_url*, else *url*, is the operations
+    role, which prepares the database and creates the routing role as
+    :func:`secure_shard` does."""
+    validate_shard_name(name)
+    tier = Tier(tier)
+    with suppress(UnknownShard):
+        catalog.get_shard(name)
+        raise ShardExists(name)
+    ops = Shard(name=name, url=normalize_url(admin_url or url), tier=tier)
+    if ops.backend != "postgresql":
+        raise ConfigurationError("--secure needs PostgreSQL: SQLite has no roles")
+    prepare_shard(ops, connect_timeout=catalog.settings.connect_timeout)
+    routing, created, generated, warnings = _routing_role(catalog, ops, role)
+    shard = catalog.add_shard(
+        name,
+        routing,
+        admin_url=ops.url,
+        tier=tier,
+        weight=weight,
+        allow_unsafe_routing_role=False,
+    )
+    logger.info("shard %s routes as role %s", name, role)
+    return SecuredShard(
+        shard=shard,
+        role=role,
+        role_created=created,
+        password="generated" if generated else "kept",
+        changed=True,
+        warnings=tuple(warnings),
+    )
+
+
+def _manual_fix(role: str) -> str:
+    return (
+        f"take from role {role!r} its memberships and its ownerships, then run "
+        "`tenantry shard secure` again"
+    )
+
+
+def _routing_role(catalog: Catalog, shard: Shard, role: str) -> tuple[str, bool, bool, list[str]]:
+    """Create or reuse *role* through *shard*'s operations URL and grant it what routing
+    needs; return its routing URL (with the password), whether the role was created,
+    whether a new password was generated, and warnings."""
+    settings = catalog.settings
+    if not ROLE_NAME.fullmatch(role):
+        raise ConfigurationError(
+            f"invalid role name {role!r}: use 1 to 63 characters of a-z, 0-9 and '_', "
+            "not starting with a digit",
+            field="role",
+        )
+    ops_url = shard.operations_url
+    if make_url(ops_url).username == role:
+        raise ConfigurationError(
+            f"shard {shard.name!r}: {role!r} is the operations role; the routing role "
+            "must be another one: choose another --role",
+            field="role",
+        )
+    current = make_url(shard.url) if shard.url != ops_url else None
+    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+        state = role_state(conn, role)
+    if state.exists and not state.ours and (current is None or current.username != role):
+        raise ConfigurationError(
+            f"role {role!r} exists on the server of shard {shard.name!r} and was not made "
+            "by tenantry: choose another --role (or route as it with `tenantry shard add` "
+            "and a URL of yours)",
+            field="role",
+        )
+    password = _known_password(catalog, shard, role) if state.exists else None
+    generated = password is None
+    if password is None:
+        password = secrets.token_urlsafe(32)
+    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+        created = setup_routing_role(
+            conn,
+            role,
+            password=password if generated else None,
+            column=settings.tenant_column,
+            shared=shard.tier is Tier.SHARED,
+        )
+    routing = make_url(ops_url).set(username=role, password=password)
+    warnings = []
+    if generated and not created:
+        stale = _others_routing_as(catalog, shard, role, password)
+        if stale:
+            warnings.append(
+                f"role {role!r} got a new password: shard(s) {', '.join(stale)} route as it "
+                f"with the old one; run `tenantry shard secure --all`"
+            )
+            security_logger.warning("%s", warnings[-1])
+    return routing.render_as_string(hide_password=False), created, generated, warnings
+
+
+def _known_password(catalog: Catalog, shard: Shard, role: str) -> str | None:
+    """A password of *role* the catalog knows and the server accepts, or None."""
+    candidates: list[str] = []
+    for url in [shard.url] + [s.url for s in catalog.list_shards()]:
+        parsed = make_url(url)
+        if parsed.username == role and parsed.password and parsed.password not in candidates:
+            candidates.append(str(parsed.password))
+    ops = make_url(shard.operations_url)
+    for password in candidates:
+        engine = make_engine(
+            ops.set(username=role, password=password).render_as_string(hide_password=False),
+            connect_timeout=catalog.settings.connect_timeout,
+            poolclass=NullPool,
+        )
+        try:
+            with engine.connect():
+                return password
+        except sa.exc.SQLAlchemyError:
+            continue
+        finally:
+            engine.dispose()
+    return None
+
+
+def _others_routing_as(catalog: Catalog, shard: Shard, role: str, password: str) -> list[str]:
+    """Other shards of *shard*'s server whose URL routes as *role* with another password."""
+    here = make_url(shard.operations_url)
+    found = []
+    for other in catalog.list_shards():
+        parsed = make_url(other.url)
+        if (
+            other.name != shard.name
+            and parsed.username == role
+            and (parsed.host, parsed.port) == (here.host, here.port)
+            and parsed.password != password
+        ):
+            found.append(other.name)
+    return found

@@ -16,7 +16,7 @@ from tenantry.moves.hooks import MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Checkpoints, Mover
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.model import Tier, normalize_url
+from tenantry.shardmap.model import Shard, Tier, normalize_url
 
 __all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
 
@@ -83,9 +83,17 @@ def promote(
     max_freeze: float = 1.0,
     observer: MoveObserver | None = None,
     hooks: Checkpoints | None = None,
+    allow_unsafe_routing_role: bool | None = None,
 ) -> Move:
     """Move a shared tenant to a dedicated database: shard *to*, or a new database
-    provisioned on *server* (named after the tenant unless *database* is given)."""
+    provisioned on *server* (named after the tenant unless *database* is given).
+
+    The new shard routes as *routing_url*'s role or, by default, as the role the tenant
+    routes as now (its shard's ``url`` user and password) on *server*; never as the
+    operations role (*server*'s user): that is refused before anything is created
+    (:class:`~tenantry.errors.UnsafeRoutingRole`), unless *allow_unsafe_routing_role*
+    (default: the setting), which logs a warning.
+    """
     if (to is None) == (server is None):
         raise MoveRefused("promote needs exactly one of --to SHARD or --server URL")
     mover = _mover(catalog_or_router, observer, hooks)
@@ -106,6 +114,17 @@ def promote(
     name = database or tenant_id
     admin_url = _with_database(make_url(normalize_url(server)), name).render_as_string(
         hide_password=False
+    )
+    routing_url = routing_url or _routing_url_for(catalog.get_shard(tenant.shard), server)
+    from tenantry.migrations.rls import same_role_refusal
+
+    allow = allow_unsafe_routing_role
+    same_role_refusal(
+        name,
+        routing_url or server,
+        server,
+        allow=catalog.settings.allow_unsafe_routing_role if allow is None else allow,
+        fix="pass --routing-url URL of the role the application routes as",
     )
     # Journal first: the database to be created is recorded before it exists, so an
     # abort after a crash knows to drop it.
@@ -138,6 +157,19 @@ def promote(
         mover.abort(planned.id)
         raise
     return mover.run(planned.id)
+
+
+def _routing_url_for(source: Shard, server: str) -> str | None:
+    """The tenant's routing role now (user and password of its shard's URL), on
+    *server*; None when its shard is not PostgreSQL or its URL names no user."""
+    current = make_url(source.url)
+    if current.get_backend_name() != "postgresql" or not current.username:
+        return None
+    target = make_url(normalize_url(server))
+    if target.get_backend_name() != "postgresql":
+        return None
+    moved = target.set(username=current.username, password=current.password)
+    return moved.render_as_string(hide_password=False)
 
 
 def demote(

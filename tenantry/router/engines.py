@@ -5,6 +5,11 @@ many, so at most ``max_engines`` engines stay open, and the pools' total capacit
 (``pool_size + max_overflow`` of each open engine) never exceeds
 ``connection_budget``: to open another engine, the least recently used *idle* engines
 (no lease, no connection checked out) are disposed first.
+
+A shared PostgreSQL shard's engine checks its routing role once, on its first
+connection (one query, in the pool's connect event): a role that row-level security
+would not bind is refused with :class:`~tenantry.errors.UnsafeRoutingRole`, unless the
+``allow_unsafe_routing_role`` setting lets it through with a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, event
 
 from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
 from tenantry.settings import TenantrySettings
@@ -94,6 +99,8 @@ class EngineRegistry:
         engine: Engine = getattr(handle, "sync_engine", handle)
         if self._configure is not None:
             self._configure(engine, shard)
+        if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
+            _guard_routing_role(engine, shard, self._settings)
         return handle, engine
 
     @contextmanager
@@ -209,3 +216,34 @@ class EngineRegistry:
         with self._cond:
             self._closed = True
         return self.dispose()
+
+
+def _guard_routing_role(engine: Engine, shard: Shard, settings: TenantrySettings) -> None:
+    """Check the routing role on the engine's first connection, once per engine.
+
+    Each new connection of an unchecked engine runs the check (so two opened at once
+    both do, and neither is used before it passes); once one passes, the others skip it.
+    """
+    from tenantry.migrations.rls import (
+        check_dbapi_role,
+        enforce_routing_role,
+        operations_role,
+        shard_role_check,
+    )
+
+    passed = False
+    ops = operations_role(shard)
+
+    def check(dbapi_connection: Any, _record: Any) -> None:
+        nonlocal passed
+        if passed:
+            return
+        found = check_dbapi_role(
+            dbapi_connection, column=settings.tenant_column, operations_role=ops
+        )
+        enforce_routing_role(
+            shard.name, shard_role_check(found, shard), allow=settings.allow_unsafe_routing_role
+        )
+        passed = True
+
+    event.listen(engine, "connect", check)

@@ -8,6 +8,7 @@ the database lock at ``BEGIN IMMEDIATE`` for the same effect.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator
@@ -311,6 +312,7 @@ class Catalog:
         tier: Tier | str = Tier.SHARED,
         weight: int = 1,
         prepare: bool = True,
+        allow_unsafe_routing_role: bool | None = None,
     ) -> Shard:
         """Register a database as a shard.
 
@@ -320,6 +322,12 @@ class Catalog:
         is a database registered already under another name, however its URL is spelled
         (:class:`DatabaseAlreadyRegistered`). Without *prepare* its identity is recorded
         by the next ``tenantry migrate upgrade``.
+
+        With *prepare*, a shared PostgreSQL shard is also connected to as its routing
+        role: one that row-level security would not bind (a superuser, BYPASSRLS, an
+        owner of the tables, the operations role) is refused with
+        :class:`UnsafeRoutingRole`, unless *allow_unsafe_routing_role* (default: the
+        setting of that name), which logs a warning.
         """
         validate_shard_name(name)
         tier = Tier(tier)
@@ -350,6 +358,8 @@ class Catalog:
                 identity = prepare_shard(shard, connect_timeout=self.settings.connect_timeout)
                 database_id = identity.database_id
                 self._check_unregistered(conn, name, database_id)
+            if prepare:
+                _check_routing_role(shard, self.settings, allow_unsafe_routing_role, added=True)
             conn.execute(
                 shards.insert().values(
                     name=shard.name,
@@ -417,6 +427,44 @@ class Catalog:
                 f"`tenantry shard remove {name}`"
             )
         raise DatabaseAlreadyRegistered(name, other, message=message)
+
+    def set_shard_urls(
+        self,
+        name: str,
+        url: str,
+        *,
+        admin_url: str | None = None,
+        allow_unsafe_routing_role: bool | None = None,
+    ) -> Shard:
+        """Point shard *name* at new URLs of the same database: *url* for routing,
+        *admin_url* for operations (None: *url* serves both); ``tenantry shard secure``
+        uses it. A shared PostgreSQL shard's routing role is checked as by
+        :meth:`add_shard`. Bumps the map version, so routers take the new URL."""
+        try:
+            new_url = normalize_url(url)
+            new_admin = normalize_url(admin_url) if admin_url else None
+        except InvalidShardUrl as exc:
+            exc.shard = name
+            raise
+        with self._write() as (conn, _version):
+            shard = self._get_shard(conn, name)
+            for candidate in (new_url, new_admin):
+                if candidate is not None and _place(candidate) != _place(shard.operations_url):
+                    raise PlacementError(
+                        f"shard {name!r}: the new URL {mask_url(candidate)} names another "
+                        f"database than {mask_url(shard.operations_url)}",
+                        shard=name,
+                    )
+            updated = dataclasses.replace(shard, url=new_url, admin_url=new_admin)
+            _check_routing_role(updated, self.settings, allow_unsafe_routing_role)
+            conn.execute(
+                shards.update()
+                .where(shards.c.name == name)
+                .values(url=updated.url, admin_url=updated.admin_url)
+            )
+            shard = self._get_shard(conn, name)
+        logger.info("shard %s: new URLs (%s)", name, mask_url(shard.url))
+        return shard
 
     def set_shard_state(self, name: str, state: ShardState | str) -> Shard:
         """Mark a shard active, draining or retired.
@@ -683,6 +731,31 @@ class Catalog:
                     tenant_id=tenant_id,
                     shard=shard.name,
                 )
+
+
+def _check_routing_role(
+    shard: Shard, settings: TenantrySettings, allow: bool | None, *, added: bool = False
+) -> None:
+    """Refuse a shared PostgreSQL shard whose routing role row-level security does not
+    bind (tenantry.migrations.rls has the check), unless allowed."""
+    if shard.tier is not Tier.SHARED or shard.backend != "postgresql":
+        return
+    from tenantry.migrations.rls import verify_routing_role
+
+    fix = None
+    if added:
+        fix = (
+            f"add it with `tenantry shard add {shard.name} URL --secure` (a routing role "
+            "with only the grants it needs), or give a routing role's URL and this one as "
+            "--admin-url"
+        )
+    verify_routing_role(shard, settings, allow=allow, fix=fix)
+
+
+def _place(url: str) -> tuple[str, str | None, int | None, str | None]:
+    """Which database a URL names: backend, host, port, database."""
+    parsed = sa.make_url(url)
+    return parsed.get_backend_name(), parsed.host, parsed.port, parsed.database
 
 
 def _check_weight(name: str, weight: object) -> None:

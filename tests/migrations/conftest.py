@@ -33,9 +33,11 @@ def _no_password_in_logs(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No TENANTRY_* settings from the developer's shell or a ``.env``."""
+    """No TENANTRY_* settings from the developer's shell or a ``.env`` (the suite's
+    own, tests/conftest.py, stay)."""
+    kept = ("TENANTRY_TEST_PG_URLS", "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE")
     for key in list(os.environ):
-        if key.startswith("TENANTRY_") and key != "TENANTRY_TEST_PG_URLS":
+        if key.startswith("TENANTRY_") and key not in kept:
             monkeypatch.delenv(key)
     work = tmp_path / "cwd"
     work.mkdir()

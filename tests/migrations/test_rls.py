@@ -198,8 +198,9 @@ def test_status_warns_about_routing_roles_that_bypass_rls(
     assert warnings["d-one"] == ()  # a dedicated shard has no policies to bypass
     (bypassing,) = warnings["s-bypass"]
     assert bypassing == (
-        f"shard 's-bypass': the routing role '{bypass}' is BYPASSRLS, so row-level security "
-        "does nothing for it; route as a role with NOSUPERUSER NOBYPASSRLS"
+        f"shard 's-bypass': the routing role '{bypass}' has BYPASSRLS, so row-level security "
+        "does nothing for it: run `tenantry shard secure s-bypass` (a routing role with only "
+        "the grants it needs)"
     )
     one_url, superuser = warnings["s-one"]
     assert "one URL serves routing and operations" in one_url
