@@ -40,6 +40,7 @@ name, ...) as attributes, and its message says what is wrong and what to do::
         ├── CrossTenantWrite            an object or row carries another tenant's id
         ├── StaleRoute                  the tenant is not resident where the map says
         ├── TenantFrozen                a move is copying the tenant: retry writes later
+        ├── FenceRejected               the shard refused the fence's signature (key rotated)
         └── ConnectionBudgetExceeded    every engine is busy and the budget is spent
 """
 
@@ -56,6 +57,7 @@ __all__ = [
     "ConnectionBudgetExceeded",
     "CrossTenantWrite",
     "DatabaseAlreadyRegistered",
+    "FenceRejected",
     "FreezeTimeout",
     "InvalidName",
     "InvalidShardName",
@@ -321,6 +323,15 @@ class TenantFrozen(RoutingError):
     ) -> None:
         super().__init__(message, tenant_id=tenant_id, shard=shard)
         self.retry_after = retry_after
+
+
+class FenceRejected(RoutingError):
+    """The shard did not accept the fence's signature: its key changed since it was read.
+
+    The router reads the key again and retries once; raised when that fails too.
+    """
+
+    retryable = True
 
 
 class ConnectionBudgetExceeded(RoutingError):

@@ -346,11 +346,13 @@ def migrate_shard(
                             command.downgrade(cfg, revision)
                 SHARD.upgrade(conn)
                 database_id = ensure_identity(conn).database_id
-                if conn.dialect.name == "postgresql" and shard.tier is Tier.SHARED:
-                    install_rls(conn, column=settings.tenant_column)
-                role = _routing_user(shard)
-                if conn.dialect.name == "postgresql" and role:
-                    grant_routing_role(conn, role, column=settings.tenant_column)
+                if conn.dialect.name == "postgresql":
+                    # Every PostgreSQL shard: on a dedicated one the policies still
+                    # refuse writes while the tenant is frozen or moved.
+                    tables = install_rls(conn, column=settings.tenant_column)
+                    role = _routing_user(shard)
+                    if role:
+                        grant_routing_role(conn, role, tables, shared=shard.tier is Tier.SHARED)
                 after = _heads(conn, version_table)
         if after != target:
             return result(

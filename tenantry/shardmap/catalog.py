@@ -41,6 +41,7 @@ from tenantry.errors import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
 from tenantry.shardmap.identity import DatabaseIdentity, ensure_identity
+from tenantry.shardmap.keys import FenceKey, current_key, install_key
 from tenantry.shardmap.model import (
     MapDelta,
     MapSnapshot,
@@ -56,7 +57,7 @@ from tenantry.shardmap.model import (
 )
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
-from tenantry.shardmap.schema import map_changes, map_table, moves, shards, tenants
+from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
 
 __all__ = ["NOTIFY_CHANNEL", "Catalog"]
 
@@ -632,6 +633,68 @@ class Catalog:
             with conn.begin():
                 yield conn
 
+    # -- fence keys ----------------------------------------------------------------
+
+    def fence_key(self, name: str, *, resync: bool = False) -> FenceKey:
+        """The key routers sign the fences of PostgreSQL shard *name* with.
+
+        Read from the catalog. When the catalog has none yet (a shard registered before
+        the signed fence), or with *resync*, it is read from the shard through its
+        operations role and stored. Never printed or logged.
+        """
+        if not resync:
+            with self._read() as conn:
+                row = conn.execute(
+                    sa.select(fence_keys.c.key_id, fence_keys.c.secret).where(
+                        fence_keys.c.shard == name
+                    )
+                ).first()
+            if row is not None:
+                return FenceKey(int(row[0]), bytes(row[1]))
+        shard = self.get_shard(name)
+        with shard_admin(shard, connect_timeout=self.settings.connect_timeout) as conn:
+            key = current_key(conn)
+        if key is None:
+            raise ConfigurationError(
+                f"shard {name!r} has no fence key: its tenantry tables predate the signed "
+                "fence; run `tenantry migrate upgrade`"
+            )
+        self._store_fence_key(name, key)
+        return key
+
+    def rotate_fence_key(self, name: str, *, retire_previous: bool = False) -> FenceKey:
+        """Give PostgreSQL shard *name* a new fence key; return it (never print it).
+
+        The shard keeps accepting the previous key, so routers that still sign with it
+        go on working until they read the new one; *retire_previous* stops accepting it
+        at once (routers then fail one fence, read the new key and retry).
+        """
+        shard = self.get_shard(name)
+        if shard.backend != "postgresql":
+            raise ConfigurationError(
+                f"shard {name!r} is SQLite: SQLite shards have no row-level security and "
+                "no fence key"
+            )
+        with shard_admin(shard, connect_timeout=self.settings.connect_timeout) as conn:
+            if current_key(conn) is None:
+                raise ConfigurationError(
+                    f"shard {name!r} has no fence key to rotate: run `tenantry migrate "
+                    "upgrade` first"
+                )
+            key = install_key(conn, retire_previous=retire_previous)
+        self._store_fence_key(name, key)
+        logger.info("rotated the fence key of shard %s (key %d)", name, key.key_id)
+        return key
+
+    def _store_fence_key(self, name: str, key: FenceKey) -> None:
+        with self.journal_transaction() as conn:
+            conn.execute(fence_keys.delete().where(fence_keys.c.shard == name))
+            conn.execute(
+                fence_keys.insert().values(
+                    shard=name, key_id=key.key_id, secret=key.secret, updated_at=datetime.now(UTC)
+                )
+            )
+
     @contextmanager
     def read_transaction(self) -> Iterator[Connection]:
         """A consistent read transaction on the catalog."""
@@ -650,6 +713,7 @@ class Catalog:
                     f"shard {name!r} still holds {count} tenant(s): move them away first",
                     shard=name,
                 )
+            conn.execute(fence_keys.delete().where(fence_keys.c.shard == name))
             conn.execute(shards.delete().where(shards.c.name == name))
         logger.info("removed shard %s", name)
         return shard
