@@ -71,6 +71,12 @@ class TenantrySettings(BaseSettings):
         "does not bind (superuser, BYPASSRLS, table owner, the operations role): for local "
         "development only; a warning is logged every time it lets one through.",
     )
+    reset_connections: bool = Field(
+        False,
+        description="PostgreSQL: DISCARD ALL when a routed connection goes back to its pool, "
+        "so no session state (settings, WITH HOLD cursors) reaches the next tenant on it; "
+        "costs one round trip per transaction.",
+    )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() ends up in logs; the catalog URL may carry a password (invariant 7).

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, event
 from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
@@ -95,6 +95,8 @@ class RouterBase:
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(engine, name, lambda reload: self._fence_key(name, reload))
+            if self.settings.reset_connections:
+                event.listen(engine, "checkin", _discard_session_state)
 
     def _fence_key(self, shard: str, reload: bool = False) -> FenceKey:
         """The key this router signs *shard*'s fences with (read once from the catalog)."""
@@ -292,6 +294,30 @@ class Router(RouterBase):
 
     def __repr__(self) -> str:
         return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
+
+
+def _discard_session_state(dbapi_connection: Any, record: Any) -> None:
+    """``DISCARD ALL`` on a connection back in the pool (``reset_connections``).
+
+    A routed transaction may leave session state behind (a setting made with
+    ``is_local => false``, a ``WITH HOLD`` cursor, a prepared statement) that the next
+    transaction on the connection, another tenant's, could read. psycopg forgets its
+    own prepared statements when it sees ``DISCARD ALL``.
+    """
+    if dbapi_connection is None:
+        return
+    previous = dbapi_connection.autocommit
+    try:
+        dbapi_connection.autocommit = True  # DISCARD ALL refuses to run in a transaction
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("DISCARD ALL")
+        finally:
+            cursor.close()
+        dbapi_connection.autocommit = previous
+    except Exception as exc:  # a broken connection: the pool replaces it
+        logger.warning("could not reset a pooled connection, replacing it: %s", exc)
+        record.invalidate(exc)
 
 
 @contextmanager

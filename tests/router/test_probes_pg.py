@@ -884,11 +884,10 @@ def _pool_poison(c: Ctx) -> None:
         assert s.execute(text("UPDATE chargers SET name = 'pwned'")).rowcount == 0
 
 
-@probe("pooled-connection-left-with-a-stash-of-beta-rows")
-def _pool_stash(c: Ctx) -> None:
-    # The same channel without the fence: a session-wide custom setting filled in beta's
-    # request, read in alpha's next request on that pooled backend.
-    router = c.shard.new_router(pool_size_shared=1, max_overflow=0)
+def stash_beta_then_read_as_alpha(c: Ctx, **settings: Any) -> None:
+    """A session-wide custom setting filled in beta's request, read in alpha's next
+    request on that pooled backend."""
+    router = c.shard.new_router(pool_size_shared=1, max_overflow=0, **settings)
     with router.session(OTHER) as s:
         theirs = pid(s)
         s.execute(
@@ -901,6 +900,12 @@ def _pool_stash(c: Ctx) -> None:
     with router.session(ME) as s:
         assert pid(s) == theirs
         c.seen(s.execute(text("SELECT current_setting('probe.stash', true)")).scalar())
+
+
+@probe("pooled-connection-left-with-a-stash-of-beta-rows")
+def _pool_stash(c: Ctx) -> None:
+    # With TENANTRY_RESET_CONNECTIONS the router discards session state at checkin.
+    stash_beta_then_read_as_alpha(c, reset_connections=True)
 
 
 @probe("other-backends-query-text-shows-no-signature")
@@ -1113,25 +1118,7 @@ def _no_beta(value: Any) -> None:
     assert OTHER not in shown, f"the probe saw beta's data: {shown[:500]}"
 
 
-#: Holes found in the signed fence (reported to the lead, issue 12). Strict: once
-#: fixed these probes pass, and the mark must go.
-HOLES = {
-    "pooled-connection-left-with-a-stash-of-beta-rows": (
-        "the router does not reset a pooled connection's session state: a custom "
-        "setting filled in beta's request is readable in alpha's next one"
-    ),
-}
-
-
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=HOLES[name]))
-        if name in HOLES
-        else name
-        for name in PROBES
-    ],
-)
+@pytest.mark.parametrize("name", list(PROBES))
 def test_probe_cannot_reach_beta(shard: Shard, name: str) -> None:
     shard.reset()
     beta_before, alpha_before = shard.checksums(OTHER), shard.checksums(ME)
@@ -1171,3 +1158,19 @@ def test_the_routing_role_binds_rls(shard: Shard) -> None:
             assert raw.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
         with refused(INSUFFICIENT_PRIVILEGE):
             raw.execute("CREATE TEMP TABLE probe (x int)")
+
+
+def test_without_reset_connections_session_state_reaches_the_next_tenant(shard: Shard) -> None:
+    """The documented gap (README, "What the database does not stop"): without
+    ``reset_connections`` a session-wide setting made by SQL run inside beta's own
+    transaction is still on the pooled connection when alpha's transaction gets it."""
+    shard.reset()
+    seen = Seen()
+    try:
+        stash_beta_then_read_as_alpha(Ctx(shard, shard.new_router(), seen))
+    finally:
+        shard.close_routers()
+    (stash,) = seen.values
+    assert stash is not None and stash.count("@") == ROWS  # beta's e-mails, all of them
+    with pytest.raises(AssertionError):
+        _no_beta(stash)
