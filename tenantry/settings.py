@@ -73,9 +73,10 @@ class TenantrySettings(BaseSettings):
     )
     reset_connections: bool = Field(
         False,
-        description="PostgreSQL: DISCARD ALL when a routed connection goes back to its pool, "
-        "so no session state (settings, WITH HOLD cursors) reaches the next tenant on it; "
-        "costs one round trip per transaction.",
+        description="PostgreSQL: reset a routed connection's session state (settings, WITH "
+        "HOLD cursors, prepared statements, listens, advisory locks) when it goes back to "
+        "its pool, so none of it reaches the next tenant on it; one round trip per "
+        "transaction.",
     )
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:

@@ -211,9 +211,12 @@ def grant_routing_role(
 
     Data rights on the tenant tables and their sequences; no right on tenantry's own
     tables (the residency is read through the fence function, the fence keys never).
-    On a shared shard, TEMPORARY on the database is taken from PUBLIC: a temporary
-    table outlives the transaction on a pooled connection and, named like a tenant
-    table, would stand in for it in the next tenant's transactions.
+    TEMPORARY on the database is taken from PUBLIC (and given to the operations role):
+    a temporary table outlives the transaction on a pooled connection and, named like a
+    tenant table, would stand in for it in the next tenant's transactions, and the
+    fence's stamp is a temporary object that only tenantry may make
+    (``tenantry.open_session()`` refuses a routing role that may). *shared* is kept for
+    callers; every PostgreSQL shard is treated alike.
     """
     q = conn.dialect.identifier_preparer
     if tables is None:
@@ -232,10 +235,9 @@ def grant_routing_role(
     residency = conn.exec_driver_sql("SELECT to_regclass('tenantry_residency')::text").scalar()
     if residency is not None:
         conn.exec_driver_sql(f"REVOKE ALL ON {residency} FROM {grantee}")
-    if shared:
-        database = q.quote(str(conn.exec_driver_sql("SELECT current_database()").scalar()))
-        conn.exec_driver_sql(f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC, {grantee}")
-        conn.exec_driver_sql(f"GRANT TEMPORARY ON DATABASE {database} TO CURRENT_USER")
+    database = q.quote(str(conn.exec_driver_sql("SELECT current_database()").scalar()))
+    conn.exec_driver_sql(f"REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC, {grantee}")
+    conn.exec_driver_sql(f"GRANT TEMPORARY ON DATABASE {database} TO CURRENT_USER")
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,7 @@ class RouterBase:
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(engine, name, lambda reload: self._fence_key(name, reload))
+            event.listen(engine, "connect", _open_session)
             if self.settings.reset_connections:
                 event.listen(engine, "checkin", _discard_session_state)
 
@@ -296,22 +297,41 @@ class Router(RouterBase):
         return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
 
 
+def _open_session(dbapi_connection: Any, _record: Any) -> None:
+    """Give a new routed connection its stamp (``tenantry.open_session()``), committed.
+
+    The fence sets the stamp in every transaction; making it is DDL, done once here
+    rather than in a transaction that most often ends in a rollback.
+    """
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("SELECT tenantry.open_session()")
+    finally:
+        cursor.close()
+    dbapi_connection.commit()
+
+
+#: What ``reset_connections`` runs: DISCARD ALL but for temporary objects and sequence
+#: state, so the connection keeps the fence's stamp. psycopg forgets its own prepared
+#: statements when it sees DEALLOCATE ALL.
+_RESET = "CLOSE ALL; RESET ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); DEALLOCATE ALL"
+
+
 def _discard_session_state(dbapi_connection: Any, record: Any) -> None:
-    """``DISCARD ALL`` on a connection back in the pool (``reset_connections``).
+    """Reset a connection back in the pool (``reset_connections``).
 
     A routed transaction may leave session state behind (a setting made with
     ``is_local => false``, a ``WITH HOLD`` cursor, a prepared statement) that the next
-    transaction on the connection, another tenant's, could read. psycopg forgets its
-    own prepared statements when it sees ``DISCARD ALL``.
+    transaction on the connection, another tenant's, could read.
     """
     if dbapi_connection is None:
         return
     previous = dbapi_connection.autocommit
     try:
-        dbapi_connection.autocommit = True  # DISCARD ALL refuses to run in a transaction
+        dbapi_connection.autocommit = True
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("DISCARD ALL")
+            cursor.execute(_RESET)
         finally:
             cursor.close()
         dbapi_connection.autocommit = previous

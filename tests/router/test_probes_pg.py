@@ -544,7 +544,8 @@ def _sig_other_routed(c: Ctx) -> None:
         )
         sees_nothing(second, c.seen)
         second.execute(text("SELECT set_config('tenantry.tenant_id', 'alpha', true)"))
-        sees_nothing(second, c.seen)  # another backend: the signature does not verify
+        # back to its own tenant: second's own fence stamped this transaction for alpha
+        sees_only_alpha(second, c.seen)
         sees_only_alpha(first, c.seen)
 
 
@@ -833,8 +834,9 @@ def _prepare(c: Ctx) -> None:
         try:
             s.execute(text("PREPARE TRANSACTION 'tenantry-probe'"))
         except sa.exc.DBAPIError as exc:
-            # refused: prepared transactions are disabled (max_prepared_transactions = 0)
-            assert sqlstate(exc) == NOT_IN_PREREQUISITE_STATE, exc
+            # refused: the fence set its stamp, a temporary object, so PostgreSQL will not
+            # prepare the transaction (0A000); or prepared transactions are disabled
+            assert sqlstate(exc) in ("0A000", NOT_IN_PREREQUISITE_STATE), exc
         else:
             # allowed: the routed transaction is parked; what follows is outside it
             sees_nothing(s, c.seen)

@@ -5,24 +5,33 @@ role:
 
 - ``tenantry.fence_keys``: the shard's HMAC keys (the current one and the one before
   it), readable by no other role;
+- ``tenantry.open_session()``: run once on every new routed connection. It makes the
+  connection's *stamp*, a temporary sequence ``pg_temp.tenantry_transaction`` owned by
+  the operations role, that every role may read (``currval``) and only its owner may
+  set. It refuses a routing role that may create temporary objects (unless the role
+  bypasses row-level security anyway): such a role could drop the stamp and make one
+  of its own;
 - ``tenantry.fence(tenant, signature)``: the first statement of every routed
-  transaction. It verifies the router's signature of (tenant, this backend's pid),
-  stores the tenant and a token — an HMAC of (tenant, pid, the transaction's start
-  time) — in transaction-local settings, reads the tenant's residency row, makes a
-  frozen tenant's transaction read-only, and returns the residency state;
-- ``tenantry.tenant()``: the tenant of the transaction when the token in the settings
-  verifies for this backend and this transaction, else NULL. The row-level-security
-  policies compare the tenant column with it (once per statement: an InitPlan);
+  transaction. It verifies the router's signature, an HMAC of (tenant, this backend's
+  pid) under the shard's key, sets ``tenantry.tenant_id``, sets the stamp to
+  ``hashtextextended(tenant, the transaction's start time)``, reads the tenant's
+  residency row, makes a frozen tenant's transaction read-only, and returns the
+  residency state;
+- ``tenantry.tenant()``: the tenant in ``tenantry.tenant_id`` when the stamp matches it
+  and this transaction, else NULL. The row-level-security policies compare the tenant
+  column with it, once per statement (an InitPlan), at the cost of a few simple
+  expressions: no table read, no hash of a secret;
 - ``tenantry.writable_tenant()``: the same, and an error (SQLSTATE 25006) unless the
   tenant's residency row here is ``active``: the shard itself refuses writes to a
   frozen or moved tenant, whatever SQL the application sends.
 
-Changing ``tenantry.tenant_id`` or ``tenantry.signature`` by hand (SET, set_config,
-RESET, savepoints) only ever makes the policies admit nothing, and a token copied into
-a session-wide setting is worthless once its transaction ends (a raw ``COMMIT``, or
-the next request on the pooled connection). The functions are
-SECURITY DEFINER and name every object with its schema (the per-statement ones name
-their operators too, instead of paying for a ``SET search_path`` on every call).
+So changing ``tenantry.tenant_id`` by hand (SET, set_config, RESET, savepoints) only
+ever makes the policies admit nothing; only the fence can set the stamp, and a stamp
+is worthless once its transaction ends (a raw ``COMMIT``, the next request on the
+pooled connection). Setting the stamp touches a temporary object, so PostgreSQL
+refuses ``PREPARE TRANSACTION`` in a routed transaction: no prepared transaction can
+outlive a freeze. ``tenantry.signature`` only says which key and stamp the fence used.
+The functions name every object and operator with its schema.
 
 Revision ID: s0004
 Revises: s0003
@@ -40,32 +49,26 @@ down_revision = "s0003"
 branch_labels = None
 depends_on = None
 
+#: The stamp of the current transaction for *tenant* (an int8), as SQL.
+_STAMP = (
+    "pg_catalog.hashtextextended({tenant}, (pg_catalog.date_part('epoch',"
+    " pg_catalog.transaction_timestamp()) OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8)"
+)
+
 _TENANT_BODY = """
 DECLARE
   v_tenant pg_catalog.text := pg_catalog.current_setting('tenantry.tenant_id', true);
-  v_signature pg_catalog.text := pg_catalog.current_setting('tenantry.signature', true);
-  v_ipad pg_catalog.bytea;
-  v_opad pg_catalog.bytea;
 BEGIN
-  IF v_signature IS NULL OR v_tenant IS NULL
-     OR v_signature OPERATOR(pg_catalog.!~) '^[0-9]{1,9}:[0-9a-f]{64}$' THEN
+  IF v_tenant IS NULL OR v_tenant OPERATOR(pg_catalog.=) ''
+     OR pg_catalog.to_regclass('pg_temp.tenantry_transaction') IS NULL THEN
     RETURN NULL;
   END IF;
-  SELECT k.ipad, k.opad INTO v_ipad, v_opad FROM tenantry.fence_keys k
-   WHERE k.key_id OPERATOR(pg_catalog.=)
-         pg_catalog.split_part(v_signature, ':', 1)::pg_catalog.int4;
-  IF pg_catalog.sha256(v_opad OPERATOR(pg_catalog.||) pg_catalog.sha256(
-       v_ipad OPERATOR(pg_catalog.||) '\\x00'::pg_catalog.bytea
-       OPERATOR(pg_catalog.||) pg_catalog.convert_to(v_tenant, 'UTF8')
-       OPERATOR(pg_catalog.||) pg_catalog.int4send(pg_catalog.pg_backend_pid())
-       OPERATOR(pg_catalog.||) pg_catalog.timestamptz_send(pg_catalog.transaction_timestamp())))
-     OPERATOR(pg_catalog.=) pg_catalog.decode(pg_catalog.split_part(v_signature, ':', 2), 'hex')
-  THEN
+  IF pg_catalog.currval('pg_temp.tenantry_transaction') OPERATOR(pg_catalog.=) {stamp} THEN
     RETURN v_tenant;
   END IF;
   RETURN NULL;
 END
-"""
+""".replace("{stamp}", _STAMP.replace("{tenant}", "v_tenant"))
 
 _WRITABLE_BODY = """
 DECLARE
@@ -86,19 +89,50 @@ BEGIN
 END
 """
 
+_OPEN_BODY = """
+DECLARE
+  v_mine boolean;
+BEGIN
+  SELECT c.relowner = (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)
+    INTO v_mine FROM pg_class c WHERE c.oid = to_regclass('pg_temp.tenantry_transaction');
+  IF v_mine THEN
+    RETURN;
+  ELSIF NOT v_mine THEN
+    RAISE EXCEPTION 'tenantry: pg_temp.tenantry_transaction was not made by tenantry'
+      USING ERRCODE = '42501';
+  END IF;
+  IF has_database_privilege(session_user, current_database(), 'TEMPORARY')
+     AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
+               WHERE r.rolname = session_user) THEN
+    RAISE EXCEPTION 'tenantry: the routing role "%" may create temporary tables, so it '
+      'could replace the fence''s stamp', session_user
+      USING ERRCODE = '42501',
+      HINT = 'run `tenantry migrate upgrade` or `tenantry shard secure`: they revoke it';
+  END IF;
+  CREATE SEQUENCE pg_temp.tenantry_transaction AS bigint
+    MINVALUE -9223372036854775808 MAXVALUE 9223372036854775807;
+  GRANT SELECT ON SEQUENCE pg_temp.tenantry_transaction TO PUBLIC;
+  PERFORM setval('pg_temp.tenantry_transaction', 0, true);
+END
+"""
+
 _FENCE_BODY = """
 DECLARE
   v_ipad bytea;
   v_opad bytea;
   v_state text;
+  v_stamp int8;
+  v_mine boolean;
 BEGIN
   IF p_tenant IS NULL OR p_signature IS NULL
      OR p_signature !~ '^[0-9]{1,9}:[0-9a-f]{64}$' THEN
     RAISE EXCEPTION 'tenantry: a malformed fence signature' USING ERRCODE = '28000';
   END IF;
   SELECT k.ipad, k.opad,
-         (SELECT r.state FROM {residency} r WHERE r.tenant_id = p_tenant)
-    INTO v_ipad, v_opad, v_state
+         (SELECT r.state FROM {residency} r WHERE r.tenant_id = p_tenant),
+         (SELECT c.relowner = (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)
+            FROM pg_class c WHERE c.oid = to_regclass('pg_temp.tenantry_transaction'))
+    INTO v_ipad, v_opad, v_state, v_mine
     FROM tenantry.fence_keys k
    WHERE k.key_id = split_part(p_signature, ':', 1)::int4;
   IF v_ipad IS NULL OR sha256(v_opad || sha256(v_ipad || convert_to(p_tenant, 'UTF8')
@@ -107,20 +141,20 @@ BEGIN
       p_tenant USING ERRCODE = '28000',
       HINT = 'the shard''s fence key was rotated: the router reads it again from the catalog';
   END IF;
-  -- What the policies verify is not the router's signature (which never leaves this
-  -- function) but a token bound to this transaction too: settings stashed by hand in
-  -- one transaction admit nothing in the next one on the same connection.
-  PERFORM set_config('tenantry.tenant_id', p_tenant, true),
-          set_config('tenantry.signature', split_part(p_signature, ':', 1) || ':' || encode(
-            sha256(v_opad || sha256(v_ipad || '\\x00'::bytea || convert_to(p_tenant, 'UTF8')
-              || int4send(pg_backend_pid()) || timestamptz_send(transaction_timestamp()))),
-            'hex'), true);
+  IF v_mine IS NOT TRUE THEN
+    PERFORM tenantry.open_session();  -- dropped since the connection opened (DISCARD TEMP)
+  END IF;
+  v_stamp := {stamp};
+  PERFORM setval('pg_temp.tenantry_transaction', v_stamp, true),
+          set_config('tenantry.tenant_id', p_tenant, true),
+          set_config('tenantry.signature', split_part(p_signature, ':', 1) || ':' || v_stamp,
+                     true);
   IF v_state = 'frozen' THEN
     PERFORM set_config('transaction_read_only', 'on', true);
   END IF;
   RETURN v_state;
 END
-"""
+""".replace("{stamp}", _STAMP.replace("{tenant}", "p_tenant"))
 
 
 def _residency_table() -> str:
@@ -156,13 +190,19 @@ def upgrade() -> None:
     op.execute("REVOKE ALL ON tenantry.fence_keys FROM PUBLIC")
     op.execute(
         "CREATE FUNCTION tenantry.tenant() RETURNS pg_catalog.text"
-        " LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED"
+        " LANGUAGE plpgsql STABLE PARALLEL RESTRICTED"
         f" AS $tenantry${_TENANT_BODY}$tenantry$"
     )
     op.execute(
         "CREATE FUNCTION tenantry.writable_tenant() RETURNS pg_catalog.text"
         " LANGUAGE plpgsql STABLE SECURITY DEFINER PARALLEL RESTRICTED"
         f" AS $tenantry${_WRITABLE_BODY.replace('{residency}', residency)}$tenantry$"
+    )
+    op.execute(
+        "CREATE FUNCTION tenantry.open_session() RETURNS void"
+        " LANGUAGE plpgsql VOLATILE SECURITY DEFINER"
+        " SET search_path = pg_catalog, pg_temp"
+        f" AS $tenantry${_OPEN_BODY}$tenantry$"
     )
     op.execute(
         "CREATE FUNCTION tenantry.fence(p_tenant text, p_signature text) RETURNS text"
