@@ -16,6 +16,7 @@ shard's ``admin_url``); shared shards get row-level security, and routers connec
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -372,3 +373,80 @@ def pg_fleet(_pg_seeded: Fleet) -> Fleet:
     """The module's seeded PostgreSQL fleet, reset to its seed rows."""
     _pg_seeded.reset()
     return _pg_seeded
+
+
+@pytest.fixture
+def sqlite_fleet(_sqlite_seeded: Fleet) -> Fleet:
+    """The module's seeded SQLite fleet, reset to its seed rows."""
+    _sqlite_seeded.reset()
+    return _sqlite_seeded
+
+
+# -- the other tenants' rows, checksummed ---------------------------------------------------
+
+
+@dataclass
+class ForeignRows:
+    """Every tenant's rows but *tenant*'s, checksummed, to prove a probe saw and changed
+    none of them: the md5 of the sorted rows of each table on each shard, read as the
+    operations role, before and after; and a look at everything the probe got back."""
+
+    fleet: Fleet
+    tenant: str
+    baseline: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def others(self) -> list[str]:
+        return [tenant for tenant in self.fleet.tenants if tenant != self.tenant]
+
+    def digests(self) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for shard in sorted(set(self.fleet.tenants.values())):
+            for table in ("projects", "tasks"):
+                rows = sorted(r for r in self.fleet.rows(shard, table) if r[0] != self.tenant)
+                digest = hashlib.md5(repr(rows).encode(), usedforsecurity=False)
+                found[f"{shard}.{table}"] = digest.hexdigest()
+        return found
+
+    def snapshot(self) -> None:
+        """Take the checksums now (after a test's own set-up rows, say)."""
+        self.baseline = self.digests()
+
+    def unchanged(self) -> None:
+        assert self.digests() == self.baseline, "another tenant's rows changed"
+
+    def unseen(self, seen: Any) -> None:
+        """Nothing in *seen* (rows, ORM objects, values; nested) is another tenant's."""
+        prefixes = tuple(f"{other}-" for other in self.others)
+        for value in _values(seen):
+            if isinstance(value, str):
+                leaked = value in self.others or value.startswith(prefixes)
+                assert not leaked, f"{self.tenant} saw {value!r}"
+
+
+def _values(seen: Any) -> Iterator[Any]:
+    if isinstance(seen, str | int | float | type(None)):
+        yield seen
+    elif isinstance(seen, dict):
+        for value in seen.values():
+            yield from _values(value)
+    elif isinstance(seen, TenantScoped):
+        state = sa.inspect(seen)
+        yield from (state.dict.get(attr.key) for attr in state.mapper.column_attrs)
+    elif isinstance(seen, sa.Row | tuple | list | set):
+        for value in seen:
+            yield from _values(value)
+    else:
+        yield str(seen)
+
+
+@pytest.fixture
+def foreign_rows() -> Callable[..., ForeignRows]:
+    """``foreign_rows(fleet, tenant="acme")``: the other tenants' rows, checksummed now."""
+
+    def take(fleet: Fleet, tenant: str = "acme") -> ForeignRows:
+        guard = ForeignRows(fleet, tenant)
+        guard.snapshot()
+        return guard
+
+    return take
