@@ -892,6 +892,9 @@ def measure_driver(fleet: Fleet, cfg: Config, seed: int) -> dict[str, Any]:
     try:
         records[LEGACY_SHARD] = legacy_engine.raw_connection()
         conns: dict[str, Any] = {name: r.driver_connection for name, r in records.items()}
+        # What a router does for each new connection: the fence's stamp, made once.
+        conns[SHARD_NAME].execute("SELECT tenantry.open_session()")
+        conns[SHARD_NAME].commit()
         rows = range(1, cfg.rows_per_tenant + 1)
 
         def once(name: str, tenant: str) -> int:
