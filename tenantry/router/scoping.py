@@ -18,8 +18,9 @@
    tenant's id, or a SQL expression that cannot be verified, ``text()`` FROM SELECT
    sources included) raises it too, and so does one naming another tenant's id in
    its WHERE clause.
-3. PostgreSQL shared shards: row-level security on ``tenantry.tenant_id``, set by the
-   fence of every transaction, stops raw ``text()`` SQL as well.
+3. PostgreSQL shards: row-level security admits only the tenant the fence of the
+   transaction signed (``tenantry.tenant()``), whatever SQL the application sends,
+   raw ``text()`` included, and refuses writes unless the tenant is active there.
 """
 
 from __future__ import annotations
@@ -655,10 +656,16 @@ def configure_engine(engine: Engine) -> None:
     @event.listens_for(engine, "handle_error")
     def _frozen(context: Any) -> None:
         conn = context.connection
-        if conn is None or not conn.info.get(FROZEN_KEY):
+        if conn is None:
             return
         orig = context.original_exception
         sqlstate = getattr(orig, "sqlstate", None)
+        if sqlstate == "25006" and str(orig).startswith("tenantry: tenant"):
+            # The shard's policies refused a write to a tenant not active there (a raw
+            # COMMIT ended the fenced transaction, or a move froze it meanwhile).
+            raise frozen_error(conn.info.get(TENANT_KEY, "?"), None) from orig
+        if not conn.info.get(FROZEN_KEY):
+            return
         if sqlstate == "25006" or "readonly database" in str(orig):
             tenant = conn.info.get(TENANT_KEY, "?")
             raise frozen_error(tenant, None) from orig
