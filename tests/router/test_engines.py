@@ -67,7 +67,14 @@ def dedicated_fleet(pg_servers: list[str], app_role: str, app: Any) -> Iterator[
 
         def clone(i: int) -> str:
             n = i % len(servers)
-            return create_database(servers[n], f"ded_{token}_{i:03d}", template=templates[n])
+            url = create_database(servers[n], f"ded_{token}_{i:03d}", template=templates[n])
+            # A database's own privileges are not copied from its template: take
+            # TEMPORARY from PUBLIC again, as migrate upgrade does for a routing role.
+            engine = sa.create_engine(url, poolclass=NullPool)
+            with engine.begin() as conn:
+                grant_routing_role(conn, app_role, [])
+            engine.dispose()
+            return url
 
         with ThreadPoolExecutor(4) as pool:
             urls = list(pool.map(clone, range(SHARDS)))
