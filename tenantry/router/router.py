@@ -95,7 +95,12 @@ class RouterBase:
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(engine, name, lambda reload: self._fence_key(name, reload))
-            event.listen(engine, "connect", _open_session)
+            opener = (
+                _open_session_allowing_temporary
+                if self.settings.allow_unsafe_routing_role
+                else _open_session
+            )
+            event.listen(engine, "connect", opener)
             if self.settings.reset_connections:
                 event.listen(engine, "checkin", _discard_session_state)
 
@@ -297,18 +302,24 @@ class Router(RouterBase):
         return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
 
 
-def _open_session(dbapi_connection: Any, _record: Any) -> None:
+def _open_session(dbapi_connection: Any, _record: Any, allow_temporary: bool = False) -> None:
     """Give a new routed connection its stamp (``tenantry.open_session()``), committed.
 
     The fence sets the stamp in every transaction; making it is DDL, done once here
-    rather than in a transaction that most often ends in a rollback.
+    rather than in a transaction that most often ends in a rollback. The shard refuses a
+    routing role that may create temporary objects, unless *allow_temporary* (the
+    ``allow_unsafe_routing_role`` override).
     """
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("SELECT tenantry.open_session()")
+        cursor.execute("SELECT tenantry.open_session(%s)", (allow_temporary,))
     finally:
         cursor.close()
     dbapi_connection.commit()
+
+
+def _open_session_allowing_temporary(dbapi_connection: Any, record: Any) -> None:
+    _open_session(dbapi_connection, record, allow_temporary=True)
 
 
 #: What ``reset_connections`` runs: DISCARD ALL but for temporary objects and sequence

@@ -9,8 +9,8 @@ role:
   connection's *stamp*, a temporary sequence ``pg_temp.tenantry_transaction`` owned by
   the operations role, that every role may read (``currval``) and only its owner may
   set. It refuses a routing role that may create temporary objects (unless the role
-  bypasses row-level security anyway): such a role could drop the stamp and make one
-  of its own;
+  bypasses row-level security anyway, or the router was told to allow unsafe routing
+  roles): such a role could drop the stamp and make one of its own;
 - ``tenantry.fence(tenant, signature)``: the first statement of every routed
   transaction. It verifies the router's signature, an HMAC of (tenant, this backend's
   pid) under the shard's key, sets ``tenantry.tenant_id``, sets the stamp to
@@ -101,7 +101,8 @@ BEGIN
     RAISE EXCEPTION 'tenantry: pg_temp.tenantry_transaction was not made by tenantry'
       USING ERRCODE = '42501';
   END IF;
-  IF has_database_privilege(session_user, current_database(), 'TEMPORARY')
+  IF NOT p_allow_temporary
+     AND has_database_privilege(session_user, current_database(), 'TEMPORARY')
      AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r
                WHERE r.rolname = session_user) THEN
     RAISE EXCEPTION 'tenantry: the routing role "%" may create temporary tables, so it '
@@ -142,7 +143,10 @@ BEGIN
       HINT = 'the shard''s fence key was rotated: the router reads it again from the catalog';
   END IF;
   IF v_mine IS NOT TRUE THEN
-    PERFORM tenantry.open_session();  -- dropped since the connection opened (DISCARD TEMP)
+    -- Dropped since the connection opened (DISCARD TEMP): make it again. The routing
+    -- role was checked when the connection opened, and without TEMPORARY it cannot have
+    -- made a stamp of its own.
+    PERFORM tenantry.open_session(true);
   END IF;
   v_stamp := {stamp};
   PERFORM setval('pg_temp.tenantry_transaction', v_stamp, true),
@@ -199,7 +203,8 @@ def upgrade() -> None:
         f" AS $tenantry${_WRITABLE_BODY.replace('{residency}', residency)}$tenantry$"
     )
     op.execute(
-        "CREATE FUNCTION tenantry.open_session() RETURNS void"
+        "CREATE FUNCTION tenantry.open_session(p_allow_temporary boolean DEFAULT false)"
+        " RETURNS void"
         " LANGUAGE plpgsql VOLATILE SECURITY DEFINER"
         " SET search_path = pg_catalog, pg_temp"
         f" AS $tenantry${_OPEN_BODY}$tenantry$"
