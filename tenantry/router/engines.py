@@ -246,4 +246,5 @@ def _guard_routing_role(engine: Engine, shard: Shard, settings: TenantrySettings
         )
         passed = True
 
-    event.listen(engine, "connect", check)
+    # First among the connect listeners: before the router's (the fence's stamp).
+    event.listen(engine, "connect", check, insert=True)

@@ -33,6 +33,7 @@ from tenantry import (
     AsyncRouter,
     Catalog,
     Router,
+    ShardUnavailable,
     UnsafeRoutingRole,
     load_settings,
     migrations,
@@ -42,6 +43,7 @@ from tenantry.demo import MIGRATIONS
 from tenantry.migrations import rls
 from tenantry.migrations.provision import drop_database
 from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog import shard_admin
 from tenantry.testing import DatabaseFactory
 
 pytestmark = pytest.mark.strict_routing_role
@@ -560,6 +562,13 @@ def test_a_router_on_a_safe_role_checks_once_and_says_nothing(
     # adding it cautioned: PUBLIC may create temporary tables there (until migrated)
     (caution,) = [r.getMessage() for r in logs.records if r.name == "tenantry.security"]
     assert_one_line(caution, f"shard 's1': the routing role '{app}' may create TEMPORARY")
+    # ...and the shard itself refuses to route as it until that is taken away
+    with Router(catalog=catalog, listen=False, background=False) as router:
+        with pytest.raises(ShardUnavailable, match="may create temporary tables"):
+            with router.connection("acme"):
+                pytest.fail("routed as a role that may create temporary tables")
+    with shard_admin(catalog.get_shard("s1")) as conn:
+        rls.grant_routing_role(conn, app)  # what migrate upgrade does
     logs.clear()
     with Router(catalog=catalog, listen=False, background=False) as router:
         for _ in range(3):
