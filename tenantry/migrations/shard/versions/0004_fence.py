@@ -123,18 +123,14 @@ DECLARE
   v_opad bytea;
   v_state text;
   v_stamp int8;
-  v_mine boolean;
+  v_done text;
 BEGIN
   IF p_tenant IS NULL OR p_signature IS NULL
      OR p_signature !~ '^[0-9]{1,9}:[0-9a-f]{64}$' THEN
     RAISE EXCEPTION 'tenantry: a malformed fence signature' USING ERRCODE = '28000';
   END IF;
-  SELECT k.ipad, k.opad,
-         (SELECT r.state FROM {residency} r WHERE r.tenant_id = p_tenant),
-         (SELECT c.relowner = (SELECT o.oid FROM pg_roles o WHERE o.rolname = current_user)
-            FROM pg_class c WHERE c.oid = to_regclass('pg_temp.tenantry_transaction'))
-    INTO v_ipad, v_opad, v_state, v_mine
-    FROM tenantry.fence_keys k
+  SELECT k.ipad, k.opad, r.state INTO v_ipad, v_opad, v_state
+    FROM tenantry.fence_keys k LEFT JOIN {residency} r ON r.tenant_id = p_tenant
    WHERE k.key_id = split_part(p_signature, ':', 1)::int4;
   IF v_ipad IS NULL OR sha256(v_opad || sha256(v_ipad || convert_to(p_tenant, 'UTF8')
        || int4send(pg_backend_pid()))) <> decode(split_part(p_signature, ':', 2), 'hex') THEN
@@ -142,19 +138,27 @@ BEGIN
       p_tenant USING ERRCODE = '28000',
       HINT = 'the shard''s fence key was rotated: the router reads it again from the catalog';
   END IF;
-  IF v_mine IS NOT TRUE THEN
+  IF to_regclass('pg_temp.tenantry_transaction') IS NULL THEN
     -- Dropped since the connection opened (DISCARD TEMP): make it again. The routing
     -- role was checked when the connection opened, and without TEMPORARY it cannot have
     -- made a stamp of its own.
     PERFORM tenantry.open_session(true);
+  ELSIF has_sequence_privilege(session_user, 'pg_temp.tenantry_transaction', 'UPDATE')
+        -- (a routing role that is the operations role, a superuser or BYPASSRLS is
+        -- bound by no policy anyway: refused by the router unless explicitly allowed)
+        AND session_user <> current_user
+        AND NOT (SELECT o.rolsuper OR o.rolbypassrls FROM pg_roles o
+                  WHERE o.rolname = session_user) THEN
+    RAISE EXCEPTION 'tenantry: the routing role "%" may set the fence''s stamp', session_user
+      USING ERRCODE = '42501';
   END IF;
-  v_stamp := {stamp};
-  PERFORM setval('pg_temp.tenantry_transaction', v_stamp, true),
-          set_config('tenantry.tenant_id', p_tenant, true),
-          set_config('tenantry.signature', split_part(p_signature, ':', 1) || ':' || v_stamp,
-                     true);
+  -- Assignments, not PERFORM: plpgsql evaluates them without starting an executor.
+  v_stamp := setval('pg_temp.tenantry_transaction', {stamp}, true);
+  v_done := set_config('tenantry.tenant_id', p_tenant, true);
+  v_done := set_config('tenantry.signature', split_part(p_signature, ':', 1) || ':' || v_stamp,
+                       true);
   IF v_state = 'frozen' THEN
-    PERFORM set_config('transaction_read_only', 'on', true);
+    v_done := set_config('transaction_read_only', 'on', true);
   END IF;
   RETURN v_state;
 END
