@@ -546,6 +546,8 @@ def same_role_refusal(
 ) -> None:
     """Refuse (or, with *allow*, warn about) a routing URL whose role is the operations
     role's, by name: what ``shard create`` and ``promote --server`` register."""
+    if make_url(operations_url).get_backend_name() != "postgresql":
+        return  # SQLite has no roles
     role = make_url(routing_url).username
     if role != make_url(operations_url).username:
         return

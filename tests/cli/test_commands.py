@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pytest
+
 from tenantry import Catalog, CatalogNotInitialized, MapSnapshot, Tier, load_settings
 from tenantry.migrations._alembic import CATALOG
 
@@ -189,6 +191,7 @@ def demo_map_is_sound(url: str) -> MapSnapshot:
     return snap
 
 
+@pytest.mark.strict_routing_role  # as `make demo` runs: no override of the refusals
 def test_demo_builds_the_fleet_and_can_run_again(run: Run, make_run: type[Run]) -> None:
     from tenantry.demo import DEDICATED_TENANT, SHARED_TENANTS
 
