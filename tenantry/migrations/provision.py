@@ -38,7 +38,7 @@ from tenantry.migrations.rls import (
     setup_routing_role,
 )
 from tenantry.shardmap.catalog import Catalog, prepare_shard, shard_admin
-from tenantry.shardmap.connect import describe_error, make_engine
+from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.model import (
     NAME_PATTERN,
     Shard,
@@ -116,6 +116,34 @@ def create_database(
     finally:
         engine.dispose()
     return target.render_as_string(hide_password=False)
+
+
+def database_exists(server_url: str, database: str, *, connect_timeout: float = 5.0) -> bool:
+    """Whether *database* exists on the server (PostgreSQL) or in the folder (SQLite)."""
+    server = make_url(normalize_url(server_url))
+    target = _with_database(server, database)
+    if server.get_backend_name() == "sqlite":
+        return Path(target.database or "").exists()
+    engine = make_engine(
+        server.render_as_string(hide_password=False),
+        connect_timeout=connect_timeout,
+        poolclass=NullPool,
+    )
+    try:
+        with (
+            translate_errors(
+                f"the server {mask_url(server)}",
+                unavailable=ProvisionError,
+                failed=ProvisionError,
+            ),
+            engine.connect() as conn,
+        ):
+            found = conn.execute(
+                sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
+            ).first()
+        return found is not None
+    finally:
+        engine.dispose()
 
 
 def drop_database(url: str, *, connect_timeout: float = 5.0) -> None:

@@ -6,17 +6,18 @@ only renders them.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
 
-from tenantry.errors import MoveRefused, TenantryError
+from tenantry.errors import MoveRefused, TenantryError, UnknownShard
 from tenantry.moves.hooks import MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Checkpoints, Mover
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.model import Shard, Tier, normalize_url
+from tenantry.shardmap.model import Shard, Tier, mask_url, normalize_url
 
 __all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
 
@@ -109,7 +110,7 @@ def promote(
         planned = _plan(mover, tenant_id, to, MoveKind.PROMOTE, mode, options)
         return mover.run(planned.id)
     assert server is not None
-    from tenantry.migrations.provision import _with_database, provision
+    from tenantry.migrations.provision import _with_database, database_exists, provision
 
     name = database or tenant_id
     admin_url = _with_database(make_url(normalize_url(server)), name).render_as_string(
@@ -126,15 +127,34 @@ def promote(
         allow=catalog.settings.allow_unsafe_routing_role if allow is None else allow,
         fix="pass --routing-url URL of the role the application routes as",
     )
-    # Journal first: the database to be created is recorded before it exists, so an
-    # abort after a crash knows to drop it.
+    # Refused before anything is recorded or created: a shard of that name, or a database
+    # of that name on the server (another shard's, the tenant's own home, anyone's).
+    # tenantry drops only databases it provably created.
+    with suppress(UnknownShard):
+        catalog.get_shard(name)
+        raise MoveRefused(
+            f"cannot promote {tenant_id!r} into a new database {name!r}: shard {name!r} "
+            f"exists already; use `--to {name}` for an empty dedicated shard, or choose "
+            "another --database",
+            tenant_id=tenant_id,
+        )
+    if database_exists(server, name, connect_timeout=catalog.settings.connect_timeout):
+        raise MoveRefused(
+            f"cannot promote {tenant_id!r} into a new database {name!r}: a database of that "
+            f"name exists already on {mask_url(make_url(normalize_url(server)))}; choose "
+            "another --database",
+            tenant_id=tenant_id,
+        )
+    # Journal first: the database to be created is recorded before it exists, but as the
+    # move's own only once created (its identity, below): an abort drops nothing else.
+    provisioned: dict[str, Any] = {"shard": name, "url": admin_url, "database_id": None}
     planned = mover.plan(
         tenant_id,
         name,
         kind=MoveKind.PROMOTE,
         mode=MoveMode.OFFLINE,
         options=options,
-        artifacts={"provisioned": {"shard": name, "url": admin_url}},
+        artifacts={"provisioned": provisioned},
         check=False,
     )
     try:
@@ -149,6 +169,10 @@ def promote(
         )
         source = catalog.get_shard(tenant.shard)
         target = catalog.get_shard(name)
+        created = mover.database_id(target)
+        mover.journal.update(
+            planned.id, artifacts={"provisioned": {**provisioned, "database_id": created}}
+        )
         mover.precheck(source, target)
         chosen, why = mover.choose_mode(source, target, mode)
         mover.observer.note(f"mode: {why}")

@@ -52,8 +52,8 @@ from tenantry.moves.tables import (
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine, translate_errors
-from tenantry.shardmap.identity import LiveDatabase, live_database
-from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier
+from tenantry.shardmap.identity import LiveDatabase, live_database, read_identity
+from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier, mask_url
 from tenantry.shardmap.residency import Residency, clear_residency, read_residency, write_residency
 
 __all__ = ["Checkpoints", "Mover"]
@@ -598,14 +598,40 @@ class Mover:
         with self.catalog.transaction() as (conn, _version):
             self.catalog.set_tenant_state(conn, move.tenant_id, TenantState.ACTIVE)
         if provisioned and not same:
-            from tenantry.migrations.provision import drop_database
+            if self._created_by_move(provisioned):
+                from tenantry.migrations.provision import drop_database
 
-            if target is not None:
-                with suppress(TenantryError):
-                    self.catalog.remove_shard(target.name)
-            drop_database(str(provisioned["url"]), connect_timeout=self.settings.connect_timeout)
+                if target is not None:
+                    with suppress(TenantryError):
+                        self.catalog.remove_shard(target.name)
+                drop_database(
+                    str(provisioned["url"]), connect_timeout=self.settings.connect_timeout
+                )
+            else:
+                self.observer.note(
+                    f"database {mask_url(str(provisioned['url']))} was left alone: this move "
+                    "did not record creating it (if it did, before a crash, drop it by hand)"
+                )
         self.journal.update(move.id, ended=True)
         return self.journal.get(move.id)
+
+    def database_id(self, shard: Shard) -> str | None:
+        """The identity of *shard*'s database (None: it has none)."""
+        with self.admin(shard) as engine, engine.connect() as conn:
+            identity = read_identity(conn)
+        return identity.database_id if identity is not None else None
+
+    def _created_by_move(self, provisioned: dict[str, Any]) -> bool:
+        """Whether the database a promote recorded is provably the one it created: its
+        identity, recorded once it was created, is the live database's."""
+        recorded: str | None = provisioned.get("database_id")
+        if not recorded:
+            return False
+        probe = Shard(name=str(provisioned.get("shard", "?")), url=str(provisioned["url"]))
+        try:
+            return self.database_id(probe) == recorded
+        except TenantryError:
+            return False  # gone, or unreachable: nothing we may drop
 
     def _same_database(self, source: Shard, target: Shard) -> bool:
         with self.admin(source) as src, self.admin(target) as dst:
