@@ -328,6 +328,12 @@ class Mover:
         later reads ``frozen`` in its fence and is read-only; one that began earlier may
         still write, and is waited out (the way CREATE INDEX CONCURRENTLY waits). The
         read-only snapshots of online moves' cuts are not waited for.
+
+        Prepared transactions (two-phase commit) of the database are waited for too,
+        whenever they were prepared: one may hold a write that ``COMMIT PREPARED`` would
+        commit behind the copy. A routed transaction cannot be prepared (the fence's
+        stamp is a temporary object), so these come from elsewhere; the timeout names
+        them.
         """
         if conn.dialect.name != "postgresql":
             return  # SQLite: the freeze's write lock outlasted every earlier writer
@@ -346,14 +352,32 @@ class Mover:
                     ),
                     {"since": since, "snapshots": SNAPSHOT_APPLICATION},
                 ).scalar_one()
-            if older == 0:
+                prepared = [
+                    str(gid)
+                    for (gid,) in conn.execute(
+                        sa.text(
+                            "SELECT gid FROM pg_prepared_xacts"
+                            " WHERE database = current_database() ORDER BY prepared"
+                        )
+                    )
+                ]
+            if older == 0 and not prepared:
                 return
             if time.monotonic() > deadline:
+                if prepared:
+                    raise FreezeTimeout(
+                        f"{len(prepared)} prepared transaction(s) on the source database "
+                        f"({', '.join(map(repr, prepared[:5]))}) may write the tenant's rows "
+                        "after the copy: COMMIT PREPARED or ROLLBACK PREPARED them, then retry"
+                    )
                 raise FreezeTimeout(
                     f"{older} transaction(s) older than the freeze still running after {timeout:g}s"
                 )
             if not noted:
-                self.observer.note(f"waiting for {older} older transaction(s) to end")
+                self.observer.note(
+                    f"waiting for {older} older and {len(prepared)} prepared transaction(s)"
+                    " to end"
+                )
                 noted = True
             time.sleep(0.01)
 

@@ -65,6 +65,8 @@ DEFAULT_SETTINGS: Mapping[str, str] = MappingProxyType(
         "synchronous_commit": "off",
         "full_page_writes": "off",
         "max_connections": "400",
+        # moves must wait out prepared transactions: tests make some
+        "max_prepared_transactions": "10",
         "max_replication_slots": "32",
         "max_wal_senders": "32",
         # each subscription needs an apply worker, plus table-sync workers while it starts
