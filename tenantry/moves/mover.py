@@ -375,8 +375,7 @@ class Mover:
                 )
             if not noted:
                 self.observer.note(
-                    f"waiting for {older} older and {len(prepared)} prepared transaction(s)"
-                    " to end"
+                    f"waiting for {older} older and {len(prepared)} prepared transaction(s) to end"
                 )
                 noted = True
             time.sleep(0.01)
@@ -540,7 +539,7 @@ class Mover:
                 self._drop_source(move, source)
             else:
                 with suppress(TenantryError):
-                    self.catalog.set_shard_state(source.name, ShardState.RETIRED)
+                    self.catalog.set_shard_state(source.name, ShardState.RETIRED, for_move=move.id)
 
     def _not_the_target(self, move: Move, source: Shard, engine: Engine) -> None:
         """Cleanup's last check, on its own live connection: the database it is about
@@ -569,7 +568,7 @@ class Mover:
 
         drop_database(source.operations_url, connect_timeout=self.settings.connect_timeout)
         with suppress(UnknownShard):
-            self.catalog.remove_shard(source.name)
+            self.catalog.remove_shard(source.name, for_move=move.id)
         self.observer.note(f"dropped database of shard {source.name!r}")
 
     # abort -------------------------------------------------------------------------------
@@ -627,7 +626,7 @@ class Mover:
 
                 if target is not None:
                     with suppress(TenantryError):
-                        self.catalog.remove_shard(target.name)
+                        self.catalog.remove_shard(target.name, for_move=move.id)
                 drop_database(
                     str(provisioned["url"]), connect_timeout=self.settings.connect_timeout
                 )

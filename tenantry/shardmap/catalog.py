@@ -467,14 +467,26 @@ class Catalog:
         logger.info("shard %s: new URLs (%s)", name, mask_url(shard.url))
         return shard
 
-    def set_shard_state(self, name: str, state: ShardState | str) -> Shard:
+    def set_shard_state(
+        self, name: str, state: ShardState | str, *, for_move: int | None = None
+    ) -> Shard:
         """Mark a shard active, draining or retired.
 
-        A shard that still holds tenants cannot be retired: move them away first.
+        A shard that still holds tenants cannot be retired: move them away first; nor can
+        the target of a live move be drained or retired (the tenant would land on it),
+        nor the source of one retired, except by that move itself (*for_move*).
         """
         state = ShardState(state)
         with self._write() as (conn, _version):
             self._get_shard(conn, name)
+            if state is not ShardState.ACTIVE:
+                self._refuse_if_moving(
+                    conn,
+                    name,
+                    f"marked {state.value}",
+                    ends=("target",) if state is ShardState.DRAINING else ("source", "target"),
+                    for_move=for_move,
+                )
             if state is ShardState.RETIRED:
                 count = conn.execute(
                     sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
@@ -701,10 +713,17 @@ class Catalog:
         with self._read() as conn:
             yield conn
 
-    def remove_shard(self, name: str) -> Shard:
-        """Unregister a shard that holds no tenant (its database is left alone)."""
+    def remove_shard(self, name: str, *, for_move: int | None = None) -> Shard:
+        """Unregister a shard that holds no tenant (its database is left alone).
+
+        Not while a live move has it as source or target, except that move itself
+        (*for_move*: a dropped source, an aborted promote's new database).
+        """
         with self._write() as (conn, _version):
             shard = self._get_shard(conn, name)
+            self._refuse_if_moving(
+                conn, name, "removed", ends=("source", "target"), for_move=for_move
+            )
             count = conn.execute(
                 sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
             ).scalar_one()
@@ -717,6 +736,33 @@ class Catalog:
             conn.execute(shards.delete().where(shards.c.name == name))
         logger.info("removed shard %s", name)
         return shard
+
+    @staticmethod
+    def _refuse_if_moving(
+        conn: Connection,
+        name: str,
+        what: str,
+        *,
+        ends: tuple[str, ...],
+        for_move: int | None,
+    ) -> None:
+        """Refuse, naming the move, when a live move has shard *name* at one of *ends*."""
+        clauses = [getattr(moves.c, end) == name for end in ends]
+        query = sa.select(moves.c.id, moves.c.tenant_id, moves.c.source, moves.c.target).where(
+            moves.c.ended_at.is_(None), sa.or_(*clauses)
+        )
+        if for_move is not None:
+            query = query.where(moves.c.id != for_move)
+        live = conn.execute(query.order_by(moves.c.id)).first()
+        if live is None:
+            return
+        end = "target" if live.target == name else "source"
+        raise PlacementError(
+            f"shard {name!r} cannot be {what}: it is the {end} of live move {live.id} "
+            f"(tenant {live.tenant_id!r}); finish it with `tenantry moves resume {live.id}` "
+            f"or `tenantry moves abort {live.id}` first",
+            shard=name,
+        )
 
     def set_tenant_state(self, conn: Connection, tenant_id: str, state: TenantState) -> None:
         """Mark a tenant active or moving, in the caller's catalog transaction."""
