@@ -18,6 +18,8 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
@@ -699,11 +701,22 @@ class Catalog:
         return key
 
     def _store_fence_key(self, name: str, key: FenceKey) -> None:
+        # An upsert: routers that meet a shard the catalog has no key for yet all read it
+        # from the shard at once, and each stores it; a newer key is never replaced by
+        # an older one read a moment before a rotation.
+        insert: Any = (
+            postgresql_insert(fence_keys)
+            if self.dialect == "postgresql"
+            else sqlite_insert(fence_keys)
+        )
+        values = {"key_id": key.key_id, "secret": key.secret, "updated_at": datetime.now(UTC)}
+        statement = insert.values(shard=name, **values)
         with self.journal_transaction() as conn:
-            conn.execute(fence_keys.delete().where(fence_keys.c.shard == name))
             conn.execute(
-                fence_keys.insert().values(
-                    shard=name, key_id=key.key_id, secret=key.secret, updated_at=datetime.now(UTC)
+                statement.on_conflict_do_update(
+                    index_elements=[fence_keys.c.shard],
+                    set_=values,
+                    where=fence_keys.c.key_id <= statement.excluded.key_id,
                 )
             )
 
