@@ -46,6 +46,7 @@ from tenantry.moves.tables import (
     TenantTable,
     analyze_tables,
     check_same_tables,
+    check_whole_database,
     tenant_tables,
     unindexed_foreign_keys,
 )
@@ -192,6 +193,7 @@ class Mover:
                         "`tenantry migrate upgrade` first"
                     )
                 tables = tenant_tables(s, column=self.column)
+                check_whole_database(s, tables, column=self.column)
                 check_same_tables(tables, tenant_tables(d, column=self.column))
                 if not sa.inspect(d).has_table("tenantry_residency"):
                     raise MoveRefused(

@@ -29,6 +29,7 @@ __all__ = [
     "TenantTable",
     "analyze_tables",
     "check_same_tables",
+    "check_whole_database",
     "tenant_tables",
     "unindexed_foreign_keys",
     "value_reader",
@@ -199,6 +200,66 @@ def unindexed_foreign_keys(conn: Connection, tables: Iterable[TenantTable]) -> l
         f"once per row; CREATE INDEX ON {child} ({', '.join(columns)})"
         for child, parent, columns in rows
     ]
+
+
+def check_whole_database(
+    conn: Connection, tables: Iterable[TenantTable], *, column: str = "tenant_id"
+) -> None:
+    """Refuse (SchemaContractError) a database whose tenant rows a move would not see.
+
+    Moves copy the tenant tables of the connection's own schema. PostgreSQL only (a
+    SQLite file is one schema): a table with *column* in another schema would be left
+    behind, and a foreign key from any table outside the moved set to a tenant table
+    would keep rows behind, or lose them to an ``ON DELETE CASCADE`` when the source is
+    cleaned. Both are refused before anything is frozen, naming the table and the key.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    moved = {table.name for table in tables}
+    outside = conn.execute(
+        sa.text(
+            "SELECT n.nspname, c.relname FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column"
+            "  AND a.attnum > 0 AND NOT a.attisdropped"
+            " WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'"
+            "  AND n.nspname <> current_schema()"
+            "  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantry')"
+            "  AND n.nspname NOT LIKE 'pg\\_%'"
+            " ORDER BY 1, 2"
+        ),
+        {"column": column},
+    ).first()
+    if outside is not None:
+        raise SchemaContractError(
+            f"{outside[0]}.{outside[1]}",
+            f"it has a {column} column but lives outside schema "
+            f"{conn.execute(sa.text('SELECT current_schema()')).scalar()!r}, the one moves "
+            "copy: a move would leave its rows behind; keep tenant tables in that schema",
+        )
+    for child_schema, child, parent, constraint in conn.execute(
+        sa.text(
+            "SELECT cn.nspname, cc.relname, pc.relname, k.conname FROM pg_constraint k"
+            " JOIN pg_class cc ON cc.oid = k.conrelid"
+            " JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
+            " JOIN pg_class pc ON pc.oid = k.confrelid"
+            " JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
+            " WHERE k.contype = 'f' AND pn.nspname = current_schema()"
+            " ORDER BY 1, 2, 4"
+        )
+    ):
+        if parent not in moved:
+            continue
+        in_schema = child_schema == conn.execute(sa.text("SELECT current_schema()")).scalar()
+        if in_schema and child in moved:
+            continue
+        raise SchemaContractError(
+            f"{child_schema}.{child}",
+            f"its foreign key {constraint!r} references tenant table {parent!r} but it does "
+            "not move with the tenant, so a move would leave its rows behind (or delete them "
+            f"through ON DELETE CASCADE): make it a tenant table with {column} in the same "
+            "schema, or drop the key",
+        )
 
 
 def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> None:
