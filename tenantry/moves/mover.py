@@ -376,9 +376,10 @@ class Mover:
                     f"{older} transaction(s) older than the freeze still running after {timeout:g}s"
                 )
             if not noted:
-                self.observer.note(
-                    f"waiting for {older} older and {len(prepared)} prepared transaction(s) to end"
-                )
+                waiting = f"waiting for {older} older transaction(s) to end"
+                if prepared:
+                    waiting += f", and {len(prepared)} prepared one(s) to be resolved"
+                self.observer.note(waiting)
                 noted = True
             time.sleep(0.01)
 
