@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import selectors
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +129,41 @@ def copy_tenant(
     return copies
 
 
+def replica_allowed(conn: Connection) -> bool:
+    """Whether this PostgreSQL role may set ``session_replication_role`` (a superuser,
+    or one granted SET on it)."""
+    allowed = conn.exec_driver_sql(
+        "SELECT has_parameter_privilege('session_replication_role', 'SET')"
+    ).scalar()
+    return bool(allowed)
+
+
+def quiet_triggers(conn: Connection) -> None:
+    """Run the rest of this transaction as logical replication's apply worker does:
+    ``session_replication_role = replica``, so that the application's triggers (and
+    foreign-key checks, whose order the copy keeps) do not fire for rows the move
+    copies or cleans. PostgreSQL; the caller checked :func:`replica_allowed`."""
+    conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+
+
+def user_triggers(conn: Connection, tables: Iterable[TenantTable]) -> list[str]:
+    """``table.trigger`` for every enabled trigger of the application on *tables*."""
+    names = [table.name for table in tables]
+    if conn.dialect.name != "postgresql" or not names:
+        return []
+    rows = conn.execute(
+        sa.text(
+            "SELECT c.relname || '.' || t.tgname FROM pg_trigger t"
+            " JOIN pg_class c ON c.oid = t.tgrelid"
+            " WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'"
+            "  AND c.relnamespace = current_schema()::regnamespace"
+            "  AND c.relname = ANY(:names) ORDER BY 1"
+        ),
+        {"names": names},
+    )
+    return [str(name) for (name,) in rows]
+
+
 def delete_tenant_rows(
     engine: Engine,
     tenant_id: str,
@@ -138,8 +173,12 @@ def delete_tenant_rows(
     batch_size: int = 5000,
     progress: Callable[[str, int], None] | None = None,
     checkpoint: Callable[[str], None] | None = None,
+    quiet: bool = False,
 ) -> int:
     """Delete the tenant's rows of *tables*, children first; return how many.
+
+    With *quiet* (PostgreSQL), each batch runs without the application's triggers
+    (:func:`quiet_triggers`).
 
     Each batch of *batch_size* rows is its own short transaction, so that other
     tenants' traffic on a shared shard keeps flowing; *progress* gets the table and
@@ -158,6 +197,8 @@ def delete_tenant_rows(
             with engine.connect() as conn:
                 conn = conn.execution_options(**WRITE)
                 with conn.begin():
+                    if quiet:
+                        quiet_triggers(conn)
                     count = conn.execute(statement, {"tenant": tenant_id, "n": batch_size}).rowcount
             deleted += count
             total += count

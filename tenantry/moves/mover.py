@@ -33,7 +33,13 @@ from tenantry.errors import (
     VerificationFailed,
 )
 from tenantry.migrations.fleet import MIGRATION_LOCK
-from tenantry.moves.copy import copy_tenant, delete_tenant_rows
+from tenantry.moves.copy import (
+    copy_tenant,
+    delete_tenant_rows,
+    quiet_triggers,
+    replica_allowed,
+    user_triggers,
+)
 from tenantry.moves.hooks import EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
 from tenantry.moves.online import (
@@ -194,6 +200,16 @@ class Mover:
                     )
                 tables = tenant_tables(s, column=self.column)
                 check_whole_database(s, tables, column=self.column)
+                for end, conn in ((source, s), (target, d)):
+                    triggers = user_triggers(conn, tables)
+                    if triggers and not replica_allowed(conn):
+                        raise MoveRefused(
+                            f"shard {end.name!r} has triggers on tenant tables "
+                            f"({', '.join(triggers[:3])}) and its operations role may not "
+                            "set session_replication_role, so the copy and the cleanup "
+                            "would fire them: GRANT SET ON PARAMETER session_replication_role "
+                            "to it, or disable the triggers"
+                        )
                 check_same_tables(tables, tenant_tables(d, column=self.column))
                 if not sa.inspect(d).has_table("tenantry_residency"):
                     raise MoveRefused(
@@ -399,6 +415,8 @@ class Mover:
                         src.exec_driver_sql("SET TRANSACTION READ ONLY")
                     tables = tenant_tables(src, column=self.column)
                     with dst.begin():
+                        if dst.dialect.name == "postgresql" and replica_allowed(dst):
+                            quiet_triggers(dst)
                         write_residency(
                             dst, move.tenant_id, Residency.INCOMING, self.catalog.map_version()
                         )
@@ -526,11 +544,13 @@ class Mover:
                 for slow in unindexed_foreign_keys(conn, tables):
                     logger.warning("%s", slow)
                     self.observer.note(slow)
+                quiet = conn.dialect.name == "postgresql" and replica_allowed(conn)
             deleted = delete_tenant_rows(
                 engine,
                 move.tenant_id,
                 tables,
                 column=self.column,
+                quiet=quiet,
                 progress=lambda t, n: self.observer.table(t, n, 0, None),
                 checkpoint=self.hooks.checkpoint,
             )
@@ -614,7 +634,8 @@ class Mover:
             with self.admin(target) as engine:
                 with engine.connect() as conn:
                     tables = tenant_tables(conn, column=self.column)
-                delete_tenant_rows(engine, move.tenant_id, tables, column=self.column)
+                    quiet = conn.dialect.name == "postgresql" and replica_allowed(conn)
+                delete_tenant_rows(engine, move.tenant_id, tables, column=self.column, quiet=quiet)
                 with engine.connect() as conn:
                     conn = conn.execution_options(**WRITE)
                     with conn.begin():
