@@ -352,7 +352,7 @@ def migrate_shard(
                     tables = install_rls(conn, column=settings.tenant_column)
                     role = _routing_user(shard)
                     if role:
-                        grant_routing_role(conn, role, tables, shared=shard.tier is Tier.SHARED)
+                        grant_routing_role(conn, role, tables)
                 after = _heads(conn, version_table)
         if after != target:
             return result(

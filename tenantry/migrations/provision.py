@@ -96,10 +96,7 @@ def create_database(
     )
     try:
         with engine.connect() as conn:
-            exists = conn.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
-            ).first()
-            if exists:
+            if _exists(conn, database):
                 raise ProvisionError(
                     f"database {database!r} exists already on {mask_url(server)}: register "
                     "it with `tenantry shard add`, or choose another name"
@@ -138,12 +135,16 @@ def database_exists(server_url: str, database: str, *, connect_timeout: float = 
             ),
             engine.connect() as conn,
         ):
-            found = conn.execute(
-                sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
-            ).first()
-        return found is not None
+            return _exists(conn, database)
     finally:
         engine.dispose()
+
+
+def _exists(conn: sa.Connection, database: str) -> bool:
+    found = conn.execute(
+        sa.text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": database}
+    ).first()
+    return found is not None
 
 
 def drop_database(url: str, *, connect_timeout: float = 5.0) -> None:
@@ -433,7 +434,6 @@ def _routing_role(catalog: Catalog, shard: Shard, role: str) -> tuple[str, bool,
             role,
             password=password if generated else None,
             column=settings.tenant_column,
-            shared=shard.tier is Tier.SHARED,
         )
     routing = make_url(ops_url).set(username=role, password=password)
     warnings = []

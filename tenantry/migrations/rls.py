@@ -64,7 +64,6 @@ __all__ = [
     "secure_fix",
     "setup_routing_role",
     "shard_role_check",
-    "tenant_tables",
     "verify_routing_role",
 ]
 
@@ -117,20 +116,6 @@ def find_tenant_tables(conn: Connection, *, column: str = "tenant_id") -> list[R
         {"column": column, "system": list(_SYSTEM_SCHEMAS)},
     )
     return [RlsTable(r[0], r[1], bool(r[2])) for r in rows]
-
-
-def tenant_tables(
-    conn: Connection, *, column: str = "tenant_id", schema: str | None = None
-) -> list[str]:
-    """Names of the tables of one schema (default: the current one) with the tenant column."""
-    inspector = sa.inspect(conn)
-    found = []
-    for table in inspector.get_table_names(schema=schema):
-        if table.startswith("tenantry_"):
-            continue
-        if any(c["name"] == column for c in inspector.get_columns(table, schema=schema)):
-            found.append(table)
-    return sorted(found)
 
 
 def policy_statements(conn: Connection, table: RlsTable, *, column: str = "tenant_id") -> list[str]:
@@ -205,7 +190,6 @@ def grant_routing_role(
     tables: list[RlsTable] | None = None,
     *,
     column: str = "tenant_id",
-    shared: bool = True,
 ) -> None:
     """Give the routing role what routed sessions need, and nothing to bypass RLS.
 
@@ -215,8 +199,8 @@ def grant_routing_role(
     a temporary table outlives the transaction on a pooled connection and, named like a
     tenant table, would stand in for it in the next tenant's transactions, and the
     fence's stamp is a temporary object that only tenantry may make
-    (``tenantry.open_session()`` refuses a routing role that may). *shared* is kept for
-    callers; every PostgreSQL shard is treated alike.
+    (``tenantry.open_session()`` refuses a routing role that may), on every
+    PostgreSQL shard alike.
     """
     q = conn.dialect.identifier_preparer
     if tables is None:
@@ -599,7 +583,6 @@ def setup_routing_role(
     *,
     password: str | None,
     column: str = "tenant_id",
-    shared: bool = True,
 ) -> bool:
     """Create *role* (or bring an existing one back to) ``LOGIN NOSUPERUSER NOBYPASSRLS
     NOCREATEDB NOCREATEROLE NOINHERIT``, set its *password* if given (as a SCRAM
@@ -626,5 +609,5 @@ def setup_routing_role(
     schema = conn.exec_driver_sql("SELECT current_schema()").scalar()
     if schema:
         conn.exec_driver_sql(f"GRANT USAGE ON SCHEMA {q.quote(str(schema))} TO {q.quote(role)}")
-    grant_routing_role(conn, role, column=column, shared=shared)
+    grant_routing_role(conn, role, column=column)
     return created

@@ -216,6 +216,7 @@ def check_whole_database(
     if conn.dialect.name != "postgresql":
         return
     moved = {table.name for table in tables}
+    schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
     outside = conn.execute(
         sa.text(
             "SELECT n.nspname, c.relname FROM pg_class c"
@@ -233,8 +234,7 @@ def check_whole_database(
     if outside is not None:
         raise SchemaContractError(
             f"{outside[0]}.{outside[1]}",
-            f"it has a {column} column but lives outside schema "
-            f"{conn.execute(sa.text('SELECT current_schema()')).scalar()!r}, the one moves "
+            f"it has a {column} column but lives outside schema {schema!r}, the one moves "
             "copy: a move would leave its rows behind; keep tenant tables in that schema",
         )
     for child_schema, child, parent, constraint in conn.execute(
@@ -248,10 +248,7 @@ def check_whole_database(
             " ORDER BY 1, 2, 4"
         )
     ):
-        if parent not in moved:
-            continue
-        in_schema = child_schema == conn.execute(sa.text("SELECT current_schema()")).scalar()
-        if in_schema and child in moved:
+        if parent not in moved or (child_schema == schema and child in moved):
             continue
         raise SchemaContractError(
             f"{child_schema}.{child}",

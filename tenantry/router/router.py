@@ -13,6 +13,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
@@ -95,12 +96,8 @@ class RouterBase:
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(engine, name, lambda reload: self._fence_key(name, reload))
-            opener = (
-                _open_session_allowing_temporary
-                if self.settings.allow_unsafe_routing_role
-                else _open_session
-            )
-            event.listen(engine, "connect", opener)
+            allow = self.settings.allow_unsafe_routing_role
+            event.listen(engine, "connect", partial(_open_session, allow_temporary=allow))
             if self.settings.reset_connections:
                 event.listen(engine, "checkin", _discard_session_state)
 
@@ -316,10 +313,6 @@ def _open_session(dbapi_connection: Any, _record: Any, allow_temporary: bool = F
     finally:
         cursor.close()
     dbapi_connection.commit()
-
-
-def _open_session_allowing_temporary(dbapi_connection: Any, record: Any) -> None:
-    _open_session(dbapi_connection, record, allow_temporary=True)
 
 
 #: What ``reset_connections`` runs: DISCARD ALL but for temporary objects and sequence
