@@ -31,6 +31,7 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     ├── MoveError                       a tenant move cannot start or go on
     │   ├── MoveInProgress              the tenant is being moved already
     │   ├── MoveRefused                 a precheck failed; nothing was changed
+    │   ├── MoveRolledBack              a step failed; the move was rolled back
     │   ├── FreezeTimeout               older transactions outlived the freeze wait
     │   └── UnknownMove                 no move with this id
     ├── SchemaContractError             a tenant table breaks the schema contract
@@ -67,6 +68,7 @@ __all__ = [
     "MoveError",
     "MoveInProgress",
     "MoveRefused",
+    "MoveRolledBack",
     "NoSharedShard",
     "NoTenantInContext",
     "PlacementError",
@@ -376,6 +378,11 @@ class MoveInProgress(MoveError):
 
 class MoveRefused(MoveError):
     """A precheck failed before anything was frozen or copied."""
+
+
+class MoveRolledBack(MoveError):
+    """A step of a move failed before the switch; the move was rolled back (the tenant
+    stays on its source, writable) and the journal records why."""
 
 
 class FreezeTimeout(MoveError):

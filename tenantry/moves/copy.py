@@ -31,7 +31,7 @@ from tenantry.moves.tables import (
     value_writer,
 )
 from tenantry.moves.verify import rendering_settings
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.connect import WRITE, mark_error
 
 __all__ = ["ProgressFn", "TableCopy", "copy_tenant", "delete_tenant_rows"]
 
@@ -236,11 +236,20 @@ def _copy_postgresql(
         columns, name, sql.Identifier(column), sql.Literal(tenant_id), options
     )
     copy_in = sql.SQL("COPY {} ({}) FROM STDIN{}").format(name, columns, options)
-    with _text_settings(source, target, binary):
-        with src.cursor() as out_cursor, dst.cursor() as in_cursor:
-            with out_cursor.copy(copy_out), in_cursor.copy(copy_in) as copy_in_:
-                size = _pump(src, copy_in_, binary=binary, report=report, mid=mid)
-            rows = in_cursor.rowcount
+    try:
+        with _text_settings(source, target, binary):
+            with src.cursor() as out_cursor, dst.cursor() as in_cursor:
+                with out_cursor.copy(copy_out), in_cursor.copy(copy_in) as copy_in_:
+                    size = _pump(src, copy_in_, binary=binary, report=report, mid=mid)
+                rows = in_cursor.rowcount
+    except psycopg.Error as exc:
+        # psycopg raises these itself, past SQLAlchemy: say which end failed while
+        # both connections can still tell (the caller names the shard).
+        if src.broken or (exc.pgconn is not None and exc.pgconn is src.pgconn):
+            mark_error(exc, source.engine.url)
+        elif dst.broken or (exc.pgconn is not None and exc.pgconn is dst.pgconn):
+            mark_error(exc, target.engine.url)
+        raise
     return rows, size
 
 

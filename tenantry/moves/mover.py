@@ -25,6 +25,7 @@ from tenantry.errors import (
     FreezeTimeout,
     MoveError,
     MoveRefused,
+    MoveRolledBack,
     ShardNotActive,
     ShardOccupied,
     ShardUnavailable,
@@ -254,10 +255,55 @@ class Mover:
             self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
             self._rollback(self.journal.get(move.id))
             raise
-        except (TenantryError, sa.exc.SQLAlchemyError, OSError) as exc:
-            # The move stays where it stopped; `moves list` shows why and what to run.
-            self.journal.update(move.id, error=describe(exc))
-            raise
+        except Exception as exc:
+            raise self._stopped(move.id, exc) from exc
+
+    def _stopped(self, move_id: int, exc: Exception) -> Exception:
+        """Leave a failed move in a clean, explained state; the error to raise.
+
+        The reason goes into the journal. A move that has not switched is rolled back
+        (the tenant stays home and writable; nothing of it stays at the target); one
+        that has switched stays live where it stopped, to be resumed.
+        """
+        reason = describe(exc)
+        try:
+            move = self.journal.get(move_id)
+        except TenantryError:
+            return _one_line(exc, reason)  # the catalog is out of reach: nothing to record
+        if not move.live:
+            return _one_line(exc, reason)  # ended already (a step rolled itself back)
+        if move.state is MoveState.ABORTED or move.state.order >= MoveState.SWITCHED.order:
+            self.journal.update(move.id, error=reason)
+            logger.error("move %s stopped in %s: %s", move.id, move.state.value, reason)
+            if isinstance(exc, TenantryError):
+                return exc
+            return MoveError(
+                f"move {move.id} stopped ({move.state.value}): {reason}; run `tenantry moves "
+                f"resume {move.id}` once that is fixed",
+                tenant_id=move.tenant_id,
+                move_id=move.id,
+            )
+        self.journal.update(move.id, state=MoveState.ABORTED, error=reason)
+        logger.error("move %s failed in %s, rolling back: %s", move.id, move.state.value, reason)
+        self.observer.note(f"failed: {reason}; rolling back")
+        try:
+            self._rollback(self.journal.get(move.id))
+        except Exception as again:
+            left = f"{reason}; the roll back did not finish: {describe(again)}"
+            with suppress(TenantryError):
+                self.journal.update(move.id, error=left)
+            return MoveError(
+                f"move {move.id} failed: {left}; run `tenantry moves abort {move.id}` once "
+                "that is fixed",
+                tenant_id=move.tenant_id,
+                move_id=move.id,
+            )
+        return MoveRolledBack(
+            f"move {move.id} failed and was rolled back (tenant {move.tenant_id!r} stays on "
+            f"{move.source!r}, writable): {reason}",
+            tenant_id=move.tenant_id,
+            move_id=move.id,
+        )
 
     def _steps(self, move: Move) -> list[tuple[MoveState, Callable[[Move], None]]]:
         if move.mode is MoveMode.ONLINE:
@@ -700,7 +746,10 @@ class Mover:
         )
         try:
             with translate_errors(
-                f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=MoveError
+                f"shard {shard.name!r}",
+                unavailable=ShardUnavailable,
+                failed=MoveError,
+                url=shard.operations_url,
             ):
                 yield engine
         finally:
@@ -823,6 +872,10 @@ def _app_revision(conn: Connection) -> str | None:
 def migration_lock_key() -> int:
     """The per-database advisory lock fleet migrations hold (moves check it)."""
     return MIGRATION_LOCK
+
+
+def _one_line(exc: Exception, reason: str) -> Exception:
+    return exc if isinstance(exc, TenantryError) else MoveError(reason)
 
 
 def describe(exc: BaseException) -> str:

@@ -15,6 +15,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -27,6 +28,8 @@ __all__ = [
     "describe_error",
     "make_async_engine",
     "make_engine",
+    "mark_error",
+    "raised_by",
     "translate_errors",
 ]
 
@@ -87,7 +90,15 @@ def make_engine(
         raise ConfigurationError(f"cannot use database URL: {describe_error(exc)}") from None
     if backend == "sqlite":
         _setup_sqlite(engine)
+    else:
+        _mark_errors(engine)
     return engine
+
+
+def _mark_errors(engine: Engine) -> None:
+    @event.listens_for(engine, "handle_error")
+    def _handle_error(context: Any) -> None:
+        mark_error(context.original_exception, engine.url)
 
 
 def make_async_engine(url: str, *, connect_timeout: float = 5.0, **kwargs: Any) -> AsyncEngine:
@@ -139,22 +150,95 @@ def translate_errors(
     *,
     unavailable: type[TenantryError] = DatabaseUnavailable,
     failed: type[TenantryError] = CatalogError,
+    url: str | None = None,
 ) -> Iterator[None]:
-    """Turn SQLAlchemy errors met while doing *what* into one-line tenantry errors."""
+    """Turn database errors met while doing *what* into one-line tenantry errors.
+
+    SQLAlchemy's errors and the driver's own (psycopg's COPY, for one, raises them
+    unwrapped) alike. With *url*, an error raised on a connection to another
+    PostgreSQL database is not claimed: it passes on, for the block that opened that
+    connection to name its own database (a move holds one to each end).
+    """
     try:
         yield
     except TenantryError:
         raise
-    except DBAPIError as exc:
-        if exc.connection_invalidated or _is_connect_error(exc):
+    except (DBAPIError, psycopg.Error) as exc:
+        if url is not None and not raised_by(exc, url):
+            raise
+        if _is_connect_error(exc):
             raise unavailable(f"cannot reach {what}: {describe_error(exc)}") from None
         raise failed(f"{what} failed: {describe_error(exc)}") from None
     except SQLAlchemyError as exc:
         raise failed(f"{what} failed: {describe_error(exc)}") from None
 
 
-def _is_connect_error(exc: DBAPIError) -> bool:
-    text = str(exc.orig)
+def raised_by(exc: BaseException, url: str) -> bool:
+    """Whether *exc* could come from a connection to *url*'s database: False only when
+    the error is known to come from a connection to another database (or server); an
+    error that says nothing of its connection is anyone's.
+
+    Engines of :func:`make_engine` mark the errors of the statements they run with
+    their URL (:func:`mark_error` does it for raw driver calls); otherwise psycopg's
+    own record of the connection, while it is open, tells.
+    """
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    try:
+        wanted = make_url(url)
+        marked = getattr(orig, _MARK, None)
+        if marked is not None:
+            there = make_url(marked)
+            return _same_place(
+                (there.host or "", str(there.port or 5432), there.database or ""), wanted
+            )
+        pgconn = getattr(orig, "pgconn", None)
+        if pgconn is None:
+            return True
+        place = (pgconn.host.decode(), pgconn.port.decode() or "5432", pgconn.db.decode())
+    except Exception:  # a closed connection says nothing more
+        return True
+    return _same_place(place, wanted)
+
+
+def mark_error(exc: BaseException, url: object) -> None:
+    """Note on *exc* the database it was raised on (for :func:`raised_by`), unless a
+    closer caller noted it already. *url* is the connection's URL (its password is
+    never kept)."""
+    if getattr(exc, _MARK, None) is None:
+        with suppress(AttributeError, TypeError):
+            parsed = make_url(url)  # type: ignore[arg-type]
+            setattr(exc, _MARK, parsed.set(password=None).render_as_string())
+
+
+_MARK = "tenantry_database"
+
+
+def _same_place(place: tuple[str, str, str], wanted: Any) -> bool:
+    host, port, db = place
+    if wanted.get_backend_name() not in ("postgresql", "postgres"):
+        return False
+    if db != (wanted.database or "") or port != str(wanted.port or 5432):
+        return False
+    local = {"", "localhost", "127.0.0.1", "::1"}
+    want = wanted.host or ""
+    return host == want or (
+        (host in local or host.startswith("/")) and (want in local or want.startswith("/"))
+    )
+
+
+def _is_connect_error(exc: DBAPIError | psycopg.Error) -> bool:
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        orig: BaseException | None = exc.orig
+    else:
+        orig = exc
+    if isinstance(orig, psycopg.OperationalError) and orig.pgconn is not None:
+        # The server went away under a statement (shut down, terminated, the network).
+        with suppress(Exception):
+            if orig.pgconn.status != psycopg.pq.ConnStatus.OK:
+                return True
+    text = str(orig)
     return (
         ("connection" in text.lower() and ("failed" in text or "refused" in text))
         or "unable to open database" in text
