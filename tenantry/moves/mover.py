@@ -26,6 +26,7 @@ from tenantry.errors import (
     MoveError,
     MoveRefused,
     MoveRolledBack,
+    SchemaContractError,
     ShardNotActive,
     ShardOccupied,
     ShardUnavailable,
@@ -350,6 +351,10 @@ class Mover:
         try:
             with self.admin(source) as src, self.admin(target) as dst:
                 self.check_distinct(source, target, src, dst)
+                # What the tables look like now, to find DDL run by hand during the move.
+                with src.connect() as s, dst.connect() as d:
+                    shapes = {"source": self._shape(s), "target": self._shape(d)}
+                self.journal.update(move.id, stats={"table_shapes": shapes})
         except MoveRefused as exc:
             self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
             self._rollback(self.journal.get(move.id))
@@ -535,6 +540,7 @@ class Mover:
                 src, dst = src.execution_options(**WRITE), dst.execution_options(**WRITE)
                 version = self.catalog.map_version()
                 if move.state is not MoveState.SWITCHED:
+                    self._same_shapes(move, {"source": src, "target": dst})
                     if move.mode is MoveMode.ONLINE:
                         self.online.advance_sequences(move, src, dst)
                     # The target is not routed to until the catalog says so; make it
@@ -562,6 +568,40 @@ class Mover:
         if frozen_at is not None and "freeze_seconds" not in move.stats:
             self.journal.update(
                 move.id, stats={"freeze_seconds": round(time.time() - float(frozen_at), 3)}
+            )
+
+    def _shape(self, conn: Connection) -> dict[str, list[str]]:
+        """Each tenant table's columns and types, and its primary key, as reflected."""
+        return {
+            table.qualified_name: [
+                *(f"{c} {t}" for c, t in zip(table.columns, table.column_types, strict=False)),
+                f"PRIMARY KEY ({', '.join(table.primary_key)})",
+            ]
+            for table in tenant_tables(conn, column=self.column)
+        }
+
+    def _same_shapes(self, move: Move, ends: dict[str, Connection]) -> None:
+        """Refuse to switch when a tenant table changed on either end since the move
+        began: DDL run by hand (fleet migrations are locked out) may have changed what
+        was copied or compared. The caller's error handling rolls the move back."""
+        recorded = move.stats.get("table_shapes") or {}
+        for end, conn in ends.items():
+            before = recorded.get(end)
+            if before is None:
+                continue  # a move recorded before shapes were kept
+            with conn.begin():
+                now = self._shape(conn)
+            if now == before:
+                continue
+            changed = sorted(
+                name for name in set(now) | set(before) if now.get(name) != before.get(name)
+            )
+            shard = move.source if end == "source" else move.target
+            raise SchemaContractError(
+                changed[0],
+                f"it changed on shard {shard!r} while the move ran (DDL outside `tenantry "
+                "migrate`), so the copy may not match it: the move is not switched; move "
+                "the tenant again",
             )
 
     # clean -------------------------------------------------------------------------------

@@ -138,3 +138,27 @@ def test_a_source_failure_names_the_source(fleet: Fleet) -> None:
     engine = fleet.engine("s2")
     assert tenant_rows(engine, "acme") == before["s1/acme"]
     engine.dispose()
+
+
+class DdlBeforeSwitch:
+    """Just before the switch: a column added by hand on one end."""
+
+    def __init__(self, fleet: Fleet, shard: str) -> None:
+        self.fleet, self.shard = fleet, shard
+
+    def checkpoint(self, name: str) -> None:
+        if name == "switched":
+            execute(self.fleet, self.shard, "ALTER TABLE chargers ADD COLUMN note text")
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+@pytest.mark.parametrize("shard", ["s1", "s2"])
+def test_ddl_by_hand_during_a_move_is_caught_before_the_switch(
+    fleet: Fleet, mode: str, shard: str
+) -> None:
+    before = snapshot(fleet)
+    with pytest.raises(MoveRolledBack) as failed:
+        moves.move(fleet.catalog, "acme", "s2", mode=mode, hooks=DdlBeforeSwitch(fleet, shard))
+    message = str(failed.value)
+    assert f"table 'chargers' cannot be moved: it changed on shard {shard!r}" in message
+    assert_rolled_back(fleet, before, "changed on shard")
