@@ -62,6 +62,12 @@ class TenantrySettings(BaseSettings):
     freeze_timeout: float = Field(
         30.0, gt=0, description="Seconds a move waits for older transactions after freezing."
     )
+    sizes_max_age: float = Field(
+        86400.0,
+        gt=0,
+        description="Seconds after which stored tenant sizes are stale: `rebalance` warns "
+        "and names --refresh.",
+    )
     alembic_config: str | None = Field(
         None, description="The application's alembic.ini, or its script directory."
     )

@@ -73,7 +73,10 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
         "bytes": plan.bytes,
         "spread_before": round(plan.spread_before(), 4),
         "spread_after": round(plan.spread_after(), 4),
+        "bytes_spread_before": round(plan.bytes_spread_before(), 4),
+        "bytes_spread_after": round(plan.bytes_spread_after(), 4),
         "threshold": plan.threshold,
+        "warnings": list(plan.warnings),
         "draining": list(plan.draining),
         "left_behind": dict(sorted(plan.left_behind.items())),
         "reason": plan.reason,
@@ -83,6 +86,8 @@ def _plan_record(plan: Plan) -> dict[str, Any]:
                 "share": round(plan.shares.get(s, 0.0), 4),
                 "before": plan.before[s],
                 "after": plan.after[s],
+                "bytes_before": plan.bytes_before.get(s, 0.0),
+                "bytes_after": plan.bytes_after.get(s, 0.0),
             }
             for s in sorted(plan.before)
         ],
@@ -116,6 +121,16 @@ def _show_plan(state: CliState, plan: Plan) -> None:
         f"{len(plan.moves)} move(s), {_size(plan.bytes)}; spread {plan.spread_before():.1%} -> "
         f"{plan.spread_after():.1%} (threshold {plan.threshold:.0%}); {plan.reason}"
     )
+    spreads = (plan.spread_before(), plan.spread_after())
+    in_bytes = (plan.bytes_spread_before(), plan.bytes_spread_after())
+    if [round(x, 3) for x in spreads] != [round(x, 3) for x in in_bytes]:
+        # The strategy weighs more than bytes: show what the shards really hold too.
+        state.console.print(
+            f"spread in measured bytes {in_bytes[0]:.1%} -> {in_bytes[1]:.1%} "
+            "(the strategy's cost differs from bytes)"
+        )
+    for warning in plan.warnings:
+        state.console.print(f"[yellow]warning: {warning}[/]")
 
 
 def _apply(
@@ -171,6 +186,9 @@ def _run(
         max_bytes=max_bytes,
         drain=drain,
     )
+    if as_json:
+        for warning in plan.warnings:
+            click.secho(f"warning: {warning}", fg="yellow", err=True)
     if not apply:
         if as_json:
             emit_json(_plan_record(plan))

@@ -339,8 +339,23 @@ class Mover:
             action(self.journal.get(move.id))
             move = self.journal.get(move.id)
         self.journal.update(move.id, ended=True, stats={"finished_at": time.time()})
+        self._follow_size(self.journal.get(move.id))
         self.observer.step(move.id, "done")
         return self.journal.get(move.id)
+
+    def _follow_size(self, move: Move) -> None:
+        """The tenant's stored size follows it to its new shard, with the rows copied
+        (or verified). Bookkeeping only: a failure here is logged, not raised."""
+        from tenantry.moves.sizes import follow_move
+
+        rows = move.stats.get("rows")
+        verified = move.stats.get("verified")
+        if rows is None and isinstance(verified, dict):
+            rows = sum(int(t.get("rows", 0)) for t in verified.values())
+        try:
+            follow_move(self.catalog, move.tenant_id, move.target, rows)
+        except (TenantryError, sa.exc.SQLAlchemyError) as exc:
+            logger.warning("move %s: stored size not updated: %s", move.id, describe(exc))
 
     def _check_planned(self, move: Move) -> None:
         """Before anything is frozen or copied, on the live connections: source and

@@ -33,15 +33,17 @@ from tenantry.errors import ConfigurationError, UnknownShard
 from tenantry.shardmap.model import MapSnapshot, ShardState, Tenant, TenantState, Tier
 
 __all__ = [
-    "BASE_COST_BYTES",
+    "BASE_FRACTION",
     "BY_COUNT",
     "BY_SIZE",
     "CostFunction",
     "Plan",
     "PlannedMove",
     "TenantSize",
+    "base_cost",
     "by_count",
     "by_size",
+    "by_size_and_count",
     "plan_rebalance",
     "spread",
 ]
@@ -61,13 +63,24 @@ class CostFunction(Protocol):
     def __call__(self, tenant: Tenant, size: TenantSize) -> float: ...
 
 
-#: A small cost every tenant has, so that empty tenants are not piled onto one shard.
-BASE_COST_BYTES = 64 * 1024
+#: ``by_size``'s base cost per tenant, as a fraction of the pool's mean tenant size: so
+#: that empty tenants spread over the pool instead of piling onto one shard, while the
+#: base of every tenant together is this fraction of the pool's bytes and can never
+#: outweigh the real data.
+BASE_FRACTION = 0.01
 
 
 def by_size(tenant: Tenant, size: TenantSize) -> float:
-    """Load = bytes, plus a small base cost per tenant (the default strategy)."""
-    return float(size.bytes + BASE_COST_BYTES)
+    """Load = the bytes the tenant occupies (the default strategy). The planner adds a
+    base of :data:`BASE_FRACTION` of the pool's mean tenant size (:func:`base_cost`)."""
+    return float(size.bytes)
+
+
+def by_size_and_count(tenant: Tenant, size: TenantSize) -> float:
+    """Load = bytes, and tenant count as much: the planner adds the pool's mean tenant
+    size per tenant (:func:`base_cost`), so a shard with many small tenants counts as
+    loaded as one with few large ones of the same bytes twice over. Not the default."""
+    return float(size.bytes)
 
 
 def by_count(tenant: Tenant, size: TenantSize) -> float:
@@ -77,7 +90,27 @@ def by_count(tenant: Tenant, size: TenantSize) -> float:
 
 BY_SIZE = by_size
 BY_COUNT = by_count
-STRATEGIES: Mapping[str, CostFunction] = {"by_size": by_size, "by_count": by_count}
+STRATEGIES: Mapping[str, CostFunction] = {
+    "by_size": by_size,
+    "by_size_and_count": by_size_and_count,
+    "by_count": by_count,
+}
+#: Strategies whose per-tenant base is a fraction of the pool's mean tenant size.
+_BASE_OF_MEAN: Mapping[CostFunction, float] = {by_size: BASE_FRACTION, by_size_and_count: 1.0}
+
+
+def base_cost(strategy: CostFunction | str, sizes: Iterable[TenantSize]) -> float:
+    """The cost the planner adds to every tenant's for *strategy*, derived from the
+    pool's tenant *sizes*: a fraction of their mean bytes for ``by_size`` (1%) and
+    ``by_size_and_count`` (100%), in whole bytes and at least one (so that empty
+    tenants still spread), nothing for other strategies."""
+    fraction = _BASE_OF_MEAN.get(_cost_function(strategy))
+    measured = [size.bytes for size in sizes]
+    if fraction is None or not measured:
+        return 0.0
+    mean = sum(measured) / len(measured)
+    # Whole bytes: loads stay exact sums however many tenants move.
+    return float(max(1, round(fraction * mean)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +142,24 @@ class Plan:
     reason: str = ""
     stats: dict[str, float] = field(default_factory=dict)
     left_behind: dict[str, str] = field(default_factory=dict)
+    #: Every shared shard's measured bytes before and after the plan (the strategy's
+    #: cost may weigh more than bytes: see :meth:`bytes_spread_before`).
+    bytes_before: dict[str, float] = field(default_factory=dict)
+    bytes_after: dict[str, float] = field(default_factory=dict)
+    #: Why the sizes the plan used may mislead it (stale, moved, never measured).
+    warnings: tuple[str, ...] = ()
 
     @property
     def bytes(self) -> int:
         return sum(m.bytes for m in self.moves)
+
+    def bytes_spread_before(self) -> float:
+        """:func:`spread` of the measured bytes, before the plan."""
+        return spread(self.bytes_before, self.shares, self.draining)
+
+    def bytes_spread_after(self) -> float:
+        """:func:`spread` of the measured bytes, after the plan."""
+        return spread(self.bytes_after, self.shares, self.draining)
 
     def spread_before(self) -> float:
         return spread(self.before, self.shares, self.draining)
@@ -224,6 +271,10 @@ def plan_rebalance(
     weight_total = sum(s.weight for s in active.values())
     shares = {n: s.weight / weight_total for n, s in sorted(active.items())}
 
+    base = base_cost(
+        cost_of,
+        [sizes.get(t.id, TenantSize()) for t in snapshot.tenants.values() if t.shard in shared],
+    )
     load: dict[str, float] = {n: 0.0 for n in shared}
     costs: dict[str, float] = {}
     placed: dict[str, list[str]] = {n: [] for n in shared}
@@ -240,6 +291,7 @@ def plan_rebalance(
                 "a finite number, zero or more",
                 field="strategy",
             )
+        cost += base
         costs[record.id] = cost
         load[record.shard] += cost
         placed[record.shard].append(record.id)
@@ -260,6 +312,8 @@ def plan_rebalance(
     moved: set[str] = set()
     spent = 0
 
+    bytes_before = {n: float(sum(bytes_of[t] for t in placed[n])) for n in shared}
+
     def finish(reason: str) -> Plan:
         notes = _drain_notes(draining, placed, left_behind)
         return Plan(
@@ -272,6 +326,8 @@ def plan_rebalance(
             "; ".join([*notes, reason]),
             {"seconds": time.perf_counter() - started, "moves": float(len(moves))},
             {t: why for t, why in left_behind.items() if t not in moved},
+            bytes_before,
+            {n: float(sum(bytes_of[t] for t in placed[n])) for n in shared},
         )
 
     def budget_left() -> bool:

@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -22,7 +23,7 @@ from tenantry.moves.api import move as run_move
 from tenantry.moves.hooks import MoveObserver
 from tenantry.moves.journal import Move
 from tenantry.moves.planner import CostFunction, Plan, PlannedMove, TenantSize, plan_rebalance
-from tenantry.moves.sizes import measure_sizes, stored_sizes
+from tenantry.moves.sizes import measure_sizes, stale_sizes, stored_sizes
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.model import Shard, ShardState, Tier
@@ -54,12 +55,16 @@ def plan_for(
     max_bytes: int | None = None,
     drain: Sequence[str] = (),
 ) -> Plan:
-    """Plan with the catalog's map and stored sizes (measured now if *refresh* or none)."""
+    """Plan with the catalog's map and stored sizes (measured now if *refresh* or none).
+
+    The plan's ``warnings`` say when the stored sizes may mislead it (see
+    :func:`~tenantry.moves.sizes.stale_sizes`)."""
     stored = {t: size for t, (size, _shard, _when) in stored_sizes(catalog).items()}
     if refresh or not stored:
         stored = measure_sizes(catalog)
+    stale = stale_sizes(catalog)
     sizes: dict[str, TenantSize] = dict(stored)
-    return plan_rebalance(
+    plan = plan_rebalance(
         catalog.snapshot(),
         sizes,
         strategy=strategy,
@@ -69,6 +74,10 @@ def plan_for(
         max_bytes=max_bytes,
         drain=tuple(drain),
     )
+    if stale:
+        warning = "; ".join(stale) + ": plan with --refresh to measure them again"
+        plan = dataclasses.replace(plan, warnings=(warning,))
+    return plan
 
 
 def start_drain(catalog: Catalog, name: str) -> Shard:

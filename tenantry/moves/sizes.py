@@ -19,7 +19,7 @@ from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tier
 from tenantry.shardmap.schema import tenant_sizes
 
-__all__ = ["measure_shard", "measure_sizes", "stored_sizes"]
+__all__ = ["follow_move", "measure_shard", "measure_sizes", "stale_sizes", "stored_sizes"]
 
 
 def _measure_table(conn: Connection, table: TenantTable, column: str) -> list[tuple[str, int, int]]:
@@ -109,3 +109,54 @@ def stored_sizes(catalog: Catalog) -> dict[str, tuple[TenantSize, str, datetime 
             when = when.replace(tzinfo=UTC)
         found[row.tenant_id] = (TenantSize(int(row.rows), int(row.bytes)), row.shard, when)
     return found
+
+
+def follow_move(catalog: Catalog, tenant_id: str, shard: str, rows: int | None = None) -> None:
+    """A move of *tenant_id* to *shard* has completed: its stored size names the new
+    shard, with the *rows* the move copied (bytes scaled alike), so that sizes follow
+    moves without a new measurement. Nothing is stored for a tenant never measured."""
+    with catalog.journal_transaction() as conn:
+        row = conn.execute(
+            sa.select(tenant_sizes.c.rows, tenant_sizes.c.bytes).where(
+                tenant_sizes.c.tenant_id == tenant_id
+            )
+        ).first()
+        if row is None:
+            return
+        values: dict[str, object] = {"shard": shard}
+        if rows is not None:
+            values["rows"] = rows
+            if row.rows:
+                values["bytes"] = round(int(row.bytes) * rows / int(row.rows))
+        conn.execute(
+            tenant_sizes.update().where(tenant_sizes.c.tenant_id == tenant_id).values(**values)
+        )
+
+
+def stale_sizes(catalog: Catalog, *, max_age: float | None = None) -> list[str]:
+    """Why the stored sizes of the shared pool may mislead a plan (empty: they do not):
+    measured longer than *max_age* seconds ago (default: the ``sizes_max_age``
+    setting), tenants living elsewhere than where they were measured (moved by a
+    tenantry that did not update sizes, or by hand), tenants never measured."""
+    limit = catalog.settings.sizes_max_age if max_age is None else max_age
+    snapshot = catalog.snapshot()
+    shared = {n for n, s in snapshot.shards.items() if s.tier is Tier.SHARED}
+    stored = stored_sizes(catalog)
+    notes = []
+    now = datetime.now(UTC)
+    times = [when for _size, _shard, when in stored.values() if when is not None]
+    if times and (now - min(times)).total_seconds() > limit:
+        hours = (now - min(times)).total_seconds() / 3600
+        notes.append(f"tenant sizes were measured {hours:.1f} h ago")
+    tenants = [t for t in snapshot.tenants.values() if t.shard in shared]
+    elsewhere = sorted(t.id for t in tenants if t.id in stored and stored[t.id][1] != t.shard)
+    missing = sorted(t.id for t in tenants if t.id not in stored)
+    if elsewhere:
+        notes.append(f"{len(elsewhere)} tenant(s) moved since measured ({_some(elsewhere)})")
+    if missing and stored:
+        notes.append(f"{len(missing)} tenant(s) never measured ({_some(missing)})")
+    return notes
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" +{len(names) - 3}" if len(names) > 3 else "")

@@ -27,7 +27,7 @@ from movefleet import Fleet, assert_one_home, build_fleet, count_rows, tenant_ro
 from tenantry import Router, moves
 from tenantry.cli import cli
 from tenantry.demo.models import Base, Charger, ChargingSession, User
-from tenantry.moves.planner import BASE_COST_BYTES, Plan, PlannedMove
+from tenantry.moves.planner import Plan, PlannedMove, TenantSize, base_cost
 from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
 from tenantry.moves.sizes import stored_sizes
 
@@ -481,7 +481,10 @@ def test_rebalance_uses_stored_sizes_unless_refresh(mixed):
         return {row["shard"]: row["before"] for row in plan["shards"]}
 
     plan = run_json(mixed, "rebalance")
-    expected_q1 = stored["lite"]["bytes"] + BASE_COST_BYTES
+    # by_size: the bytes measured, plus 1% of the pool's mean tenant size
+    pooled = [TenantSize(bytes=stored[t]["bytes"]) for t in ("big", "small", "lite")]
+    expected_q1 = stored["lite"]["bytes"] + base_cost("by_size", pooled)
+    assert base_cost("by_size", pooled) < 0.011 * sum(p.bytes for p in pooled) / 3
     assert loads(plan)["q1"] == expected_q1
     assert "d1" not in loads(plan)  # dedicated shards are not part of the pool
     refreshed = run_json(mixed, "rebalance", "--refresh")
