@@ -1,19 +1,34 @@
-"""How much data a rebalance moves when a shard joins the pool, against a naive rehash.
+"""How much data a rebalance moves when a shard joins the pool, against hashing.
 
     python benchmarks/rebalance.py [--tenants 500] [--exponent 1.0] [--seed 1] [--seeds 20]
-                                   [--no-apply] [--out DIR]
+                                   [--long-tail-tenants 10000] [--no-apply] [--out DIR]
 
-**The pool.** ``--tenants`` tenants whose sizes follow a Zipf law (the k-th largest
-holds ``top / k**s`` bytes, ``s = --exponent``; the order of tenant ids is shuffled),
-placed on three equal shared shards by tenantry's placement ring and then balanced by
-the planner, as a maintained pool would be. A fourth, empty shard of the same weight
-then joins. Everything below is computed by the planner on synthetic sizes: no
-database is needed.
+**What the planner balances.** The default strategy, ``by_size``, balances the bytes
+the tenants occupy; the planner adds to every tenant a base of 1% of the pool's mean
+tenant size (``base_cost``: all bases together are 1% of the pool's bytes), so the
+planner's load is bytes + that base. ``by_size_and_count`` adds the mean itself, so
+tenant count weighs as much as bytes. Before issue 14 the default added a fixed 64 KiB
+per tenant; an *old default* row emulates it with a custom cost function (bytes +
+65536 per tenant, no base) passed to ``plan_rebalance``, to show what changed.
+
+**Two pools**, each with three equal shared shards placed by tenantry's placement
+ring and then settled by the planner (each strategy settles its own pool, as a pool
+maintained with it would be); a fourth, empty shard of the same weight then joins:
+
+- *Zipf*: ``--tenants`` tenants whose sizes follow a Zipf law (the k-th largest holds
+  ``top / k**s`` bytes, ``s = --exponent``; the order of tenant ids is shuffled);
+- *long tail*: ``--long-tail-tenants`` tenants (10,000), 95% of them under 100 rows
+  (rows uniform in 1..99) and 5% with Zipf rows from ~1M down to 3,000 (the k-th
+  largest holds ``1M / k**s`` rows, ``s`` such that the last holds 3,000), 200 bytes a
+  row. Here most tenants are tiny, the mean tenant size is small, and a fixed per-tenant
+  base would be a large part of the load.
+
+Everything is computed by the planner on synthetic sizes: no database is needed.
 
 **Compared, on the same tenants, in one run:**
 
 - *planner*: ``plan_rebalance(strategy="by_size", threshold=0.10)`` once the fourth
-  shard joins;
+  shard joins; in the long tail also ``by_size_and_count``; and the *old default*;
 - *naive rehash*: ``md5(tenant) % 3`` before, ``md5(tenant) % 4`` after (a stable hash:
   Python's ``hash()`` is salted per process); every tenant whose slot changes moves;
 - *consistent hash*: tenantry's own placement ring over three shards, then over four;
@@ -22,15 +37,20 @@ database is needed.
 
 **Figures:** tenants and bytes moved, against the ideal 1/4 (the new shard's share:
 the least any placement can move to fill it; within the 10% threshold, 22.5% suffices);
-the spread before and after (the planner's measure: the largest relative distance of
-an active shard's load from its weighted share, load = bytes + 64 KiB per tenant);
-planning time (median of repeats), also at 10x and 100x the tenants. Over ``--seeds``
-random pools the same figures are summarised (median and worst).
+the spread of the measured bytes before (each placement's own three-shard pool) and
+after (the largest relative distance of an active shard's bytes from its weighted
+share, ``Plan.bytes_spread_after()``); the spread of the strategy's own load after
+(what the planner brought within 10%: bytes + its base for ``by_size`` and
+``by_size_and_count``, bytes + 64 KiB for the old default); the new shard's share of
+the bytes and its tenants; planning time (median of repeats), also at 10x and 100x the
+Zipf pool's tenants. Over ``--seeds`` random pools the same figures are summarised
+(median and worst).
 
 **End to end** (skip with ``--no-apply``): 40 tenants with Zipf-distributed rows on
 three SQLite shards, a fourth added, sizes measured (``tenantry tenant sizes
 --refresh``), the plan applied through the mover (offline moves), the sizes measured
-again: the spread reached, the bytes moved, how long it took, and every tenant's row
+again: the spread reached (of the planner's load and of the bytes), the bytes moved,
+the base's part of the load (``base_cost``), how long it took, and every tenant's row
 count unchanged.
 
 Results go to ``benchmarks/results/rebalance.{json,md}``.
@@ -40,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import random
 import statistics
 import tempfile
@@ -65,9 +86,19 @@ from tenantry import Catalog, load_settings
 from tenantry.demo import MIGRATIONS
 from tenantry.demo.models import Base
 from tenantry.migrations import upgrade
-from tenantry.moves.planner import BASE_COST_BYTES, TenantSize, by_size, plan_rebalance, spread
+from tenantry.moves.planner import (
+    BASE_FRACTION,
+    CostFunction,
+    Plan,
+    TenantSize,
+    base_cost,
+    by_size,
+    by_size_and_count,
+    plan_rebalance,
+    spread,
+)
 from tenantry.moves.rebalance import apply_plan, plan_for
-from tenantry.moves.sizes import measure_sizes
+from tenantry.moves.sizes import measure_sizes, stored_sizes
 from tenantry.shardmap.model import MapSnapshot, Shard, Tenant
 from tenantry.shardmap.ring import PlacementRing
 
@@ -76,18 +107,55 @@ OLD = ("s1", "s2", "s3")
 NEW = "s4"
 ALL = (*OLD, NEW)
 THRESHOLD = 0.10
-#: Bytes of the largest tenant; the rest fall off from it.
+#: Bytes of the Zipf pool's largest tenant; the rest fall off from it.
 TOP_BYTES = 2 * 2**30
+#: The long tail: the share of tenants under 100 rows, the rows of the largest of the
+#: rest and of the smallest, and bytes per row (the end-to-end rows take about 200).
+TAIL_SMALL = 0.95
+TAIL_TOP_ROWS = 1_000_000
+TAIL_LOW_ROWS = 3_000
+BYTES_PER_ROW = 200
+#: The default by_size's fixed base per tenant before issue 14.
+OLD_BASE_BYTES = 64 * 1024
+
+PLANNER = "planner (by_size, 10%)"
+OLD_DEFAULT = "old default (bytes + 64 KiB)"
+BY_SIZE_AND_COUNT = "by_size_and_count (10%)"
+NAIVE = "naive rehash (md5 % 4)"
+RING = "consistent hash (ring)"
+
+
+def old_by_size(tenant: Tenant, size: TenantSize) -> float:
+    """The default strategy before issue 14: bytes plus a fixed 64 KiB per tenant (a
+    custom cost function, so the planner adds no base of its own)."""
+    return float(size.bytes + OLD_BASE_BYTES)
 
 
 # -- pools -----------------------------------------------------------------------------
 
 
-def zipf_sizes(count: int, exponent: float, rng: random.Random) -> dict[str, int]:
-    """Tenant id -> bytes: the k-th largest holds TOP_BYTES / k**exponent."""
+def zipf_sizes(count: int, exponent: float, rng: random.Random) -> dict[str, TenantSize]:
+    """Tenant id -> size: the k-th largest holds TOP_BYTES / k**exponent bytes."""
     sizes = [int(TOP_BYTES / k**exponent) for k in range(1, count + 1)]
     rng.shuffle(sizes)
-    return {f"t{i:06d}": size for i, size in enumerate(sizes)}
+    return {f"t{i:06d}": TenantSize(rows=b // BYTES_PER_ROW, bytes=b) for i, b in enumerate(sizes)}
+
+
+def tail_exponent(large: int) -> float:
+    """The Zipf exponent that takes the large tenants from TAIL_TOP_ROWS to TAIL_LOW_ROWS."""
+    return math.log(TAIL_TOP_ROWS / TAIL_LOW_ROWS) / math.log(large) if large > 1 else 1.0
+
+
+def long_tail_sizes(count: int, rng: random.Random) -> dict[str, TenantSize]:
+    """Tenant id -> size: TAIL_SMALL of them with 1..99 rows (uniform), the rest with
+    Zipf rows from TAIL_TOP_ROWS down to TAIL_LOW_ROWS; BYTES_PER_ROW bytes a row."""
+    small = round(count * TAIL_SMALL)
+    large = count - small
+    exponent = tail_exponent(large)
+    rows = [rng.randint(1, 99) for _ in range(small)]
+    rows += [int(TAIL_TOP_ROWS / k**exponent) for k in range(1, large + 1)]
+    rng.shuffle(rows)
+    return {f"t{i:06d}": TenantSize(rows=r, bytes=r * BYTES_PER_ROW) for i, r in enumerate(rows)}
 
 
 def snapshot(placement: Mapping[str, str], shards: Sequence[str]) -> MapSnapshot:
@@ -98,17 +166,29 @@ def snapshot(placement: Mapping[str, str], shards: Sequence[str]) -> MapSnapshot
     )
 
 
-def loads(placement: Mapping[str, str], sizes: Mapping[str, int]) -> dict[str, float]:
+def loads(
+    placement: Mapping[str, str],
+    sizes: Mapping[str, TenantSize],
+    strategy: CostFunction | None = by_size,
+) -> dict[str, float]:
+    """Every shard's load as the planner counts it for *strategy* (the cost function
+    plus the base it adds, :func:`base_cost`), or the measured bytes (None)."""
+    base = 0.0 if strategy is None else base_cost(strategy, sizes.values())
     found = dict.fromkeys(ALL, 0.0)
     for tenant, home in placement.items():
-        found[home] += by_size(Tenant(tenant, home), TenantSize(bytes=sizes[tenant]))
+        size = sizes[tenant]
+        cost = size.bytes if strategy is None else strategy(Tenant(tenant, home), size) + base
+        found[home] += cost
     return found
 
 
 def pool_spread(
-    placement: Mapping[str, str], sizes: Mapping[str, int], shards: Sequence[str]
+    placement: Mapping[str, str],
+    sizes: Mapping[str, TenantSize],
+    shards: Sequence[str],
+    strategy: CostFunction | None = by_size,
 ) -> float:
-    return spread(loads(placement, sizes), {s: 1 / len(shards) for s in shards})
+    return spread(loads(placement, sizes, strategy), {s: 1 / len(shards) for s in shards})
 
 
 def md5_slot(tenant: str, slots: int) -> int:
@@ -116,10 +196,10 @@ def md5_slot(tenant: str, slots: int) -> int:
 
 
 def moved(
-    before: Mapping[str, str], after: Mapping[str, str], sizes: Mapping[str, int]
+    before: Mapping[str, str], after: Mapping[str, str], sizes: Mapping[str, TenantSize]
 ) -> tuple[int, int]:
     tenants = [t for t in before if before[t] != after[t]]
-    return len(tenants), sum(sizes[t] for t in tenants)
+    return len(tenants), sum(sizes[t].bytes for t in tenants)
 
 
 def timed(action: Callable[[], Any], repeats: int) -> tuple[Any, float]:
@@ -133,73 +213,136 @@ def timed(action: Callable[[], Any], repeats: int) -> tuple[Any, float]:
     return result, statistics.median(times)
 
 
-def scenario(count: int, exponent: float, seed: int, repeats: int) -> dict[str, Any]:
-    """Every placement's figures for one random pool."""
-    rng = random.Random(seed)
-    sizes = zipf_sizes(count, exponent, rng)
-    total_bytes = sum(sizes.values())
-    ideal = {"tenants": count / 4, "bytes": total_bytes / 4}
+def applied(placement: Mapping[str, str], plan: Plan) -> dict[str, str]:
+    found = dict(placement)
+    for m in plan.moves:
+        found[m.tenant_id] = m.target
+    return found
+
+
+def compare(
+    sizes: Mapping[str, TenantSize],
+    strategies: Sequence[tuple[str, CostFunction]],
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """Every placement's figures for one pool: one row per planner strategy (its own
+    settled three-shard pool, then the plan once the fourth shard joins), then the
+    naive rehash and the consistent hash."""
+    total_bytes = sum(s.bytes for s in sizes.values())
+    ideal_tenants, ideal_bytes = len(sizes) / 4, total_bytes / 4
 
     def row(
-        name: str, before: Mapping[str, str], after: Mapping[str, str], **extra: Any
+        name: str,
+        before: Mapping[str, str],
+        after: Mapping[str, str],
+        strategy: CostFunction | None = None,
+        **extra: Any,
     ) -> dict[str, Any]:
         tenants, size = moved(before, after, sizes)
+        held = loads(after, sizes, None)
         return {
             "placement": name,
             "tenants_moved": tenants,
-            "tenants_vs_ideal": tenants / ideal["tenants"],
+            "tenants_vs_ideal": tenants / ideal_tenants,
             "bytes_moved": size,
             "bytes_fraction": size / total_bytes,
-            "bytes_vs_ideal": size / ideal["bytes"],
+            "bytes_vs_ideal": size / ideal_bytes,
+            # The default planner's load (bytes + by_size's base), for every placement.
             "spread_before": pool_spread(before, sizes, OLD),
             "spread_after": pool_spread(after, sizes, ALL),
-            "new_shard_share": loads(after, sizes)[NEW] / sum(loads(after, sizes).values()),
+            # What the shards hold.
+            "bytes_spread_before": pool_spread(before, sizes, OLD, None),
+            "bytes_spread_after": pool_spread(after, sizes, ALL, None),
+            # The strategy's own load (None for the hashes).
+            "strategy_spread_after": (
+                None if strategy is None else pool_spread(after, sizes, ALL, strategy)
+            ),
+            "new_shard_share": held[NEW] / total_bytes,
+            "new_shard_tenants": sum(home == NEW for home in after.values()),
             **extra,
         }
 
-    # The planner: ring placement on three shards, balanced, then the fourth joins.
     ring3, ring4 = PlacementRing(dict.fromkeys(OLD, 1)), PlacementRing(dict.fromkeys(ALL, 1))
     placed = {t: str(ring3.place(t)) for t in sizes}
-    sized = {t: TenantSize(rows=b // 200, bytes=b) for t, b in sizes.items()}
-    settle = plan_rebalance(snapshot(placed, OLD), sized, threshold=THRESHOLD)
-    settled = dict(placed)
-    for m in settle.moves:
-        settled[m.tenant_id] = m.target
-    plan, seconds = timed(
-        lambda: plan_rebalance(snapshot(settled, ALL), sized, threshold=THRESHOLD), repeats
-    )
-    planned = dict(settled)
-    for m in plan.moves:
-        planned[m.tenant_id] = m.target
-    assert plan.spread_after() == pool_spread(planned, sizes, ALL)
-    rows = [
+    rows = []
+    for name, strategy in strategies:
+        settle = plan_rebalance(
+            snapshot(placed, OLD), sizes, strategy=strategy, threshold=THRESHOLD
+        )
+        settled = applied(placed, settle)
+        plan, seconds = timed(
+            lambda strategy=strategy, settled=settled: plan_rebalance(
+                snapshot(settled, ALL), sizes, strategy=strategy, threshold=THRESHOLD
+            ),
+            repeats,
+        )
+        planned = applied(settled, plan)
+        # The benchmark counts loads and spreads as the planner does.
+        assert plan.spread_after() == pool_spread(planned, sizes, ALL, strategy)
+        assert plan.bytes_spread_after() == pool_spread(planned, sizes, ALL, None)
+        assert settle.bytes_spread_after() == pool_spread(settled, sizes, OLD, None)
+        rows.append(
+            row(
+                name,
+                settled,
+                planned,
+                strategy,
+                planning_s=seconds,
+                reason=plan.reason,
+                settling_moves=len(settle.moves),
+                settling_bytes=settle.bytes,
+            )
+        )
+    rows.append(
         row(
-            "planner (by_size, 10%)",
-            settled,
-            planned,
-            planning_s=seconds,
-            reason=plan.reason,
-            settling_moves=len(settle.moves),
-            settling_bytes=settle.bytes,
-        ),
-        row(
-            "naive rehash (md5 % 4)",
+            NAIVE,
             {t: OLD[md5_slot(t, 3)] for t in sizes},
             {t: ALL[md5_slot(t, 4)] for t in sizes},
-        ),
-        row(
-            "consistent hash (ring)",
-            placed,
-            {t: str(ring4.place(t)) for t in sizes},
-        ),
-    ]
+        )
+    )
+    rows.append(row(RING, placed, {t: str(ring4.place(t)) for t in sizes}))
+    return rows
+
+
+def pool_facts(seed: int, sizes: Mapping[str, TenantSize]) -> dict[str, Any]:
+    total_bytes = sum(s.bytes for s in sizes.values())
+    old_bases = len(sizes) * OLD_BASE_BYTES
     return {
         "seed": seed,
-        "tenants": count,
+        "tenants": len(sizes),
         "total_bytes": total_bytes,
-        "largest_fraction": max(sizes.values()) / total_bytes,
-        "ideal": ideal,
-        "rows": rows,
+        "total_rows": sum(s.rows for s in sizes.values()),
+        "mean_bytes": total_bytes / len(sizes),
+        "largest_fraction": max(s.bytes for s in sizes.values()) / total_bytes,
+        "base_cost": base_cost(by_size, sizes.values()),
+        # What the old fixed base was of the old load.
+        "old_base_fraction": old_bases / (total_bytes + old_bases),
+        "ideal": {"tenants": len(sizes) / 4, "bytes": total_bytes / 4},
+    }
+
+
+def scenario(count: int, exponent: float, seed: int, repeats: int) -> dict[str, Any]:
+    """The Zipf pool: every placement's figures for one random pool."""
+    sizes = zipf_sizes(count, exponent, random.Random(seed))
+    strategies = [(PLANNER, by_size), (OLD_DEFAULT, old_by_size)]
+    return {**pool_facts(seed, sizes), "rows": compare(sizes, strategies, repeats)}
+
+
+def long_tail(count: int, seed: int, repeats: int) -> dict[str, Any]:
+    """The long-tail pool: every placement's figures for one random pool."""
+    sizes = long_tail_sizes(count, random.Random(seed))
+    small = [s for s in sizes.values() if s.rows < 100]
+    strategies = [
+        (PLANNER, by_size),
+        (BY_SIZE_AND_COUNT, by_size_and_count),
+        (OLD_DEFAULT, old_by_size),
+    ]
+    return {
+        **pool_facts(seed, sizes),
+        "small_tenants": len(small),
+        "small_bytes_fraction": sum(s.bytes for s in small) / sum(s.bytes for s in sizes.values()),
+        "exponent": tail_exponent(count - len(small)),
+        "rows": compare(sizes, strategies, repeats),
     }
 
 
@@ -208,10 +351,16 @@ def summarise(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for i, name in enumerate(r["placement"] for r in runs[0]["rows"]):
         rows = [run["rows"][i] for run in runs]
         entry: dict[str, Any] = {"placement": name, "pools": len(rows)}
-        for key in ("tenants_moved", "bytes_vs_ideal", "spread_after"):
+        for key in ("tenants_moved", "bytes_vs_ideal", "spread_after", "bytes_spread_after"):
             values = [r[key] for r in rows]
             entry[key] = {"median": statistics.median(values), "worst": max(values)}
-        entry["within_threshold"] = sum(r["spread_after"] <= THRESHOLD for r in rows)
+        shares = [r["new_shard_share"] for r in rows]
+        entry["new_shard_share"] = {
+            "median": statistics.median(shares),
+            "min": min(shares),
+            "max": max(shares),
+        }
+        entry["within_threshold"] = sum(r["bytes_spread_after"] <= THRESHOLD for r in rows)
         found.append(entry)
     return found
 
@@ -300,6 +449,9 @@ def end_to_end(count: int, exponent: float, seed: int) -> dict[str, Any]:
             start = time.perf_counter()
             plan = plan_for(catalog, refresh=True, threshold=THRESHOLD)
             planned_s = time.perf_counter() - start
+            # The sizes the plan used (plan_for stored what it measured).
+            used = [size for size, _shard, _when in stored_sizes(catalog).values()]
+            base = base_cost(by_size, used)
             start = time.perf_counter()
             results = apply_plan(catalog, plan, mode="offline")
             apply_s = time.perf_counter() - start
@@ -316,10 +468,15 @@ def end_to_end(count: int, exponent: float, seed: int) -> dict[str, Any]:
                 "bytes_moved": plan.bytes,
                 "bytes_vs_ideal": plan.bytes / (total / 4),
                 "load_vs_ideal": sum(m.cost for m in plan.moves) / (load / 4),
-                "base_cost_fraction": count * BASE_COST_BYTES / load,
+                "base_cost": base,
+                "base_cost_fraction": len(used) * base / load,
                 "spread_before": plan.spread_before(),
                 "spread_planned": plan.spread_after(),
                 "spread_measured_after": after.spread_before(),
+                "bytes_spread_before": plan.bytes_spread_before(),
+                "bytes_spread_planned": plan.bytes_spread_after(),
+                "bytes_spread_measured_after": after.bytes_spread_before(),
+                "new_shard_share": after.bytes_before.get(NEW, 0.0) / total,
                 "plan_with_refresh_s": planned_s,
                 "apply_s": apply_s,
                 "seconds_per_move": apply_s / max(1, len(plan.moves)),
@@ -346,90 +503,174 @@ def seconds(s: float) -> str:
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
 
 
+def placement_table(rows: Sequence[dict[str, Any]]) -> str:
+    return markdown_table(
+        [
+            "placement",
+            "tenants moved",
+            "vs 1/4",
+            "bytes moved",
+            "of the pool",
+            "vs 1/4",
+            "bytes spread before",
+            "bytes spread after",
+            "strategy's spread after",
+            "new shard: bytes",
+            "new shard: tenants",
+            "planning",
+        ],
+        [
+            [
+                r["placement"],
+                f"{r['tenants_moved']:,}",
+                f"{r['tenants_vs_ideal']:.2f}x",
+                size(r["bytes_moved"]),
+                pct(r["bytes_fraction"]),
+                f"{r['bytes_vs_ideal']:.2f}x",
+                pct(r["bytes_spread_before"]),
+                pct(r["bytes_spread_after"]),
+                "" if r["strategy_spread_after"] is None else pct(r["strategy_spread_after"]),
+                pct(r["new_shard_share"]),
+                f"{r['new_shard_tenants']:,}",
+                seconds(r["planning_s"]) if "planning_s" in r else "",
+            ]
+            for r in rows
+        ],
+    )
+
+
+def summary_table(summary: Sequence[dict[str, Any]]) -> str:
+    return markdown_table(
+        [
+            "placement",
+            "tenants moved (median / worst)",
+            "bytes vs 1/4 (median / worst)",
+            "bytes spread after (median / worst)",
+            "new shard's bytes (median, range)",
+            f"pools within {THRESHOLD:.0%} in bytes",
+        ],
+        [
+            [
+                s["placement"],
+                f"{s['tenants_moved']['median']:,.0f} / {s['tenants_moved']['worst']:,}",
+                f"{s['bytes_vs_ideal']['median']:.2f}x / {s['bytes_vs_ideal']['worst']:.2f}x",
+                f"{pct(s['bytes_spread_after']['median'])} / "
+                f"{pct(s['bytes_spread_after']['worst'])}",
+                f"{pct(s['new_shard_share']['median'])} "
+                f"({pct(s['new_shard_share']['min'])}-{pct(s['new_shard_share']['max'])})",
+                f"{s['within_threshold']} of {s['pools']}",
+            ]
+            for s in summary
+        ],
+    )
+
+
+def row_named(rows: Sequence[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(r for r in rows if r["placement"] == name)
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     head = data["headline"]
     cfg = data["config"]
+    planner = row_named(head["rows"], PLANNER)
+    old = row_named(head["rows"], OLD_DEFAULT)
     out = [
         "# Rebalancing: a fourth shard joins",
         "",
         f"`python benchmarks/rebalance.py {' '.join(data['machine']['argv'])}`".replace(" `", "`")
         + f" — {data['machine']['when']}, {data['duration_s']} s.",
         "",
+        "What is measured: the bytes each placement moves when a fourth shard joins three, "
+        "and how evenly the shards then hold the bytes. The planner's default strategy, "
+        "`by_size`, balances bytes plus a base per tenant of "
+        f"{BASE_FRACTION:.0%} of the pool's mean tenant size (`base_cost`); *bytes spread* "
+        "is the largest relative distance of a shard's measured bytes from its share "
+        "(`Plan.bytes_spread_after()`), *strategy's spread* the same for the load the "
+        "strategy balances (what the planner brings within "
+        f"{THRESHOLD:.0%}). 'Before' is each placement's own three-shard pool (each planner "
+        "strategy settles its own). The *old default* row emulates `by_size` before issue "
+        f"14: a custom cost function, bytes + {size(OLD_BASE_BYTES)} per tenant. Ideal: the "
+        f"new shard's share, 1/4 (22.5% of the bytes is enough to be within the "
+        f"{THRESHOLD:.0%} threshold).",
+        "",
+        "## Zipf pool",
+        "",
         f"{cfg['tenants']} tenants, Zipf sizes (exponent {cfg['exponent']}, largest "
-        f"{size(TOP_BYTES)} = {pct(head['largest_fraction'])} of {size(head['total_bytes'])}), "
-        f"seed {head['seed']}. Three equal shards, placed by the ring and balanced by the "
-        "planner; then a fourth, empty one. Ideal: the new shard's share, 1/4 = "
-        f"{head['ideal']['tenants']:.0f} tenants or {size(head['ideal']['bytes'])} "
-        f"(22.5% of the bytes is enough to be within the {THRESHOLD:.0%} threshold).",
+        f"{size(TOP_BYTES)} = {pct(head['largest_fraction'])} of {size(head['total_bytes'])}; "
+        f"mean {size(head['mean_bytes'])}, so `by_size`'s base is "
+        f"{size(head['base_cost'])} per tenant), seed {head['seed']}. Ideal: "
+        f"{head['ideal']['tenants']:.0f} tenants or {size(head['ideal']['bytes'])}.",
+        "",
+        placement_table(head["rows"]),
+        "",
+        f"Planner: {planner['reason']}. Settling the three-shard pool first took "
+        f"{planner['settling_moves']} move(s) ({size(planner['settling_bytes'])}). With "
+        f"tenants this large the old fixed base was {pct(head['old_base_fraction'])} of the "
+        f"load and changed little (old default: {old['bytes_vs_ideal']:.2f}x of 1/4 moved, "
+        f"bytes spread after {pct(old['bytes_spread_after'])}).",
+        "",
+        f"### Over {len(data['seeds'])} random pools",
+        "",
+        summary_table(data["summary"]),
+    ]
+    tail = data.get("long_tail")
+    if tail:
+        t = tail["headline"]
+        tp = row_named(t["rows"], PLANNER)
+        to = row_named(t["rows"], OLD_DEFAULT)
+        tc = row_named(t["rows"], BY_SIZE_AND_COUNT)
+        out += [
+            "",
+            "## Long tail",
+            "",
+            f"{t['tenants']:,} tenants: {t['small_tenants']:,} "
+            f"({pct(t['small_tenants'] / t['tenants'])}) with 1-99 rows (uniform), "
+            f"{t['tenants'] - t['small_tenants']:,} with Zipf rows from "
+            f"{TAIL_TOP_ROWS:,} down to {TAIL_LOW_ROWS:,} (exponent {t['exponent']:.3f}); "
+            f"{BYTES_PER_ROW} bytes a row, {size(t['total_bytes'])} in all, of which the "
+            f"small tenants hold {pct(t['small_bytes_fraction'])}; seed {t['seed']}. The mean "
+            f"tenant is {size(t['mean_bytes'])}, so `by_size`'s base is "
+            f"{size(t['base_cost'])} per tenant ({BASE_FRACTION:.0%} of the bytes in all); "
+            f"the old fixed {size(OLD_BASE_BYTES)} was {pct(t['old_base_fraction'])} of the "
+            f"old load. Ideal: {t['ideal']['tenants']:,.0f} tenants or "
+            f"{size(t['ideal']['bytes'])}.",
+            "",
+            placement_table(t["rows"]),
+            "",
+            f"Planner: {tp['reason']}; the bytes end within "
+            f"{pct(tp['bytes_spread_after'])} of their shares, the new shard holding "
+            f"{pct(tp['new_shard_share'])} of them, for {tp['bytes_vs_ideal']:.2f}x of 1/4 "
+            f"moved; it moves large tenants, so the new shard gets "
+            f"{tp['new_shard_tenants']:,} of the {t['tenants']:,} tenants (`by_size` leaves "
+            "tenant counts aside). The old default balanced its own load to "
+            f"{pct(to['strategy_spread_after'])}, but that load counted "
+            f"{size(OLD_BASE_BYTES)} for each tiny tenant: in measured bytes it left a "
+            f"spread of {pct(to['bytes_spread_after'])} (new shard "
+            f"{pct(to['new_shard_share'])} of the bytes) and moved "
+            f"{to['bytes_vs_ideal']:.2f}x of 1/4. `by_size_and_count` counts every tenant "
+            "as the pool's mean size on top of its bytes, so a shard's tenant count weighs "
+            "as much as its bytes; the planner fills the new shard largest tenant first, so "
+            f"with {tc['new_shard_tenants']:,} tenants it makes up in bytes for the count it "
+            f"lacks: it ends with {pct(tc['new_shard_share'])} of the bytes, "
+            f"{tc['bytes_vs_ideal']:.2f}x of 1/4 moved. In a long-tail pool that strategy "
+            "evens neither the bytes nor the tenant counts.",
+            "",
+            f"### Over {len(tail['seeds'])} random pools",
+            "",
+            summary_table(tail["summary"]),
+        ]
+    out += [
+        "",
+        "## Planning time by pool size (Zipf, by_size)",
         "",
         markdown_table(
-            [
-                "placement",
-                "tenants moved",
-                "vs 1/4",
-                "bytes moved",
-                "of the pool",
-                "vs 1/4",
-                "spread before",
-                "spread after",
-                "new shard's share",
-                "planning",
-            ],
-            [
-                [
-                    r["placement"],
-                    r["tenants_moved"],
-                    f"{r['tenants_vs_ideal']:.2f}x",
-                    size(r["bytes_moved"]),
-                    pct(r["bytes_fraction"]),
-                    f"{r['bytes_vs_ideal']:.2f}x",
-                    pct(r["spread_before"]),
-                    pct(r["spread_after"]),
-                    pct(r["new_shard_share"]),
-                    seconds(r["planning_s"]) if "planning_s" in r else "",
-                ]
-                for r in head["rows"]
-            ],
-        ),
-        "",
-        f"Planner: {head['rows'][0]['reason']}. Settling the three-shard pool first took "
-        f"{head['rows'][0]['settling_moves']} move(s) "
-        f"({size(head['rows'][0]['settling_bytes'])}). Spread: the largest relative "
-        "distance of a shard's load (bytes + 64 KiB per tenant) from its share; "
-        "'before' is each placement's own three-shard pool.",
-        "",
-        f"## Over {len(data['seeds'])} random pools",
-        "",
-        markdown_table(
-            [
-                "placement",
-                "tenants moved (median / worst)",
-                "bytes vs 1/4 (median / worst)",
-                "spread after (median / worst)",
-                f"pools within {THRESHOLD:.0%}",
-            ],
-            [
-                [
-                    s["placement"],
-                    f"{s['tenants_moved']['median']:.0f} / {s['tenants_moved']['worst']}",
-                    f"{s['bytes_vs_ideal']['median']:.2f}x / {s['bytes_vs_ideal']['worst']:.2f}x",
-                    f"{pct(s['spread_after']['median'])} / {pct(s['spread_after']['worst'])}",
-                    f"{s['within_threshold']} of {s['pools']}",
-                ]
-                for s in data["summary"]
-            ],
-        ),
-        "",
-        "## Planning time by pool size",
-        "",
-        markdown_table(
-            ["tenants", "moves", "bytes vs 1/4", "spread after", "planning (median)"],
+            ["tenants", "moves", "bytes vs 1/4", "bytes spread after", "planning (median)"],
             [
                 [
                     f"{s['tenants']:,}",
                     s["moves"],
                     f"{s['bytes_vs_ideal']:.2f}x",
-                    pct(s["spread_after"]),
+                    pct(s["bytes_spread_after"]),
                     seconds(s["planning_s"]),
                 ]
                 for s in data["scaling"]
@@ -444,10 +685,12 @@ def render_markdown(data: dict[str, Any]) -> str:
             "",
             f"{e2e['tenants']} tenants, {e2e['rows']:,} rows, {size(e2e['bytes'])} measured; "
             "a fourth shard added, `plan_for(refresh=True)`, `apply_plan(mode='offline')`, "
-            "sizes measured again. With data this small the planner's base cost per tenant "
-            f"(64 KiB) is {pct(e2e['base_cost_fraction'])} of the load, so the plan evens "
-            "tenant counts as much as bytes: judge it by the load moved "
-            f"({e2e['load_vs_ideal']:.2f}x of 1/4), not the bytes.",
+            "sizes measured again. The planner's base per tenant is "
+            f"{BASE_FRACTION:.0%} of the mean tenant size ({size(e2e['base_cost'])}, "
+            f"`base_cost`), {pct(e2e['base_cost_fraction'])} of the load: the plan balances "
+            f"the bytes ({e2e['bytes_vs_ideal']:.2f}x of 1/4 moved, the load "
+            f"{e2e['load_vs_ideal']:.2f}x). Spreads: of the planner's load, then of the "
+            "measured bytes.",
             "",
             markdown_table(
                 [
@@ -457,6 +700,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                     "spread before",
                     "planned after",
                     "measured after",
+                    "bytes spread planned",
+                    "bytes spread measured",
+                    "new shard: bytes",
                     "plan (measuring)",
                     "apply",
                     "per move",
@@ -470,6 +716,9 @@ def render_markdown(data: dict[str, Any]) -> str:
                         pct(e2e["spread_before"]),
                         pct(e2e["spread_planned"]),
                         pct(e2e["spread_measured_after"]),
+                        pct(e2e["bytes_spread_planned"]),
+                        pct(e2e["bytes_spread_measured_after"]),
+                        pct(e2e["new_shard_share"]),
                         seconds(e2e["plan_with_refresh_s"]),
                         seconds(e2e["apply_s"]),
                         seconds(e2e["seconds_per_move"]),
@@ -482,22 +731,37 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def print_summary(data: dict[str, Any]) -> None:
-    for r in data["headline"]["rows"]:
+def print_rows(title: str, rows: Sequence[dict[str, Any]]) -> None:
+    console.print(title)
+    for r in rows:
         console.print(
-            f"{r['placement']:<24} {r['tenants_moved']:>4} tenants "
+            f"  {r['placement']:<30} {r['tenants_moved']:>5} tenants "
             f"({r['tenants_vs_ideal']:.2f}x of 1/4), {size(r['bytes_moved']):>10} "
-            f"({pct(r['bytes_fraction'])}, {r['bytes_vs_ideal']:.2f}x of 1/4), spread "
-            f"{pct(r['spread_before'])} -> {pct(r['spread_after'])}"
+            f"({pct(r['bytes_fraction'])}, {r['bytes_vs_ideal']:.2f}x of 1/4), bytes spread "
+            f"{pct(r['bytes_spread_before'])} -> {pct(r['bytes_spread_after'])}, new shard "
+            f"{pct(r['new_shard_share'])}"
             + (f", planned in {seconds(r['planning_s'])}" if "planning_s" in r else "")
         )
 
 
+def print_summary(data: dict[str, Any]) -> None:
+    print_rows(f"Zipf pool, {data['headline']['tenants']:,} tenants:", data["headline"]["rows"])
+    if "long_tail" in data:
+        tail = data["long_tail"]["headline"]
+        print_rows(f"Long tail, {tail['tenants']:,} tenants:", tail["rows"])
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="What a rebalance moves when a shard joins.")
-    parser.add_argument("--tenants", type=int, default=500, help="tenants (default: 500)")
+    parser.add_argument("--tenants", type=int, default=500, help="Zipf pool's tenants (500)")
     parser.add_argument("--exponent", type=float, default=1.0, help="Zipf exponent (1.0)")
-    parser.add_argument("--seed", type=int, default=1, help="the headline pool's seed (1)")
+    parser.add_argument(
+        "--long-tail-tenants",
+        type=int,
+        default=10_000,
+        help="long-tail pool's tenants (10000; 0 skips it)",
+    )
+    parser.add_argument("--seed", type=int, default=1, help="the headline pools' seed (1)")
     parser.add_argument("--seeds", type=int, default=20, help="random pools summarised (20)")
     parser.add_argument("--repeats", type=int, default=5, help="timed plans per pool (5)")
     parser.add_argument("--no-apply", action="store_true", help="skip the SQLite run")
@@ -509,10 +773,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     info = machine_info()
+    seeds = [args.seed + 1000 + i for i in range(args.seeds)]
     headline = scenario(args.tenants, args.exponent, args.seed, args.repeats)
-    runs = [
-        scenario(args.tenants, args.exponent, args.seed + 1000 + i, 1) for i in range(args.seeds)
-    ]
+    runs = [scenario(args.tenants, args.exponent, seed, 1) for seed in seeds]
     scaling = []
     for count in (args.tenants, 10 * args.tenants, 100 * args.tenants):
         run = (
@@ -520,13 +783,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if count == args.tenants
             else scenario(count, args.exponent, args.seed, args.repeats if count <= 5000 else 1)
         )
-        planner = run["rows"][0]
+        planner = row_named(run["rows"], PLANNER)
         scaling.append(
             {
                 "tenants": count,
                 "moves": planner["tenants_moved"],
                 "bytes_vs_ideal": planner["bytes_vs_ideal"],
                 "spread_after": planner["spread_after"],
+                "bytes_spread_after": planner["bytes_spread_after"],
                 "planning_s": planner["planning_s"],
             }
         )
@@ -537,16 +801,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             "exponent": args.exponent,
             "top_bytes": TOP_BYTES,
             "threshold": THRESHOLD,
+            "base_fraction": BASE_FRACTION,
+            "old_base_bytes": OLD_BASE_BYTES,
+            "long_tail": {
+                "tenants": args.long_tail_tenants,
+                "small_fraction": TAIL_SMALL,
+                "small_rows": [1, 99],
+                "top_rows": TAIL_TOP_ROWS,
+                "low_rows": TAIL_LOW_ROWS,
+                "bytes_per_row": BYTES_PER_ROW,
+            },
             "seeds": args.seeds,
             "repeats": args.repeats,
         },
         "machine": info,
         "headline": headline,
-        "seeds": [run["seed"] for run in runs],
+        "seeds": seeds,
         "summary": summarise(runs),
         "pools": runs,
         "scaling": scaling,
     }
+    if args.long_tail_tenants > 0:
+        tail_runs = [long_tail(args.long_tail_tenants, seed, 1) for seed in seeds]
+        data["long_tail"] = {
+            "headline": long_tail(args.long_tail_tenants, args.seed, args.repeats),
+            "seeds": seeds,
+            "summary": summarise(tail_runs),
+            "pools": tail_runs,
+        }
     if not args.no_apply:
         data["end_to_end"] = end_to_end(40, args.exponent, args.seed)
     data["duration_s"] = round(time.monotonic() - started, 1)
