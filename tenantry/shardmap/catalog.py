@@ -52,8 +52,10 @@ from tenantry.shardmap.model import (
     Tenant,
     TenantState,
     Tier,
+    absolute_sqlite_path,
     mask_url,
     normalize_url,
+    parse_url,
     validate_shard_name,
     validate_tenant_id,
 )
@@ -86,8 +88,7 @@ class Catalog:
 
     def __init__(self, url: str | None = None, *, settings: TenantrySettings | None = None) -> None:
         self.settings = settings if settings is not None else load_settings()
-        self.url: str = url if url is not None else self.settings.catalog_url
-        _check_not_in_memory(self.url)
+        self.url: str = _catalog_url(url if url is not None else self.settings.catalog_url)
         self._engine: Engine = make_engine(
             self.url,
             connect_timeout=self.settings.connect_timeout,
@@ -888,17 +889,23 @@ def _check_weight(name: str, weight: object) -> None:
         )
 
 
-def _check_not_in_memory(url: str) -> None:
-    try:
-        parsed = sa.make_url(url)
-    except sa.exc.ArgumentError:
-        return  # make_engine says what is wrong with it
-    if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+def _catalog_url(url: str) -> str:
+    """The catalog's URL, checked; a relative SQLite path made absolute (the catalog is
+    then the same file whatever directory a router or a command later runs in)."""
+    parsed = parse_url(url, error=ConfigurationError)
+    if parsed.get_backend_name() != "sqlite":
+        return url
+    if parsed.database in (None, "", ":memory:"):
         raise ConfigurationError(
             "an in-memory SQLite catalog vanishes with its process: "
             "use sqlite:///path/to/catalog.db",
             field="catalog_url",
         )
+    assert parsed.database is not None
+    absolute = absolute_sqlite_path(parsed.database)
+    if absolute == parsed.database:
+        return url
+    return parsed.set(database=absolute).render_as_string(hide_password=False)
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlch
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tenantry.errors import CatalogError, ConfigurationError, TenantryError
+from tenantry.shardmap.model import parse_url
 
 __all__ = [
     "WRITE",
@@ -36,7 +37,9 @@ __all__ = [
 #: Execution option that makes a SQLite transaction take the write lock at BEGIN.
 WRITE = {"tenantry_write": True}
 
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+#: user:password@ in a URL inside a message; to the last "@" of the URL, so that an
+#: unescaped "@" in a password leaves nothing of it.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 
 
 class DatabaseUnavailable(TenantryError):
@@ -59,13 +62,7 @@ def make_engine(
     **kwargs: Any,
 ) -> Engine:
     """An engine with tenantry's connection set-up for *url* (SQLite or PostgreSQL)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigurationError(
-            "not a database URL: write it as postgresql://user@host:port/dbname "
-            "or sqlite:///path/to/file.db"
-        ) from None
+    parsed = parse_url(url, error=ConfigurationError)
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = kwargs.pop("connect_args", {})
     if poolclass is not None:
@@ -103,10 +100,7 @@ def _mark_errors(engine: Engine) -> None:
 
 def make_async_engine(url: str, *, connect_timeout: float = 5.0, **kwargs: Any) -> AsyncEngine:
     """The asyncio twin of :func:`make_engine`: psycopg's async driver, or aiosqlite."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise ConfigurationError("not a database URL") from None
+    parsed = parse_url(url, error=ConfigurationError)
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = kwargs.pop("connect_args", {})
     if backend == "sqlite":

@@ -60,6 +60,7 @@ def test_python_dash_m_runs_the_same_cli(tmp_path: Path) -> None:
     # no --catalog and no settings: the default catalog under ./.tenantry/, not yet made
     assert done.returncode == 1
     assert done.stderr == (
-        "error: the catalog at sqlite:///.tenantry/catalog.db has no tenantry schema: "
+        f"error: the catalog at sqlite:///{tmp_path / '.tenantry' / 'catalog.db'} has no "
+        "tenantry schema: "
         "run `tenantry init` first\n"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
@@ -65,7 +66,8 @@ def test_error_message_quotes_the_id_on_one_line() -> None:
         ("postgres://u:pw@db:5432/app", "postgresql+psycopg://u:pw@db:5432/app"),
         ("postgresql://u@db/app", "postgresql+psycopg://u@db/app"),
         ("postgresql+psycopg2://u@db/app", "postgresql+psycopg://u@db/app"),
-        ("sqlite:///rel/shard.db", "sqlite:///rel/shard.db"),
+        # relative: made absolute (against the working directory) when registered
+        ("sqlite:///rel/shard.db", f"sqlite:///{os.path.abspath('rel/shard.db')}"),
         ("sqlite:////abs/shard.db", "sqlite:////abs/shard.db"),
     ],
 )
@@ -97,7 +99,8 @@ def test_unusable_urls_are_refused_without_the_password(url: str, reason: str) -
         ("postgresql://u:S3cretPw@db/app", "postgresql://u:***@db/app"),
         ("postgresql+psycopg://u@db/app", "postgresql+psycopg://u@db/app"),
         ("sqlite:///x.db", "sqlite:///x.db"),
-        ("weird://u:S3cretPw@@@", "weird://u:***@@@"),
+        ("weird://u:S3cretPw@@@", "weird://u:***@"),
+        ("postgresql://u:Pw@Tail9@db/app", "postgresql://u:***@db/app"),
         ("no scheme S3cretPw", "***"),
         ("://S3cretPw", "://***"),
     ],
