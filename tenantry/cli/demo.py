@@ -47,7 +47,10 @@ def demo_command(state: CliState, directory: Path) -> None:
     """Build a demo fleet, write and read each tenant's rows through the router."""
     console = state.console
     console.rule("[bold]tenantry demo: EV-charger operator groups")
-    console.print("1. provision two shared shards and one dedicated shard, migrated with Alembic")
+    console.print(
+        "1. provision two shared shards and two dedicated ones (a regulated utility, and a "
+        "small group that needs none), migrated with Alembic"
+    )
     fleet = build_fleet(directory)
     console.print(f"   catalog: {fleet.catalog_url}")
     _show_map(console, fleet.snapshot, "shard map")

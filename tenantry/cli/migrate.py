@@ -271,7 +271,13 @@ def _verdict(verdict: str, error: str | None) -> str:
 @click.command("create")
 @click.argument("name")
 @click.option("--server", required=True, metavar="URL", help="Server URL of the operations role.")
-@click.option("--tier", type=TIERS, default="dedicated", show_default=True)
+@click.option(
+    "--tier",
+    type=TIERS,
+    default="dedicated",
+    show_default=True,
+    help="dedicated (a database of its own for one tenant) or shared (a pool member).",
+)
 @click.option("--database", metavar="DBNAME", help="Database name [default: NAME].")
 @click.option("--template", metavar="DBNAME", help="Create from this template database.")
 @click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
@@ -312,7 +318,8 @@ def shard_create(
     alembic_config: Path | None,
     as_json: bool,
 ) -> None:
-    """Create a database on a server, migrate it, and register it as shard NAME."""
+    """Create a database on a server, migrate it, and register it as shard NAME
+    (dedicated unless --tier shared)."""
     if secure and routing_url:
         raise click.UsageError("give --secure or --routing-url, not both")
     shard = migrations.provision(

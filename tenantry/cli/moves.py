@@ -44,20 +44,30 @@ class RichObserver:
         self.enabled = enabled
         self._tables: dict[str, tuple[TaskID, float]] = {}
         self._step: TaskID | None = None
+        self._started = False
 
     def __enter__(self) -> RichObserver:
-        self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(None, None, None)
+        if self._started:
+            self.progress.__exit__(None, None, None)
+
+    def _start(self) -> None:
+        # Only once there is something to show: a command refused before any step
+        # prints its one error line, not an empty progress display first.
+        if not self._started:
+            self._started = True
+            self.progress.__enter__()
 
     def step(self, move_id: int, state: str) -> None:
+        self._start()
         if self._step is not None:
             self.progress.update(self._step, completed=1, total=1)
         self._step = self.progress.add_task(f"move {move_id}: {state}", detail="", total=None)
 
     def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
+        self._start()
         task, started = self._tables.get(table, (None, time.monotonic()))
         if task is None:
             task = self.progress.add_task(f"  {table}", detail="", total=None)
@@ -70,6 +80,7 @@ class RichObserver:
 
     def note(self, message: str) -> None:
         if self.enabled:
+            self._start()
             self.progress.console.print(f"[yellow]{message}[/]")
 
 
@@ -105,14 +116,19 @@ def move_record(move: Move) -> dict[str, Any]:
 
 def _summary(console: Console, move: Move) -> None:
     stats = move.stats
-    rows = int(stats.get("rows", 0))
-    size = int(stats.get("bytes", 0))
-    seconds = float(stats.get("copy_seconds", 0.0))
     freeze = stats.get("freeze_seconds")
     outcome = "done" if move.succeeded else move.state.value
+    if "rows" in stats:  # an offline copy counts what it copied
+        what = (
+            f"{int(stats['rows']):,} rows, {_size(int(stats.get('bytes', 0)))} copied in "
+            f"{float(stats.get('copy_seconds', 0.0)):.2f}s"
+        )
+    else:  # logical replication copied them; the verification counted them
+        verified = stats.get("verified") or {}
+        rows = sum(int(t.get("rows", 0)) for t in verified.values())
+        what = f"{rows:,} rows replicated and verified"
     console.print(
-        f"move {move.id}: {move.tenant_id} {move.source} -> {move.target}: {outcome}; "
-        f"{rows:,} rows, {_size(size)} copied in {seconds:.2f}s"
+        f"move {move.id}: {move.tenant_id} {move.source} -> {move.target}: {outcome}; {what}"
         + (f"; writes frozen {float(freeze):.2f}s" if freeze is not None else "")
     )
 

@@ -187,6 +187,21 @@ def shard_set(
         state.console.print(f"shard {shard.name}: state {shard.state.value}, weight {shard.weight}")
 
 
+@shard_group.command("remove")
+@click.argument("name")
+@json_option
+@pass_state
+def shard_remove(state: CliState, name: str, as_json: bool) -> None:
+    """Unregister shard NAME, which must hold no tenant (its database is left as it is)."""
+    shard = state.catalog().remove_shard(name)
+    if as_json:
+        emit_json({**shard_record(shard), "removed": True})
+    else:
+        state.console.print(
+            f"removed shard {shard.name} from the map; its database was left as it is"
+        )
+
+
 @shard_group.command("rotate-key")
 @click.argument("names", metavar="[NAME]...", nargs=-1)
 @click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard.")

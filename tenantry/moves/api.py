@@ -45,10 +45,12 @@ def _plan(
     catalog = mover.catalog
     source = catalog.get_shard(catalog.get_tenant(tenant_id).shard)
     chosen, why = mover.choose_mode(source, catalog.get_shard(target), mode)
-    mover.observer.note(f"mode: {why}")
-    return mover.plan(
+    planned = mover.plan(
         tenant_id, target, kind=kind, mode=chosen, options={**options, "mode_reason": why}, **kwargs
     )
+    # Once planned: a move refused by its checks says only why it was refused.
+    mover.observer.note(f"mode: {why}")
+    return planned
 
 
 def move(

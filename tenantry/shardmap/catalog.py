@@ -738,12 +738,16 @@ class Catalog:
             self._refuse_if_moving(
                 conn, name, "removed", ends=("source", "target"), for_move=for_move
             )
-            count = conn.execute(
-                sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
-            ).scalar_one()
-            if count:
+            held = list(
+                conn.execute(
+                    sa.select(tenants.c.id).where(tenants.c.shard == name).order_by(tenants.c.id)
+                ).scalars()
+            )
+            if held:
+                shown = ", ".join(held[:5]) + (f" +{len(held) - 5}" if len(held) > 5 else "")
                 raise PlacementError(
-                    f"shard {name!r} still holds {count} tenant(s): move them away first",
+                    f"shard {name!r} still holds {len(held)} tenant(s) ({shown}): move them "
+                    "away first (`tenantry move`, or `tenantry shard drain` for a shared shard)",
                     shard=name,
                 )
             conn.execute(fence_keys.delete().where(fence_keys.c.shard == name))

@@ -162,3 +162,18 @@ def test_ddl_by_hand_during_a_move_is_caught_before_the_switch(
     message = str(failed.value)
     assert f"table 'chargers' cannot be moved: it changed on shard {shard!r}" in message
     assert_rolled_back(fleet, before, "changed on shard")
+
+
+def test_an_online_moves_summary_counts_the_rows_it_verified(fleet: Fleet) -> None:
+    """Not "0 rows, 0 B copied in 0.00s": logical replication copied them, the
+    verification counted them (issue 15)."""
+    engine = fleet.engine("s1")
+    rows = count_rows(engine, "acme")
+    engine.dispose()
+    result = CliRunner().invoke(
+        cli,
+        ["--catalog", fleet.catalog_url, "move", "acme", "--to", "s2", "--mode", "online"],
+        env={"TENANTRY_ALEMBIC_CONFIG": str(MIGRATIONS)},
+    )
+    assert result.exit_code == 0, result.output
+    assert f"done; {rows:,} rows replicated and verified; writes frozen" in result.output
