@@ -30,7 +30,8 @@ from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
-from tenantry.moves.tables import TenantTable, analyze_tables, tenant_tables
+from tenantry.moves.references import missing_references
+from tenantry.moves.tables import TenantTable, analyze_tables, quoted_name, tenant_tables
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
 from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard
@@ -117,7 +118,7 @@ class OnlineSteps:
             with src_engine.connect() as src, dst_engine.connect() as dst:
                 src = src.execution_options(isolation_level="AUTOCOMMIT")
                 dst = dst.execution_options(isolation_level="AUTOCOMMIT")
-                tables = tenant_tables(src, column=mover.column)
+                tables = tenant_tables(src, column=mover.column, schemas=mover.schemas)
                 problems = online_problems(src, dst, tables, mover.column, move.id)
                 if problems:
                     raise MoveRefused("cannot move online: " + "; ".join(problems))
@@ -217,6 +218,11 @@ class OnlineSteps:
                     left, right = _digest_both(
                         src_snap, dst_snap, move.tenant_id, tables, mover.column
                     )
+                    # Nor does the apply worker check foreign keys: the shared rows the
+                    # tenant's rows reference must be at the target too.
+                    missing = missing_references(
+                        src_snap, dst_snap, move.tenant_id, tables, mover.column
+                    )
         differ = compare_digests(left, right)
         seconds = time.monotonic() - began
         mover.observer.note(
@@ -236,6 +242,8 @@ class OnlineSteps:
                 + ", ".join(differ),
                 tables=differ,
             )
+        if missing:
+            raise VerificationFailed(f"verification failed at the cut: {missing[0]}", tables=[])
 
     def _cut(
         self,
@@ -453,7 +461,7 @@ class OnlineSteps:
         """Move the target's sequences past the replicated ids (never backwards)."""
         with dst.begin():
             for table in self._tenant_tables(move, src):
-                quoted = dst.dialect.identifier_preparer.quote(table.name)
+                quoted = quoted_name(dst, table)
                 for column, sequence in table.sequences:
                     col = dst.dialect.identifier_preparer.quote(column)
                     dst.execute(
@@ -471,7 +479,7 @@ class OnlineSteps:
         too many for inside the freeze); reflected anew by a resumed mover."""
         tables = self._tables.get(move.id)
         if tables is None:
-            tables = tenant_tables(src, column=self.mover.column)
+            tables = tenant_tables(src, column=self.mover.column, schemas=self.mover.schemas)
             src.rollback()
             self._tables[move.id] = tables
         return tables

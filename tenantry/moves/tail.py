@@ -265,18 +265,26 @@ def compare_tail(
     ``whole`` are compared in full. Both connections should be in a transaction that
     sees the state to compare.
     """
-    by_name = {t.name: t for t in tables}
+    if not tail.tables:
+        return []
+    # pgoutput names every relation's real namespace; the tables of the connection's
+    # default schema have none.
+    default = str(source.execute(sa.text("SELECT current_schema()")).scalar())
+    by_name = {(t.schema or default, t.name): t for t in tables}
     differ: list[str] = []
     for changed in tail.tables.values():
-        table = by_name.get(changed.name)
+        table = by_name.get((changed.schema, changed.name))
         if table is None:
-            differ.append(changed.name)  # replicated but not a tenant table any more
+            # replicated but not a tenant table any more
+            differ.append(
+                changed.name if changed.schema == default else f"{changed.schema}.{changed.name}"
+            )
             continue
         if changed.whole:
             left: dict[str, TableDigest] = digest_tenant(source, tenant_id, [table], column=column)
             right = digest_tenant(target, tenant_id, [table], column=column)
             if left != right:
-                differ.append(table.name)
+                differ.append(table.qualified_name)
             continue
         by, keys = _lookup_keys(table, changed)
         for start in range(0, len(keys), _BATCH):
@@ -284,7 +292,7 @@ def compare_tail(
             if _row_hashes(source, tenant_id, table, by, batch, column) != _row_hashes(
                 target, tenant_id, table, by, batch, column
             ):
-                differ.append(table.name)
+                differ.append(table.qualified_name)
                 break
     return differ
 

@@ -210,7 +210,64 @@ def test_tables_of_another_schema(pg_engine: sa.Engine) -> None:
     (table,) = reflect(pg_engine, schema="app")
     assert (table.schema, table.name, table.qualified_name) == ("app", "items", "app.items")
     assert table.sequences == (("id", "app.items_id_seq"),)
-    assert [t.name for t in reflect(pg_engine)] == ["other"]
+    # Every application schema; the default one's tables carry no schema.
+    found = reflect(pg_engine)
+    assert [(t.schema, t.name) for t in found] == [("app", "items"), (None, "other")]
+    assert found[0].sequences == (("id", "app.items_id_seq"),)
+    # The setting limits the schemas (the default one always moves).
+    with pg_engine.connect() as conn:
+        assert [t.name for t in tenant_tables(conn, schemas=["nothing"])] == ["other"]
+        assert len(tenant_tables(conn, schemas=["app"])) == 2
+
+
+def test_system_and_own_schemas_never_move(pg_engine: sa.Engine) -> None:
+    run(
+        pg_engine,
+        "CREATE TEMPORARY TABLE scratch (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE SCHEMA IF NOT EXISTS tenantry",
+        "CREATE TABLE tenantry.own (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == ["items"]
+
+
+def test_a_foreign_key_across_schemas_orders_parents_first(pg_engine: sa.Engine) -> None:
+    run(
+        pg_engine,
+        "CREATE SCHEMA zz",
+        "CREATE TABLE zz.accounts (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE TABLE aa_invoices (tenant_id text, id int, account int,"
+        " PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, account) REFERENCES zz.accounts (tenant_id, id))",
+        # a name that sorts before the parent's, in a schema that sorts first too
+        "CREATE SCHEMA a",
+        "CREATE TABLE a.lines (tenant_id text, id int, invoice int, PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, invoice) REFERENCES aa_invoices (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == [
+        "zz.accounts",
+        "aa_invoices",
+        "a.lines",
+    ]
+
+
+def test_a_table_of_a_schema_that_does_not_move_may_not_reference_tenant_rows(
+    pg_engine: sa.Engine,
+) -> None:
+    run(
+        pg_engine,
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE SCHEMA stats",
+        "CREATE TABLE stats.hits (tenant_id text, id int, item int, PRIMARY KEY (tenant_id, id),"
+        " CONSTRAINT hits_item FOREIGN KEY (tenant_id, item) REFERENCES items (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == ["items", "stats.hits"]
+    with pg_engine.connect() as conn, pytest.raises(SchemaContractError) as info:
+        tenant_tables(conn, schemas=["other"])
+    assert info.value.table == "stats.hits"
+    message = str(info.value)
+    assert "'hits_item'" in message and "TENANTRY_MOVE_SCHEMAS" in message
+    assert "\n" not in message
 
 
 def test_partitions_are_copied_through_their_parent(pg_engine: sa.Engine) -> None:
