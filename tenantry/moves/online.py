@@ -30,7 +30,14 @@ from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
-from tenantry.moves.references import missing_references
+from tenantry.moves.references import (
+    ForeignKey,
+    Key,
+    absent_keys,
+    check_references,
+    describe_missing,
+    referenced_keys,
+)
 from tenantry.moves.tables import TenantTable, analyze_tables, quoted_name, tenant_tables
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
 from tenantry.shardmap.connect import WRITE
@@ -56,6 +63,9 @@ DEFAULT_FREEZE_ATTEMPTS = 5
 _CAUGHT_UP_BYTES = 64 * 1024
 #: More changed rows than this since the cut: check them at a new cut before freezing.
 TAIL_ROWS_PER_FREEZE = 20_000
+#: Shared rows referenced at the cut, per foreign key, checked again in the final freeze
+#: at most (beyond, only those the rows changed since the cut reference).
+RECHECKED_REFERENCES = 20_000
 
 _T = TypeVar("_T")
 
@@ -97,6 +107,9 @@ class OnlineSteps:
         self._tails: dict[int, tail.Tail] = {}
         self._tables: dict[int, list[TenantTable]] = {}
         self._verified: set[int] = set()
+        # Per move: the shared rows the tenant referenced at the cut, by foreign key
+        # (None: too many to check again inside the freeze).
+        self._references: dict[int, list[tuple[ForeignKey, list[Key] | None]]] = {}
 
     def _shards(self, move: Move) -> tuple[Shard, Shard]:
         catalog = self.mover.catalog
@@ -220,9 +233,14 @@ class OnlineSteps:
                     )
                     # Nor does the apply worker check foreign keys: the shared rows the
                     # tenant's rows reference must be at the target too.
-                    missing = missing_references(
+                    missing, checked = check_references(
                         src_snap, dst_snap, move.tenant_id, tables, mover.column
                     )
+                    # Checked again in the final freeze, with what changed since.
+                    self._references[move.id] = [
+                        (key, keys if len(keys) <= RECHECKED_REFERENCES else None)
+                        for key, keys in checked
+                    ]
         differ = compare_digests(left, right)
         seconds = time.monotonic() - began
         mover.observer.note(
@@ -340,6 +358,7 @@ class OnlineSteps:
                 differ = tail.compare_tail(
                     src, dst, move.tenant_id, tables, changed, column=self.mover.column
                 )
+                missing = [] if differ else self._check_references(move, src, dst, changed)
         except sa.exc.OperationalError as exc:
             if not isinstance(exc.orig, psycopg.errors.QueryCanceled):
                 raise
@@ -352,6 +371,29 @@ class OnlineSteps:
                 "and target: " + ", ".join(differ),
                 tables=differ,
             )
+        if missing:
+            raise VerificationFailed(f"verification failed: {missing[0]}", tables=[])
+
+    def _check_references(
+        self, move: Move, src: Connection, dst: Connection, changed: tail.Tail
+    ) -> list[str]:
+        """Inside the final freeze: the shared rows referenced at the cut and by the rows
+        changed since are all at the target (a reference row may have been deleted at
+        the target, a changed row may reference a new one; nothing else checks)."""
+        found = []
+        for key, at_cut in self._references.get(move.id, []):
+            keys = set(at_cut or ())
+            rows = tail.changed_table(src, changed, key.child)
+            if rows is not None and rows.whole:
+                keys |= set(referenced_keys(src, move.tenant_id, key, self.mover.column))
+            elif rows is not None:
+                keys |= tail.referenced_by_changes(
+                    src, move.tenant_id, key.child, rows, key.columns, self.mover.column
+                )
+            missing = absent_keys(dst, key, sorted(keys))
+            if missing:
+                found.append(describe_missing(move.tenant_id, key, missing))
+        return found
 
     def verified_in_freeze(self, move_id: int) -> bool:
         """Whether :meth:`cutover` compared the rows changed since a verified cut (in this
@@ -441,6 +483,7 @@ class OnlineSteps:
         forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
         self._tails.pop(move.id, None)
         self._tables.pop(move.id, None)
+        self._references.pop(move.id, None)
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),

@@ -29,11 +29,19 @@ from tenantry.moves.verify import rendering_settings
 
 __all__ = [
     "ForeignKey",
+    "Key",
+    "absent_keys",
+    "check_references",
     "cross_tenant_problems",
+    "describe_missing",
     "foreign_keys",
     "missing_references",
+    "referenced_keys",
     "rows_left",
 ]
+
+#: A key's values, as text.
+Key = tuple[str, ...]
 
 #: Keys of a shared reference table checked at the target per statement.
 _BATCH = 5_000
@@ -171,47 +179,76 @@ def missing_references(
     whose rows, referenced by the tenant's rows at *source*, are missing at *target*
     (the first few keys named). Both PostgreSQL; runs in the connections' current
     transactions (snapshots, when the caller gives them)."""
-    if source.dialect.name != "postgresql" or target.dialect.name != "postgresql":
-        return []
-    quote = source.dialect.identifier_preparer.quote
-    found = []
-    for key in foreign_keys(source, tables):
-        if key.parent is not None:
-            continue
-        columns = ", ".join(f"{quote(c)}::text" for c in key.columns)
-        present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in key.columns)
-        with rendering_settings(source):
-            keys = [
-                tuple(row)
-                for row in source.execute(
-                    sa.text(
-                        f"SELECT DISTINCT {columns} FROM {quoted_name(source, key.child)}"
-                        f" WHERE {quote(column)} = :t AND {present}"
-                    ),
-                    {"t": tenant_id},
-                )
-            ]
-        missing: list[tuple[str, ...]] = []
-        for start in range(0, len(keys), _BATCH):
-            missing += _absent(target, key, keys[start : start + _BATCH])
-        if missing:
-            shown = ", ".join(
-                "(" + ", ".join(v for v in k) + ")" if len(k) > 1 else k[0]
-                for k in missing[:_SHOWN]
-            )
-            more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
-            found.append(
-                f"table {key.parent_label!r} at the target lacks {len(missing)} row(s) that "
-                f"tenant {tenant_id!r}'s {key.child.qualified_name} rows reference through "
-                f"foreign key {key.name!r} ({', '.join(key.parent_columns)} = {shown}{more}):"
-                " add them at the target first"
-            )
+    found, _ = check_references(source, target, tenant_id, tables, column)
     return found
 
 
-def _absent(
-    conn: Connection, key: ForeignKey, keys: Sequence[tuple[str, ...]]
-) -> list[tuple[str, ...]]:
+def check_references(
+    source: Connection,
+    target: Connection,
+    tenant_id: str,
+    tables: Sequence[TenantTable],
+    column: str = "tenant_id",
+) -> tuple[list[str], list[tuple[ForeignKey, list[Key]]]]:
+    """:func:`missing_references`, and the keys it checked, by foreign key (for a
+    later check of the same keys and of the rows changed since)."""
+    if source.dialect.name != "postgresql" or target.dialect.name != "postgresql":
+        return [], []
+    found = []
+    checked = []
+    for key in foreign_keys(source, tables):
+        if key.parent is not None:
+            continue
+        keys = referenced_keys(source, tenant_id, key, column)
+        checked.append((key, keys))
+        missing = absent_keys(target, key, keys)
+        if missing:
+            found.append(describe_missing(tenant_id, key, missing))
+    return found, checked
+
+
+def referenced_keys(
+    conn: Connection, tenant_id: str, key: ForeignKey, column: str = "tenant_id"
+) -> list[Key]:
+    """The distinct values (as text) of *key*'s columns in the tenant's rows, rows
+    with a NULL among them aside (a foreign key does not check those)."""
+    quote = conn.dialect.identifier_preparer.quote
+    columns = ", ".join(f"{quote(c)}::text" for c in key.columns)
+    present = " AND ".join(f"{quote(c)} IS NOT NULL" for c in key.columns)
+    with rendering_settings(conn):
+        return [
+            tuple(str(v) for v in row)
+            for row in conn.execute(
+                sa.text(
+                    f"SELECT DISTINCT {columns} FROM {quoted_name(conn, key.child)}"
+                    f" WHERE {quote(column)} = :t AND {present}"
+                ),
+                {"t": tenant_id},
+            )
+        ]
+
+
+def absent_keys(conn: Connection, key: ForeignKey, keys: Sequence[Key]) -> list[Key]:
+    """The *keys* (text) that *key*'s referenced table lacks at *conn*, in order."""
+    missing: list[Key] = []
+    for start in range(0, len(keys), _BATCH):
+        missing += _absent(conn, key, keys[start : start + _BATCH])
+    return missing
+
+
+def describe_missing(tenant_id: str, key: ForeignKey, missing: Sequence[Key]) -> str:
+    """One line: which referenced rows the target lacks, the first few named."""
+    shown = ", ".join("(" + ", ".join(k) + ")" if len(k) > 1 else k[0] for k in missing[:_SHOWN])
+    more = f" and {len(missing) - _SHOWN} more" if len(missing) > _SHOWN else ""
+    return (
+        f"table {key.parent_label!r} at the target lacks {len(missing)} row(s) that "
+        f"tenant {tenant_id!r}'s {key.child.qualified_name} rows reference through "
+        f"foreign key {key.name!r} ({', '.join(key.parent_columns)} = {shown}{more}): "
+        "add them at the target first"
+    )
+
+
+def _absent(conn: Connection, key: ForeignKey, keys: Sequence[Key]) -> list[Key]:
     """The *keys* (text) that *key*'s referenced table at *conn* lacks."""
     quote = conn.dialect.identifier_preparer.quote
     slots = [f"k{i}" for i in range(len(key.parent_columns))]

@@ -416,3 +416,56 @@ def test_drop_source_checks_again_before_the_drop(dedicated: Fleet) -> None:
     assert done.succeeded
     assert "d1" not in {s.name for s in fleet.catalog.list_shards()}
     assert checksums(fleet, "s1", "acme") == before["d1/acme"]
+
+
+AFTER_THE_CUT = {
+    # a reference row the tenant uses, deleted at the target once the cut was verified
+    "deleted-at-the-target": ("s2", "DELETE FROM countries WHERE code = 'DE'", "DE"),
+    # a row written after the cut that references a row the target never had
+    "new-reference-at-the-source": (
+        "s1",
+        "INSERT INTO countries VALUES ('SE', 'Sweden');"
+        " INSERT INTO billing.addresses VALUES ('acme', 9, 'SE')",
+        "SE",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(AFTER_THE_CUT))
+def test_the_final_freeze_checks_the_references_again(fleet: Fleet, case: str) -> None:
+    shard, statements, code = AFTER_THE_CUT[case]
+    _with_countries(fleet)
+    execute(fleet, "s2", "INSERT INTO countries VALUES ('DE', 'Germany')")
+    before = state(fleet)
+
+    def change() -> None:
+        execute(fleet, shard, *statements.split("; "), replica=True)
+
+    with pytest.raises(VerificationFailed) as failed:
+        moves.move(
+            fleet.catalog,
+            "acme",
+            "s2",
+            mode="online",
+            max_freeze=10.0,
+            hooks=AtCheckpoint("online-cut", change),
+        )
+
+    message = str(failed.value)
+    assert "'countries'" in message and code in message and "\n" not in message
+    (move,) = moves.list_moves(fleet.catalog)
+    assert move.state.value == "aborted"
+    assert "verified" in move.stats  # the cut itself was verified: the freeze caught it
+    after = state(fleet)
+    assert fleet.catalog.get_tenant("acme").shard == "s1"
+    assert rows_of(after["s2/acme"]) == 0
+    assert after["s1/neighbor"] == before["s1/neighbor"]
+    # acme whole at s1: as before, plus the row written after the cut
+    written = 1 if shard == "s1" else 0
+    assert after["s1/acme"].pop("billing.addresses")[0] == 4 + written
+    assert after["s1/acme"] == {
+        k: v for k, v in before["s1/acme"].items() if k != "billing.addresses"
+    }
+    engine = fleet.engine("s1")
+    assert residency(engine, "acme") == "active"
+    engine.dispose()
