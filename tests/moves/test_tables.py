@@ -13,6 +13,7 @@ from tenantry.moves.tables import (
     TenantTable,
     _parents_first,
     check_same_tables,
+    check_whole_database,
     tenant_tables,
     unindexed_foreign_keys,
 )
@@ -430,3 +431,42 @@ def test_the_demo_schema_indexes_its_foreign_keys(pg_engine: sa.Engine) -> None:
     Base.metadata.create_all(pg_engine)
     with pg_engine.connect() as conn:
         assert unindexed_foreign_keys(conn, tenant_tables(conn)) == []
+
+
+def test_a_key_from_any_schema_to_a_tenant_table_is_found_in_the_catalog(
+    pg_engine: sa.Engine,
+) -> None:
+    run(
+        pg_engine,
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))"
+        " PARTITION BY LIST (tenant_id)",
+        "CREATE TABLE items_rest PARTITION OF items DEFAULT",
+        "CREATE SCHEMA app",
+        "CREATE TABLE app.lines (tenant_id text, id int, item int, PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, item) REFERENCES items (tenant_id, id))",
+    )
+    with pg_engine.connect() as conn:
+        check_whole_database(conn, tenant_tables(conn))  # tenant tables, partitions: fine
+    # tenantry's own schema is never reflected, but its keys are seen
+    run(
+        pg_engine,
+        "CREATE SCHEMA IF NOT EXISTS tenantry",
+        "CREATE TABLE tenantry.audit (id int PRIMARY KEY, t text, item int,"
+        " CONSTRAINT audit_item FOREIGN KEY (t, item) REFERENCES items (tenant_id, id))",
+    )
+    with pg_engine.connect() as conn:
+        tables = tenant_tables(conn)
+        assert [t.qualified_name for t in tables] == ["items", "app.lines"]
+        with pytest.raises(SchemaContractError) as info:
+            check_whole_database(conn, tables)
+    assert info.value.table == "tenantry.audit"
+    assert "'audit_item'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_same_tables_match_by_schema_and_name() -> None:
+    here = [TenantTable("invoices", ("tenant_id", "id"), ("tenant_id", "id"), schema="billing")]
+    there = [TenantTable("invoices", ("tenant_id", "id"), ("tenant_id", "id"))]
+    with pytest.raises(SchemaContractError, match="missing on the target") as info:
+        check_same_tables(here, there)
+    assert info.value.table == "billing.invoices"
+    check_same_tables(here, here)
