@@ -120,7 +120,7 @@ class Mover:
             self._check_target(tenant_id, source, target_shard, kind)
             self.precheck(source, target_shard, tenant_id)
             if kind is MoveKind.DEMOTE and (options or {}).get("drop_source"):
-                self.check_droppable(tenant_id, source, cleaned=False)
+                self.check_droppable(tenant_id, source, move_id=None)
         return self.journal.create(
             tenant_id,
             source.name,
@@ -237,20 +237,31 @@ class Mover:
                         )
         return tables
 
-    def check_droppable(self, tenant_id: str, source: Shard, *, cleaned: bool) -> None:
-        """Refuse (MoveRefused) to drop *source*'s database while a tenant table of any
-        schema holds another tenant's row or, once *cleaned*, one of *tenant_id*'s."""
+    def check_droppable(self, tenant_id: str, source: Shard, *, move_id: int | None) -> None:
+        """Refuse to drop *source*'s database while a table with the tenant column, in
+        any schema, holds another tenant's row: when planning (*move_id* None,
+        MoveRefused), and just before the drop (MoveError: the move waits, resumable),
+        when a row of *tenant_id* left by the cleanup refuses it too."""
         if source.backend != "postgresql":
             return
         with self.admin(source) as engine, engine.connect() as conn:
-            left = rows_left(conn, tenant_id, self.column, own=cleaned)
-        if left is not None:
+            left = rows_left(conn, tenant_id, self.column, own=move_id is not None)
+        if left is None:
+            return
+        if move_id is None:
             raise MoveRefused(
                 f"refusing to drop the database of shard {source.name!r}: {left}; move or "
-                "delete those rows first, or demote without --drop-source (the shard is "
-                "then kept, retired)",
+                "delete those rows first, or demote without --drop-source (the database "
+                "is then kept, retired)",
                 tenant_id=tenant_id,
             )
+        raise MoveError(
+            f"refusing to drop the database of shard {source.name!r}: {left}; the tenant "
+            f"lives on its new shard already; move or delete those rows, then run "
+            f"`tenantry moves resume {move_id}` (the database is kept until then)",
+            tenant_id=tenant_id,
+            move_id=move_id,
+        )
 
     def check_distinct(self, source: Shard, target: Shard, src: Engine, dst: Engine) -> None:
         """Refuse (MoveRefused) when *src* and *dst* reach one database.
@@ -638,7 +649,7 @@ class Mover:
         ):
             # Checked on the live database just before it goes (not on a resume after
             # it went).
-            self.check_droppable(move.tenant_id, source, cleaned=True)
+            self.check_droppable(move.tenant_id, source, move_id=move.id)
         drop_database(source.operations_url, connect_timeout=self.settings.connect_timeout)
         with suppress(UnknownShard):
             self.catalog.remove_shard(source.name, for_move=move.id)
