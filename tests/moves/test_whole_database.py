@@ -200,12 +200,26 @@ def test_tenant_tables_of_another_schema_move_with_their_rows(fleet: Fleet, mode
     assert before["s1/acme"]["billing.invoices"][0] == 3
     assert before["s1/acme"]["public.invoice_lines"][0] == 3
 
-    done = moves.move(fleet.catalog, "acme", "s2", mode=mode)
+    def write_after_the_cut() -> None:
+        # online: rows of both schemas change after the cut, found by the tail
+        execute(
+            fleet,
+            "s1",
+            "UPDATE billing.invoices SET amount = 1.25 WHERE tenant_id = 'acme' AND id = 2",
+            "INSERT INTO invoice_lines (tenant_id, invoice_id, text) VALUES ('acme', 2, 'x')",
+        )
+        before["s1/acme"] = checksums(fleet, "s1", "acme")
+
+    hooks = AtCheckpoint("online-cut", write_after_the_cut)
+    done = moves.move(fleet.catalog, "acme", "s2", mode=mode, hooks=hooks)
 
     assert done.succeeded and done.mode.value == mode
+    assert hooks.ran == (mode == "online")
+    if mode == "online":
+        assert done.stats["tail_rows"] == 2
     assert_moved(fleet, before, to="s2")
     assert done.stats["verified"]["billing.invoices"]["rows"] == 3
-    assert done.stats["verified"]["invoice_lines"]["rows"] == 3
+    assert done.stats["verified"]["invoice_lines"]["rows"] == 3  # online: at the cut
     # the target's sequence of the serial key went past the copied ids
     engine = fleet.engine("s2")
     with engine.begin() as conn:
