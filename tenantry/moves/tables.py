@@ -530,8 +530,11 @@ def _reflect_sqlite(conn: Connection, schema: str | None) -> dict[str, _Reflecte
     # SQLite matches table names case-insensitively, foreign keys included.
     names = {name.lower(): name for name in tables}
     for table in tables.values():
-        table.parents = {names.get(p.lower(), p): c for p, c in table.parents.items()}
-    return tables
+        table.parents = {
+            _qualify(schema, names.get(p.lower(), p)): c for p, c in table.parents.items()
+        }
+    # Keyed as TenantTable.qualified_name: by schema too when one was named.
+    return {_qualify(schema, name): table for name, table in tables.items()}
 
 
 def _quote(identifier: str) -> str:
