@@ -19,6 +19,8 @@ from movefleet import Fleet, build_fleet, residency, seed
 
 from tenantry import moves
 from tenantry.errors import MoveError, MoveRefused, SchemaContractError, VerificationFailed
+from tenantry.moves.removal import remove_tenant
+from tenantry.moves.sizes import measure_sizes
 
 Sums = dict[str, tuple[int, str | None]]
 
@@ -485,3 +487,26 @@ def test_the_final_freeze_checks_the_references_again(fleet: Fleet, case: str) -
     engine = fleet.engine("s1")
     assert residency(engine, "acme") == "active"
     engine.dispose()
+
+
+# -- the same tables for sizes and tenant removal ----------------------------------------------
+
+
+def test_sizes_and_purge_see_every_schema(fleet: Fleet) -> None:
+    everywhere(fleet, *BILLING)
+    execute(
+        fleet,
+        "s1",
+        "INSERT INTO billing.invoices VALUES ('acme', 1, 1, 5), ('acme', 2, 3, 7),"
+        " ('neighbor', 1, 1, 1)",
+    )
+    before = state(fleet)
+    sizes = measure_sizes(fleet.catalog, shards=["s1"])
+    assert sizes["acme"].rows == rows_of(before["s1/acme"]) == 5 + 4 + 10 + 2
+
+    done = remove_tenant(fleet.catalog, "acme", rows="purge")
+
+    assert done.rows["billing.invoices"] == done.deleted["billing.invoices"] == 2
+    assert done.rows["users"] == 5
+    assert rows_of(checksums(fleet, "s1", "acme")) == 0
+    assert checksums(fleet, "s1", "neighbor") == before["s1/neighbor"]
