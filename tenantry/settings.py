@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tenantry.errors import ConfigurationError
 
@@ -59,6 +59,14 @@ class TenantrySettings(BaseSettings):
     poll_interval: float = Field(
         2.0, gt=0, description="Seconds between map-version polls when LISTEN is unavailable."
     )
+    move_schemas: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="PostgreSQL schemas whose tenant tables move with a tenant, comma "
+        "separated (the connection's default schema always moves). Empty: every schema "
+        "but the system's (pg_catalog, information_schema, pg_toast*, pg_temp*) and "
+        "tenantry's own. A table of a schema left out never moves; a foreign key from it "
+        "to a tenant table makes moves refuse.",
+    )
     freeze_timeout: float = Field(
         30.0, gt=0, description="Seconds a move waits for older transactions after freezing."
     )
@@ -84,6 +92,15 @@ class TenantrySettings(BaseSettings):
         "its pool, so none of it reaches the next tenant on it; one round trip per "
         "transaction.",
     )
+
+    @field_validator("move_schemas", mode="before")
+    @classmethod
+    def _split_schemas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            return tuple(dict.fromkeys(str(v).strip() for v in value if str(v).strip()))
+        return value
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() ends up in logs; the catalog URL may carry a password (invariant 7).

@@ -44,6 +44,13 @@ def test_environment_variables_use_the_tenantry_prefix(monkeypatch: pytest.Monke
     assert load_settings(pool_size_shared=3).pool_size_shared == 3
 
 
+def test_move_schemas_are_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().move_schemas == ()  # every application schema
+    monkeypatch.setenv("TENANTRY_MOVE_SCHEMAS", "billing, growth,,billing")
+    assert load_settings().move_schemas == ("billing", "growth")
+    assert load_settings(move_schemas=["ops"]).move_schemas == ("ops",)
+
+
 def test_dot_env_is_honoured_and_the_environment_wins(
     monkeypatch: pytest.MonkeyPatch, clean_env: Path
 ) -> None:

@@ -175,7 +175,7 @@ def promote(
         mover.journal.update(
             planned.id, artifacts={"provisioned": {**provisioned, "database_id": created}}
         )
-        mover.precheck(source, target)
+        mover.precheck(source, target, tenant_id)
         chosen, why = mover.choose_mode(source, target, mode)
         mover.observer.note(f"mode: {why}")
         mover.journal.set_mode(planned.id, chosen, why)

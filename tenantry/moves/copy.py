@@ -26,6 +26,7 @@ from tenantry.moves.tables import (
     Convert,
     TenantTable,
     check_same_tables,
+    quoted_name,
     tenant_tables,
     value_reader,
     value_writer,
@@ -90,9 +91,9 @@ def copy_tenant(
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if not tables:
         return []
-    target_tables: list[TenantTable] = []
-    for schema in dict.fromkeys(t.schema for t in tables):
-        target_tables += tenant_tables(target, column=column, schema=schema)
+    # The target's tables of the same schemas (the default one always).
+    schemas = sorted({t.schema for t in tables if t.schema})
+    target_tables = tenant_tables(target, column=column, schemas=schemas)
     check_same_tables(tables, target_tables)
     at_target = {(t.schema, t.name): t for t in target_tables}
     pairs = [(t, at_target[t.schema, t.name]) for t in tables]
@@ -107,9 +108,11 @@ def copy_tenant(
     copies: list[TableCopy] = []
     for table, there in pairs:
         started = time.monotonic()
-        report = _Reporter(table.name, progress)
+        report = _Reporter(table.qualified_name, progress)
         if both_pg:
-            binary = table.name not in unsafe and _same_types(source, target, table, there)
+            binary = table.qualified_name not in unsafe and _same_types(
+                source, target, table, there
+            )
             rows, size = _copy_postgresql(
                 source, target, tenant_id, table, column, binary=binary, report=report, mid=mid
             )
@@ -119,9 +122,9 @@ def copy_tenant(
                     source, target, tenant_id, table, there, column, batch_size, report, mid
                 )
         report.done(rows, size)
-        copies.append(TableCopy(table.name, rows, size, time.monotonic() - started))
+        copies.append(TableCopy(table.qualified_name, rows, size, time.monotonic() - started))
         if checkpoint is not None:
-            checkpoint(f"copy-table:{table.name}")
+            checkpoint(f"copy-table:{table.qualified_name}")
     if target.dialect.name == "postgresql":
         for _table, there in pairs:
             for col, sequence in there.sequences:
@@ -148,16 +151,17 @@ def quiet_triggers(conn: Connection) -> None:
 
 def user_triggers(conn: Connection, tables: Iterable[TenantTable]) -> list[str]:
     """``table.trigger`` for every enabled trigger of the application on *tables*."""
-    names = [table.name for table in tables]
-    if conn.dialect.name != "postgresql" or not names:
+    if conn.dialect.name != "postgresql":
+        return []
+    names = [quoted_name(conn, table) for table in tables]
+    if not names:
         return []
     rows = conn.execute(
         sa.text(
-            "SELECT c.relname || '.' || t.tgname FROM pg_trigger t"
-            " JOIN pg_class c ON c.oid = t.tgrelid"
+            "SELECT t.tgrelid::regclass::text || '.' || t.tgname FROM pg_trigger t"
             " WHERE NOT t.tgisinternal AND t.tgenabled <> 'D'"
-            "  AND c.relnamespace = current_schema()::regnamespace"
-            "  AND c.relname = ANY(:names) ORDER BY 1"
+            "  AND t.tgrelid = ANY(ARRAY(SELECT to_regclass(n)"
+            "   FROM unnest(CAST(:names AS text[])) n)) ORDER BY 1"
         ),
         {"names": names},
     )
@@ -204,7 +208,7 @@ def delete_tenant_rows(
             total += count
             if count:
                 if progress is not None:
-                    progress(table.name, deleted)
+                    progress(table.qualified_name, deleted)
                 mid()
             # Fewer than asked means none left; PostgreSQL's "= tenant AND ctid = ANY"
             # may match more than asked (a partitioned table repeats ctids).
@@ -328,12 +332,12 @@ def _same_types(
 
 _UNSAFE_BINARY = sa.text(
     """
-    SELECT DISTINCT c.relname
-      FROM pg_attribute a
-      JOIN pg_class c ON c.oid = a.attrelid
+    SELECT DISTINCT u.i
+      FROM unnest(CAST(:tables AS regclass[])) WITH ORDINALITY AS u(oid, i)
+      JOIN pg_attribute a ON a.attrelid = u.oid
       JOIN pg_type t ON t.oid = a.atttypid
       LEFT JOIN pg_type b ON b.oid = t.typbasetype
-     WHERE c.oid = ANY(CAST(:tables AS regclass[]))
+     WHERE TRUE
        AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
        AND (
            (t.typtype = 'c' AND t.oid >= 16384) OR (t.typelem >= 16384 AND t.typlen = -1)
@@ -350,7 +354,8 @@ def _binary_unsafe(source: Connection, tables: Sequence[TenantTable]) -> set[str
     copy in text format.
     """
     names = [_identifier(t).as_string(_psycopg(source)) for t in tables]
-    return set(source.execute(_UNSAFE_BINARY, {"tables": names}).scalars())
+    found = source.execute(_UNSAFE_BINARY, {"tables": names}).scalars()
+    return {tables[int(i) - 1].qualified_name for i in found}
 
 
 @contextmanager

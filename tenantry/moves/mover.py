@@ -50,6 +50,7 @@ from tenantry.moves.online import (
     OnlineSteps,
     online_problems,
 )
+from tenantry.moves.references import cross_tenant_problems, missing_references, rows_left
 from tenantry.moves.tables import (
     TenantTable,
     analyze_tables,
@@ -96,6 +97,7 @@ class Mover:
         self.observer: MoveObserver = observer or NullObserver()
         self.hooks: Checkpoints = hooks or EnvHooks()
         self.column = self.settings.tenant_column
+        self.schemas = self.settings.move_schemas
         self.online = OnlineSteps(self)
 
     # -- planning ---------------------------------------------------------------------
@@ -118,7 +120,9 @@ class Mover:
         if check:
             target_shard = snapshot.shard(target)
             self._check_target(tenant_id, source, target_shard, kind)
-            self.precheck(source, target_shard)
+            self.precheck(source, target_shard, tenant_id)
+            if kind is MoveKind.DEMOTE and (options or {}).get("drop_source"):
+                self.check_droppable(tenant_id, source, move_id=None)
         return self.journal.create(
             tenant_id,
             source.name,
@@ -178,7 +182,7 @@ class Mover:
         else:
             with self.admin(source) as src_engine, self.admin(target) as dst_engine:
                 with src_engine.connect() as src, dst_engine.connect() as dst:
-                    tables = tenant_tables(src, column=self.column)
+                    tables = tenant_tables(src, column=self.column, schemas=self.schemas)
                     problems = online_problems(src, dst, tables, self.column)
         if not problems:
             why = "online, as asked" if wanted == "online" else "online: both ends support it"
@@ -187,9 +191,14 @@ class Mover:
             raise MoveRefused("cannot move online: " + "; ".join(problems))
         return MoveMode.OFFLINE, "offline: " + "; ".join(problems)
 
-    def precheck(self, source: Shard, target: Shard) -> list[TenantTable]:
+    def precheck(
+        self, source: Shard, target: Shard, tenant_id: str | None = None
+    ) -> list[TenantTable]:
         """Both ends reachable, two different databases, at one migration revision,
-        with the same tenant tables."""
+        with the same tenant tables, and no foreign key to a tenant table from a table
+        that does not move. With *tenant_id*, its rows too: none tied to another
+        tenant's through a foreign key, and every row of a table that does not move
+        (shared reference data) that they reference present at the target."""
         with self.admin(source) as src, self.admin(target) as dst:
             self.check_distinct(source, target, src, dst)
             with src.connect() as s, dst.connect() as d:
@@ -200,7 +209,7 @@ class Mover:
                         f"but {source.name!r} is at {src_rev or 'none'}: run "
                         "`tenantry migrate upgrade` first"
                     )
-                tables = tenant_tables(s, column=self.column)
+                tables = tenant_tables(s, column=self.column, schemas=self.schemas)
                 check_whole_database(s, tables, column=self.column)
                 for end, conn in ((source, s), (target, d)):
                     triggers = user_triggers(conn, tables)
@@ -212,13 +221,49 @@ class Mover:
                             "would fire them: GRANT SET ON PARAMETER session_replication_role "
                             "to it, or disable the triggers"
                         )
-                check_same_tables(tables, tenant_tables(d, column=self.column))
+                check_same_tables(
+                    tables, tenant_tables(d, column=self.column, schemas=self.schemas)
+                )
                 if not sa.inspect(d).has_table("tenantry_residency"):
                     raise MoveRefused(
                         f"shard {target.name!r} lacks tenantry's tables: run "
                         "`tenantry migrate upgrade`"
                     )
+                if tenant_id is not None:
+                    problems = cross_tenant_problems(s, tenant_id, tables, self.column)
+                    problems += missing_references(s, d, tenant_id, tables, self.column)
+                    if problems:
+                        raise MoveRefused(
+                            f"cannot move tenant {tenant_id!r}: {problems[0]}",
+                            tenant_id=tenant_id,
+                        )
         return tables
+
+    def check_droppable(self, tenant_id: str, source: Shard, *, move_id: int | None) -> None:
+        """Refuse to drop *source*'s database while a table with the tenant column, in
+        any schema, holds another tenant's row: when planning (*move_id* None,
+        MoveRefused), and just before the drop (MoveError: the move waits, resumable),
+        when a row of *tenant_id* left by the cleanup refuses it too."""
+        if source.backend != "postgresql":
+            return
+        with self.admin(source) as engine, engine.connect() as conn:
+            left = rows_left(conn, tenant_id, self.column, own=move_id is not None)
+        if left is None:
+            return
+        if move_id is None:
+            raise MoveRefused(
+                f"refusing to drop the database of shard {source.name!r}: {left}; move or "
+                "delete those rows first, or demote without --drop-source (the database "
+                "is then kept, retired)",
+                tenant_id=tenant_id,
+            )
+        raise MoveError(
+            f"refusing to drop the database of shard {source.name!r}: {left}; the tenant "
+            f"lives on its new shard already; move or delete those rows, then run "
+            f"`tenantry moves resume {move_id}` (the database is kept until then)",
+            tenant_id=tenant_id,
+            move_id=move_id,
+        )
 
     def check_distinct(self, source: Shard, target: Shard, src: Engine, dst: Engine) -> None:
         """Refuse (MoveRefused) when *src* and *dst* reach one database.
@@ -479,7 +524,7 @@ class Mover:
                 with src.begin():
                     if src.dialect.name == "postgresql":
                         src.exec_driver_sql("SET TRANSACTION READ ONLY")
-                    tables = tenant_tables(src, column=self.column)
+                    tables = tenant_tables(src, column=self.column, schemas=self.schemas)
                     with dst.begin():
                         if dst.dialect.name == "postgresql" and replica_allowed(dst):
                             quiet_triggers(dst)
@@ -518,7 +563,7 @@ class Mover:
         with self.admin(source) as src_engine, self.admin(target) as dst_engine:
             with src_engine.connect() as src, dst_engine.connect() as dst:
                 with src.begin(), dst.begin():
-                    tables = tenant_tables(src, column=self.column)
+                    tables = tenant_tables(src, column=self.column, schemas=self.schemas)
 
                     def digest(conn: Connection) -> dict[str, TableDigest]:
                         return digest_tenant(
@@ -530,6 +575,9 @@ class Mover:
                         left_future = pool.submit(digest, src)
                         right = digest(dst)
                         left = left_future.result()
+                    # Copies and cleanups fire no foreign-key triggers: the shared rows
+                    # the tenant's reference must be at the target, checked here.
+                    missing = missing_references(src, dst, move.tenant_id, tables, self.column)
         differ = compare_digests(left, right)
         self.journal.update(
             move.id,
@@ -543,6 +591,10 @@ class Mover:
             )
             self.journal.update(move.id, state=MoveState.ABORTED, error=message)
             raise VerificationFailed(message, tables=differ)
+        if missing:
+            message = f"verification failed: {missing[0]}"
+            self.journal.update(move.id, state=MoveState.ABORTED, error=message)
+            raise VerificationFailed(message, tables=[])
 
     # switch ------------------------------------------------------------------------------
 
@@ -629,7 +681,7 @@ class Mover:
             # Outside the freeze: the new home's statistics, for the application's plans.
             target = self.catalog.get_shard(move.target)
             with self.admin(target) as engine, engine.begin() as conn:
-                analyze_tables(conn, tenant_tables(conn, column=self.column))
+                analyze_tables(conn, tenant_tables(conn, column=self.column, schemas=self.schemas))
             self.journal.update(move.id, stats={"analyzed": True})
         try:
             source = self.catalog.get_shard(move.source)
@@ -641,7 +693,7 @@ class Mover:
         with self.admin(source) as engine:
             self._not_the_target(move, source, engine)
             with engine.connect() as conn:
-                tables = tenant_tables(conn, column=self.column)
+                tables = tenant_tables(conn, column=self.column, schemas=self.schemas)
                 for slow in unindexed_foreign_keys(conn, tables):
                     logger.warning("%s", slow)
                     self.observer.note(slow)
@@ -688,8 +740,17 @@ class Mover:
             raise MoveError(message, tenant_id=move.tenant_id, move_id=move.id)
 
     def _drop_source(self, move: Move, source: Shard) -> None:
-        from tenantry.migrations.provision import drop_database
+        from tenantry.migrations.provision import database_exists, drop_database
 
+        url = make_url(source.operations_url)
+        if source.backend == "postgresql" and database_exists(
+            url.set(database="postgres").render_as_string(hide_password=False),
+            url.database or "",
+            connect_timeout=self.settings.connect_timeout,
+        ):
+            # Checked on the live database just before it goes (not on a resume after
+            # it went).
+            self.check_droppable(move.tenant_id, source, move_id=move.id)
         drop_database(source.operations_url, connect_timeout=self.settings.connect_timeout)
         with suppress(UnknownShard):
             self.catalog.remove_shard(source.name, for_move=move.id)
@@ -734,7 +795,7 @@ class Mover:
         if target is not None and not same:
             with self.admin(target) as engine:
                 with engine.connect() as conn:
-                    tables = tenant_tables(conn, column=self.column)
+                    tables = tenant_tables(conn, column=self.column, schemas=self.schemas)
                     quiet = conn.dialect.name == "postgresql" and replica_allowed(conn)
                 delete_tenant_rows(engine, move.tenant_id, tables, column=self.column, quiet=quiet)
                 with engine.connect() as conn:

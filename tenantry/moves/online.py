@@ -30,7 +30,15 @@ from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
-from tenantry.moves.tables import TenantTable, analyze_tables, tenant_tables
+from tenantry.moves.references import (
+    ForeignKey,
+    Key,
+    absent_keys,
+    check_references,
+    describe_missing,
+    referenced_keys,
+)
+from tenantry.moves.tables import TenantTable, analyze_tables, quoted_name, tenant_tables
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
 from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard
@@ -55,6 +63,9 @@ DEFAULT_FREEZE_ATTEMPTS = 5
 _CAUGHT_UP_BYTES = 64 * 1024
 #: More changed rows than this since the cut: check them at a new cut before freezing.
 TAIL_ROWS_PER_FREEZE = 20_000
+#: Shared rows referenced at the cut, per foreign key, checked again in the final freeze
+#: at most (beyond, only those the rows changed since the cut reference).
+RECHECKED_REFERENCES = 20_000
 
 _T = TypeVar("_T")
 
@@ -96,6 +107,9 @@ class OnlineSteps:
         self._tails: dict[int, tail.Tail] = {}
         self._tables: dict[int, list[TenantTable]] = {}
         self._verified: set[int] = set()
+        # Per move: the shared rows the tenant referenced at the cut, by foreign key
+        # (None: too many to check again inside the freeze).
+        self._references: dict[int, list[tuple[ForeignKey, list[Key] | None]]] = {}
 
     def _shards(self, move: Move) -> tuple[Shard, Shard]:
         catalog = self.mover.catalog
@@ -117,7 +131,7 @@ class OnlineSteps:
             with src_engine.connect() as src, dst_engine.connect() as dst:
                 src = src.execution_options(isolation_level="AUTOCOMMIT")
                 dst = dst.execution_options(isolation_level="AUTOCOMMIT")
-                tables = tenant_tables(src, column=mover.column)
+                tables = tenant_tables(src, column=mover.column, schemas=mover.schemas)
                 problems = online_problems(src, dst, tables, mover.column, move.id)
                 if problems:
                     raise MoveRefused("cannot move online: " + "; ".join(problems))
@@ -217,6 +231,16 @@ class OnlineSteps:
                     left, right = _digest_both(
                         src_snap, dst_snap, move.tenant_id, tables, mover.column
                     )
+                    # Nor does the apply worker check foreign keys: the shared rows the
+                    # tenant's rows reference must be at the target too.
+                    missing, checked = check_references(
+                        src_snap, dst_snap, move.tenant_id, tables, mover.column
+                    )
+                    # Checked again in the final freeze, with what changed since.
+                    self._references[move.id] = [
+                        (key, keys if len(keys) <= RECHECKED_REFERENCES else None)
+                        for key, keys in checked
+                    ]
         differ = compare_digests(left, right)
         seconds = time.monotonic() - began
         mover.observer.note(
@@ -236,6 +260,8 @@ class OnlineSteps:
                 + ", ".join(differ),
                 tables=differ,
             )
+        if missing:
+            raise VerificationFailed(f"verification failed at the cut: {missing[0]}", tables=[])
 
     def _cut(
         self,
@@ -332,6 +358,7 @@ class OnlineSteps:
                 differ = tail.compare_tail(
                     src, dst, move.tenant_id, tables, changed, column=self.mover.column
                 )
+                missing = [] if differ else self._check_references(move, src, dst, changed)
         except sa.exc.OperationalError as exc:
             if not isinstance(exc.orig, psycopg.errors.QueryCanceled):
                 raise
@@ -344,6 +371,29 @@ class OnlineSteps:
                 "and target: " + ", ".join(differ),
                 tables=differ,
             )
+        if missing:
+            raise VerificationFailed(f"verification failed: {missing[0]}", tables=[])
+
+    def _check_references(
+        self, move: Move, src: Connection, dst: Connection, changed: tail.Tail
+    ) -> list[str]:
+        """Inside the final freeze: the shared rows referenced at the cut and by the rows
+        changed since are all at the target (a reference row may have been deleted at
+        the target, a changed row may reference a new one; nothing else checks)."""
+        found = []
+        for key, at_cut in self._references.get(move.id, []):
+            keys = set(at_cut or ())
+            rows = tail.changed_table(src, changed, key.child)
+            if rows is not None and rows.whole:
+                keys |= set(referenced_keys(src, move.tenant_id, key, self.mover.column))
+            elif rows is not None:
+                keys |= tail.referenced_by_changes(
+                    src, move.tenant_id, key.child, rows, key.columns, self.mover.column
+                )
+            missing = absent_keys(dst, key, sorted(keys))
+            if missing:
+                found.append(describe_missing(move.tenant_id, key, missing))
+        return found
 
     def verified_in_freeze(self, move_id: int) -> bool:
         """Whether :meth:`cutover` compared the rows changed since a verified cut (in this
@@ -433,6 +483,7 @@ class OnlineSteps:
         forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
         self._tails.pop(move.id, None)
         self._tables.pop(move.id, None)
+        self._references.pop(move.id, None)
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),
@@ -453,7 +504,7 @@ class OnlineSteps:
         """Move the target's sequences past the replicated ids (never backwards)."""
         with dst.begin():
             for table in self._tenant_tables(move, src):
-                quoted = dst.dialect.identifier_preparer.quote(table.name)
+                quoted = quoted_name(dst, table)
                 for column, sequence in table.sequences:
                     col = dst.dialect.identifier_preparer.quote(column)
                     dst.execute(
@@ -471,7 +522,7 @@ class OnlineSteps:
         too many for inside the freeze); reflected anew by a resumed mover."""
         tables = self._tables.get(move.id)
         if tables is None:
-            tables = tenant_tables(src, column=self.mover.column)
+            tables = tenant_tables(src, column=self.mover.column, schemas=self.mover.schemas)
             src.rollback()
             self._tables[move.id] = tables
         return tables

@@ -19,7 +19,7 @@ shard's operations role.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -93,7 +93,7 @@ def remove_tenant(
     shard = catalog.get_shard(tenant.shard)
     column = catalog.settings.tenant_column
     with _operations(catalog, shard) as engine:
-        tables = _tables(engine, column)
+        tables = _tables(engine, column, catalog.settings.move_schemas)
         found = _count(engine, tenant_id, tables, column)
         if rows == "keep":
             catalog.remove_tenant(tenant_id)
@@ -140,7 +140,11 @@ def remove_tenant(
             if unfreeze:
                 _write(engine, tenant_id, Residency.ACTIVE, catalog.map_version())
     if rows == "purge":
-        deleted = {t.name: deleted.get(t.name, 0) for t in tables if found.get(t.name)}
+        deleted = {
+            t.qualified_name: deleted.get(t.qualified_name, 0)
+            for t in tables
+            if found.get(t.qualified_name)
+        }
         return TenantRemoval(tenant, "purge", found, deleted)
     return TenantRemoval(tenant, "refuse", found)
 
@@ -152,7 +156,8 @@ def tenant_row_counts(catalog_or_router: object, tenant_id: str) -> dict[str, in
     shard = catalog.get_shard(catalog.get_tenant(tenant_id).shard)
     column = catalog.settings.tenant_column
     with _operations(catalog, shard) as engine:
-        return _count(engine, tenant_id, _tables(engine, column), column)
+        tables = _tables(engine, column, catalog.settings.move_schemas)
+        return _count(engine, tenant_id, tables, column)
 
 
 # -- steps -----------------------------------------------------------------------------------
@@ -189,9 +194,9 @@ def _operations(catalog: Catalog, shard: Shard) -> Iterator[Engine]:
         engine.dispose()
 
 
-def _tables(engine: Engine, column: str) -> list[TenantTable]:
+def _tables(engine: Engine, column: str, schemas: Sequence[str]) -> list[TenantTable]:
     with engine.connect() as conn:
-        return tenant_tables(conn, column=column)
+        return tenant_tables(conn, column=column, schemas=schemas)
 
 
 def _count(
@@ -201,7 +206,7 @@ def _count(
     with engine.connect() as conn:
         for table in tables:
             target = sa.table(table.name, sa.column(column), schema=table.schema)
-            counts[table.name] = int(
+            counts[table.qualified_name] = int(
                 conn.execute(
                     sa.select(sa.func.count())
                     .select_from(target)

@@ -19,7 +19,7 @@ from psycopg.conninfo import make_conninfo
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
-from tenantry.moves.tables import TenantTable
+from tenantry.moves.tables import TenantTable, quoted_name
 
 __all__ = [
     "PREFIX",
@@ -130,15 +130,15 @@ def replica_identity_problems(
                 "    (c.relreplident = 'i' AND i.indisreplident)))"
                 " FROM pg_class c WHERE c.oid = to_regclass(:t)"
             ),
-            {"t": table.name},
+            {"t": quoted_name(conn, table)},
         ).one()
         mode, columns = row[0], row[1] or []
         if mode == "f" or (mode in ("d", "i") and column in columns):
             continue
         found.append(
-            f"table {table.name!r}: its replica identity does not include {column!r}; run "
-            f"ALTER TABLE {table.name} REPLICA IDENTITY FULL, or make the primary key "
-            f"begin with {column}"
+            f"table {table.qualified_name!r}: its replica identity does not include "
+            f"{column!r}; run ALTER TABLE {quoted_name(conn, table)} REPLICA IDENTITY FULL, "
+            f"or make the primary key begin with {column}"
         )
     return found
 
@@ -161,8 +161,8 @@ def create_publication(
     """The tenant's row-filtered publication (plus the sentinel table)."""
     q = _quote(conn, column)
     parts = [
-        f"TABLE {_quote(conn, t)} WHERE ({q} = {_literal(tenant_id)})"
-        for t in [*(t.name for t in tables), SENTINEL]
+        f"TABLE {t} WHERE ({q} = {_literal(tenant_id)})"
+        for t in [*(quoted_name(conn, t) for t in tables), _quote(conn, SENTINEL)]
     ]
     conn.exec_driver_sql(
         f"CREATE PUBLICATION {_quote(conn, name)} FOR {', '.join(parts)}"

@@ -13,7 +13,7 @@ from sqlalchemy.pool import NullPool
 
 from tenantry.errors import ShardUnavailable
 from tenantry.moves.planner import TenantSize
-from tenantry.moves.tables import TenantTable, tenant_tables
+from tenantry.moves.tables import TenantTable, quoted_name, tenant_tables
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tier
@@ -24,7 +24,7 @@ __all__ = ["follow_move", "measure_shard", "measure_sizes", "stale_sizes", "stor
 
 def _measure_table(conn: Connection, table: TenantTable, column: str) -> list[tuple[str, int, int]]:
     q = conn.dialect.identifier_preparer.quote
-    name, col = q(table.name), q(column)
+    name, col = quoted_name(conn, table), q(column)
     if conn.dialect.name == "postgresql":
         # pg_column_size of the whole row: what the tenant's rows take on disk, roughly.
         query = f"SELECT {col}, count(*), coalesce(sum(pg_column_size(t.*)), 0) FROM {name} t GROUP BY {col}"  # noqa: E501
@@ -37,7 +37,11 @@ def _measure_table(conn: Connection, table: TenantTable, column: str) -> list[tu
 
 
 def measure_shard(
-    shard: Shard, *, column: str = "tenant_id", connect_timeout: float = 5.0
+    shard: Shard,
+    *,
+    column: str = "tenant_id",
+    connect_timeout: float = 5.0,
+    schemas: Sequence[str] = (),
 ) -> dict[str, TenantSize]:
     """Every tenant's size on one shard, counted with one aggregate query per table."""
     engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
@@ -47,7 +51,7 @@ def measure_shard(
             f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
         ):
             with engine.connect() as conn:
-                for table in tenant_tables(conn, column=column):
+                for table in tenant_tables(conn, column=column, schemas=schemas):
                     for tenant, rows, size in _measure_table(conn, table, column):
                         totals[tenant][0] += rows
                         totals[tenant][1] += size
@@ -74,6 +78,7 @@ def measure_sizes(
             shard,
             column=catalog.settings.tenant_column,
             connect_timeout=catalog.settings.connect_timeout,
+            schemas=catalog.settings.move_schemas,
         )
         for tenant in snapshot.tenants_on(shard.name):
             size = measured.get(tenant.id, TenantSize())

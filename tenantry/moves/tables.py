@@ -30,6 +30,7 @@ __all__ = [
     "analyze_tables",
     "check_same_tables",
     "check_whole_database",
+    "quoted_name",
     "tenant_tables",
     "unindexed_foreign_keys",
     "value_reader",
@@ -78,81 +79,112 @@ class TenantTable:
 @dataclass(slots=True)
 class _Reflected:
     name: str
+    schema: str | None = None  # None: the connection's default schema
     columns: list[tuple[str, str]] = field(default_factory=list)  # copyable: (name, type)
     all_columns: set[str] = field(default_factory=set)  # generated ones too
     primary_key: list[str] = field(default_factory=list)
     sequences: list[tuple[str, str]] = field(default_factory=list)
-    parents: set[str] = field(default_factory=set)  # tables it references
+    #: tables it references (qualified as :attr:`TenantTable.qualified_name`) -> the
+    #: name of the first foreign key that does ("" where the database names none)
+    parents: dict[str, str] = field(default_factory=dict)
     without_rowid: bool = False
+    #: in a schema that moves (PostgreSQL: see *schemas* of :func:`tenant_tables`)
+    movable: bool = True
 
 
 def tenant_tables(
-    conn: Connection, *, column: str = "tenant_id", schema: str | None = None
+    conn: Connection,
+    *,
+    column: str = "tenant_id",
+    schema: str | None = None,
+    schemas: Iterable[str] | None = None,
 ) -> list[TenantTable]:
     """The tables holding tenant rows, parents before children by their foreign keys.
 
-    Every table (of *schema*, default: the connection's own) that has *column* is
-    taken, except tenantry's own ``tenantry_*`` tables. The order is topological:
-    among the tables whose parents are all placed, the first by name goes next, so
-    the order is deterministic. Self-references are ignored. The tables of a
-    foreign-key cycle stay together, after all their parents and before all their
-    children, the one with the fewest unplaced parents first (ties by name); a copy
-    of a cycle relies on deferred constraint checks (SQLite always, PostgreSQL for
-    ``DEFERRABLE`` keys).
+    Every table that has *column* is taken, except tenantry's own ``tenantry_*``
+    tables. On PostgreSQL the tables of every application schema are taken: all but
+    ``pg_catalog``, ``information_schema``, ``pg_toast*``, ``pg_temp*`` and tenantry's
+    own schema ``tenantry``; *schemas*, when not empty, limits them to those schemas and
+    the connection's default one (the ``move_schemas`` setting). Tables of the default
+    schema (``current_schema()``) have ``schema=None``, the others carry theirs. With
+    *schema*, only that schema is reflected and every table carries it. SQLite is one
+    schema (*schema* names an attached database).
+
+    The order is topological over qualified names (a foreign key between schemas
+    orders too): among the tables whose parents are all placed, the first by qualified
+    name goes next, so the order is deterministic. Self-references are ignored. The
+    tables of a foreign-key cycle stay together, after all their parents and before
+    all their children, the one with the fewest unplaced parents first (ties by name);
+    a copy of a cycle relies on deferred constraint checks (SQLite always, PostgreSQL
+    for ``DEFERRABLE`` keys).
 
     Raises :class:`SchemaContractError` for a table whose primary key lacks *column*
-    (or that has no primary key), and for a table without *column* whose foreign key
-    references a tenant table: its rows would be left behind by a move.
+    (or that has no primary key), and for a table that does not move (no *column*, or
+    in a schema *schemas* leaves out) whose foreign key references a tenant table: its
+    rows would be left behind by a move.
     """
     if conn.dialect.name == "postgresql":
-        reflected = _reflect_postgresql(conn, schema)
+        reflected = _reflect_postgresql(conn, schema, schemas)
     elif conn.dialect.name == "sqlite":
         reflected = _reflect_sqlite(conn, schema)
     else:
         raise NotImplementedError(f"tenant moves do not support {conn.dialect.name!r}")
     tenant = {
-        name: table
-        for name, table in reflected.items()
-        if column in table.all_columns and not name.startswith(_OWN_PREFIX)
+        key: table
+        for key, table in reflected.items()
+        if column in table.all_columns and not table.name.startswith(_OWN_PREFIX) and table.movable
     }
-    for name in sorted(tenant):
-        table = tenant[name]
+    for key in sorted(tenant):
+        table = tenant[key]
         if not table.primary_key:
             raise SchemaContractError(
-                _qualify(schema, name),
+                key,
                 f"it has a {column} column but no primary key: add one that includes "
                 f"{column}, e.g. PRIMARY KEY ({column}, id)",
             )
         if column not in table.primary_key:
             raise SchemaContractError(
-                _qualify(schema, name),
+                key,
                 f"its primary key ({', '.join(table.primary_key)}) does not include "
                 f"{column}, so the tenant's rows cannot be copied and verified by key: "
                 f"make {column} part of the primary key, e.g. PRIMARY KEY "
                 f"({column}, {', '.join(c for c in table.primary_key if c != column)})",
             )
-    for name in sorted(set(reflected) - set(tenant)):
-        if name.startswith(_OWN_PREFIX):
+    for key in sorted(set(reflected) - set(tenant)):
+        table = reflected[key]
+        if table.name.startswith(_OWN_PREFIX):
             continue
-        referenced = sorted(reflected[name].parents & set(tenant))
-        if referenced:
-            raise SchemaContractError(
-                _qualify(schema, name),
-                f"it references tenant table {referenced[0]!r} but has no {column} "
-                f"column, so a move would leave its rows behind: add {column} to it "
-                "(and to its primary key)",
+        referenced = sorted(set(table.parents) & set(tenant))
+        if not referenced:
+            continue
+        constraint = table.parents[referenced[0]]
+        named = f"its foreign key {constraint!r}" if constraint else "it"
+        if column in table.all_columns:
+            fix = (
+                f"add schema {table.schema!r} to TENANTRY_MOVE_SCHEMAS, or drop the key"
+                if not table.movable
+                else "drop the key"
             )
+            why = "its schema does not move"
+        else:
+            fix = f"add {column} to it (and to its primary key), or drop the key"
+            why = f"it has no {column} column"
+        raise SchemaContractError(
+            key,
+            f"{named} references tenant table {referenced[0]!r} but {why}, so a move "
+            "would leave its rows behind (or delete them through ON DELETE CASCADE): " + fix,
+        )
     return [
         TenantTable(
-            name=name,
-            columns=tuple(c for c, _ in tenant[name].columns),
-            primary_key=tuple(tenant[name].primary_key),
-            sequences=tuple(tenant[name].sequences),
-            column_types=tuple(t for _, t in tenant[name].columns),
-            schema=schema,
-            without_rowid=tenant[name].without_rowid,
+            name=tenant[key].name,
+            columns=tuple(c for c, _ in tenant[key].columns),
+            primary_key=tuple(tenant[key].primary_key),
+            sequences=tuple(tenant[key].sequences),
+            column_types=tuple(t for _, t in tenant[key].columns),
+            schema=tenant[key].schema,
+            without_rowid=tenant[key].without_rowid,
         )
-        for name in _parents_first({n: t.parents & set(tenant) for n, t in tenant.items()})
+        for key in _parents_first({k: set(t.parents) & set(tenant) for k, t in tenant.items()})
     ]
 
 
@@ -205,58 +237,49 @@ def unindexed_foreign_keys(conn: Connection, tables: Iterable[TenantTable]) -> l
 def check_whole_database(
     conn: Connection, tables: Iterable[TenantTable], *, column: str = "tenant_id"
 ) -> None:
-    """Refuse (SchemaContractError) a database whose tenant rows a move would not see.
-
-    Moves copy the tenant tables of the connection's own schema. PostgreSQL only (a
-    SQLite file is one schema): a table with *column* in another schema would be left
-    behind, and a foreign key from any table outside the moved set to a tenant table
-    would keep rows behind, or lose them to an ``ON DELETE CASCADE`` when the source is
-    cleaned. Both are refused before anything is frozen, naming the table and the key.
+    """Refuse (SchemaContractError) a foreign key to a tenant table from a table that
+    does not move with the tenant, found in ``pg_constraint`` in any schema (tenantry's
+    and the ones ``move_schemas`` leaves out included): its rows would stay behind, or
+    be lost to an ``ON DELETE CASCADE`` when the source is cleaned. Refused before
+    anything is frozen, naming the key, its table and the fix. A partition counts as
+    its partitioned table. PostgreSQL only (a SQLite file is one schema, and
+    :func:`tenant_tables` refuses such a table there).
     """
     if conn.dialect.name != "postgresql":
         return
-    moved = {table.name for table in tables}
-    schema = conn.execute(sa.text("SELECT current_schema()")).scalar()
-    outside = conn.execute(
+    names = [quoted_name(conn, table) for table in tables]
+    if not names:
+        return
+    found = conn.execute(
         sa.text(
-            "SELECT n.nspname, c.relname FROM pg_class c"
-            " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :column"
-            "  AND a.attnum > 0 AND NOT a.attisdropped"
-            " WHERE c.relkind IN ('r', 'p') AND c.relpersistence <> 't'"
-            "  AND n.nspname <> current_schema()"
-            "  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantry')"
-            "  AND n.nspname NOT LIKE 'pg\\_%'"
-            " ORDER BY 1, 2"
+            "WITH moved AS (SELECT array_agg(to_regclass(n)) AS oids"
+            "  FROM unnest(CAST(:t AS text[])) n)"
+            " SELECT k.conname, k.conrelid::regclass::text, k.confrelid::regclass::text"
+            " FROM pg_constraint k, moved"
+            " WHERE k.contype = 'f' AND k.conparentid = 0"
+            "  AND COALESCE(pg_partition_root(k.confrelid), k.confrelid) = ANY(moved.oids)"
+            "  AND NOT COALESCE(pg_partition_root(k.conrelid), k.conrelid) = ANY(moved.oids)"
+            " ORDER BY 2, 1 LIMIT 1"
         ),
-        {"column": column},
+        {"t": names},
     ).first()
-    if outside is not None:
+    if found is not None:
+        constraint, child, parent = found
         raise SchemaContractError(
-            f"{outside[0]}.{outside[1]}",
-            f"it has a {column} column but lives outside schema {schema!r}, the one moves "
-            "copy: a move would leave its rows behind; keep tenant tables in that schema",
-        )
-    for child_schema, child, parent, constraint in conn.execute(
-        sa.text(
-            "SELECT cn.nspname, cc.relname, pc.relname, k.conname FROM pg_constraint k"
-            " JOIN pg_class cc ON cc.oid = k.conrelid"
-            " JOIN pg_namespace cn ON cn.oid = cc.relnamespace"
-            " JOIN pg_class pc ON pc.oid = k.confrelid"
-            " JOIN pg_namespace pn ON pn.oid = pc.relnamespace"
-            " WHERE k.contype = 'f' AND pn.nspname = current_schema()"
-            " ORDER BY 1, 2, 4"
-        )
-    ):
-        if parent not in moved or (child_schema == schema and child in moved):
-            continue
-        raise SchemaContractError(
-            f"{child_schema}.{child}",
+            child,
             f"its foreign key {constraint!r} references tenant table {parent!r} but it does "
             "not move with the tenant, so a move would leave its rows behind (or delete them "
-            f"through ON DELETE CASCADE): make it a tenant table with {column} in the same "
-            "schema, or drop the key",
+            f"through ON DELETE CASCADE): make it a tenant table ({column} in its primary "
+            "key, in a schema that moves), or drop the key",
         )
+
+
+def quoted_name(conn: Connection, table: TenantTable) -> str:
+    """The table's name for SQL: quoted, with its schema when it has one."""
+    quote = conn.dialect.identifier_preparer.quote
+    if table.schema:
+        return f"{quote(table.schema)}.{quote(table.name)}"
+    return quote(table.name)
 
 
 def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> None:
@@ -265,9 +288,9 @@ def check_same_tables(source: list[TenantTable], target: list[TenantTable]) -> N
     A table differs when the target has no table of that name or another set of
     copyable columns (the order may differ: copies name their columns).
     """
-    by_name = {t.name: t for t in target}
+    by_name = {(t.schema, t.name): t for t in target}
     for table in source:
-        other = by_name.get(table.name)
+        other = by_name.get((table.schema, table.name))
         if other is None:
             raise SchemaContractError(
                 table.qualified_name,
@@ -379,9 +402,24 @@ def _components(graph: Mapping[str, list[str]]) -> dict[str, int]:
 
 # PostgreSQL ---------------------------------------------------------------------------
 
+#: The namespaces of application tables (pg_namespace ``n``): all but the system's
+#: and tenantry's own; or the one named ``:schema``.
+_PG_SCHEMAS = """
+    CASE WHEN CAST(:schema AS text) IS NULL
+         THEN n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantry')
+              AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+         ELSE n.nspname = CAST(:schema AS text) END
+"""
+
+#: Application schemas, for queries of other modules (pg_namespace ``n``).
+APP_SCHEMAS_SQL = """
+    n.nspname NOT IN ('pg_catalog', 'information_schema', 'tenantry')
+    AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp%'
+"""
+
 _PG_COLUMNS = sa.text(
-    """
-    SELECT c.relname AS table_name, a.attname AS column_name,
+    f"""
+    SELECT n.nspname AS schema_name, c.relname AS table_name, a.attname AS column_name,
            format_type(a.atttypid, a.atttypmod) AS column_type,
            a.attgenerated <> '' AS generated,
            COALESCE(
@@ -400,49 +438,65 @@ _PG_COLUMNS = sa.text(
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-     WHERE n.nspname = COALESCE(:schema, current_schema())
-       AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-     ORDER BY c.relname, a.attnum
+     WHERE {_PG_SCHEMAS}
+       AND c.relkind IN ('r', 'p') AND NOT c.relispartition AND c.relpersistence <> 't'
+     ORDER BY n.nspname, c.relname, a.attnum
     """
 )
 
 _PG_KEYS = sa.text(
-    """
-    SELECT c.relname AS table_name, k.contype AS kind,
+    f"""
+    SELECT n.nspname AS schema_name, c.relname AS table_name, k.contype AS kind,
+           k.conname AS constraint_name,
            ARRAY(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY AS u(attnum, i)
                    JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.attnum
                   ORDER BY u.i) AS columns,
-           r.relname AS referenced,
-           rn.nspname = n.nspname AS same_schema
+           rn.nspname AS referenced_schema, r.relname AS referenced
       FROM pg_constraint k
       JOIN pg_class c ON c.oid = k.conrelid
       JOIN pg_namespace n ON n.oid = c.relnamespace
       LEFT JOIN pg_class r ON r.oid = k.confrelid
       LEFT JOIN pg_namespace rn ON rn.oid = r.relnamespace
-     WHERE n.nspname = COALESCE(:schema, current_schema())
+     WHERE {_PG_SCHEMAS}
        AND k.contype IN ('p', 'f') AND NOT c.relispartition
        AND k.conparentid = 0
+     ORDER BY n.nspname, c.relname, k.conname
     """
 )
 
 
-def _reflect_postgresql(conn: Connection, schema: str | None) -> dict[str, _Reflected]:
+def _reflect_postgresql(
+    conn: Connection, schema: str | None, schemas: Iterable[str] | None
+) -> dict[str, _Reflected]:
+    """Tables by qualified name (:attr:`TenantTable.qualified_name`)."""
+    default = None if schema else conn.execute(sa.text("SELECT current_schema()")).scalar()
+    allowed = set(schemas or ())
+
+    def key(nsp: str, rel: str) -> str:
+        return rel if nsp == default else f"{nsp}.{rel}"
+
     tables: dict[str, _Reflected] = {}
     for row in conn.execute(_PG_COLUMNS, {"schema": schema}):
-        table = tables.setdefault(row.table_name, _Reflected(row.table_name))
+        name = key(row.schema_name, row.table_name)
+        table = tables.get(name)
+        if table is None:
+            own = None if row.schema_name == default else row.schema_name
+            movable = not allowed or own is None or own in allowed
+            table = tables[name] = _Reflected(row.table_name, own, movable=movable)
         table.all_columns.add(row.column_name)
         if not row.generated:
             table.columns.append((row.column_name, row.column_type))
         if row.sequence_name:
             table.sequences.append((row.column_name, row.sequence_name))
     for row in conn.execute(_PG_KEYS, {"schema": schema}):
-        keyed = tables.get(row.table_name)
+        keyed = tables.get(key(row.schema_name, row.table_name))
         if keyed is None:
             continue
         if row.kind == "p":
             keyed.primary_key = list(row.columns)
-        elif row.same_schema and row.referenced:
-            keyed.parents.add(row.referenced)
+        elif row.referenced:
+            parent = key(row.referenced_schema, row.referenced)
+            keyed.parents.setdefault(parent, row.constraint_name)
     return tables
 
 
@@ -457,7 +511,7 @@ def _reflect_sqlite(conn: Connection, schema: str | None) -> dict[str, _Reflecte
     ).all()
     tables: dict[str, _Reflected] = {}
     for name, ddl in rows:
-        table = _Reflected(name)
+        table = _Reflected(name, schema)
         table.without_rowid = bool(ddl and _WITHOUT_ROWID.search(ddl))
         keyed: list[tuple[int, str]] = []
         # table_xinfo: cid, name, type, notnull, dflt_value, pk, hidden
@@ -471,13 +525,16 @@ def _reflect_sqlite(conn: Connection, schema: str | None) -> dict[str, _Reflecte
         table.primary_key = [c for _, c in sorted(keyed)]
         # foreign_key_list: id, seq, table, from, to, on_update, on_delete, match
         for fk in conn.exec_driver_sql(f"PRAGMA {prefix}foreign_key_list({_quote(name)})"):
-            table.parents.add(fk[2])
+            table.parents.setdefault(fk[2], "")
         tables[name] = table
     # SQLite matches table names case-insensitively, foreign keys included.
     names = {name.lower(): name for name in tables}
     for table in tables.values():
-        table.parents = {names.get(p.lower(), p) for p in table.parents}
-    return tables
+        table.parents = {
+            _qualify(schema, names.get(p.lower(), p)): c for p, c in table.parents.items()
+        }
+    # Keyed as TenantTable.qualified_name: by schema too when one was named.
+    return {_qualify(schema, name): table for name, table in tables.items()}
 
 
 def _quote(identifier: str) -> str:

@@ -33,10 +33,12 @@ from tenantry.moves.verify import (
 __all__ = [
     "Tail",
     "TailTable",
+    "changed_table",
     "compare_tail",
     "create_tail_slot",
     "drain",
     "parse_messages",
+    "referenced_by_changes",
     "tail_slot_name",
     "timeout_ms",
 ]
@@ -265,18 +267,26 @@ def compare_tail(
     ``whole`` are compared in full. Both connections should be in a transaction that
     sees the state to compare.
     """
-    by_name = {t.name: t for t in tables}
+    if not tail.tables:
+        return []
+    # pgoutput names every relation's real namespace; the tables of the connection's
+    # default schema have none.
+    default = str(source.execute(sa.text("SELECT current_schema()")).scalar())
+    by_name = {(t.schema or default, t.name): t for t in tables}
     differ: list[str] = []
     for changed in tail.tables.values():
-        table = by_name.get(changed.name)
+        table = by_name.get((changed.schema, changed.name))
         if table is None:
-            differ.append(changed.name)  # replicated but not a tenant table any more
+            # replicated but not a tenant table any more
+            differ.append(
+                changed.name if changed.schema == default else f"{changed.schema}.{changed.name}"
+            )
             continue
         if changed.whole:
             left: dict[str, TableDigest] = digest_tenant(source, tenant_id, [table], column=column)
             right = digest_tenant(target, tenant_id, [table], column=column)
             if left != right:
-                differ.append(table.name)
+                differ.append(table.qualified_name)
             continue
         by, keys = _lookup_keys(table, changed)
         for start in range(0, len(keys), _BATCH):
@@ -284,9 +294,71 @@ def compare_tail(
             if _row_hashes(source, tenant_id, table, by, batch, column) != _row_hashes(
                 target, tenant_id, table, by, batch, column
             ):
-                differ.append(table.name)
+                differ.append(table.qualified_name)
                 break
     return differ
+
+
+def changed_table(conn: Connection, tail: Tail, table: TenantTable) -> TailTable | None:
+    """*table*'s changed rows in *tail* (None: none changed)."""
+    schema = table.schema or str(conn.execute(sa.text("SELECT current_schema()")).scalar())
+    return tail.tables.get((schema, table.name))
+
+
+def referenced_by_changes(
+    conn: Connection,
+    tenant_id: str,
+    table: TenantTable,
+    changed: TailTable,
+    columns: Sequence[str],
+    column: str = "tenant_id",
+) -> set[tuple[str, ...]]:
+    """The distinct values (as text) of *columns* in the tenant's changed rows of
+    *table* at *conn*, rows with a NULL among them aside: what those rows reference
+    through a foreign key on *columns*. Not for a ``whole`` table (the caller reads
+    every row of those)."""
+    quote = conn.dialect.identifier_preparer.quote
+    name = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
+    by, keys = _lookup_keys(table, changed)
+    types = _column_types(conn, name)
+    slots = [f"k{i}" for i in range(len(by))]
+    arrays = ", ".join(f"CAST(:{s} AS text[])" for s in slots)
+    join = " AND ".join(
+        f"t.{quote(c)} = CAST(k.{s} AS {types[c]})" for c, s in zip(by, slots, strict=True)
+    )
+    values = ", ".join(f"t.{quote(c)}::text" for c in columns)
+    present = " AND ".join(f"t.{quote(c)} IS NOT NULL" for c in columns)
+    found: set[tuple[str, ...]] = set()
+    with rendering_settings(conn), pinned_settings(conn, _LOOKUP_PLAN):
+        for start in range(0, len(keys), _BATCH):
+            batch = keys[start : start + _BATCH]
+            params: dict[str, object] = {s: [k[i] for k in batch] for i, s in enumerate(slots)}
+            params["tenant"] = tenant_id
+            found |= {
+                tuple(str(v) for v in row)
+                for row in conn.execute(
+                    sa.text(
+                        f"SELECT DISTINCT {values}"
+                        f" FROM unnest({arrays}) AS k({', '.join(slots)})"
+                        f" JOIN {name} AS t ON {join} AND t.{quote(column)} = :tenant"
+                        f" WHERE {present}"
+                    ),
+                    params,
+                )
+            }
+    return found
+
+
+def _column_types(conn: Connection, name: str) -> dict[str, str]:
+    return dict(
+        conn.execute(
+            sa.text(
+                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
+                " WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 AND NOT attisdropped"
+            ),
+            {"t": name},
+        ).all()
+    )
 
 
 def _lookup_keys(table: TenantTable, changed: TailTable) -> tuple[tuple[str, ...], list[Key]]:
@@ -313,15 +385,7 @@ def _row_hashes(
     """Row number in *keys* -> md5 of the row's text, for the rows found."""
     quote = conn.dialect.identifier_preparer.quote
     name = f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
-    types: dict[str, str] = dict(
-        conn.execute(
-            sa.text(
-                "SELECT attname::text, format_type(atttypid, atttypmod) FROM pg_attribute"
-                " WHERE attrelid = CAST(:t AS regclass) AND attnum > 0 AND NOT attisdropped"
-            ),
-            {"t": name},
-        ).all()
-    )
+    types = _column_types(conn, name)
     slots = [f"k{i}" for i in range(len(by))]
     arrays = ", ".join(f"CAST(:{s} AS text[])" for s in slots)
     join = " AND ".join(

@@ -71,7 +71,8 @@ def digest_tenant(
     column: str = "tenant_id",
     method: Literal["sql", "python"] = "sql",
 ) -> dict[str, TableDigest]:
-    """Row count and checksum of the tenant's rows in each of *tables*, in table order.
+    """Row count and checksum of the tenant's rows in each of *tables*, in table order,
+    by qualified name (:attr:`TenantTable.qualified_name`).
 
     Runs in the connection's current transaction; for a consistent result across
     tables the caller gives it one snapshot (PostgreSQL ``REPEATABLE READ``).
@@ -85,7 +86,7 @@ def digest_tenant(
     digest = _digest_sql if method == "sql" else _digest_python
     # psycopg parses dates only in ISO style: the python method needs the settings too.
     with rendering_settings(conn):
-        return {table.name: digest(conn, tenant_id, table, column) for table in tables}
+        return {table.qualified_name: digest(conn, tenant_id, table, column) for table in tables}
 
 
 def compare_digests(source: dict[str, TableDigest], target: dict[str, TableDigest]) -> list[str]:
@@ -149,7 +150,7 @@ def _digest_sql(conn: Connection, tenant_id: str, table: TenantTable, column: st
         ),
         {"tenant": tenant_id},
     ).one()
-    return TableDigest(table.name, int(count), f"{int(total) & _MASK:016x}")
+    return TableDigest(table.qualified_name, int(count), f"{int(total) & _MASK:016x}")
 
 
 def _digest_python(
@@ -173,7 +174,7 @@ def _digest_python(
             else:
                 total += row_hash(row)
         count += len(partition)
-    return TableDigest(table.name, count, f"{total & _MASK:016x}")
+    return TableDigest(table.qualified_name, count, f"{total & _MASK:016x}")
 
 
 def row_hash(values: Iterable[Any]) -> int:

@@ -13,6 +13,7 @@ from tenantry.moves.tables import (
     TenantTable,
     _parents_first,
     check_same_tables,
+    check_whole_database,
     tenant_tables,
     unindexed_foreign_keys,
 )
@@ -210,7 +211,64 @@ def test_tables_of_another_schema(pg_engine: sa.Engine) -> None:
     (table,) = reflect(pg_engine, schema="app")
     assert (table.schema, table.name, table.qualified_name) == ("app", "items", "app.items")
     assert table.sequences == (("id", "app.items_id_seq"),)
-    assert [t.name for t in reflect(pg_engine)] == ["other"]
+    # Every application schema; the default one's tables carry no schema.
+    found = reflect(pg_engine)
+    assert [(t.schema, t.name) for t in found] == [("app", "items"), (None, "other")]
+    assert found[0].sequences == (("id", "app.items_id_seq"),)
+    # The setting limits the schemas (the default one always moves).
+    with pg_engine.connect() as conn:
+        assert [t.name for t in tenant_tables(conn, schemas=["nothing"])] == ["other"]
+        assert len(tenant_tables(conn, schemas=["app"])) == 2
+
+
+def test_system_and_own_schemas_never_move(pg_engine: sa.Engine) -> None:
+    run(
+        pg_engine,
+        "CREATE TEMPORARY TABLE scratch (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE SCHEMA IF NOT EXISTS tenantry",
+        "CREATE TABLE tenantry.own (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == ["items"]
+
+
+def test_a_foreign_key_across_schemas_orders_parents_first(pg_engine: sa.Engine) -> None:
+    run(
+        pg_engine,
+        "CREATE SCHEMA zz",
+        "CREATE TABLE zz.accounts (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE TABLE aa_invoices (tenant_id text, id int, account int,"
+        " PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, account) REFERENCES zz.accounts (tenant_id, id))",
+        # a name that sorts before the parent's, in a schema that sorts first too
+        "CREATE SCHEMA a",
+        "CREATE TABLE a.lines (tenant_id text, id int, invoice int, PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, invoice) REFERENCES aa_invoices (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == [
+        "zz.accounts",
+        "aa_invoices",
+        "a.lines",
+    ]
+
+
+def test_a_table_of_a_schema_that_does_not_move_may_not_reference_tenant_rows(
+    pg_engine: sa.Engine,
+) -> None:
+    run(
+        pg_engine,
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))",
+        "CREATE SCHEMA stats",
+        "CREATE TABLE stats.hits (tenant_id text, id int, item int, PRIMARY KEY (tenant_id, id),"
+        " CONSTRAINT hits_item FOREIGN KEY (tenant_id, item) REFERENCES items (tenant_id, id))",
+    )
+    assert [t.qualified_name for t in reflect(pg_engine)] == ["items", "stats.hits"]
+    with pg_engine.connect() as conn, pytest.raises(SchemaContractError) as info:
+        tenant_tables(conn, schemas=["other"])
+    assert info.value.table == "stats.hits"
+    message = str(info.value)
+    assert "'hits_item'" in message and "TENANTRY_MOVE_SCHEMAS" in message
+    assert "\n" not in message
 
 
 def test_partitions_are_copied_through_their_parent(pg_engine: sa.Engine) -> None:
@@ -373,3 +431,42 @@ def test_the_demo_schema_indexes_its_foreign_keys(pg_engine: sa.Engine) -> None:
     Base.metadata.create_all(pg_engine)
     with pg_engine.connect() as conn:
         assert unindexed_foreign_keys(conn, tenant_tables(conn)) == []
+
+
+def test_a_key_from_any_schema_to_a_tenant_table_is_found_in_the_catalog(
+    pg_engine: sa.Engine,
+) -> None:
+    run(
+        pg_engine,
+        "CREATE TABLE items (tenant_id text, id int, PRIMARY KEY (tenant_id, id))"
+        " PARTITION BY LIST (tenant_id)",
+        "CREATE TABLE items_rest PARTITION OF items DEFAULT",
+        "CREATE SCHEMA app",
+        "CREATE TABLE app.lines (tenant_id text, id int, item int, PRIMARY KEY (tenant_id, id),"
+        " FOREIGN KEY (tenant_id, item) REFERENCES items (tenant_id, id))",
+    )
+    with pg_engine.connect() as conn:
+        check_whole_database(conn, tenant_tables(conn))  # tenant tables, partitions: fine
+    # tenantry's own schema is never reflected, but its keys are seen
+    run(
+        pg_engine,
+        "CREATE SCHEMA IF NOT EXISTS tenantry",
+        "CREATE TABLE tenantry.audit (id int PRIMARY KEY, t text, item int,"
+        " CONSTRAINT audit_item FOREIGN KEY (t, item) REFERENCES items (tenant_id, id))",
+    )
+    with pg_engine.connect() as conn:
+        tables = tenant_tables(conn)
+        assert [t.qualified_name for t in tables] == ["items", "app.lines"]
+        with pytest.raises(SchemaContractError) as info:
+            check_whole_database(conn, tables)
+    assert info.value.table == "tenantry.audit"
+    assert "'audit_item'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_same_tables_match_by_schema_and_name() -> None:
+    here = [TenantTable("invoices", ("tenant_id", "id"), ("tenant_id", "id"), schema="billing")]
+    there = [TenantTable("invoices", ("tenant_id", "id"), ("tenant_id", "id"))]
+    with pytest.raises(SchemaContractError, match="missing on the target") as info:
+        check_same_tables(here, there)
+    assert info.value.table == "billing.invoices"
+    check_same_tables(here, here)
