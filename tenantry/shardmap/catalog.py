@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -147,11 +148,27 @@ class Catalog:
         with self._errors(), self._engine.connect() as conn:
             return CATALOG.current(conn)
 
+    def _missing_file(self) -> bool:
+        """A SQLite catalog whose file does not exist (yet)."""
+        parsed = sa.make_url(self.url)
+        database = parsed.database or ""
+        return (
+            parsed.get_backend_name() == "sqlite"
+            and not database.startswith("file:")
+            and not os.path.exists(database)
+        )
+
     def _check_ready(self) -> None:
         if self._ready:
             return
         from tenantry.migrations._alembic import CATALOG
 
+        if self._missing_file():
+            # Looking would create an empty file where none was, and leave it behind.
+            raise CatalogNotInitialized(
+                f"there is no catalog at {mask_url(self.url)}: run `tenantry init` first, "
+                "or set TENANTRY_CATALOG_URL to the fleet's catalog"
+            )
         current = self.revision()
         if current is None:
             raise CatalogNotInitialized(

@@ -68,10 +68,6 @@ def make_engine(
     if poolclass is not None:
         kwargs["poolclass"] = poolclass
     if backend == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            # If the folder cannot be made, connecting says so, as one tenantry error.
-            with suppress(OSError):
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         connect_args.setdefault("timeout", max(connect_timeout, 30.0))
     elif backend in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
@@ -121,6 +117,16 @@ def make_async_engine(url: str, *, connect_timeout: float = 5.0, **kwargs: Any) 
 
 
 def _setup_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "do_connect")
+    def _folder(_dialect: Any, _record: Any, cargs: Any, _cparams: Any) -> None:
+        # The file's folder, made on the first connection (not when the engine is
+        # made: a catalog looked for and not found leaves nothing behind). If it cannot
+        # be made, connecting says so, as one tenantry error.
+        database = str(engine.url.database or "")
+        if database and database != ":memory:" and not database.startswith("file:"):
+            with suppress(OSError):
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+
     # pysqlite's own transaction handling begins lazily and cannot take the write lock
     # up front; take over BEGIN ourselves (SQLAlchemy's documented recipe).
     @event.listens_for(engine, "connect")

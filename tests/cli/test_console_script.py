@@ -60,7 +60,6 @@ def test_python_dash_m_runs_the_same_cli(tmp_path: Path) -> None:
     # no --catalog and no settings: the default catalog under ./.tenantry/, not yet made
     assert done.returncode == 1
     assert done.stderr == (
-        f"error: the catalog at sqlite:///{tmp_path / '.tenantry' / 'catalog.db'} has no "
-        "tenantry schema: "
-        "run `tenantry init` first\n"
+        f"error: there is no catalog at sqlite:///{tmp_path / '.tenantry' / 'catalog.db'}: "
+        "run `tenantry init` first, or set TENANTRY_CATALOG_URL to the fleet's catalog\n"
     )

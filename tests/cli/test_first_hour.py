@@ -59,3 +59,24 @@ def test_shard_create_says_its_default_tier(runner: CliRunner) -> None:
     assert shown.exit_code == 0
     assert "dedicated unless --tier shared" in " ".join(shown.output.split())
     assert "[default: dedicated]" in shown.output
+
+
+def test_no_catalog_is_said_and_nothing_is_left_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without TENANTRY_CATALOG_URL and before `tenantry init`, a Router used to create
+    an empty .tenantry/catalog.db and then say it has no schema."""
+    from tenantry import Router
+    from tenantry.errors import CatalogNotInitialized
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    monkeypatch.delenv("TENANTRY_CATALOG_URL", raising=False)
+    with pytest.raises(CatalogNotInitialized) as missing:
+        Router().session("acme").__enter__()
+    assert str(missing.value) == (
+        f"there is no catalog at sqlite:///{empty / '.tenantry' / 'catalog.db'}: run "
+        "`tenantry init` first, or set TENANTRY_CATALOG_URL to the fleet's catalog"
+    )
+    assert list(empty.iterdir()) == []
