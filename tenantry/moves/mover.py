@@ -828,10 +828,13 @@ def _describe_blockers(conn: Connection, since: Any) -> str:
         ),
         {"since": since, "snapshots": SNAPSHOT_APPLICATION},
     ).all()
-    return ", ".join(
-        f"pid {pid} (user {user!r}, application {app or ''!r}, running {age:.1f}s, {state})"
-        for pid, user, app, age, state in rows
-    ) or "ended meanwhile"
+    return (
+        ", ".join(
+            f"pid {pid} (user {user!r}, application {app or ''!r}, running {age:.1f}s, {state})"
+            for pid, user, app, age, state in rows
+        )
+        or "ended meanwhile"
+    )
 
 
 def _write_residency(conn: Connection, tenant_id: str, state: Residency, version: int) -> None:

@@ -268,7 +268,7 @@ class OnlineSteps:
             if pending != noted:
                 self.mover.observer.note(f"initial copy: {pending} table(s) still copying")
                 noted = pending
-            watch.check()
+            watch.check(syncing=True)
             time.sleep(0.1)
 
     def _catch_up(
@@ -276,13 +276,13 @@ class OnlineSteps:
     ) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            if watch is not None:
+                watch.check(syncing=False)  # the source first: its failure names it
             lag = repl.lag_bytes(src, slot)
             if lag is not None:
                 self.mover.observer.note(f"replication lag: {lag:,} bytes")
             if lag is None or lag <= _CAUGHT_UP_BYTES or time.monotonic() > deadline:
                 return
-            if watch is not None:
-                watch.check()
             time.sleep(0.1)
 
     # copied, then: verify a consistent cut, outside any freeze ---------------------------
@@ -643,9 +643,10 @@ class _Watch:
     Each :meth:`check` stops the move (:class:`ReplicationFailed`) when the source
     cannot be reached, when the subscription's apply or table-sync worker has failed
     since the watch began (``pg_stat_subscription_stats``), naming the cause where the
-    tables' comparison finds it, or when nothing has progressed — the source slot's
-    confirmed position, the workers' received positions, rows copied, tables' states —
-    for ``move_stall_timeout`` seconds.
+    tables' comparison finds it, or when nothing has progressed for
+    ``move_stall_timeout`` seconds: while *syncing*, the initial copy
+    (:func:`~tenantry.moves.replication.sync_progress`); then, the position the
+    subscription has confirmed on the source slot.
     """
 
     def __init__(
@@ -671,7 +672,7 @@ class _Watch:
             message, reachable=reachable, tenant_id=self.move.tenant_id, move_id=self.move.id
         )
 
-    def check(self) -> None:
+    def check(self, *, syncing: bool) -> None:
         try:
             confirmed = self.src.execute(
                 sa.text(
@@ -693,7 +694,7 @@ class _Watch:
                 f"replication stopped: the subscription's {worker} worker failed on the "
                 f"target shard {self.target.name!r}: {self._cause()}"
             )
-        progress = (confirmed, repl.subscription_progress(self.dst, self.name))
+        progress = repl.sync_progress(self.dst, self.name) if syncing else confirmed
         now = time.monotonic()
         if progress != self.progress:
             self.progress, self.since = progress, now

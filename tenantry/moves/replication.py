@@ -46,8 +46,8 @@ __all__ = [
     "server_facts",
     "source_conninfo",
     "subscription_errors",
-    "subscription_progress",
     "sync_pending",
+    "sync_progress",
     "unpublishable_tables",
     "wait_sentinel",
     "write_sentinel",
@@ -291,8 +291,7 @@ def create_tail_publication(
     """
     create_publication(conn, name, tables, tenant_id, column)
     conn.exec_driver_sql(
-        f"ALTER PUBLICATION {_quote(conn, name)}"
-        " SET (publish = 'insert, update, delete, truncate')"
+        f"ALTER PUBLICATION {_quote(conn, name)} SET (publish = 'insert, update, delete, truncate')"
     )
 
 
@@ -351,13 +350,15 @@ def subscription_errors(conn: Connection, name: str) -> tuple[int, int] | None:
     return None if row is None else (int(row[0]), int(row[1]))
 
 
-def subscription_progress(conn: Connection, name: str) -> tuple[object, ...]:
-    """What the subscription's workers have received, copied and finished so far, on
-    the target: any change here is progress."""
+def sync_progress(conn: Connection, name: str) -> tuple[object, ...]:
+    """How far the subscription's initial copy has come, on the target: its tables'
+    states, the rows COPY has taken in, and what its table-sync workers have received.
+    Any change here is progress. (Not the apply worker's positions: keepalives move
+    those with any WAL of the source server, even while a table's copy is stuck.)"""
     workers = conn.execute(
         sa.text(
-            "SELECT coalesce(relid, 0), received_lsn::text, latest_end_lsn::text"
-            " FROM pg_stat_subscription WHERE subname = :n ORDER BY 1"
+            "SELECT relid::bigint, received_lsn::text, latest_end_lsn::text"
+            " FROM pg_stat_subscription WHERE subname = :n AND relid IS NOT NULL ORDER BY 1"
         ),
         {"n": name},
     ).all()
