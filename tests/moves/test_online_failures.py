@@ -472,3 +472,61 @@ def test_a_transaction_older_than_the_freeze_fails_the_move_once_naming_it(
     assert residency(engine, "acme") == "active"
     engine.dispose()
     assert_rolled_back(fleet, "acme", before, neighbor)
+
+
+# -- moves recorded before fleet ids -----------------------------------------------------
+
+
+def test_a_move_recorded_with_the_old_names_resumes_and_its_leftovers_are_collected(fleet):
+    """A move recorded before fleet ids (its artifacts name tenantry_move_<id>, and a
+    tail slot without a publication of its own) resumes with the names it recorded;
+    gc collects an old-style name only because a move of this catalog recorded it."""
+    from tenantry.moves.mover import Mover
+    from tenantry.shardmap.schema import moves as moves_table
+
+    class Crash(Exception):
+        pass
+
+    def crash() -> None:
+        raise Crash
+
+    before, neighbor = rows(fleet, "s1", "acme"), rows(fleet, "s1", "neighbor")
+    mover = Mover(fleet.catalog, hooks=AtCheckpoint("online-frozen", crash))
+    planned = mover.plan("acme", "s2", mode=moves.MoveMode.ONLINE)
+    old = f"tenantry_move_{planned.id}"
+    mover.journal.update(
+        planned.id, artifacts={"publication": old, "slot": old, "subscription": old}
+    )
+    with pytest.raises(Crash):
+        mover.run(planned.id)
+    # What an older tenantry left: no tail publication recorded nor made.
+    live = mover.journal.get(planned.id)
+    assert live.state is MoveState.FROZEN and live.artifacts["tail_slot"] == f"{old}_tail"
+    artifacts = {k: v for k, v in live.artifacts.items() if k != "tail_publication"}
+    with fleet.catalog.engine.begin() as conn:
+        conn.execute(
+            moves_table.update().where(moves_table.c.id == live.id).values(artifacts=artifacts)
+        )
+    _sql(fleet.urls["s1"], f"DROP PUBLICATION {old}_tail")
+    assert replication_objects(fleet) == {
+        ("s1", "publication", old),
+        ("s1", "slot", old),
+        ("s1", "slot", f"{old}_tail"),
+        ("s2", "subscription", old),
+    }
+    (done,) = moves.resume(fleet.catalog, live.id)
+    assert done.succeeded and "tail_publication" not in done.artifacts
+    assert assert_one_home(fleet, "acme", before) == "s2"
+    assert rows(fleet, "s1", "neighbor") == neighbor
+    assert replication_objects(fleet) == set()
+    # An old-style name this catalog recorded is its own to collect; one it never
+    # recorded (another fleet's, say) is left alone.
+    never = f"tenantry_move_{planned.id + 1}"
+    for name in (f"{old}_tail", never):
+        _sql(fleet.urls["s1"], f"SELECT pg_create_logical_replication_slot('{name}', 'pgoutput')")
+    dropped = collect_garbage(fleet.catalog, apply=True)
+    assert [(f.shard, f.kind, f.name, f.dropped) for f in dropped] == [
+        ("s1", "slot", f"{old}_tail", True)
+    ]
+    assert replication_objects(fleet) == {("s1", "slot", never)}
+    _sql(fleet.urls["s1"], f"SELECT pg_drop_replication_slot('{never}')")
