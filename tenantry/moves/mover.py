@@ -394,7 +394,7 @@ class Mover:
                 raise FreezeTimeout(
                     f"{older} transaction(s) older than the freeze still running after "
                     f"{timeout:g}s on the source database ({blockers}): end them "
-                    "(pg_terminate_backend) or wait until they have finished, then move again"
+                    "(pg_terminate_backend) or wait until they have finished, then try again"
                 )
             if not noted:
                 waiting = f"waiting for {older} older transaction(s) to end"
