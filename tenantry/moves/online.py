@@ -682,6 +682,8 @@ class _Watch:
                 {"n": self.name},
             ).scalar()
         except sa.exc.DBAPIError as exc:
+            if not (exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError)):
+                raise
             raise self._fail(
                 f"replication stopped: cannot reach the source shard {self.source.name!r} "
                 f"({describe_error(exc)})",
