@@ -76,6 +76,12 @@ class TenantrySettings(BaseSettings):
         description="Seconds after which stored tenant sizes are stale: `rebalance` warns "
         "and names --refresh.",
     )
+    move_stall_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds an online move waits for logical replication to make any "
+        "progress (initial copy, catch-up) before it stops, saying why.",
+    )
     alembic_config: str | None = Field(
         None, description="The application's alembic.ini, or its script directory."
     )

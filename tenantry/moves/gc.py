@@ -2,9 +2,13 @@
 
 A move interrupted and then abandoned (or a bug) could leave a publication, a
 replication slot — which holds WAL on the source until the disk fills — or a
-subscription behind. Every tenantry object is named ``tenantry_move_<id>``, so the
-collector lists those on every PostgreSQL shard and drops the ones whose move is not
-live (an online move's tail slot is ``tenantry_move_<id>_tail``). Dry run by default.
+subscription behind. Every object of this fleet's moves is named
+``tenantry_move_<fleet id>_<move id>`` (the tail's slot and publication add
+``_tail``), so the collector lists those on every PostgreSQL shard and drops the ones
+whose move is not live. Another fleet's objects (two catalogs whose shards share a
+server) carry another fleet id and are never touched. Names without a fleet id, from
+moves recorded before fleet ids, are collected only when a move of this catalog
+recorded them and is not live. Dry run by default.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ from sqlalchemy.pool import NullPool
 
 from tenantry.moves import replication as repl
 from tenantry.moves.journal import Journal
-from tenantry.moves.tail import tail_slot_name
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error, make_engine
 
@@ -35,12 +38,17 @@ class Leftover:
 
 
 def collect_garbage(catalog: Catalog, *, apply: bool = False) -> list[Leftover]:
-    """Every orphaned tenantry publication, slot and subscription; dropped with *apply*."""
-    owned = {
-        name
-        for m in Journal(catalog).list(live=True)
-        for name in (repl.artifact_name(m.id), tail_slot_name(m.id))
-    }
+    """Every orphaned publication, slot and subscription of this fleet's moves; dropped
+    with *apply*."""
+    fleet = catalog.fleet_id()
+    ours = f"{repl.PREFIX}{fleet}_"
+    owned: set[str] = set()
+    recorded: set[str] = set()
+    for m in Journal(catalog).list():
+        recorded |= repl.recorded_names(m.artifacts)
+        if m.live:
+            owned |= repl.move_names(m.artifacts, m.id, fleet).all()
+            owned |= repl.recorded_names(m.artifacts)
     found: list[Leftover] = []
     # Subscriptions first: dropping one releases the slot it was using.
     for kind in ("subscription", "slot", "publication"):
@@ -62,7 +70,7 @@ def collect_garbage(catalog: Catalog, *, apply: bool = False) -> list[Leftover]:
                         "publication": leftovers.publications,
                     }[kind]
                     for name in names:
-                        if name in owned:
+                        if name in owned or not (name.startswith(ours) or name in recorded):
                             continue
                         if not apply:
                             found.append(Leftover(shard.name, kind, name))

@@ -71,7 +71,6 @@ __all__ = ["Checkpoints", "Mover"]
 logger = logging.getLogger("tenantry.moves")
 
 _MOVE_LOCK_BASE = 0x7E4A0000  # + move id: one advisory lock per move on the catalog
-_FREEZE_ATTEMPTS = 3
 _CLAIM_PATIENCE = 3.0  # seconds a move's claim is retried before "run by another process"
 
 
@@ -423,32 +422,34 @@ class Mover:
     # freeze ------------------------------------------------------------------------------
 
     def _freeze(self, move: Move) -> None:
+        """Freeze the tenant and wait out older transactions. If they outlast the
+        freeze timeout the tenant is unfrozen at once and the move ends, rolled back
+        (nothing was copied), naming them: retrying would only refuse more of the
+        tenant's writes while the same transactions run on."""
         source = self.catalog.get_shard(move.source)
-        for attempt in range(1, _FREEZE_ATTEMPTS + 1):
-            with self.admin(source) as engine, engine.connect() as conn:
-                conn = conn.execution_options(**WRITE)
+        with self.admin(source) as engine, engine.connect() as conn:
+            conn = conn.execution_options(**WRITE)
+            with conn.begin():
+                write_residency(conn, move.tenant_id, Residency.FROZEN, self.catalog.map_version())
+            frozen_at = time.time()
+            if "frozen_at" not in move.stats:
+                self.journal.update(move.id, stats={"frozen_at": frozen_at})
+            if conn.dialect.name != "postgresql":
+                return  # SQLite: our write lock already outlasted every writer
+            try:
+                self.wait_out(conn, timeout=self.settings.freeze_timeout)
+                return
+            except FreezeTimeout as exc:
                 with conn.begin():
                     write_residency(
-                        conn, move.tenant_id, Residency.FROZEN, self.catalog.map_version()
+                        conn, move.tenant_id, Residency.ACTIVE, self.catalog.map_version()
                     )
-                frozen_at = time.time()
-                if "frozen_at" not in move.stats:
-                    self.journal.update(move.id, stats={"frozen_at": frozen_at})
-                if conn.dialect.name != "postgresql":
-                    return  # SQLite: our write lock already outlasted every writer
-                try:
-                    self.wait_out(conn, timeout=self.settings.freeze_timeout)
-                    return
-                except FreezeTimeout as exc:
-                    with conn.begin():
-                        write_residency(
-                            conn, move.tenant_id, Residency.ACTIVE, self.catalog.map_version()
-                        )
-                    self.observer.note(f"{exc}; unfrozen (attempt {attempt})")
-                    if attempt == _FREEZE_ATTEMPTS:
-                        self.journal.update(move.id, state=MoveState.PLANNED, error=str(exc))
-                        raise
-                    time.sleep(min(5.0, attempt * 1.0))
+                timeout = exc
+        message = f"{timeout}; the tenant was unfrozen and the move ended (nothing was copied)"
+        self.observer.note(message)
+        self.journal.update(move.id, state=MoveState.ABORTED, error=message)
+        self._rollback(self.journal.get(move.id))
+        raise FreezeTimeout(message, tenant_id=move.tenant_id, move_id=move.id)
 
     def wait_out(self, conn: Connection, *, timeout: float) -> None:
         """Wait until every transaction that began before the freeze has ended.
@@ -499,8 +500,12 @@ class Mover:
                         f"({', '.join(map(repr, prepared[:5]))}) may write the tenant's rows "
                         "after the copy: COMMIT PREPARED or ROLLBACK PREPARED them, then retry"
                     )
+                with conn.begin():
+                    blockers = _describe_blockers(conn, since)
                 raise FreezeTimeout(
-                    f"{older} transaction(s) older than the freeze still running after {timeout:g}s"
+                    f"{older} transaction(s) older than the freeze still running after "
+                    f"{timeout:g}s on the source database ({blockers}): end them "
+                    "(pg_terminate_backend) or wait until they have finished, then try again"
                 )
             if not noted:
                 waiting = f"waiting for {older} older transaction(s) to end"
@@ -644,7 +649,7 @@ class Mover:
                 *(f"{c} {t}" for c, t in zip(table.columns, table.column_types, strict=False)),
                 f"PRIMARY KEY ({', '.join(table.primary_key)})",
             ]
-            for table in tenant_tables(conn, column=self.column)
+            for table in tenant_tables(conn, column=self.column, schemas=self.schemas)
         }
 
     def _same_shapes(self, move: Move, ends: dict[str, Connection]) -> None:
@@ -971,6 +976,30 @@ def identify(engine: Engine) -> LiveDatabase:
         conn = conn.execution_options(**WRITE)
         with conn.begin():
             return live_database(conn)
+
+
+def _describe_blockers(conn: Connection, since: Any) -> str:
+    """The transactions a freeze waits for: pid, user, application, age and state —
+    never their query text, which may hold the application's data."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT pid, usename, application_name,"
+            " extract(epoch FROM clock_timestamp() - xact_start)::float8, state"
+            " FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND backend_type = 'client backend' AND xact_start < :since"
+            " AND application_name <> :snapshots"
+            " ORDER BY xact_start LIMIT 5"
+        ),
+        {"since": since, "snapshots": SNAPSHOT_APPLICATION},
+    ).all()
+    return (
+        ", ".join(
+            f"pid {pid} (user {user!r}, application {app or ''!r}, running {age:.1f}s, {state})"
+            for pid, user, app, age, state in rows
+        )
+        or "ended meanwhile"
+    )
 
 
 def _write_residency(conn: Connection, tenant_id: str, state: Residency, version: int) -> None:

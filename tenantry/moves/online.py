@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
@@ -26,7 +26,14 @@ import psycopg
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
+from tenantry.errors import (
+    FreezeTimeout,
+    MoveError,
+    MoveRefused,
+    SchemaContractError,
+    TenantryError,
+    VerificationFailed,
+)
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.journal import Move, MoveState
@@ -38,16 +45,28 @@ from tenantry.moves.references import (
     describe_missing,
     referenced_keys,
 )
-from tenantry.moves.tables import TenantTable, analyze_tables, quoted_name, tenant_tables
+from tenantry.moves.tables import (
+    TenantTable,
+    analyze_tables,
+    check_same_tables,
+    quoted_name,
+    tenant_tables,
+)
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.connect import WRITE, describe_error
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.residency import Residency, write_residency
 
 if TYPE_CHECKING:
     from tenantry.moves.mover import Mover
 
-__all__ = ["ONLINE_ORDER", "FreezeBudgetExceeded", "OnlineSteps", "online_problems"]
+__all__ = [
+    "ONLINE_ORDER",
+    "FreezeBudgetExceeded",
+    "OnlineSteps",
+    "ReplicationFailed",
+    "online_problems",
+]
 
 ONLINE_ORDER = [
     MoveState.PLANNED,
@@ -77,6 +96,22 @@ class FreezeBudgetExceeded(FreezeTimeout):
     """The sentinel never arrived within the freeze budget; the move was rolled back."""
 
 
+class ReplicationFailed(MoveError):
+    """Logical replication failed or stalled before the freeze; ``reachable`` says
+    whether both ends could still be reached (then the move was rolled back)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reachable: bool = True,
+        tenant_id: str | None = None,
+        move_id: int | None = None,
+    ) -> None:
+        super().__init__(message, tenant_id=tenant_id, move_id=move_id)
+        self.reachable = reachable
+
+
 class _OutOfBudget(Exception):
     """This freeze attempt cannot finish within the budget."""
 
@@ -86,14 +121,16 @@ def online_problems(
     target: Connection,
     tables: list[TenantTable],
     column: str,
-    move_id: int | None = None,
+    own_slots: Sequence[str] = (),
 ) -> list[str]:
     """Why an online move between these two databases cannot run (empty: it can).
-    With *move_id*, that move's own slots are not counted against the free ones."""
+    The slots named *own_slots* (a resumed move's own) are not counted against the
+    free ones."""
     if source.dialect.name != "postgresql" or target.dialect.name != "postgresql":
         return ["online moves need PostgreSQL on both ends (SQLite has no logical replication)"]
-    found = repl.server_facts(source, move_id).problems("source")
+    found = repl.server_facts(source, own_slots).problems("source")
     found += repl.server_facts(target).problems("target")
+    found += repl.unpublishable_tables(source, tables, column)
     found += repl.replica_identity_problems(source, tables, column)
     return found
 
@@ -115,24 +152,88 @@ class OnlineSteps:
         catalog = self.mover.catalog
         return catalog.get_shard(move.source), catalog.get_shard(move.target)
 
+    def names(self, move: Move) -> repl.MoveNames:
+        """The move's replication objects: as its journal entry recorded them, else
+        named with this fleet's id."""
+        return repl.move_names(move.artifacts, move.id, self.mover.catalog.fleet_id())
+
+    def _drain(
+        self,
+        conn: Connection,
+        move: Move,
+        changed: tail.Tail | None,
+        *,
+        upto_lsn: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Decode the tail slot into *changed*; a tenant table truncated since the cut
+        fails the move (VerificationFailed, rolled back): the subscription does not
+        apply a TRUNCATE, and the truncated rows cannot be compared by key."""
+        names = self.names(move)
+        tail.drain(
+            conn, names.tail_slot, names.tail_decoding, changed, upto_lsn=upto_lsn, timeout=timeout
+        )
+        if changed is not None and changed.truncated:
+            truncated = sorted(changed.truncated)
+            raise VerificationFailed(
+                f"table(s) {', '.join(truncated)} of tenant {move.tenant_id!r} were truncated "
+                "on the source after the cut (TRUNCATE removes every tenant's rows and is "
+                "not replicated): the move was rolled back; restore the rows, then move again",
+                tables=truncated,
+            )
+
     # copied: subscribe and catch up ---------------------------------------------------
 
     def prepare(self, move: Move) -> None:
-        """The ``copied`` step: replicate, catch up, then verify at a cut."""
-        self.replicate(move)
+        """The ``copied`` step: replicate, catch up, then verify at a cut.
+
+        Replication that fails or stalls stops the move with the reason, rolled back
+        when both ends can be reached (nothing was switched), else left live with what
+        to run: no move waits without a bound, and none is left live for nothing.
+        """
+        try:
+            self.replicate(move)
+        except ReplicationFailed as exc:
+            self._stopped(move, exc)
         self.verify_cut(move)
+
+    def _stopped(self, move: Move, exc: ReplicationFailed) -> None:
+        mover = self.mover
+        if exc.reachable:
+            mover.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
+            try:
+                mover._rollback(mover.journal.get(move.id))
+            except TenantryError as failed:
+                message = (
+                    f"{exc}; rolling back failed too ({failed}): run `tenantry moves abort "
+                    f"{move.id}`"
+                )
+            else:
+                message = f"{exc}; the move was rolled back"
+        else:
+            message = (
+                f"{exc}; nothing was switched: when it is back, run `tenantry moves abort "
+                f"{move.id}` (or `tenantry moves resume {move.id}`)"
+            )
+        mover.journal.update(move.id, error=message)
+        raise ReplicationFailed(
+            message, reachable=exc.reachable, tenant_id=move.tenant_id, move_id=move.id
+        ) from None
 
     def replicate(self, move: Move) -> None:
         """Create publication, slot and subscription (each recorded first), then wait for
         the initial copy and catch up."""
-        mover, name = self.mover, repl.artifact_name(move.id)
+        mover = self.mover
+        names = self.names(move)
+        name = names.name
         source, target = self._shards(move)
         with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
             with src_engine.connect() as src, dst_engine.connect() as dst:
                 src = src.execution_options(isolation_level="AUTOCOMMIT")
                 dst = dst.execution_options(isolation_level="AUTOCOMMIT")
                 tables = tenant_tables(src, column=mover.column, schemas=mover.schemas)
-                problems = online_problems(src, dst, tables, mover.column, move.id)
+                own = [name, names.tail_slot]
+                problems = online_problems(src, dst, tables, mover.column, own)
                 if problems:
                     raise MoveRefused("cannot move online: " + "; ".join(problems))
                 if not _exists(dst, "pg_subscription", "subname", name):
@@ -155,11 +256,12 @@ class OnlineSteps:
                             dst, name, repl.source_conninfo(source.operations_url), name
                         )
                 mover.hooks.checkpoint("online-subscribed")
-                self._wait_sync(move, dst, name)
+                watch = _Watch(self, move, source, target, src, dst, name)
+                self._wait_sync(move, dst, name, watch)
                 # The target's statistics may still say its tables are empty.
                 analyze_tables(dst, tables)
                 mover.hooks.checkpoint("online-synced")
-                self._catch_up(src, name, timeout=mover.settings.freeze_timeout * 10)
+                self._catch_up(src, name, timeout=mover.settings.freeze_timeout * 10, watch=watch)
 
     def _reset_target(self, move: Move, target: Shard, tables: list[TenantTable]) -> None:
         from tenantry.moves.copy import delete_tenant_rows
@@ -175,7 +277,7 @@ class OnlineSteps:
                         {"t": move.tenant_id},
                     )
 
-    def _wait_sync(self, move: Move, dst: Connection, name: str) -> None:
+    def _wait_sync(self, move: Move, dst: Connection, name: str, watch: _Watch) -> None:
         noted = -1
         while True:
             pending = repl.sync_pending(dst, name)
@@ -186,11 +288,16 @@ class OnlineSteps:
             if pending != noted:
                 self.mover.observer.note(f"initial copy: {pending} table(s) still copying")
                 noted = pending
+            watch.check(syncing=True)
             time.sleep(0.1)
 
-    def _catch_up(self, src: Connection, slot: str, *, timeout: float) -> None:
+    def _catch_up(
+        self, src: Connection, slot: str, *, timeout: float, watch: _Watch | None = None
+    ) -> None:
         deadline = time.monotonic() + timeout
         while True:
+            if watch is not None:
+                watch.check(syncing=False)  # the source first: its failure names it
             lag = repl.lag_bytes(src, slot)
             if lag is not None:
                 self.mover.observer.note(f"replication lag: {lag:,} bytes")
@@ -212,20 +319,30 @@ class OnlineSteps:
         """
         mover = self.mover
         source, target = self._shards(move)
-        slot = tail.tail_slot_name(move.id)
-        publication = repl.artifact_name(move.id)
+        names = self.names(move)
+        # The tail's own publication (truncate too), even for a move that recorded its
+        # tail slot before the tail had one: its cut is taken again here.
+        publication = names.tail_publication or f"{names.name}_tail"
         with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
             with src_engine.connect() as plain:
-                mover.journal.update(move.id, artifacts={"tail_slot": slot})
-                tail.create_tail_slot(
-                    plain.execution_options(isolation_level="AUTOCOMMIT"), move.id
-                )
+                auto = plain.execution_options(isolation_level="AUTOCOMMIT")
                 tables = self._tenant_tables(move, plain)
+                # Journal first; the publication before the slot, whose decoding reads
+                # the publication as of each change.
+                mover.journal.update(move.id, artifacts={"tail_publication": publication})
+                if not _exists(auto, "pg_publication", "pubname", publication):
+                    repl.create_tail_publication(
+                        auto, publication, tables, move.tenant_id, mover.column
+                    )
+                mover.journal.update(move.id, artifacts={"tail_slot": names.tail_slot})
+                tail.create_tail_slot(auto, names.tail_slot)
+                auto.commit()
+                move = mover.journal.get(move.id)
                 began = time.monotonic()
                 with _snapshots(src_engine, dst_engine) as (src_snap, dst_snap):
                     cut_lsn = self._cut(move, src_engine, dst_engine, src_snap, dst_snap)
                     # Changes committed before the cut are in the snapshots: drop them.
-                    tail.drain(plain, slot, publication, None, upto_lsn=cut_lsn)
+                    self._drain(plain, move, None, upto_lsn=cut_lsn)
                     self._tails[move.id] = tail.Tail()
                     mover.hooks.checkpoint("online-cut")
                     left, right = _digest_both(
@@ -293,11 +410,10 @@ class OnlineSteps:
         so that the final freeze never has many rows to compare."""
         mover = self.mover
         changed = self._tails[move.id]
-        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
         with src_engine.connect() as plain, _snapshots(src_engine, dst_engine) as snaps:
             tables = self._tenant_tables(move, plain)
             cut_lsn = self._cut(move, src_engine, dst_engine, *snaps)
-            tail.drain(plain, slot, publication, changed, upto_lsn=cut_lsn)
+            self._drain(plain, move, changed, upto_lsn=cut_lsn)
             mover.observer.note(f"checking {len(changed):,} changed rows at a new cut")
             differ = tail.compare_tail(*snaps, move.tenant_id, tables, changed, column=mover.column)
         if differ:
@@ -321,12 +437,11 @@ class OnlineSteps:
         mover = self.mover
         source, target = self._shards(move)
         changed = self._tails.get(move.id)
-        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
         with mover.admin(source) as src_engine, mover.admin(target) as dst_engine:
             if changed is not None:
                 for _ in range(DEFAULT_FREEZE_ATTEMPTS):
                     with src_engine.connect() as plain:
-                        tail.drain(plain, slot, publication, changed)
+                        self._drain(plain, move, changed)
                     if len(changed) <= TAIL_ROWS_PER_FREEZE:
                         break
                     self._key_cut(move, src_engine, dst_engine)
@@ -348,9 +463,8 @@ class OnlineSteps:
     ) -> None:
         """Inside the final freeze: compare the rows changed since the cut, within what is
         left of the budget (else :class:`_OutOfBudget`, and the freeze is retried)."""
-        slot, publication = tail.tail_slot_name(move.id), repl.artifact_name(move.id)
         try:
-            tail.drain(src, slot, publication, changed, timeout=_left(deadline))
+            self._drain(src, move, changed, timeout=_left(deadline))
             tables = self._tenant_tables(move, src)
             with src.begin(), dst.begin():
                 for conn in (src, dst):
@@ -416,7 +530,7 @@ class OnlineSteps:
         mover = self.mover
         budget = float(move.options.get("max_freeze", DEFAULT_MAX_FREEZE))
         attempts = int(move.options.get("freeze_attempts", DEFAULT_FREEZE_ATTEMPTS))
-        name = repl.artifact_name(move.id)
+        name = self.names(move).name
         with src_engine.connect() as src, dst_engine.connect() as dst:
             src = src.execution_options(**WRITE)
             for attempt in range(1, attempts + 1):
@@ -426,7 +540,17 @@ class OnlineSteps:
                 deadline = started + budget
                 mover.hooks.checkpoint(checkpoint)
                 try:
-                    mover.wait_out(src, timeout=budget)
+                    try:
+                        mover.wait_out(src, timeout=budget)
+                    except FreezeTimeout as exc:
+                        # Older transactions outlasting the budget: another attempt
+                        # would only refuse more of the tenant's writes. Stop now.
+                        self._set(src, move.tenant_id, Residency.ACTIVE)
+                        raise FreezeBudgetExceeded(
+                            f"{exc}; the tenant was unfrozen and the move was rolled back",
+                            tenant_id=move.tenant_id,
+                            move_id=move.id,
+                        ) from None
                     token = uuid.uuid4().hex
                     with src.begin():
                         repl.write_sentinel(src, move.tenant_id, move.id, token)
@@ -439,7 +563,7 @@ class OnlineSteps:
                     result = inside(src, dst, deadline)
                     if stay and _left(deadline) < 0:
                         raise _OutOfBudget(f"the freeze outlasted its budget of {budget:g}s")
-                except (FreezeTimeout, _OutOfBudget) as exc:
+                except _OutOfBudget as exc:
                     reason = str(exc)
                 else:
                     if stay:
@@ -478,7 +602,9 @@ class OnlineSteps:
     def teardown(self, move: Move) -> None:
         """Drop subscription, slot and publication. Before the source is cleaned: its
         deletes must not replicate to the new home."""
-        name = repl.artifact_name(move.id)
+        names = self.names(move)
+        name = names.name
+        tail_publication = names.tail_publication
         catalog = self.mover.catalog
         forget = sa.text("DELETE FROM tenantry_move_sentinel WHERE move_id = :m")
         self._tails.pop(move.id, None)
@@ -487,7 +613,8 @@ class OnlineSteps:
         for shard_name, drop in (
             (move.target, lambda c: repl.drop_subscription(c, name)),
             (move.source, lambda c: repl.drop_slot(c, name)),
-            (move.source, lambda c: repl.drop_slot(c, tail.tail_slot_name(move.id))),
+            (move.source, lambda c: repl.drop_slot(c, names.tail_slot)),
+            (move.source, lambda c: repl.drop_publication(c, tail_publication or name)),
             (move.source, lambda c: repl.drop_publication(c, name)),
             # The sentinel has done its job; leave no trace of the tenant behind.
             (move.source, lambda c: c.execute(forget, {"m": move.id})),
@@ -565,3 +692,89 @@ def _digest_both(
 def _exists(conn: Connection, catalog_table: str, column: str, name: str) -> bool:
     query = f"SELECT 1 FROM {catalog_table} WHERE {column} = :n"
     return conn.execute(sa.text(query), {"n": name}).first() is not None
+
+
+class _Watch:
+    """Bounds the waits for logical replication before the freeze.
+
+    Each :meth:`check` stops the move (:class:`ReplicationFailed`) when the source
+    cannot be reached, when the subscription's apply or table-sync worker has failed
+    since the watch began (``pg_stat_subscription_stats``), naming the cause where the
+    tables' comparison finds it, or when nothing has progressed for
+    ``move_stall_timeout`` seconds: while *syncing*, the initial copy
+    (:func:`~tenantry.moves.replication.sync_progress`); then, the position the
+    subscription has confirmed on the source slot.
+    """
+
+    def __init__(
+        self,
+        steps: OnlineSteps,
+        move: Move,
+        source: Shard,
+        target: Shard,
+        src: Connection,
+        dst: Connection,
+        name: str,
+    ) -> None:
+        self.steps, self.move = steps, move
+        self.source, self.target = source, target
+        self.src, self.dst, self.name = src, dst, name
+        self.stall = steps.mover.settings.move_stall_timeout
+        self.errors = repl.subscription_errors(dst, name) or (0, 0)
+        self.progress: object = None
+        self.since = time.monotonic()
+
+    def _fail(self, message: str, *, reachable: bool = True) -> ReplicationFailed:
+        return ReplicationFailed(
+            message, reachable=reachable, tenant_id=self.move.tenant_id, move_id=self.move.id
+        )
+
+    def check(self, *, syncing: bool) -> None:
+        try:
+            confirmed = self.src.execute(
+                sa.text(
+                    "SELECT confirmed_flush_lsn::text FROM pg_replication_slots"
+                    " WHERE slot_name = :n"
+                ),
+                {"n": self.name},
+            ).scalar()
+        except sa.exc.DBAPIError as exc:
+            if not (exc.connection_invalidated or isinstance(exc, sa.exc.OperationalError)):
+                raise
+            raise self._fail(
+                f"replication stopped: cannot reach the source shard {self.source.name!r} "
+                f"({describe_error(exc)})",
+                reachable=False,
+            ) from None
+        errors = repl.subscription_errors(self.dst, self.name) or self.errors
+        if errors[0] > self.errors[0] or errors[1] > self.errors[1]:
+            worker = "table copy" if errors[1] > self.errors[1] else "apply"
+            raise self._fail(
+                f"replication stopped: the subscription's {worker} worker failed on the "
+                f"target shard {self.target.name!r}: {self._cause()}"
+            )
+        progress = repl.sync_progress(self.dst, self.name) if syncing else confirmed
+        now = time.monotonic()
+        if progress != self.progress:
+            self.progress, self.since = progress, now
+        elif now - self.since > self.stall:
+            raise self._fail(
+                f"replication made no progress for {self.stall:g}s (TENANTRY_MOVE_STALL_"
+                f"TIMEOUT) from shard {self.source.name!r} to shard {self.target.name!r}: "
+                f"{self._cause()}"
+            )
+
+    def _cause(self) -> str:
+        """The tables' comparison, run again: a schema that changed on one end only is
+        the usual cause; else the target server's log says it."""
+        column, schemas = self.steps.mover.column, self.steps.mover.schemas
+        try:
+            check_same_tables(
+                tenant_tables(self.src, column=column, schemas=schemas),
+                tenant_tables(self.dst, column=column, schemas=schemas),
+            )
+        except SchemaContractError as exc:
+            return f"table {exc.table!r}: {exc.reason}"
+        except (TenantryError, sa.exc.SQLAlchemyError):
+            pass
+        return "see the target server's log for the error"

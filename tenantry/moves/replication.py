@@ -3,14 +3,18 @@
 A publication on the source publishes the tenant's rows of every tenant table
 (row filter ``WHERE (tenant_id = '<tenant>')``; insert, update and delete, never
 truncate, which row filters do not stop), a logical slot holds the source's WAL, and a
-subscription on the target copies the rows and then applies changes. Every object is
-named after the move (``tenantry_move_<id>``), so ``moves gc`` can find any left over.
+subscription on the target copies the rows and then applies changes. The tail slot is
+decoded with a publication of its own (``<name>_tail``), which publishes truncate too,
+so that a TRUNCATE of a tenant table is seen. Every object is named after the fleet
+and the move (``tenantry_move_<fleet id>_<move id>``), so ``moves gc`` finds any left
+over and never touches another fleet's; moves recorded before fleet ids keep the names
+their journal entries recorded (``tenantry_move_<move id>``).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,20 +28,27 @@ from tenantry.moves.tables import TenantTable, quoted_name
 __all__ = [
     "PREFIX",
     "Leftovers",
+    "MoveNames",
     "ServerFacts",
     "artifact_name",
     "create_publication",
     "create_slot",
     "create_subscription",
+    "create_tail_publication",
     "drop_publication",
     "drop_slot",
     "drop_subscription",
     "find_leftovers",
     "lag_bytes",
+    "move_names",
+    "recorded_names",
     "replica_identity_problems",
     "server_facts",
     "source_conninfo",
+    "subscription_errors",
     "sync_pending",
+    "sync_progress",
+    "unpublishable_tables",
     "wait_sentinel",
     "write_sentinel",
 ]
@@ -48,9 +59,57 @@ SLOTS_PER_MOVE = 2
 SENTINEL = "tenantry_move_sentinel"
 
 
-def artifact_name(move_id: int) -> str:
-    """The name of a move's publication, slot and subscription."""
-    return f"{PREFIX}{int(move_id)}"
+#: The journal's artifacts that name a replication object.
+NAME_ARTIFACTS = ("publication", "slot", "subscription", "tail_slot", "tail_publication")
+
+
+def artifact_name(move_id: int, fleet_id: str | None = None) -> str:
+    """The name of a move's publication, slot and subscription: with the fleet's id
+    (``tenantry_move_<fleet>_<move>``), or without it as before fleet ids."""
+    if fleet_id is None:
+        return f"{PREFIX}{int(move_id)}"
+    return f"{PREFIX}{fleet_id}_{int(move_id)}"
+
+
+@dataclass(frozen=True, slots=True)
+class MoveNames:
+    """The replication objects of one online move."""
+
+    #: The publication, the subscription's slot and the subscription share this name.
+    name: str
+    tail_slot: str
+    #: The tail slot's own publication (it publishes truncate); None when the move
+    #: recorded a tail slot before the tail had one: it decodes with :attr:`name`.
+    tail_publication: str | None
+
+    @property
+    def tail_decoding(self) -> str:
+        """The publication the tail slot is decoded with."""
+        return self.tail_publication or self.name
+
+    def all(self) -> set[str]:
+        names = {self.name, self.tail_slot}
+        if self.tail_publication:
+            names.add(self.tail_publication)
+        return names
+
+
+def move_names(artifacts: Mapping[str, object], move_id: int, fleet_id: str) -> MoveNames:
+    """A move's names: those its journal entry recorded, else new ones with the fleet's
+    id. A move that recorded its tail slot but no tail publication (before the tail had
+    one) decodes the tail with its main publication until its cut is taken again."""
+    recorded = artifacts.get("publication")
+    name = str(recorded) if recorded else artifact_name(move_id, fleet_id)
+    tail_slot = str(artifacts.get("tail_slot") or f"{name}_tail")
+    tail_publication = artifacts.get("tail_publication")
+    if tail_publication is None and "tail_slot" not in artifacts:
+        tail_publication = f"{name}_tail"
+    return MoveNames(name, tail_slot, str(tail_publication) if tail_publication else None)
+
+
+def recorded_names(artifacts: Mapping[str, object]) -> set[str]:
+    """Every replication object name a journal entry recorded."""
+    return {str(artifacts[k]) for k in NAME_ARTIFACTS if isinstance(artifacts.get(k), str)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,12 +149,12 @@ class ServerFacts:
         return found
 
 
-def server_facts(conn: Connection, move_id: int | None = None) -> ServerFacts:
+def server_facts(conn: Connection, own_slots: Sequence[str] = ()) -> ServerFacts:
     """Version, wal_level, free slots and the connected role's rights.
 
-    Slots that move *move_id* made already count as free: they are its own.
+    The slots named *own_slots* (a move's own, made already) count as free.
     """
-    own = [artifact_name(move_id), f"{artifact_name(move_id)}_tail"] if move_id else []
+    own = list(own_slots)
     row = conn.execute(
         sa.text(
             "SELECT current_setting('server_version_num')::int,"
@@ -143,6 +202,54 @@ def replica_identity_problems(
     return found
 
 
+def unpublishable_tables(conn: Connection, tables: Sequence[TenantTable], column: str) -> list[str]:
+    """Tenant tables a row-filtered logical replication cannot carry, each with why:
+    partitioned tables (PostgreSQL refuses a publication's WHERE clause on them: "cannot
+    use publication WHERE clause"), UNLOGGED and temporary tables (they write no WAL),
+    and foreign tables with the tenant column (they cannot be published)."""
+    found = []
+    for table in tables:
+        row = conn.execute(
+            sa.text("SELECT relkind, relpersistence FROM pg_class WHERE oid = to_regclass(:t)"),
+            {"t": _regclass_name(conn, table)},
+        ).first()
+        if row is None:
+            continue
+        kind, persistence = str(row[0]), str(row[1])
+        if kind == "p":
+            found.append(
+                f"table {table.qualified_name!r} is partitioned (logical replication "
+                "cannot filter a partitioned table's rows by tenant)"
+            )
+        elif persistence == "u":
+            found.append(f"table {table.qualified_name!r} is UNLOGGED (it writes no WAL)")
+        elif persistence == "t":
+            found.append(f"table {table.qualified_name!r} is temporary (it writes no WAL)")
+    schemas: list[str | None] = [*sorted({t.schema for t in tables if t.schema})] or [None]
+    for schema in schemas:
+        foreign = conn.execute(
+            sa.text(
+                "SELECT c.relname::text FROM pg_class c"
+                " JOIN pg_namespace n ON n.oid = c.relnamespace"
+                " JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = :col"
+                "  AND a.attnum > 0 AND NOT a.attisdropped"
+                " WHERE c.relkind = 'f' AND n.nspname = coalesce(:schema, current_schema())"
+                " ORDER BY 1"
+            ),
+            {"col": column, "schema": schema},
+        ).scalars()
+        found += [
+            f"foreign table {name!r} has a {column} column (foreign tables cannot be published)"
+            for name in foreign
+        ]
+    return found
+
+
+def _regclass_name(conn: Connection, table: TenantTable) -> str:
+    quote = conn.dialect.identifier_preparer.quote
+    return f"{quote(table.schema)}.{quote(table.name)}" if table.schema else quote(table.name)
+
+
 def _quote(conn: Connection, name: str) -> str:
     return conn.dialect.identifier_preparer.quote(name)
 
@@ -167,6 +274,24 @@ def create_publication(
     conn.exec_driver_sql(
         f"CREATE PUBLICATION {_quote(conn, name)} FOR {', '.join(parts)}"
         " WITH (publish = 'insert, update, delete')"
+    )
+
+
+def create_tail_publication(
+    conn: Connection,
+    name: str,
+    tables: Sequence[TenantTable],
+    tenant_id: str,
+    column: str = "tenant_id",
+) -> None:
+    """The tail slot's publication: the same tables and row filter, and truncate too.
+
+    No subscription uses it (one would apply a TRUNCATE to every tenant's rows); the
+    tail decodes it to see a TRUNCATE of a tenant table after the cut.
+    """
+    create_publication(conn, name, tables, tenant_id, column)
+    conn.exec_driver_sql(
+        f"ALTER PUBLICATION {_quote(conn, name)} SET (publish = 'insert, update, delete, truncate')"
     )
 
 
@@ -210,6 +335,48 @@ def sync_pending(conn: Connection, name: str) -> int | None:
         {"n": name},
     ).one()
     return None if row[1] == 0 else int(row[0])
+
+
+def subscription_errors(conn: Connection, name: str) -> tuple[int, int] | None:
+    """(apply_error_count, sync_error_count) of the subscription, on the target (None:
+    no such subscription): each failure of its apply or table-sync worker counts."""
+    row = conn.execute(
+        sa.text(
+            "SELECT apply_error_count, sync_error_count FROM pg_stat_subscription_stats"
+            " WHERE subname = :n"
+        ),
+        {"n": name},
+    ).first()
+    return None if row is None else (int(row[0]), int(row[1]))
+
+
+def sync_progress(conn: Connection, name: str) -> tuple[object, ...]:
+    """How far the subscription's initial copy has come, on the target: its tables'
+    states, the rows COPY has taken in, and what its table-sync workers have received.
+    Any change here is progress. (Not the apply worker's positions: keepalives move
+    those with any WAL of the source server, even while a table's copy is stuck.)"""
+    workers = conn.execute(
+        sa.text(
+            "SELECT relid::bigint, received_lsn::text, latest_end_lsn::text"
+            " FROM pg_stat_subscription WHERE subname = :n AND relid IS NOT NULL ORDER BY 1"
+        ),
+        {"n": name},
+    ).all()
+    copied = conn.execute(
+        sa.text(
+            "SELECT coalesce(sum(tuples_processed), 0)::bigint FROM pg_stat_progress_copy"
+            " WHERE datid = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        )
+    ).scalar()
+    states = conn.execute(
+        sa.text(
+            "SELECT string_agg(r.srrelid::text || r.srsubstate::text, ',' ORDER BY r.srrelid)"
+            " FROM pg_subscription s JOIN pg_subscription_rel r ON r.srsubid = s.oid"
+            " WHERE s.subname = :n"
+        ),
+        {"n": name},
+    ).scalar()
+    return (tuple(tuple(w) for w in workers), copied, states)
 
 
 def lag_bytes(conn: Connection, slot: str) -> int | None:

@@ -2,14 +2,16 @@
 
 An online move verifies the tenant in full at a *cut* — a moment when source and
 target are known to hold the same rows — outside any freeze. What changes after the cut
-is found by a second logical slot on the source (``tenantry_move_<id>_tail``), decoded
-with the move's own row-filtered publication through PostgreSQL's SQL interface
-(``pg_logical_slot_get_binary_changes`` with ``pgoutput``): the replica-identity key of
-every row inserted, updated or deleted. Inside the final freeze only those rows are
-compared, so the freeze does not grow with the tenant's size.
+is found by a second logical slot on the source (``<move's name>_tail``), decoded with
+the tail's own row-filtered publication (the same tables and filter as the move's, plus
+truncate) through PostgreSQL's SQL interface (``pg_logical_slot_get_binary_changes``
+with ``pgoutput``): the replica-identity key of every row inserted, updated or deleted,
+and every tenant table truncated. Inside the final freeze only those rows are compared,
+so the freeze does not grow with the tenant's size; a truncated table fails the move.
 
 No maintained Python library parses ``pgoutput``; this module reads the few messages of
-protocol version 1 it needs (Relation, Insert, Update, Delete) and skips the others.
+protocol version 1 it needs (Relation, Insert, Update, Delete, Truncate) and skips the
+others.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ __all__ = [
     "drain",
     "parse_messages",
     "referenced_by_changes",
-    "tail_slot_name",
     "timeout_ms",
 ]
 
@@ -64,11 +65,6 @@ def timeout_ms(seconds: float) -> str:
     return f"{max(1, int(seconds * 1000))}ms"
 
 
-def tail_slot_name(move_id: int) -> str:
-    """The name of a move's tail slot (``moves gc`` finds it by its prefix)."""
-    return f"tenantry_move_{int(move_id)}_tail"
-
-
 @dataclass(slots=True)
 class TailTable:
     """The changed rows of one table, by the values of its replica identity's columns
@@ -87,12 +83,16 @@ class Tail:
     """What changed since the cut, table by table."""
 
     tables: dict[tuple[str, str], TailTable] = field(default_factory=dict)
+    #: Tables truncated since the cut (``schema.name``): their rows cannot be compared
+    #: by key, and the subscription does not apply a TRUNCATE.
+    truncated: set[str] = field(default_factory=set)
 
     def __len__(self) -> int:
         return sum(len(t.keys) for t in self.tables.values())
 
     def clear(self) -> None:
         self.tables.clear()
+        self.truncated.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +171,13 @@ def parse_messages(
                 if flags & 1:
                     key.append(position)
             known[relid] = _Relation(schema, name, identity, tuple(columns), tuple(key))
+        elif kind == "T":
+            count = reader.int32()
+            reader.pos += 1  # options: CASCADE, RESTART IDENTITY
+            for _ in range(count):
+                relation = known[reader.int32()]
+                if relation.name != _SENTINEL:
+                    tail.truncated.add(f"{relation.schema}.{relation.name}")
         elif kind in ("I", "U", "D"):
             relation = known[reader.int32()]
             if relation.name == _SENTINEL:
@@ -203,9 +210,8 @@ def _add_key(table: TailTable, relation: _Relation, values: Sequence[str | bool 
     table.keys.add(tuple(v if isinstance(v, str) else None for v in key))
 
 
-def create_tail_slot(conn: Connection, move_id: int) -> str:
-    """Create the move's tail slot on the source (dropping a stale one first)."""
-    name = tail_slot_name(move_id)
+def create_tail_slot(conn: Connection, name: str) -> str:
+    """Create the move's tail slot *name* on the source (dropping a stale one first)."""
     if conn.execute(
         sa.text("SELECT 1 FROM pg_replication_slots WHERE slot_name = :n"), {"n": name}
     ).first():

@@ -99,6 +99,7 @@ class Catalog:
         )
         self._ready = False
         self._lock = threading.Lock()
+        self._fleet_id: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -238,6 +239,18 @@ class Catalog:
         """The current map version; every change bumps it."""
         with self._read() as conn:
             return int(conn.execute(sa.select(map_table.c.version)).scalar_one())
+
+    def fleet_id(self) -> str:
+        """This catalog's fleet id (c0007): it names the fleet's replication objects."""
+        if self._fleet_id is None:
+            with self._read() as conn:
+                found = conn.execute(sa.select(map_table.c.fleet_id)).scalar_one()
+            if not found:
+                raise CatalogNotInitialized(
+                    f"the catalog at {mask_url(self.url)} has no fleet id: run `tenantry init`"
+                )
+            self._fleet_id = str(found)
+        return self._fleet_id
 
     def snapshot(self) -> MapSnapshot:
         """The whole map at one version, read in one consistent transaction."""

@@ -31,6 +31,8 @@ map_table = sa.Table(
     sa.Column("version", sa.BigInteger, nullable=False),
     #: The oldest version from which map_changes is complete.
     sa.Column("changes_since", sa.BigInteger, nullable=False),
+    #: Names this fleet's replication objects (c0007); NULL only before that revision.
+    sa.Column("fleet_id", sa.String(16), nullable=True),
 )
 
 #: Which tenants each map version changed (routers refresh by it).

@@ -31,7 +31,12 @@ from tenantry.moves import Leftover, collect_garbage
 from tenantry.moves.replication import artifact_name, source_conninfo
 from tenantry.shardmap.schema import moves as moves_table
 
-ORPHAN = "tenantry_move_999"
+ORPHAN_ID = 999
+
+
+def orphan(fleet: Fleet) -> str:
+    """The name a move 999 of this fleet would give its objects."""
+    return artifact_name(ORPHAN_ID, fleet.catalog.fleet_id())
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,9 +82,11 @@ def _autocommit(fleet: Fleet, shard: str) -> sa.Engine:
     return sa.create_engine(fleet.urls[shard], isolation_level="AUTOCOMMIT")
 
 
-def make_orphans(fleet: Fleet, name: str = ORPHAN) -> set[tuple[str, str, str]]:
+def make_orphans(fleet: Fleet, name: str | None = None) -> set[tuple[str, str, str]]:
     """A publication and slot on s1 and a subscription on s2 that streams from them,
-    named like a move's; plus the application's own publication, which is not ours."""
+    named like a move's of this fleet; plus the application's own publication, which is
+    not ours."""
+    name = name or orphan(fleet)
     source = _autocommit(fleet, "s1")
     with source.connect() as conn:
         conn.exec_driver_sql(f"CREATE PUBLICATION {name} FOR TABLE users WHERE (tenant_id = 'x')")
@@ -138,7 +145,7 @@ def test_objects_of_a_live_move_are_never_listed(fleet):
 
         @property
         def name(self) -> str:
-            return artifact_name(self.live.id)
+            return artifact_name(self.live.id, fleet.catalog.fleet_id())
 
     hooks = CollectMidMove()
     done = moves.move(fleet.catalog, "acme", "s2", mode="online", hooks=hooks)
@@ -164,7 +171,7 @@ def test_objects_of_an_abandoned_move_are_collected(fleet):
     with pytest.raises(Crash):
         moves.move(fleet.catalog, "acme", "s2", mode="online", hooks=CrashWhenSynced())
     (live,) = moves.list_moves(fleet.catalog, live=True)
-    name = artifact_name(live.id)
+    name = artifact_name(live.id, fleet.catalog.fleet_id())
     left = {("s1", "publication", name), ("s1", "slot", name), ("s2", "subscription", name)}
     assert replication_objects(fleet) == left
     # Live: its objects are its own, however long it has been stopped.
@@ -186,7 +193,7 @@ def test_cli_moves_gc(fleet):
 
     table = runner.invoke(cli, [*base, "moves", "gc"], env=env)
     assert table.exit_code == 0, table.output
-    assert ORPHAN in table.output and "would drop" in table.output
+    assert orphan(fleet) in table.output and "would drop" in table.output
     assert "dry run: run `tenantry moves gc --apply` to drop them" in table.output
 
     dry = runner.invoke(cli, [*base, "moves", "gc", "--json"], env=env)

@@ -537,10 +537,11 @@ def test_resume_when_the_subscription_was_recorded_but_never_created(fleet):
     (live,) = moves.list_moves(fleet.catalog, live=True)
     assert "subscription" in live.artifacts
     engine = sa.create_engine(fleet.urls["s2"], isolation_level="AUTOCOMMIT")
+    name = artifact_name(live.id, fleet.catalog.fleet_id())
     with engine.connect() as conn:
         for step in ("DISABLE", "SET (slot_name = NONE)"):
-            conn.exec_driver_sql(f"ALTER SUBSCRIPTION {artifact_name(live.id)} {step}")
-        conn.exec_driver_sql(f"DROP SUBSCRIPTION {artifact_name(live.id)}")
+            conn.exec_driver_sql(f"ALTER SUBSCRIPTION {name} {step}")
+        conn.exec_driver_sql(f"DROP SUBSCRIPTION {name}")
     engine.dispose()
     (done,) = moves.resume(fleet.catalog, live.id)
     assert done.succeeded
@@ -655,7 +656,7 @@ class StallApply:
             return
         self.attempts += 1
         (live,) = moves.list_moves(self.fleet.catalog, live=True)
-        sub = artifact_name(live.id)
+        sub = artifact_name(live.id, self.fleet.catalog.fleet_id())
         engine = sa.create_engine(self.fleet.urls[self.target], isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.exec_driver_sql(f"ALTER SUBSCRIPTION {sub} DISABLE")

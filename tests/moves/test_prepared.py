@@ -42,10 +42,7 @@ def rows(fleet: Fleet, shard: str) -> dict[str, list[tuple[object, ...]]]:
         engine.dispose()
 
 
-def test_a_prepared_write_holds_the_move_off_until_it_is_resolved(
-    fleet: Fleet, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr("tenantry.moves.mover._FREEZE_ATTEMPTS", 1)
+def test_a_prepared_write_holds_the_move_off_until_it_is_resolved(fleet: Fleet) -> None:
     before = rows(fleet, "s1")
     with psycopg.connect(conninfo(fleet.urls["s1"]), autocommit=True) as writer:
         writer.execute("BEGIN")

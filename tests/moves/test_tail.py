@@ -15,6 +15,8 @@ import sqlalchemy as sa
 from tenantry.moves import tail
 from tenantry.moves.tables import tenant_tables
 
+SLOT = "tenantry_move_test_7_tail"
+
 SCHEMA = """
 CREATE TABLE items (tenant_id text, id int, name text, price numeric(10, 2),
                     seen timestamptz, PRIMARY KEY (tenant_id, id));
@@ -35,9 +37,9 @@ def source(pg_url: str) -> Iterator[sa.Connection]:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.exec_driver_sql(statement)
-        tail.create_tail_slot(conn, 7)
+        tail.create_tail_slot(conn, SLOT)
         yield conn
-        conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": tail.tail_slot_name(7)})
+        conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": SLOT})
     engine.dispose()
 
 
@@ -59,7 +61,7 @@ def _drain(engine_url: str, changed: tail.Tail, upto: str | None = None) -> int:
                 if flushed:
                     break
                 time.sleep(0.02)
-            return tail.drain(conn, tail.tail_slot_name(7), "pub", changed, upto_lsn=upto)
+            return tail.drain(conn, SLOT, "pub", changed, upto_lsn=upto)
     finally:
         engine.dispose()
 

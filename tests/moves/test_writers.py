@@ -367,21 +367,23 @@ def test_freeze_timeout_gives_up_and_unfreezes(fleet, router):
             held.flush()
             with pytest.raises(FreezeTimeout, match="older than the freeze"):
                 moves.move(impatient, "acme", "s2", mode="offline", observer=observer)
-            # Three attempts, each unfrozen again after its wait.
+            # One attempt: unfrozen after its wait, and the move ended (issue 13, item 9).
             unfrozen = [n for n in observer.notes if "unfrozen" in n]
-            assert [n.rsplit(" ", 1)[-1] for n in unfrozen] == ["1)", "2)", "3)"], observer.notes
-            (live,) = moves.list_moves(fleet.catalog, live=True)
-            assert live.state is MoveState.PLANNED and live.live
-            assert "older than the freeze" in (live.error or "")
+            assert len(unfrozen) == 1 and "nothing was copied" in unfrozen[0], observer.notes
+            assert moves.list_moves(fleet.catalog, live=True) == []
+            (ended,) = moves.list_moves(fleet.catalog)
+            assert ended.state is MoveState.ABORTED and not ended.live
+            assert "older than the freeze" in (ended.error or "")
+            assert "(user " in (ended.error or "") and "idle in transaction" in (ended.error or "")
             assert at(fleet, "s1", lambda e: residency(e, "acme")) == "active"
             assert at(fleet, "s2", lambda e: count_rows(e, "acme")) == 0
             # Writable again, while the old transaction is still open.
             assert insert_session(router, "acme", 700_002, Decimal("2.5")) == "s1"
             held.commit()
-        # The move left planned can be finished later.
+        # Once it has ended, the tenant moves.
         expected = rows_at(fleet, "s1", "acme")
         assert {700_001, 700_002} <= {row[1] for row in expected["charging_sessions"]}
-        (done,) = moves.resume(fleet.catalog, live.id)
+        done = moves.move(fleet.catalog, "acme", "s2", mode="offline")
         assert done.succeeded and done.error is None
         assert assert_one_home(fleet, "acme", expected) == "s2"
     finally:
