@@ -48,6 +48,7 @@ from tenantry.moves.online import (
     SNAPSHOT_APPLICATION,
     FreezeBudgetExceeded,
     OnlineSteps,
+    ReplicationFailed,
     online_problems,
 )
 from tenantry.moves.references import cross_tenant_problems, missing_references, rows_left
@@ -328,6 +329,8 @@ class Mover:
                 tenant_id=move.tenant_id,
                 move_id=move.id,
             )
+        if isinstance(exc, ReplicationFailed) and not exc.reachable:
+            return exc  # left live on purpose, saying what to run: an end is out of reach
         self.journal.update(move.id, state=MoveState.ABORTED, error=reason)
         logger.error("move %s failed in %s, rolling back: %s", move.id, move.state.value, reason)
         self.observer.note(f"failed: {reason}; rolling back")

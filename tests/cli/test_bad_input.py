@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import make_url
 
 from tenantry import Catalog, load_settings
 from tenantry.shardmap.catalog import shard_admin
@@ -182,8 +183,13 @@ def test_bad_catalog_url(run: Run, url: str, expected: str, command: list[str]) 
 def test_uninitialised_catalog(run: Run, catalog_url: str) -> None:
     for command in (["tenant", "list"], ["shard", "add", "s1", "sqlite:///s.db"], ["route", "a"]):
         message = run.fail(*command)
-        assert message.endswith("has no tenantry schema: run `tenantry init` first")
+        assert message.endswith(
+            ": run `tenantry init` first, or set TENANTRY_CATALOG_URL to the fleet's catalog"
+        )
+        assert message.startswith("error: there is no catalog at ")
+    # refusing created no file, so no schema either
+    assert not Path(make_url(catalog_url).database or "").exists()
     with Catalog(catalog_url, settings=load_settings(catalog_url=catalog_url)) as catalog:
-        assert catalog.revision() is None  # refusing created no schema either
+        assert catalog.revision() is None
     run("init")
     assert run.json("shard", "list") == []  # and nothing was half-added before init

@@ -400,7 +400,7 @@ def test_gc_of_one_catalog_leaves_another_catalogs_live_and_old_style_objects(fl
     """A's move stopped live (its objects stay); B's gc, applied, drops nothing of A's —
     neither the fleet-id names nor an old-style name B never recorded."""
 
-    class Stop(Exception):
+    class Stop(BaseException):  # the process dies here: no step's error handling runs
         pass
 
     def stop() -> None:
@@ -484,7 +484,7 @@ def test_a_move_recorded_with_the_old_names_resumes_and_its_leftovers_are_collec
     from tenantry.moves.mover import Mover
     from tenantry.shardmap.schema import moves as moves_table
 
-    class Crash(Exception):
+    class Crash(BaseException):  # the process dies here: no step's error handling runs
         pass
 
     def crash() -> None:

@@ -648,7 +648,8 @@ def test_thousands_of_near_empty_tenants_do_not_skew_the_balance(
     assert base * len(tenants) <= 0.01 * total + len(tenants)  # rounding to whole bytes
     target = total / shards
     needed = sum(max(0.0, b - target) for b in plan.bytes_before.values())
-    assert plan.bytes <= 1.1 * needed
+    largest = max(pool.sizes[m.tenant_id].bytes for m in plan.moves) if plan.moves else 0
+    assert plan.bytes <= 1.1 * needed + largest  # at most one tenant past the minimum
     assert plan.bytes_spread_after() <= plan.bytes_spread_before() + EPS
     assert sum(plan.bytes_after.values()) == total
     if max(s.bytes for s in pool.sizes.values()) <= 0.05 * target:
