@@ -16,6 +16,7 @@ or a timeout is made once.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ from tenantry.router import (
 )
 
 __all__ = ["BASE_DOMAIN", "TENANT_HEADER", "GroupResolver", "create_app"]
+
+logger = logging.getLogger("evcharge")
 
 #: The header that names the group, and the domain whose subdomains are groups.
 TENANT_HEADER = "x-tenant"
@@ -206,11 +209,23 @@ def _db(request: Request) -> Iterator[TenantSession]:
     """A session of the request's group: the router takes the group the middleware
     made current, routes to its shard and scopes every statement to it."""
     router: Router = request.app.state.router
-    with router.session(expire_on_commit=False) as session:
-        yield session
+    finished = False
+    try:
+        with router.session(expire_on_commit=False) as session:
+            yield session
+            finished = True
+    except DBAPIError as exc:
+        if not (finished and exc.connection_invalidated):
+            raise
+        # The endpoint's work was done (committed, or a read whose answer is ready);
+        # only closing the session failed, on a connection the server dropped since
+        # (a restart). The pool has discarded it; the answer stands.
+        logger.warning("connection lost after the request was served: %s", exc.orig)
 
 
-DB = Annotated[TenantSession, Depends(_db)]
+#: Closed before the response is sent ("function" scope), so that an error closing
+#: the session is answered (a 503) rather than raised after a 200 went out.
+DB = Annotated[TenantSession, Depends(_db, scope="function")]
 
 
 def _next_id(
