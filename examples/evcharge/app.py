@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import func, select
 from sqlalchemy.exc import DBAPIError, IntegrityError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from examples.evcharge.models import (
     COMMAND_STATES,
@@ -293,6 +294,11 @@ def create_app(
     )
 
     # -- errors --------------------------------------------------------------------
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # The same shape as the middleware's 400s and 404s: {"error": "..."}.
+        return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RoutingError)
     async def routing_error(request: Request, exc: RoutingError) -> JSONResponse:

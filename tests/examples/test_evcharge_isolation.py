@@ -92,7 +92,9 @@ def test_groups_see_and_change_only_their_own_rows(fleet: EvFleet, client: TestC
 
     # chargecity's ids 2 and 3 do not exist for voltpark: reads and writes are 404s.
     for path in ("/chargers/2", "/chargers/3", "/commands/2", "/commands/3"):
-        assert client.get(path, headers=volt).status_code == 404, path
+        missing = client.get(path, headers=volt)
+        assert missing.status_code == 404, path
+        assert missing.json()["error"].endswith("not found")
     assert client.get("/sessions/1", headers=volt).status_code == 200  # its own session 1
     assert client.patch("/commands/3", headers=volt, json={"status": "accepted"}).status_code == 404
     assert (
