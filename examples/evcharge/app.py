@@ -169,6 +169,15 @@ class StatsOut(BaseModel):
     commands: dict[str, int]
 
 
+def _utc(moment: datetime) -> datetime:
+    # SQLite gives back naive datetimes: the app stored them in UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _utc_or_none(moment: datetime | None) -> datetime | None:
+    return None if moment is None else _utc(moment)
+
+
 def _user(u: User) -> UserOut:
     return UserOut(id=u.id, email=u.email, name=u.name)
 
@@ -184,8 +193,8 @@ def _session(s: ChargingSession) -> SessionOut:
         id=s.id,
         charger_id=s.charger_id,
         user_id=s.user_id,
-        started_at=s.started_at,
-        ended_at=s.ended_at,
+        started_at=_utc(s.started_at),
+        ended_at=_utc_or_none(s.ended_at),
         energy_kwh=float(s.energy_kwh),
         active=s.ended_at is None,
     )
@@ -198,8 +207,8 @@ def _command(c: ChargerCommand) -> CommandOut:
         command=c.command,
         status=c.status,
         client_ref=c.client_ref,
-        requested_at=c.requested_at,
-        updated_at=c.updated_at,
+        requested_at=_utc(c.requested_at),
+        updated_at=_utc_or_none(c.updated_at),
     )
 
 
