@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint bench clean
+.PHONY: demo example test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,17 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=compat
 	touch $(VENV)/.installed $(VENV)/.installed-test $@
 
+$(VENV)/.installed-examples: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[examples]' --config-settings editable_mode=compat
+	touch $(VENV)/.installed $@
+
 demo: $(VENV)/.installed
 	$(BIN)/tenantry demo
+
+# The evcharge API (examples/evcharge) on the demo fleet, built in .evcharge-demo/ if
+# missing; EXAMPLE_ARGS="--port 9000", or TENANTRY_CATALOG_URL=... for another fleet.
+example: $(VENV)/.installed-examples
+	$(BIN)/python -m examples.evcharge $(EXAMPLE_ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -37,4 +46,4 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/tenantry bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) .tenantry .tenantry-demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tenantry .tenantry-demo .evcharge-demo .pytest_cache .mypy_cache .ruff_cache
