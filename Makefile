@@ -38,7 +38,7 @@ test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check tenantry tests benchmarks
+	$(BIN)/ruff check tenantry tests benchmarks examples
 	$(BIN)/mypy --strict tenantry
 
 # BENCH_ARGS=--quick for a run of a few minutes; results in benchmarks/results/.
