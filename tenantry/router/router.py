@@ -28,7 +28,7 @@ from tenantry.errors import (
 )
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.fence import register_keys, run_fence
+from tenantry.router.fence import ConnectionLost, register_keys, run_fence
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -44,7 +44,7 @@ from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 
-__all__ = ["Router", "RouterBase", "reaching"]
+__all__ = ["Router", "RouterBase", "reaching", "retry_once"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -208,7 +208,8 @@ class Router(RouterBase):
         """
         tenant = self._tenant(tenant_id)
         shard = self._lookup(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             with self._engines.lease(shard) as engine:
                 session = TenantSession(
                     bind=engine,
@@ -222,20 +223,13 @@ class Router(RouterBase):
                 try:
                     with reaching(shard):
                         session.connection()  # begins the transaction: the fence runs now
-                except StaleRoute as exc:
+                except BaseException as exc:
                     session.close()
-                    if attempt == 2:
+                    if not retry_once(exc, retried):
                         raise
-                    shard = self._rerouted(tenant, shard, exc)
+                    if isinstance(exc, StaleRoute):
+                        shard = self._rerouted(tenant, shard, exc)
                     continue
-                except FenceRejected:
-                    session.close()
-                    if attempt == 2:
-                        raise
-                    continue  # the fence read the shard's key again
-                except BaseException:
-                    session.close()
-                    raise
                 with session:
                     yield session
                 return
@@ -258,7 +252,8 @@ class Router(RouterBase):
         """
         tenant = self._tenant(tenant_id)
         shard = self._lookup(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             with self._engines.lease(shard) as engine:
                 with reaching(shard):
                     conn = engine.connect()
@@ -267,17 +262,13 @@ class Router(RouterBase):
                     try:
                         with reaching(shard):
                             run_fence(conn, tenant, shard.name)
-                    except StaleRoute as exc:
+                    except BaseException as exc:
+                        if not retry_once(exc, retried):
+                            raise  # closing the connection below rolls it back
                         transaction.rollback()
-                        if attempt == 2:
-                            raise
-                        shard = self._rerouted(tenant, shard, exc)
+                        if isinstance(exc, StaleRoute):
+                            shard = self._rerouted(tenant, shard, exc)
                         continue
-                    except FenceRejected:
-                        transaction.rollback()
-                        if attempt == 2:
-                            raise
-                        continue  # the fence read the shard's key again
                     with transaction:
                         yield conn
                     return
@@ -342,6 +333,27 @@ def _discard_session_state(dbapi_connection: Any, record: Any) -> None:
     except Exception as exc:  # a broken connection: the pool replaces it
         logger.warning("could not reset a pooled connection, replacing it: %s", exc)
         record.invalidate(exc)
+
+
+def retry_once(exc: BaseException, retried: set[str]) -> bool:
+    """Whether a transaction whose fence raised *exc* may begin again; records it.
+
+    Nothing of the transaction ran before its fence. A dead pooled connection
+    (ConnectionLost) is retried once on a fresh connection; a stale route (refresh
+    the map, go to the new home) or a rotated fence key (read again) once between them.
+    """
+    if isinstance(exc, ConnectionLost):
+        reason = "connection"
+    elif isinstance(exc, StaleRoute | FenceRejected):
+        reason = "route"
+    else:
+        return False
+    if reason in retried:
+        return False
+    retried.add(reason)
+    if reason == "connection":
+        logger.info("%s; beginning the transaction again on a fresh connection", exc)
+    return True
 
 
 @contextmanager

@@ -1,0 +1,273 @@
+"""Dead pooled connections: a restarted shard server, terminated backends, a stopped one.
+
+The shard lives on a PostgreSQL server of this module's own (the catalog stays on the
+suite's). Its routing URL carries a password (trust authentication ignores it), which
+must never show in an error or a log line. The pool is filled first, so that the
+transactions after a restart or a ``pg_terminate_backend`` really meet dead
+connections: the log says each time the router began a transaction again, and the
+server's backends are all new afterwards. While the server is up, no transaction
+fails; when it is down, the caller gets ``ShardUnavailable`` naming the shard, at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import select, update
+
+from tenantry import AsyncRouter, Router
+from tenantry.errors import ShardUnavailable
+
+PASSWORD = "hunter2-very-secret"
+SHARD = "own"
+TENANTS = ("acme", "globex")
+POOL = 6  # pool_size_shared; the fleet's settings below
+CONNECT_TIMEOUT = 2.0
+RETRIED = "beginning the transaction again on a fresh connection"
+
+
+@pytest.fixture
+def own_fleet(pg_fleet_builder: Any, own_pg_server: Any) -> Any:
+    fleet = pg_fleet_builder(
+        pool_size_shared=POOL, max_overflow=2, connect_timeout=CONNECT_TIMEOUT, pool_timeout=10
+    )
+    fleet.add_shard(SHARD, admin_url=own_pg_server.new_database(), password=PASSWORD)
+    for tenant in TENANTS:
+        fleet.add_tenant(tenant, SHARD)
+    fleet.server = own_pg_server
+    fleet.database = fleet.location(SHARD)
+    return fleet
+
+
+@pytest.fixture
+def retries(caplog: pytest.LogCaptureFixture) -> Callable[[], int]:
+    """How many transactions the router has begun again so far."""
+    caplog.set_level(logging.INFO, logger="tenantry.router")
+    return lambda: sum(RETRIED in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def no_password_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    caplog.set_level(logging.DEBUG)
+    yield
+    for record in caplog.records:
+        assert PASSWORD not in record.getMessage()
+
+
+def fill_pool(router: Router, n: int = POOL) -> None:
+    """Hold *n* routed connections at once, so that the pool keeps *n* when they end."""
+    with contextlib.ExitStack() as stack:
+        for i in range(n):
+            stack.enter_context(router.connection(TENANTS[i % 2]))
+
+
+def session_round_trip(router: Router, tenant: str, n: int) -> None:
+    """A read and a committed write through ``router.session``, checked."""
+    projects = sa.table("projects", sa.column("tenant_id"), sa.column("id"), sa.column("name"))
+    with router.session(tenant) as session:
+        names = session.execute(select(projects.c.name).order_by(projects.c.id)).scalars()
+        assert [name.split("@")[0] for name in names] == [f"{tenant}-p1", f"{tenant}-p2"]
+        session.execute(
+            update(projects).where(projects.c.id == 1).values(name=f"{tenant}-p1@{n}")
+        )
+        session.commit()
+
+
+def connection_round_trip(router: Router, tenant: str) -> None:
+    with router.connection(tenant) as conn:
+        found = conn.exec_driver_sql("SELECT tenantry.tenant()").scalar_one()
+        assert found == tenant
+
+
+def test_sync_router_survives_a_restart_and_terminated_backends(
+    own_fleet: Any, retries: Callable[[], int], no_password_logged: None
+) -> None:
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+    for cut in (server.restart, lambda: server.terminate(database)):
+        fill_pool(router)
+        before = server.backends(database)
+        assert len(before) == POOL
+        retried = retries()
+        cut()
+        # No failure allowed from here on: every routed path, one after the other.
+        session_round_trip(router, "acme", 1)
+        connection_round_trip(router, "globex")
+        for n in range(2, 12):
+            session_round_trip(router, TENANTS[n % 2], n)
+            connection_round_trip(router, TENANTS[n % 2])
+        # The dead connections were met (and the transaction begun again) once: the
+        # pool replaced the others when they were next checked out, without a ping.
+        assert retries() == retried + 1
+        assert not set(server.backends(database)) & set(before)
+
+
+def test_eight_threads_see_no_failure_after_a_restart_or_terminations(
+    own_fleet: Any, retries: Callable[[], int]
+) -> None:
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+    threads = 8
+
+    def work(index: int) -> list[BaseException]:
+        errors: list[BaseException] = []
+        for n in range(15):
+            tenant = TENANTS[(index + n) % 2]
+            try:
+                if n % 2:
+                    connection_round_trip(router, tenant)
+                else:
+                    with router.session(tenant) as session:
+                        found = session.connection().exec_driver_sql("SELECT tenantry.tenant()")
+                        assert found.scalar_one() == tenant
+            except BaseException as exc:  # every failure is collected and reported
+                errors.append(exc)
+        return errors
+
+    with ThreadPoolExecutor(threads) as pool:
+        for cut in (server.restart, lambda: server.terminate(database)):
+            fill_pool(router, POOL + 2)  # the pool keeps POOL of them
+            retried = retries()
+            cut()
+            # All threads start together, on a pool of dead connections.
+            failures = [e for errors in pool.map(work, range(threads)) for e in errors]
+            assert failures == [], failures[:3]
+            assert retries() > retried
+
+
+def test_async_router_survives_a_restart_and_terminated_backends(
+    own_fleet: Any, retries: Callable[[], int], no_password_logged: None
+) -> None:
+    server, database = own_fleet.server, own_fleet.database
+
+    async def main() -> None:
+        router = AsyncRouter(catalog=own_fleet.catalog, background=False)
+        try:
+            for cut in (server.restart, lambda: server.terminate(database)):
+                await fill(router)
+                before = server.backends(database)
+                assert len(before) == POOL
+                retried = retries()
+                await asyncio.to_thread(cut)
+                for n in range(6):
+                    tenant = TENANTS[n % 2]
+                    async with router.session(tenant) as session:
+                        conn = await session.connection()
+                        found = await conn.exec_driver_sql("SELECT tenantry.tenant()")
+                        assert found.scalar_one() == tenant
+                    async with router.connection(tenant) as conn:
+                        found = await conn.exec_driver_sql("SELECT tenantry.tenant()")
+                        assert found.scalar_one() == tenant
+                # and many at once, on the event loop
+                results = await asyncio.gather(*(one(router, TENANTS[i % 2]) for i in range(20)))
+                assert results == [TENANTS[i % 2] for i in range(20)]
+                assert retries() == retried + 1
+                assert not set(server.backends(database)) & set(before)
+        finally:
+            await router.close()
+
+    async def fill(router: AsyncRouter) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            for i in range(POOL):
+                await stack.enter_async_context(router.connection(TENANTS[i % 2]))
+
+    async def one(router: AsyncRouter, tenant: str) -> str:
+        async with router.connection(tenant) as conn:
+            found = await conn.exec_driver_sql("SELECT tenantry.tenant()")
+            return str(found.scalar_one())
+
+    asyncio.run(main())
+
+
+def test_a_stopped_server_is_shard_unavailable_at_once(
+    own_fleet: Any, no_password_logged: None
+) -> None:
+    server = own_fleet.server
+    router = own_fleet.new_router()
+    fill_pool(router)
+    failures: list[tuple[str, ShardUnavailable, float]] = []
+
+    def expect_unavailable(path: str, call: Callable[[], Any]) -> None:
+        start = time.monotonic()
+        with pytest.raises(ShardUnavailable) as info:
+            call()
+        failures.append((path, info.value, time.monotonic() - start))
+
+    def use_session() -> None:
+        with router.session("acme") as session:
+            session.connection()
+
+    def use_connection() -> None:
+        with router.connection("acme"):
+            pass
+
+    async def use_async(kind: str) -> None:
+        router = AsyncRouter(catalog=own_fleet.catalog, background=False)
+        try:
+            if kind == "session":
+                async with router.session("acme") as session:
+                    await session.connection()
+            else:
+                async with router.connection("acme"):
+                    pass
+        finally:
+            await router.close()
+
+    server.stop()
+    try:
+        # The first on a pool of dead connections, the others on an empty pool.
+        expect_unavailable("session", use_session)
+        expect_unavailable("session", use_session)
+        expect_unavailable("connection", use_connection)
+        expect_unavailable("async session", lambda: asyncio.run(use_async("session")))
+        expect_unavailable("async connection", lambda: asyncio.run(use_async("connection")))
+    finally:
+        server.start()
+    for path, error, elapsed in failures:
+        message = str(error)
+        assert error.shard == SHARD, (path, message)
+        assert f"shard {SHARD!r}" in message, (path, message)
+        assert "\n" not in message, (path, message)
+        assert PASSWORD not in message, (path, message)
+        assert elapsed < CONNECT_TIMEOUT, (path, elapsed)
+    # Back up: the same router routes again, without a failure.
+    session_round_trip(router, "acme", 1)
+    connection_round_trip(router, "globex")
+
+
+def test_a_dead_connection_met_again_on_the_retry_is_shard_unavailable(
+    own_fleet: Any, retries: Callable[[], int]
+) -> None:
+    """The retry happens once: a fresh connection that dies before its fence too (here
+    its backend is terminated from the connect event) gives ShardUnavailable."""
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+    fill_pool(router)
+    engine = router.engine_for("acme")
+    killed = threading.Event()
+
+    def kill_new_connection(dbapi_connection: Any, _record: Any) -> None:
+        server.terminate(database)  # this new connection's backend too
+        killed.set()
+
+    server.terminate(database)
+    sa.event.listen(engine, "connect", kill_new_connection)
+    try:
+        with pytest.raises(ShardUnavailable) as info, router.session("acme") as session:
+            session.connection()
+    finally:
+        sa.event.remove(engine, "connect", kill_new_connection)
+    assert killed.is_set()
+    assert info.value.shard == SHARD
+    assert "connection was lost" in str(info.value)
+    assert retries() == 1
+    connection_round_trip(router, "acme")  # and the next one is fine
