@@ -21,10 +21,11 @@ from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
     FenceRejected,
+    InvalidName,
+    LookupFailed,
     NoTenantInContext,
     ShardUnavailable,
     StaleRoute,
-    TenantryError,
 )
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
@@ -125,16 +126,30 @@ class RouterBase:
         """Reload the map now if the catalog has a newer version."""
         return self._cache.refresh()
 
+    def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until this router's map is at *version* or later (say, the version a
+        catalog change made, once its notification arrived); False on timeout."""
+        return self._cache.wait_for_version(version, timeout)
+
     def has_tenant(self, tenant_id: str) -> bool:
-        """Whether *tenant_id* is in the map (refreshing once if it is not)."""
+        """Whether *tenant_id* is in the map (see :meth:`shard_for` on refreshes).
+
+        An unknown or invalid id is False; a catalog that cannot be read raises.
+        """
         try:
             self._lookup(tenant_id)
-        except TenantryError:
+        except (LookupFailed, InvalidName):
             return False
         return True
 
     def shard_for(self, tenant_id: str | None = None) -> Shard:
-        """The shard the tenant lives on, by the current map."""
+        """The shard the tenant lives on, by the current map.
+
+        A tenant not in the map makes the router read the catalog's map version (it may
+        have been added a moment ago) — at most once per ``miss_interval`` while change
+        notifications arrive, so unknown ids cannot hammer the catalog; every miss when
+        they do not (no listener: polling only, or SQLite).
+        """
         return self._lookup(self._tenant(tenant_id))
 
     def _tenant(self, tenant_id: str | None) -> str:
@@ -149,8 +164,9 @@ class RouterBase:
         tenant = snapshot.tenants.get(tenant_id)
         if tenant is None:
             validate_tenant_id(tenant_id)
-            # Perhaps added a moment ago and the notification is still on its way.
-            snapshot = self._cache.refresh()
+            # Perhaps added a moment ago and the notification is still on its way; but
+            # ids from the internet must not make every miss a catalog query.
+            snapshot = self._cache.refresh_after_miss()
             tenant = snapshot.tenant(tenant_id)
         return snapshot.shards[tenant.shard]
 
