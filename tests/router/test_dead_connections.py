@@ -13,19 +13,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from wsgiref.util import setup_testing_defaults
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, update
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
 
 from tenantry import AsyncRouter, Router
 from tenantry.errors import ShardUnavailable
+from tenantry.router.middleware import TenantMiddleware, WSGITenantMiddleware, header_resolver
 
 PASSWORD = "hunter2-very-secret"
 SHARD = "own"
@@ -76,9 +85,7 @@ def session_round_trip(router: Router, tenant: str, n: int) -> None:
     with router.session(tenant) as session:
         names = session.execute(select(projects.c.name).order_by(projects.c.id)).scalars()
         assert [name.split("@")[0] for name in names] == [f"{tenant}-p1", f"{tenant}-p2"]
-        session.execute(
-            update(projects).where(projects.c.id == 1).values(name=f"{tenant}-p1@{n}")
-        )
+        session.execute(update(projects).where(projects.c.id == 1).values(name=f"{tenant}-p1@{n}"))
         session.commit()
 
 
@@ -230,8 +237,13 @@ def test_a_stopped_server_is_shard_unavailable_at_once(
         expect_unavailable("connection", use_connection)
         expect_unavailable("async session", lambda: asyncio.run(use_async("session")))
         expect_unavailable("async connection", lambda: asyncio.run(use_async("connection")))
+        answers = through_middleware(router)
     finally:
         server.start()
+    # Behind the middleware, the same outage is a 503 to retry, never a 500.
+    for status, retry_after, body in answers:
+        assert (status, retry_after, body["retryable"]) == (503, "5", True)
+        assert SHARD not in body["error"] and PASSWORD not in body["error"]
     for path, error, elapsed in failures:
         message = str(error)
         assert error.shard == SHARD, (path, message)
@@ -242,6 +254,39 @@ def test_a_stopped_server_is_shard_unavailable_at_once(
     # Back up: the same router routes again, without a failure.
     session_round_trip(router, "acme", 1)
     connection_round_trip(router, "globex")
+
+
+def through_middleware(router: Router) -> list[tuple[int, str, Any]]:
+    """One request through a Starlette app and one through a WSGI app, each of whose
+    endpoints opens a routed session: (status, Retry-After, JSON body) of each."""
+
+    def endpoint(request: Request) -> JSONResponse:
+        with router.session() as session:  # the tenant the middleware made current
+            return JSONResponse({"projects": len(session.execute(select(1)).all())})
+
+    app = Starlette(
+        routes=[Route("/projects", endpoint)],
+        middleware=[Middleware(TenantMiddleware, resolver=header_resolver(), router=router)],
+    )
+    answers = []
+    with TestClient(app) as client:  # raises any error that reaches the server
+        response = client.get("/projects", headers={"X-Tenant-Id": "acme"})
+        answers.append((response.status_code, response.headers["retry-after"], response.json()))
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        with router.session() as session:
+            session.connection()
+        start_response("200 OK", [])
+        return [b"{}"]
+
+    middleware = WSGITenantMiddleware(wsgi_app, resolver=header_resolver(), router=router)
+    environ: dict[str, Any] = {"HTTP_X_TENANT_ID": "acme", "PATH_INFO": "/projects"}
+    setup_testing_defaults(environ)
+    started: list[Any] = []
+    body = b"".join(middleware(environ, lambda *args: started.append(args)))  # type: ignore[arg-type]
+    status, headers = started[-1][0], dict(started[-1][1])
+    answers.append((int(status[:3]), headers["Retry-After"], json.loads(body)))
+    return answers
 
 
 def test_a_dead_connection_met_again_on_the_retry_is_shard_unavailable(
