@@ -145,7 +145,7 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
             _invalidate(conn, orig if orig is not None else exc)
             raise ConnectionLost(
                 f"shard {shard!r}: the pooled connection was lost before the transaction "
-                f"began ({describe_error(exc)})",
+                f"began ({describe_error(exc)}); nothing of it ran: retry",
                 shard=shard,
             ) from None
         if getattr(orig, "sqlstate", None) != _REJECTED:

@@ -316,3 +316,22 @@ def test_a_dead_connection_met_again_on_the_retry_is_shard_unavailable(
     assert "connection was lost" in str(info.value)
     assert retries() == 1
     connection_round_trip(router, "acme")  # and the next one is fine
+
+
+def test_a_later_transaction_of_a_session_meets_a_dead_connection(own_fleet: Any) -> None:
+    """Only the transaction the router opens is begun again; a later one of the same
+    session (after a commit) that meets a dead connection raises ShardUnavailable
+    naming the shard, never a raw driver error, and the session works after rollback."""
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+    with router.session("acme") as session:
+        session.execute(select(1))
+        session.commit()  # the connection goes back to the pool
+        server.terminate(database)
+        with pytest.raises(ShardUnavailable) as info:
+            session.execute(select(1))
+        assert info.value.shard == SHARD
+        assert "\n" not in str(info.value) and PASSWORD not in str(info.value)
+        session.rollback()
+        found = session.connection().exec_driver_sql("SELECT tenantry.tenant()").scalar_one()
+        assert found == "acme"
