@@ -28,9 +28,9 @@ __all__ = ["AsyncRouter"]
 class AsyncRouter(RouterBase):
     """Routes each tenant's ``AsyncSession`` and ``AsyncConnection`` to its shard.
 
-    ``async with router.session("acme") as session: ...`` — the same scoping, fence and
-    stale-route retry as :class:`~tenantry.Router`. Map refreshes happen in a worker
-    thread, never on the event loop.
+    ``async with router.session("acme") as session: ...`` — the same scoping, fence,
+    stale-route and dead-connection retries as :class:`~tenantry.Router`. Map refreshes
+    happen in a worker thread, never on the event loop.
     """
 
     engine_factory = staticmethod(make_async_engine)

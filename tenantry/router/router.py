@@ -3,7 +3,9 @@
 ``router.session("acme")`` looks the tenant up in the cached map snapshot (a dict),
 leases the engine of its shard, and begins a transaction whose first statement is
 the residency fence. A tenant that is not resident where the map says (a router with
-an old map) makes the router refresh its map and retry once on the new home.
+an old map) makes the router refresh its map and retry once on the new home; a pooled
+connection found dead by the fence (a restarted server, a terminated backend) makes it
+begin the transaction again, once, on a fresh connection (:func:`retry_once`).
 """
 
 from __future__ import annotations

@@ -107,10 +107,11 @@ class MapCache:
         with self._changed:
             return self._changed.wait_for(lambda: self.snapshot.version >= version, timeout)
 
-    def wait_listening(self, timeout: float | None = None) -> bool:
-        """Wait until notifications reach this cache (:attr:`notified`); False on timeout."""
+    def wait_listening(self, timeout: float | None = None, *, listening: bool = True) -> bool:
+        """Wait until notifications reach this cache (:attr:`notified`), or with
+        ``listening=False`` until the cache knows they do not; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(lambda: self.notified, timeout)
+            return self._changed.wait_for(lambda: self.notified is listening, timeout)
 
     def refresh_after_miss(self) -> MapSnapshot:
         """The snapshot to look a missing tenant up in again, after a lookup missed.
