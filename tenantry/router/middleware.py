@@ -15,6 +15,9 @@ retry, a spent connection budget, an unreachable catalog) with a 503 and a
 503's sentence names no shard, host or port (the log line, at WARNING, does). Other
 tenantry errors (``CrossTenantWrite``, ``NoTenantInContext``, configuration errors)
 are bugs of the application or its set-up: they propagate, as any exception does.
+On WSGI, a request that runs without a tenant (an exempt path, ``required=False``)
+gets back the application's own iterable, untouched (``wsgi.file_wrapper`` keeps
+working): there, only errors raised by the call itself are answered.
 """
 
 from __future__ import annotations
@@ -543,10 +546,11 @@ class WSGITenantMiddleware:
     def _serve(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = RequestInfo.from_wsgi(environ)
         if self._policy.is_exempt(request.path):
-            return _AnsweredBody(self.app(environ, start_response), None, start_response)
+            # The app's own iterable, untouched: a server's wsgi.file_wrapper still works.
+            return self.app(environ, start_response)
         decision = self._policy.resolve(request)
         if decision is None:
-            return _AnsweredBody(self.app(environ, start_response), None, start_response)
+            return self.app(environ, start_response)
         if isinstance(decision, str) and not self._knows(decision):
             decision = _Policy.unknown(decision)
         if isinstance(decision, _Reject):
@@ -596,10 +600,7 @@ class _AnsweredBody:
     __slots__ = ("_context", "_iterator", "_replaced", "_result", "_start_response", "_yielded")
 
     def __init__(
-        self,
-        result: Iterable[bytes],
-        context: TenantContext | None,
-        start_response: StartResponse,
+        self, result: Iterable[bytes], context: TenantContext, start_response: StartResponse
     ) -> None:
         self._result = result
         self._context = context
@@ -615,11 +616,8 @@ class _AnsweredBody:
         if self._replaced is not None:
             return next(self._replaced)
         try:
-            if self._context is None:
+            with self._context:
                 chunk = self._step()
-            else:
-                with self._context:
-                    chunk = self._step()
         except TenantryError as exc:
             reject = _answer(exc)
             if reject is None or self._yielded:
@@ -640,8 +638,5 @@ class _AnsweredBody:
         """Close the application's iterable, as PEP 3333 requires, as the tenant."""
         close = getattr(self._result, "close", None)
         if close is not None:
-            if self._context is None:
+            with self._context:
                 close()
-            else:
-                with self._context:
-                    close()

@@ -1009,3 +1009,21 @@ def test_wsgi_router_errors_are_answered() -> None:
         "5",
         True,
     )
+
+
+def test_wsgi_exempt_paths_get_the_apps_own_iterable() -> None:
+    body = object()  # e.g. what a server's wsgi.file_wrapper made
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if environ["PATH_INFO"] == "/down":
+            raise unavailable()
+        start_response("200 OK", [])
+        return body
+
+    middleware = WSGITenantMiddleware(app, resolver=header_resolver(), exempt_paths=["/static/"])
+    assert middleware(wsgi_environ("/static/app.js"), lambda *a: None) is body  # type: ignore[arg-type]
+    middleware = WSGITenantMiddleware(
+        app, resolver=header_resolver(), exempt_paths=["/static/", "/down"]
+    )
+    status, headers, _ = wsgi_call(middleware, wsgi_environ("/down"))
+    assert (status, headers["Retry-After"]) == ("503 Service Unavailable", "5")
