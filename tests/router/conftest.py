@@ -186,11 +186,13 @@ class Fleet:
         rls: bool = True,
         admin_url: str | None = None,
         password: str | None = None,
+        routing_port: int | None = None,
     ) -> Shard:
         """A new database with the app schema, registered as a shard.
 
         *admin_url* names the (empty) database to use instead of a new one on *server*;
-        *password* goes into the routing URL (trust authentication ignores it).
+        *password* goes into the routing URL (trust authentication ignores it), and
+        *routing_port* replaces its port (a proxy's, say).
         """
         admin = admin_url or self.new_database(server)
         tier = Tier(tier)
@@ -200,6 +202,8 @@ class Fleet:
         url = routing_url(admin)
         if password is not None:
             url = sa.make_url(url).set(password=password).render_as_string(hide_password=False)
+        if routing_port is not None:
+            url = sa.make_url(url).set(port=routing_port).render_as_string(hide_password=False)
         shard = self.catalog.add_shard(name, url, admin_url=admin, tier=tier)
         with shard_admin(shard) as conn:
             grant_routing_role(conn, APP_ROLE)

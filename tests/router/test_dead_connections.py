@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -335,3 +336,83 @@ def test_a_later_transaction_of_a_session_meets_a_dead_connection(own_fleet: Any
         session.rollback()
         found = session.connection().exec_driver_sql("SELECT tenantry.tenant()").scalar_one()
         assert found == "acme"
+
+
+class Partition:
+    """A TCP proxy to a server that can partition it: :meth:`cut` closes every proxied
+    connection and leaves new ones accepted but never answered, as a lost network
+    route or a dead host behind a load balancer does."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.listener.getsockname()[1]
+        self.cut_off = threading.Event()
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            with self.lock:
+                self.sockets.append(client)
+                if self.cut_off.is_set():
+                    continue  # held open, never answered
+                upstream = socket.create_connection(("127.0.0.1", self.target))
+                self.sockets.append(upstream)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def cut(self) -> None:
+        with self.lock:
+            self.cut_off.set()
+            for sock in self.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            self.sockets.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def test_a_partitioned_shard_is_unavailable_within_the_connect_timeout(
+    pg_fleet_builder: Any, own_pg_server: Any, no_password_logged: None
+) -> None:
+    admin = own_pg_server.new_database()
+    port = sa.make_url(admin).port
+    assert port is not None
+    partition = Partition(port)
+    try:
+        fleet = pg_fleet_builder(pool_size_shared=POOL, connect_timeout=CONNECT_TIMEOUT)
+        fleet.add_shard(SHARD, admin_url=admin, password=PASSWORD, routing_port=partition.port)
+        for tenant in TENANTS:
+            fleet.add_tenant(tenant, SHARD)
+        router = fleet.new_router()
+        fill_pool(router)
+        connection_round_trip(router, "acme")
+        partition.cut()
+        for _ in range(2):  # on a pool of cut connections, then on an empty one
+            start = time.monotonic()
+            with pytest.raises(ShardUnavailable) as info, router.session("acme") as session:
+                session.connection()
+            elapsed = time.monotonic() - start
+            assert info.value.shard == SHARD
+            message = str(info.value)
+            assert f"shard {SHARD!r}" in message and "\n" not in message
+            assert PASSWORD not in message
+            # Not at once (the host accepts and says nothing), but within the timeout.
+            assert CONNECT_TIMEOUT - 0.5 < elapsed < CONNECT_TIMEOUT + 1.5, elapsed
+    finally:
+        partition.close()
