@@ -9,7 +9,7 @@ it, optionally asks a router whether the tenant exists, and runs the application
 tenantry's errors raised while the application serves the request are answered too,
 as long as the response has not started: the retryable ones (a shard that cannot be
 reached, a tenant frozen by a move, a stale route or rotated key that outlived its
-retry, a spent connection budget, an unreachable catalog) with a 503 and a
+retry, a spent connection budget, a catalog that cannot be read) with a 503 and a
 ``Retry-After`` header, ``UnknownTenant`` with a 404 and ``InvalidTenantId`` with a
 400. Every error body is ``{"error": "<one sentence>", "retryable": <bool>}``; the
 503's sentence names no shard, host or port (the log line, at WARNING, does). Other
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tenantry.errors import (
-    CatalogUnavailable,
+    CatalogError,
+    CatalogNotInitialized,
     InvalidTenantId,
     RoutingError,
     ShardUnavailable,
@@ -304,7 +305,10 @@ def _answer(exc: BaseException) -> _Reject | None:
     it should propagate (not tenantry's, or a bug rather than a condition to retry)."""
     if not isinstance(exc, TenantryError):
         return None
-    if isinstance(exc, ShardUnavailable | CatalogUnavailable):
+    unreachable_catalog = isinstance(exc, CatalogError) and not isinstance(
+        exc, CatalogNotInitialized
+    )
+    if isinstance(exc, ShardUnavailable) or unreachable_catalog:
         message = "the tenant's database cannot be reached right now: retry later"
         return _Reject(503, message, retry_after=UNAVAILABLE_RETRY_AFTER)
     if isinstance(exc, TenantFrozen):

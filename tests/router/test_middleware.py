@@ -33,11 +33,14 @@ from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from tenantry.errors import (
+    CatalogError,
+    CatalogNotInitialized,
     CatalogUnavailable,
     ConnectionBudgetExceeded,
     CrossTenantWrite,
     FenceRejected,
     InvalidTenantId,
+    NoTenantInContext,
     ShardUnavailable,
     StaleRoute,
     TenantryError,
@@ -841,6 +844,7 @@ def unavailable() -> ShardUnavailable:
 RAISED: list[tuple[Callable[[], TenantryError], int, str | None]] = [
     (unavailable, 503, "5"),
     (lambda: CatalogUnavailable("cannot reach the catalog"), 503, "5"),
+    (lambda: CatalogError("the catalog failed: server closed the connection"), 503, "5"),
     (lambda: frozen_error("acme", "shared-a", retry_after=2.5), 503, "3"),
     (lambda: StaleRoute("stale", tenant_id="acme", shard="shared-a"), 503, "1"),
     (lambda: FenceRejected("rotated", tenant_id="acme", shard="shared-a"), 503, "1"),
@@ -895,10 +899,12 @@ def test_asgi_answers_tenantry_errors_raised_by_the_app(
 def test_asgi_leaves_other_errors_and_started_responses_alone() -> None:
     for error in (
         lambda: CrossTenantWrite("a bug of the app"),
+        NoTenantInContext,
+        lambda: CatalogNotInitialized("run `tenantry init`"),
         lambda: RuntimeError("not tenantry's"),
     ):
         app = TenantMiddleware(raising_asgi(error), resolver=header_resolver())
-        with pytest.raises((CrossTenantWrite, RuntimeError)):
+        with pytest.raises(type(error())):
             asyncio.run(drive(app, http_scope(headers=[("x-tenant-id", "acme")])))
     # Too late for another status: the error goes on to the server.
     app = TenantMiddleware(raising_asgi(unavailable, after_start=True), resolver=header_resolver())
