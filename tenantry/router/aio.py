@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from tenantry.errors import StaleRoute
 from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
-from tenantry.router.router import RouterBase, reaching, retry_once
+from tenantry.router.router import RouterBase, lost_midway, reaching, retry_once
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -103,8 +103,9 @@ class AsyncRouter(RouterBase):
                     if isinstance(exc, StaleRoute):
                         shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                     continue
-                async with session:
-                    yield session
+                with lost_midway(shard):
+                    async with session:
+                        yield session
                 return
 
     @asynccontextmanager
@@ -129,12 +130,13 @@ class AsyncRouter(RouterBase):
                         if isinstance(exc, StaleRoute):
                             shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                         continue
-                    try:
-                        yield conn
-                    except BaseException:
-                        await transaction.rollback()
-                        raise
-                    await transaction.commit()
+                    with lost_midway(shard):  # the COMMIT too
+                        try:
+                            yield conn
+                        except BaseException:
+                            await transaction.rollback()
+                            raise
+                        await transaction.commit()
                     return
                 finally:
                     await conn.close()

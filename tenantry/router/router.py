@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
@@ -43,11 +44,11 @@ from tenantry.router.scoping import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import make_engine, translate_errors
+from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 
-__all__ = ["Router", "RouterBase", "reaching", "retry_once"]
+__all__ = ["Router", "RouterBase", "lost_midway", "reaching", "retry_once"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -248,7 +249,7 @@ class Router(RouterBase):
                     if isinstance(exc, StaleRoute):
                         shard = self._rerouted(tenant, shard, exc)
                     continue
-                with session:
+                with lost_midway(shard), session:
                     yield session
                 return
 
@@ -287,7 +288,7 @@ class Router(RouterBase):
                         if isinstance(exc, StaleRoute):
                             shard = self._rerouted(tenant, shard, exc)
                         continue
-                    with transaction:
+                    with lost_midway(shard), transaction:  # the COMMIT too
                         yield conn
                     return
                 finally:
@@ -372,6 +373,24 @@ def retry_once(exc: BaseException, retried: set[str]) -> bool:
     if reason == "connection":
         logger.info("%s; beginning the transaction again on a fresh connection", exc)
     return True
+
+
+@contextmanager
+def lost_midway(shard: Shard) -> Iterator[None]:
+    """A connection lost while the application's block ran (its own statements, past
+    the fence: nothing to begin again) leaves it as ShardUnavailable naming the shard,
+    not as a raw driver error. The connection is invalidated already (SQLAlchemy saw
+    the disconnect), so the rollback on the way out does not raise again."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        raise ShardUnavailable(
+            f"shard {shard.name!r}: the connection was lost during the transaction "
+            f"({describe_error(exc)}); it did not commit, unless it was lost during COMMIT",
+            shard=shard.name,
+        ) from exc
 
 
 @contextmanager

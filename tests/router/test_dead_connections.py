@@ -416,3 +416,110 @@ def test_a_partitioned_shard_is_unavailable_within_the_connect_timeout(
             assert CONNECT_TIMEOUT - 0.5 < elapsed < CONNECT_TIMEOUT + 1.5, elapsed
     finally:
         partition.close()
+
+
+def test_a_restart_under_load_only_fails_transactions_begun_while_it_was_down(
+    own_fleet: Any, no_password_logged: None
+) -> None:
+    """Eight threads route without pause while the server restarts: a transaction
+    that meets the outage fails with ShardUnavailable (never a raw driver error), and
+    none begun once the restart returned fails."""
+    server = own_fleet.server
+    router = own_fleet.new_router()
+    fill_pool(router, POOL + 2)
+    up, stop, warmed, enough = (threading.Event() for _ in range(4))
+    lock = threading.Lock()
+    results: list[tuple[bool, BaseException | None]] = []  # (begun once up, error)
+
+    def record(after_up: bool, error: BaseException | None) -> None:
+        with lock:
+            results.append((after_up, error))
+            if len(results) >= 16:
+                warmed.set()
+            if sum(after and e is None for after, e in results) >= 160:
+                enough.set()
+
+    def work(index: int) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            tenant = TENANTS[(index + n) % 2]
+            after_up = up.is_set()
+            try:
+                if n % 2:
+                    session_round_trip(router, tenant, index * 100_000 + n)
+                else:
+                    connection_round_trip(router, tenant)
+            except BaseException as exc:  # every failure is recorded and judged below
+                record(after_up, exc)
+            else:
+                record(after_up, None)
+
+    with ThreadPoolExecutor(8) as pool:
+        workers = [pool.submit(work, i) for i in range(8)]
+        try:
+            assert warmed.wait(timeout=30)
+            server.restart()
+            up.set()
+            assert enough.wait(timeout=60)
+        finally:
+            stop.set()
+        for worker in workers:
+            worker.result()
+    during = [e for after, e in results if not after and e is not None]
+    after = [e for after, e in results if after and e is not None]
+    assert after == [], after[:3]
+    unexpected = [e for e in during if not isinstance(e, ShardUnavailable)]
+    assert unexpected == [], unexpected[:3]
+    for error in during:
+        assert error.shard == SHARD and "\n" not in str(error)  # type: ignore[attr-defined]
+
+
+def test_a_connection_lost_inside_the_block_is_shard_unavailable(own_fleet: Any) -> None:
+    """Past the fence nothing is begun again: a connection cut while the application's
+    block runs leaves every routed path as ShardUnavailable, not a driver error."""
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+    errors: list[BaseException] = []
+
+    def cut_inside(block: Any) -> None:
+        with pytest.raises(ShardUnavailable) as info:
+            block()
+        errors.append(info.value)
+
+    def sync_session() -> None:
+        with router.session("acme") as session:
+            server.terminate(database)
+            session.execute(select(1))
+
+    def sync_connection() -> None:
+        with router.connection("acme") as conn:
+            server.terminate(database)
+            conn.exec_driver_sql("SELECT 1")
+
+    async def async_paths() -> None:
+        router = AsyncRouter(catalog=own_fleet.catalog, background=False)
+        try:
+            with pytest.raises(ShardUnavailable) as info:
+                async with router.session("acme") as session:
+                    await asyncio.to_thread(server.terminate, database)
+                    await session.execute(select(1))
+            errors.append(info.value)
+            with pytest.raises(ShardUnavailable) as info:
+                async with router.connection("acme") as conn:
+                    await asyncio.to_thread(server.terminate, database)
+                    await conn.exec_driver_sql("SELECT 1")
+            errors.append(info.value)
+        finally:
+            await router.close()
+
+    cut_inside(sync_session)
+    cut_inside(sync_connection)
+    asyncio.run(async_paths())
+    assert len(errors) == 4
+    for error in errors:
+        message = str(error)
+        assert error.shard == SHARD, message  # type: ignore[attr-defined]
+        assert "lost during the transaction" in message and "\n" not in message
+        assert PASSWORD not in message
+    connection_round_trip(router, "acme")  # and the router goes on
