@@ -131,7 +131,10 @@ class RouterBase:
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
         """Wait until this router's map is at *version* or later (say, the version a
-        catalog change made, once its notification arrived); False on timeout."""
+        catalog change made, once its notification arrived); False on timeout.
+
+        A router made with ``background=False`` only moves on by :meth:`refresh`.
+        """
         return self._cache.wait_for_version(version, timeout)
 
     def has_tenant(self, tenant_id: str) -> bool:

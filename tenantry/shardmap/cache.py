@@ -68,7 +68,8 @@ class MapCache:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: psycopg.Connection[tuple[object, ...]] | None = None
-        # Notified when the snapshot changes or a listener connects (see wait_for_version).
+        # Notified when the snapshot changes and when the LISTEN connection opens or
+        # closes (wait_for_version, wait_listening).
         self._changed = threading.Condition()
         checked = time.monotonic()
         self.snapshot: MapSnapshot = catalog.snapshot()
@@ -103,7 +104,8 @@ class MapCache:
         )
 
     def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
-        """Wait until the snapshot is at *version* or later; False on timeout."""
+        """Wait until the snapshot is at *version* or later (brought by a notification,
+        a poll or any refresh); False on timeout."""
         with self._changed:
             return self._changed.wait_for(lambda: self.snapshot.version >= version, timeout)
 
