@@ -9,10 +9,10 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from tenantry.errors import FenceRejected, StaleRoute
+from tenantry.errors import StaleRoute
 from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
-from tenantry.router.router import RouterBase, reaching
+from tenantry.router.router import RouterBase, lost_midway, reaching, retry_once
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -28,9 +28,9 @@ __all__ = ["AsyncRouter"]
 class AsyncRouter(RouterBase):
     """Routes each tenant's ``AsyncSession`` and ``AsyncConnection`` to its shard.
 
-    ``async with router.session("acme") as session: ...`` — the same scoping, fence and
-    stale-route retry as :class:`~tenantry.Router`. Map refreshes happen in a worker
-    thread, never on the event loop.
+    ``async with router.session("acme") as session: ...`` — the same scoping, fence,
+    stale-route and dead-connection retries as :class:`~tenantry.Router`. Map refreshes
+    happen in a worker thread, never on the event loop.
     """
 
     engine_factory = staticmethod(make_async_engine)
@@ -80,7 +80,8 @@ class AsyncRouter(RouterBase):
         """An AsyncSession scoped to the tenant; the application commits."""
         tenant = self._tenant(tenant_id)
         shard = await self._shard(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             async with self._lease(shard) as engine:
                 session = AsyncSession(
                     bind=engine,
@@ -95,22 +96,16 @@ class AsyncRouter(RouterBase):
                 try:
                     with reaching(shard):
                         await session.connection()
-                except StaleRoute as exc:
+                except BaseException as exc:
                     await session.close()
-                    if attempt == 2:
+                    if not retry_once(exc, retried):
                         raise
-                    shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
+                    if isinstance(exc, StaleRoute):
+                        shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                     continue
-                except FenceRejected:
-                    await session.close()
-                    if attempt == 2:
-                        raise
-                    continue  # the fence read the shard's key again
-                except BaseException:
-                    await session.close()
-                    raise
-                async with session:
-                    yield session
+                with lost_midway(shard):
+                    async with session:
+                        yield session
                 return
 
     @asynccontextmanager
@@ -118,7 +113,8 @@ class AsyncRouter(RouterBase):
         """An AsyncConnection in a scoped transaction, committed unless the block raises."""
         tenant = self._tenant(tenant_id)
         shard = await self._shard(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             async with self._lease(shard) as engine:
                 with reaching(shard):
                     conn = await engine.connect()
@@ -127,23 +123,20 @@ class AsyncRouter(RouterBase):
                     try:
                         with reaching(shard):
                             await conn.run_sync(run_fence, tenant, shard.name)
-                    except StaleRoute as exc:
+                    except BaseException as exc:
+                        if not retry_once(exc, retried):
+                            raise  # closing the connection below rolls it back
                         await transaction.rollback()
-                        if attempt == 2:
-                            raise
-                        shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
+                        if isinstance(exc, StaleRoute):
+                            shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
                         continue
-                    except FenceRejected:
-                        await transaction.rollback()
-                        if attempt == 2:
+                    with lost_midway(shard):  # the COMMIT too
+                        try:
+                            yield conn
+                        except BaseException:
+                            await transaction.rollback()
                             raise
-                        continue  # the fence read the shard's key again
-                    try:
-                        yield conn
-                    except BaseException:
-                        await transaction.rollback()
-                        raise
-                    await transaction.commit()
+                        await transaction.commit()
                     return
                 finally:
                     await conn.close()

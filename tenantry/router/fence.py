@@ -23,7 +23,14 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from tenantry.errors import ConfigurationError, FenceRejected, StaleRoute, TenantFrozen
+from tenantry.errors import (
+    ConfigurationError,
+    FenceRejected,
+    ShardUnavailable,
+    StaleRoute,
+    TenantFrozen,
+)
+from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.residency import Residency
 
@@ -32,6 +39,7 @@ __all__ = [
     "PG_FENCE",
     "SQLITE_FENCE",
     "TENANT_KEY",
+    "ConnectionLost",
     "frozen_error",
     "register_keys",
     "reset_connection",
@@ -58,6 +66,18 @@ _REJECTED = "28000"
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
 _KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource]] = weakref.WeakKeyDictionary()
+
+
+class ConnectionLost(ShardUnavailable):
+    """The pooled connection a routed transaction began on was dead at its fence.
+
+    The server restarted, the backend was terminated, a failover or an idle timeout cut
+    it. The fence is the transaction's first statement, so nothing of the transaction
+    ran. The connection is invalidated, and so is every connection of its pool made
+    before it (replaced, without a round trip, when next checked out): the router begins
+    the transaction again, once, on a fresh connection. Raised to the caller only when
+    that one fails the same way.
+    """
 
 
 def register_keys(engine: Engine, shard: str, keys: KeySource) -> None:
@@ -121,6 +141,13 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
             row = driver.execute(PG_FENCE, params).fetchone()
     except Exception as exc:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        if _connection_dead(exc, driver):
+            _invalidate(conn, orig if orig is not None else exc)
+            raise ConnectionLost(
+                f"shard {shard!r}: the pooled connection was lost before the transaction "
+                f"began ({describe_error(exc)}); nothing of it ran: retry",
+                shard=shard,
+            ) from None
         if getattr(orig, "sqlstate", None) != _REJECTED:
             raise
         info.pop(_SIGNATURE_KEY, None)
@@ -133,6 +160,26 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
         ) from None
     value: str | None = row[0] if row is not None else None
     return value
+
+
+def _connection_dead(exc: Exception, driver: Any) -> bool:
+    """Whether *exc* left the connection unusable (what SQLAlchemy's psycopg dialect
+    calls a disconnect), rather than the statement failing on a live connection."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # SQLAlchemy saw it first (the asyncio path goes through it)
+    return bool(getattr(driver, "closed", False) or getattr(driver, "broken", False))
+
+
+def _invalidate(conn: Connection, exc: BaseException) -> None:
+    """Invalidate a dead connection and, as SQLAlchemy does on a disconnect, every
+    connection of its pool made before it: a restarted server or a failover killed them
+    all, and each is replaced when next checked out (no ping, no round trip). A rollback
+    of the transaction then skips the dead connection instead of raising again."""
+    if conn.invalidated:
+        return  # SQLAlchemy did both already
+    pool = conn.engine.pool
+    pool._invalidate(conn.connection, exc, _checkin=False)
+    conn.invalidate(exc)
 
 
 def _backend_pid(driver: Any) -> int:

@@ -5,19 +5,45 @@ A resolver reads the tenant id from a small, framework-neutral view of the reque
 it, optionally asks a router whether the tenant exists, and runs the application inside
 :func:`~tenantry.router.context.tenant_context`. A missing or invalid tenant gets a
 400, an unknown one a 404, each with a one-sentence JSON body; never a 500.
+
+tenantry's errors raised while the application serves the request are answered too,
+as long as the response has not started: the retryable ones (a shard that cannot be
+reached, a tenant frozen by a move, a stale route or rotated key that outlived its
+retry, a spent connection budget, a catalog that cannot be read) with a 503 and a
+``Retry-After`` header, ``UnknownTenant`` with a 404 and ``InvalidTenantId`` with a
+400. Every error body is ``{"error": "<one sentence>", "retryable": <bool>}``; the
+503's sentence names no shard, host or port (the log line, at WARNING, does). Other
+tenantry errors (``CrossTenantWrite``, ``NoTenantInContext``, configuration errors)
+are bugs of the application or its set-up: they propagate, as any exception does.
+On WSGI, a request that runs without a tenant (an exempt path, ``required=False``)
+gets back the application's own iterable, untouched (``wsgi.file_wrapper`` keeps
+working): there, only errors raised by the call itself are answered.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import logging
+import math
 import re
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tenantry.errors import InvalidTenantId
+from tenantry.errors import (
+    CatalogError,
+    CatalogNotInitialized,
+    InvalidTenantId,
+    RoutingError,
+    ShardUnavailable,
+    TenantFrozen,
+    TenantryError,
+    UnknownTenant,
+)
 from tenantry.router.context import TenantContext, tenant_context
+from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.model import validate_tenant_id
 
 if TYPE_CHECKING:
@@ -46,6 +72,8 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger("tenantry.middleware")
 
 # Where WSGITenantMiddleware puts the tenant id in the environ.
 WSGI_TENANT_KEY = "tenantry.tenant_id"
@@ -248,6 +276,63 @@ class KnowsTenantsAsync(Protocol):
 class _Reject:
     status: int
     message: str
+    retry_after: int | None = None  # seconds; set on every 503
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        body = self.body
+        headers = [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+        if self.retry_after is not None:
+            headers.append(("Retry-After", str(self.retry_after)))
+        return headers
+
+    @property
+    def body(self) -> bytes:
+        retryable = self.retry_after is not None
+        return json.dumps({"error": self.message, "retryable": retryable}).encode()
+
+
+#: Retry-After (seconds) of a shard or catalog that cannot be reached: a restart or a
+#: failover takes seconds.
+UNAVAILABLE_RETRY_AFTER = 5
+#: Retry-After of the other retryable routing errors (a stale route, a rotated key, a
+#: spent connection budget): the next attempt usually succeeds.
+RETRY_AFTER = 1
+
+
+def _answer(exc: BaseException) -> _Reject | None:
+    """The HTTP answer to a tenantry error raised while serving a request; None when
+    it should propagate (not tenantry's, or a bug rather than a condition to retry)."""
+    if not isinstance(exc, TenantryError):
+        return None
+    unreachable_catalog = isinstance(exc, CatalogError) and not isinstance(
+        exc, CatalogNotInitialized
+    )
+    if isinstance(exc, ShardUnavailable) or unreachable_catalog:
+        message = "the tenant's database cannot be reached right now: retry later"
+        return _Reject(503, message, retry_after=UNAVAILABLE_RETRY_AFTER)
+    if isinstance(exc, TenantFrozen):
+        seconds = max(1, math.ceil(exc.retry_after))
+        message = (
+            f"tenant {exc.tenant_id!r} is being moved: reads work, writes are refused for "
+            f"now; retry in about {seconds}s"
+        )
+        return _Reject(503, message, retry_after=seconds)
+    if isinstance(exc, RoutingError) and exc.retryable:
+        return _Reject(503, "the request could not be routed just now: retry", RETRY_AFTER)
+    if isinstance(exc, UnknownTenant):
+        return _Policy.unknown(exc.tenant_id)
+    if isinstance(exc, InvalidTenantId):
+        return _Reject(400, str(InvalidTenantId(_clip(exc.value))))
+    return None
+
+
+def _log_answer(exc: BaseException, reject: _Reject) -> None:
+    if reject.status >= 500:
+        # The operator's side of the story: the shard's name and the cause, one line
+        # (any password in a URL masked, whoever wrote the message).
+        name = type(exc).__name__
+        logger.warning("answered %d: %s: %s", reject.status, name, describe_error(exc))
 
 
 def _clip(value: str) -> str:
@@ -304,16 +389,12 @@ class _Policy:
 
     @staticmethod
     def unknown(tenant_id: str) -> _Reject:
-        return _Reject(404, f"unknown tenant {tenant_id!r}: no such tenant is served here")
+        return _Reject(404, f"unknown tenant {_clip(tenant_id)!r}: no such tenant is served here")
 
 
 def _check_router(router: object) -> None:
     if router is not None and not callable(getattr(router, "has_tenant", None)):
         raise TypeError(f"router must have a has_tenant(tenant_id) method, got {router!r}")
-
-
-def _json_body(message: str) -> bytes:
-    return json.dumps({"error": message}).encode()
 
 
 # ------------------------------------------------------------------------------- ASGI
@@ -352,6 +433,23 @@ class TenantMiddleware:
             # lifespan and any future scope type: nothing to resolve.
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await self._serve(kind, scope, receive, tracked)
+        except TenantryError as exc:
+            reject = _answer(exc)
+            if reject is None or started:
+                raise  # not ours to answer, or too late: the response has begun
+            _log_answer(exc, reject)
+            await _reject(kind, reject, send)
+
+    async def _serve(self, kind: str, scope: Scope, receive: Receive, send: Send) -> None:
         request = RequestInfo.from_asgi(scope)
         if self._policy.is_exempt(request.path):
             await self.app(scope, receive, send)
@@ -396,25 +494,23 @@ class TenantMiddleware:
 async def _reject(kind: str, reject: _Reject, send: Send) -> None:
     if kind == "websocket":
         # Closing before accepting makes the server refuse the handshake (HTTP 403).
-        await send({"type": "websocket.close", "code": 1008, "reason": reject.message})
+        # 1013 is "try again later", 1008 "policy violation".
+        code = 1013 if reject.retry_after is not None else 1008
+        await send({"type": "websocket.close", "code": code, "reason": reject.message})
         return
-    body = _json_body(reject.message)
     await send(
         {
             "type": "http.response.start",
             "status": reject.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
+            "headers": [(k.lower().encode(), v.encode()) for k, v in reject.headers],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": reject.body})
 
 
 # ------------------------------------------------------------------------------- WSGI
 
-_REASONS = {400: "400 Bad Request", 404: "404 Not Found"}
+_REASONS = {400: "400 Bad Request", 404: "404 Not Found", 503: "503 Service Unavailable"}
 
 
 class WSGITenantMiddleware:
@@ -440,8 +536,21 @@ class WSGITenantMiddleware:
         self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._serve(environ, start_response)
+        except TenantryError as exc:
+            reject = _answer(exc)
+            if reject is None:
+                raise
+            _log_answer(exc, reject)
+            # The application raised instead of returning a body: nothing was sent yet,
+            # so its start_response (if it called it) may be replaced (PEP 3333).
+            return _respond(reject, start_response, sys.exc_info())
+
+    def _serve(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         request = RequestInfo.from_wsgi(environ)
         if self._policy.is_exempt(request.path):
+            # The app's own iterable, untouched: a server's wsgi.file_wrapper still works.
             return self.app(environ, start_response)
         decision = self._policy.resolve(request)
         if decision is None:
@@ -449,12 +558,7 @@ class WSGITenantMiddleware:
         if isinstance(decision, str) and not self._knows(decision):
             decision = _Policy.unknown(decision)
         if isinstance(decision, _Reject):
-            body = _json_body(decision.message)
-            start_response(
-                _REASONS[decision.status],
-                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
-            )
-            return [body]
+            return _respond(decision, start_response)
         environ[WSGI_TENANT_KEY] = decision
         resolver = self._policy.resolver
         if isinstance(resolver, PathResolver) and resolver.strip:
@@ -464,7 +568,7 @@ class WSGITenantMiddleware:
         context = tenant_context(decision)
         with context:
             result = self.app(environ, start_response)
-        return _TenantBody(result, context)
+        return _AnsweredBody(result, context, start_response)
 
     def _knows(self, tenant_id: str) -> bool:
         if self.router is None:
@@ -480,29 +584,59 @@ class WSGITenantMiddleware:
         return bool(known)
 
 
-class _TenantBody:
-    """A WSGI response iterable that makes the tenant current for each step.
+def _respond(reject: _Reject, start_response: StartResponse, exc_info: Any = None) -> list[bytes]:
+    if exc_info is None:
+        start_response(_REASONS[reject.status], reject.headers)
+    else:
+        start_response(_REASONS[reject.status], reject.headers, exc_info)
+    return [reject.body]
+
+
+class _AnsweredBody:
+    """A WSGI response iterable that makes the tenant current for each step, and
+    answers a tenantry error raised before the first chunk (see the module docstring).
 
     A generator application runs its body only when iterated, and ``close()`` runs
     its ``finally`` blocks: both must see the tenant. The server may iterate from a
     context where the tenant is not set, so every step enters it afresh.
     """
 
-    __slots__ = ("_context", "_iterator", "_result")
+    __slots__ = ("_context", "_iterator", "_replaced", "_result", "_start_response", "_yielded")
 
-    def __init__(self, result: Iterable[bytes], context: TenantContext) -> None:
+    def __init__(
+        self, result: Iterable[bytes], context: TenantContext, start_response: StartResponse
+    ) -> None:
         self._result = result
         self._context = context
+        self._start_response = start_response
         self._iterator: Iterator[bytes] | None = None
+        self._yielded = False
+        self._replaced: Iterator[bytes] | None = None
 
     def __iter__(self) -> Iterator[bytes]:
         return self
 
     def __next__(self) -> bytes:
-        with self._context:
-            if self._iterator is None:
-                self._iterator = iter(self._result)
-            return next(self._iterator)
+        if self._replaced is not None:
+            return next(self._replaced)
+        try:
+            with self._context:
+                chunk = self._step()
+        except TenantryError as exc:
+            reject = _answer(exc)
+            if reject is None or self._yielded:
+                raise  # not ours to answer, or too late: the body has begun
+            _log_answer(exc, reject)
+            # Nothing was sent yet: the status and headers may still be replaced.
+            self._replaced = iter(_respond(reject, self._start_response, sys.exc_info()))
+            return next(self._replaced)
+        self._yielded = True
+        return chunk
+
+    def _step(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._result)
+        return next(self._iterator)
 
     def close(self) -> None:
         """Close the application's iterable, as PEP 3333 requires, as the tenant."""

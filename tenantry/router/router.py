@@ -3,7 +3,9 @@
 ``router.session("acme")`` looks the tenant up in the cached map snapshot (a dict),
 leases the engine of its shard, and begins a transaction whose first statement is
 the residency fence. A tenant that is not resident where the map says (a router with
-an old map) makes the router refresh its map and retry once on the new home.
+an old map) makes the router refresh its map and retry once on the new home; a pooled
+connection found dead by the fence (a restarted server, a terminated backend) makes it
+begin the transaction again, once, on a fresh connection (:func:`retry_once`).
 """
 
 from __future__ import annotations
@@ -17,18 +19,20 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import Connection, Engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
     FenceRejected,
+    InvalidName,
+    LookupFailed,
     NoTenantInContext,
     ShardUnavailable,
     StaleRoute,
-    TenantryError,
 )
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.fence import register_keys, run_fence
+from tenantry.router.fence import ConnectionLost, register_keys, run_fence
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -40,11 +44,11 @@ from tenantry.router.scoping import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import make_engine, translate_errors
+from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 
-__all__ = ["Router", "RouterBase", "reaching"]
+__all__ = ["Router", "RouterBase", "lost_midway", "reaching", "retry_once"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -125,16 +129,33 @@ class RouterBase:
         """Reload the map now if the catalog has a newer version."""
         return self._cache.refresh()
 
+    def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until this router's map is at *version* or later (say, the version a
+        catalog change made, once its notification arrived); False on timeout.
+
+        A router made with ``background=False`` only moves on by :meth:`refresh`.
+        """
+        return self._cache.wait_for_version(version, timeout)
+
     def has_tenant(self, tenant_id: str) -> bool:
-        """Whether *tenant_id* is in the map (refreshing once if it is not)."""
+        """Whether *tenant_id* is in the map (see :meth:`shard_for` on refreshes).
+
+        An unknown or invalid id is False; a catalog that cannot be read raises.
+        """
         try:
             self._lookup(tenant_id)
-        except TenantryError:
+        except (LookupFailed, InvalidName):
             return False
         return True
 
     def shard_for(self, tenant_id: str | None = None) -> Shard:
-        """The shard the tenant lives on, by the current map."""
+        """The shard the tenant lives on, by the current map.
+
+        A tenant not in the map makes the router read the catalog's map version (it may
+        have been added a moment ago) — at most once per ``miss_interval`` while change
+        notifications arrive, so unknown ids cannot hammer the catalog; every miss when
+        they do not (no listener: polling only, or SQLite).
+        """
         return self._lookup(self._tenant(tenant_id))
 
     def _tenant(self, tenant_id: str | None) -> str:
@@ -149,8 +170,9 @@ class RouterBase:
         tenant = snapshot.tenants.get(tenant_id)
         if tenant is None:
             validate_tenant_id(tenant_id)
-            # Perhaps added a moment ago and the notification is still on its way.
-            snapshot = self._cache.refresh()
+            # Perhaps added a moment ago and the notification is still on its way; but
+            # ids from the internet must not make every miss a catalog query.
+            snapshot = self._cache.refresh_after_miss()
             tenant = snapshot.tenant(tenant_id)
         return snapshot.shards[tenant.shard]
 
@@ -208,7 +230,8 @@ class Router(RouterBase):
         """
         tenant = self._tenant(tenant_id)
         shard = self._lookup(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             with self._engines.lease(shard) as engine:
                 session = TenantSession(
                     bind=engine,
@@ -222,21 +245,14 @@ class Router(RouterBase):
                 try:
                     with reaching(shard):
                         session.connection()  # begins the transaction: the fence runs now
-                except StaleRoute as exc:
+                except BaseException as exc:
                     session.close()
-                    if attempt == 2:
+                    if not retry_once(exc, retried):
                         raise
-                    shard = self._rerouted(tenant, shard, exc)
+                    if isinstance(exc, StaleRoute):
+                        shard = self._rerouted(tenant, shard, exc)
                     continue
-                except FenceRejected:
-                    session.close()
-                    if attempt == 2:
-                        raise
-                    continue  # the fence read the shard's key again
-                except BaseException:
-                    session.close()
-                    raise
-                with session:
+                with lost_midway(shard), session:
                     yield session
                 return
 
@@ -258,7 +274,8 @@ class Router(RouterBase):
         """
         tenant = self._tenant(tenant_id)
         shard = self._lookup(tenant)
-        for attempt in (1, 2):
+        retried: set[str] = set()
+        while True:
             with self._engines.lease(shard) as engine:
                 with reaching(shard):
                     conn = engine.connect()
@@ -267,18 +284,14 @@ class Router(RouterBase):
                     try:
                         with reaching(shard):
                             run_fence(conn, tenant, shard.name)
-                    except StaleRoute as exc:
+                    except BaseException as exc:
+                        if not retry_once(exc, retried):
+                            raise  # closing the connection below rolls it back
                         transaction.rollback()
-                        if attempt == 2:
-                            raise
-                        shard = self._rerouted(tenant, shard, exc)
+                        if isinstance(exc, StaleRoute):
+                            shard = self._rerouted(tenant, shard, exc)
                         continue
-                    except FenceRejected:
-                        transaction.rollback()
-                        if attempt == 2:
-                            raise
-                        continue  # the fence read the shard's key again
-                    with transaction:
+                    with lost_midway(shard), transaction:  # the COMMIT too
                         yield conn
                     return
                 finally:
@@ -342,6 +355,45 @@ def _discard_session_state(dbapi_connection: Any, record: Any) -> None:
     except Exception as exc:  # a broken connection: the pool replaces it
         logger.warning("could not reset a pooled connection, replacing it: %s", exc)
         record.invalidate(exc)
+
+
+def retry_once(exc: BaseException, retried: set[str]) -> bool:
+    """Whether a transaction whose fence raised *exc* may begin again; records it.
+
+    Nothing of the transaction ran before its fence. A dead pooled connection
+    (ConnectionLost) is retried once on a fresh connection; a stale route (refresh
+    the map, go to the new home) or a rotated fence key (read again) once between them.
+    """
+    if isinstance(exc, ConnectionLost):
+        reason = "connection"
+    elif isinstance(exc, StaleRoute | FenceRejected):
+        reason = "route"
+    else:
+        return False
+    if reason in retried:
+        return False
+    retried.add(reason)
+    if reason == "connection":
+        logger.info("%s; beginning the transaction again on a fresh connection", exc)
+    return True
+
+
+@contextmanager
+def lost_midway(shard: Shard) -> Iterator[None]:
+    """A connection lost while the application's block ran (its own statements, past
+    the fence: nothing to begin again) leaves it as ShardUnavailable naming the shard,
+    not as a raw driver error. The connection is invalidated already (SQLAlchemy saw
+    the disconnect), so the rollback on the way out does not raise again."""
+    try:
+        yield
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        raise ShardUnavailable(
+            f"shard {shard.name!r}: the connection was lost during the transaction "
+            f"({describe_error(exc)}); it did not commit, unless it was lost during COMMIT",
+            shard=shard.name,
+        ) from exc
 
 
 @contextmanager

@@ -8,6 +8,12 @@ notification is missed). The new snapshot is the old one with the tenants change
 since (the catalog keeps a change log), or the whole map when it is too far behind.
 A lost catalog connection is retried with backoff; routing goes on from the last
 snapshot meanwhile.
+
+A lookup that misses (a tenant added a moment ago, or an id made up by a client)
+calls :meth:`MapCache.refresh_after_miss`: while notifications arrive, the catalog is
+read at most once per ``miss_interval`` for all misses together (a refresh in flight,
+say for a notification, is waited for instead); without them, every miss reads the
+catalog's version, as the only way to see a new tenant before the next poll.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ from tenantry.errors import CatalogError
 from tenantry.shardmap.catalog import NOTIFY_CHANNEL, Catalog
 from tenantry.shardmap.model import MapSnapshot
 
-__all__ = ["MapCache"]
+__all__ = ["MISS_INTERVAL", "MapCache"]
 
 logger = logging.getLogger("tenantry.cache")
 
 _MAX_BACKOFF = 5.0
 _WAKE = 0.2
+#: While notifications arrive, misses read the catalog at most this often (seconds).
+MISS_INTERVAL = 0.25
 
 
 class MapCache:
@@ -46,9 +54,13 @@ class MapCache:
         listen: bool = True,
         background: bool = True,
         on_change: Callable[[MapSnapshot], None] | None = None,
+        miss_interval: float = MISS_INTERVAL,
     ) -> None:
         if poll_interval <= 0:
             raise ValueError(f"poll_interval must be > 0, got {poll_interval!r}")
+        if miss_interval < 0:
+            raise ValueError(f"miss_interval must be >= 0, got {miss_interval!r}")
+        self._miss_interval = miss_interval
         self._catalog = catalog
         self._poll_interval = poll_interval
         self._listen = listen and catalog.dialect == "postgresql"
@@ -56,7 +68,12 @@ class MapCache:
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: psycopg.Connection[tuple[object, ...]] | None = None
+        # Notified when the snapshot changes and when the LISTEN connection opens or
+        # closes (wait_for_version, wait_listening).
+        self._changed = threading.Condition()
+        checked = time.monotonic()
         self.snapshot: MapSnapshot = catalog.snapshot()
+        self._checked = checked  # when the catalog was last read (monotonic)
         self._thread: threading.Thread | None = None
         if background:
             self._thread = threading.Thread(
@@ -74,6 +91,46 @@ class MapCache:
         """Whether a LISTEN connection is open now."""
         return self._listener is not None
 
+    @property
+    def notified(self) -> bool:
+        """Whether changes reach this cache by notification now: a LISTEN connection
+        is open and the background thread that reads it runs."""
+        thread = self._thread
+        return (
+            self._listener is not None
+            and thread is not None
+            and thread.is_alive()
+            and not self._stop.is_set()
+        )
+
+    def wait_for_version(self, version: int, timeout: float | None = None) -> bool:
+        """Wait until the snapshot is at *version* or later (brought by a notification,
+        a poll or any refresh); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.snapshot.version >= version, timeout)
+
+    def wait_listening(self, timeout: float | None = None, *, listening: bool = True) -> bool:
+        """Wait until notifications reach this cache (:attr:`notified`), or with
+        ``listening=False`` until the cache knows they do not; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.notified is listening, timeout)
+
+    def refresh_after_miss(self) -> MapSnapshot:
+        """The snapshot to look a missing tenant up in again, after a lookup missed.
+
+        While notifications arrive, a tenant added a moment ago shows up with its
+        notification, so the catalog is read at most once per ``miss_interval`` for
+        all misses together: ids made up by clients cannot turn into catalog queries.
+        A refresh in flight (a notification being applied) is waited for. Without
+        notifications, :meth:`refresh`.
+        """
+        if not self.notified:
+            return self.refresh()
+        with self._refresh_lock:  # waits for a refresh in flight
+            if time.monotonic() - self._checked < self._miss_interval:
+                return self.snapshot
+            return self._refresh_locked(None)
+
     def refresh(self, *, min_version: int | None = None) -> MapSnapshot:
         """Reload the snapshot if the catalog's version moved (or is below *min_version*).
 
@@ -82,18 +139,25 @@ class MapCache:
         map when the log does not reach back that far.
         """
         with self._refresh_lock:
-            current = self.snapshot
-            version = self._catalog.map_version()
-            if version == current.version and (min_version is None or version >= min_version):
-                return current
-            delta = self._catalog.map_delta(current.version)
-            fresh = current.apply(delta) if delta is not None else self._catalog.snapshot()
-            if fresh.version > current.version:
+            return self._refresh_locked(min_version)
+
+    def _refresh_locked(self, min_version: int | None) -> MapSnapshot:
+        current = self.snapshot
+        checked = time.monotonic()
+        version = self._catalog.map_version()
+        self._checked = checked
+        if version == current.version and (min_version is None or version >= min_version):
+            return current
+        delta = self._catalog.map_delta(current.version)
+        fresh = current.apply(delta) if delta is not None else self._catalog.snapshot()
+        if fresh.version > current.version:
+            with self._changed:
                 self.snapshot = fresh
-                logger.debug("map version %d -> %d", current.version, fresh.version)
-                if self._on_change is not None:
-                    self._on_change(fresh)
-            return self.snapshot
+                self._changed.notify_all()
+            logger.debug("map version %d -> %d", current.version, fresh.version)
+            if self._on_change is not None:
+                self._on_change(fresh)
+        return self.snapshot
 
     def close(self) -> None:
         """Stop the background thread and close the LISTEN connection."""
@@ -130,9 +194,18 @@ class MapCache:
 
     def _listen_once(self) -> None:
         if self._listener is None:
-            self._listener = self._connect_listener()
-            # Anything committed while we were not listening: catch up now.
-            self.refresh()
+            listener = self._connect_listener()
+            try:
+                # Anything committed while we were not listening: catch up now, before
+                # misses start relying on notifications.
+                self.refresh()
+            except BaseException:
+                with contextlib.suppress(psycopg.Error):
+                    listener.close()
+                raise
+            with self._changed:
+                self._listener = listener
+                self._changed.notify_all()
         deadline = time.monotonic() + self._poll_interval
         while not self._stop.is_set():
             # Short waits, so that close() is prompt without cancelling from outside.
@@ -163,7 +236,8 @@ class MapCache:
         return conn
 
     def _close_listener(self) -> None:
-        listener, self._listener = self._listener, None
+        with self._changed:
+            listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(psycopg.Error):
                 listener.close()

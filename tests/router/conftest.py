@@ -36,7 +36,7 @@ from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.residency import Residency, write_residency
-from tenantry.testing import DatabaseFactory
+from tenantry.testing import DatabaseFactory, TempPostgres, create_database
 
 APP_ROLE = "app"
 #: Shared tenants of the seeded fleet, all on shard "shared-a"; "umbrella" is dedicated.
@@ -178,15 +178,33 @@ class Fleet:
         return self.catalog.settings
 
     def add_shard(
-        self, name: str, *, tier: Tier | str = Tier.SHARED, server: int = 0, rls: bool = True
+        self,
+        name: str,
+        *,
+        tier: Tier | str = Tier.SHARED,
+        server: int = 0,
+        rls: bool = True,
+        admin_url: str | None = None,
+        password: str | None = None,
+        routing_port: int | None = None,
     ) -> Shard:
-        """A new database with the app schema, registered as a shard."""
-        admin = self.new_database(server)
+        """A new database with the app schema, registered as a shard.
+
+        *admin_url* names the (empty) database to use instead of a new one on *server*;
+        *password* goes into the routing URL (trust authentication ignores it), and
+        *routing_port* replaces its port (a proxy's, say).
+        """
+        admin = admin_url or self.new_database(server)
         tier = Tier(tier)
         install_app_schema(admin, rls=rls and tier is Tier.SHARED)
         if not self.pg:
             return self.catalog.add_shard(name, admin, tier=tier)
-        shard = self.catalog.add_shard(name, routing_url(admin), admin_url=admin, tier=tier)
+        url = routing_url(admin)
+        if password is not None:
+            url = sa.make_url(url).set(password=password).render_as_string(hide_password=False)
+        if routing_port is not None:
+            url = sa.make_url(url).set(port=routing_port).render_as_string(hide_password=False)
+        shard = self.catalog.add_shard(name, url, admin_url=admin, tier=tier)
         with shard_admin(shard) as conn:
             grant_routing_role(conn, APP_ROLE)
         return shard
@@ -294,6 +312,69 @@ def _builder(
         return fleet
 
     return build
+
+
+class OwnServer:
+    """A PostgreSQL server of one test module's own, to restart, stop and start again
+    (``pg_ctl`` as the ``postgres`` user, like :class:`TempPostgres` itself)."""
+
+    def __init__(self, server: TempPostgres) -> None:
+        self.server = server
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def new_database(self) -> str:
+        return create_database(self.server.url)
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: every session is terminated; back when it returns."""
+        log = str(self.server.log_file)
+        self.server._pg_ctl("restart", "-m", "fast", "-w", "-l", log, timeout=60)
+
+    def stop(self) -> None:
+        self.server._pg_ctl("stop", "-m", "fast", "-w", timeout=60)
+
+    def start(self) -> None:
+        log = str(self.server.log_file)
+        self.server._pg_ctl("start", "-w", "-l", log, timeout=60)
+
+    def backends(self, database: str, role: str = APP_ROLE) -> list[int]:
+        """The pids of *role*'s connections to *database*."""
+        with psycopg.connect(_libpq(self.url), autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %s AND usename = %s",
+                (database, role),
+            ).fetchall()
+        return sorted(int(r[0]) for r in rows)
+
+    def terminate(self, database: str, role: str = APP_ROLE) -> list[int]:
+        """Terminate *role*'s connections to *database*; return when they are gone."""
+        with psycopg.connect(_libpq(self.url), autocommit=True) as conn:
+            rows = conn.execute(
+                # With a timeout, pg_terminate_backend waits until the process exits.
+                "SELECT pid, pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
+                "WHERE datname = %s AND usename = %s",
+                (database, role),
+            ).fetchall()
+        assert all(r[1] for r in rows), f"backends did not exit: {rows}"
+        return sorted(int(r[0]) for r in rows)
+
+
+def _libpq(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="module")
+def own_pg_server() -> Iterator[OwnServer]:
+    """A throwaway PostgreSQL server of this module's own, with the routing role."""
+    server = TempPostgres.start(name="tenantry-own")
+    try:
+        ensure_app_role(server.url)
+        yield OwnServer(server)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

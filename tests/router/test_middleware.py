@@ -9,7 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Iterable, Iterator, MutableMapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    MutableMapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -25,8 +32,22 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.testclient import TestClient
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from tenantry.errors import InvalidTenantId
+from tenantry.errors import (
+    CatalogError,
+    CatalogNotInitialized,
+    CatalogUnavailable,
+    ConnectionBudgetExceeded,
+    CrossTenantWrite,
+    FenceRejected,
+    InvalidTenantId,
+    NoTenantInContext,
+    ShardUnavailable,
+    StaleRoute,
+    TenantryError,
+    UnknownTenant,
+)
 from tenantry.router.context import current_tenant, current_tenant_or_none
+from tenantry.router.fence import frozen_error
 from tenantry.router.middleware import (
     HeaderResolver,
     PathResolver,
@@ -289,7 +310,7 @@ def test_asgi_copies_existing_state() -> None:
 def assert_json_error(status: int, headers: dict[bytes, bytes], body: Any, want: int) -> str:
     assert status == want
     assert headers[b"content-type"] == b"application/json"
-    assert set(body) == {"error"}
+    assert body.keys() == {"error", "retryable"} and body["retryable"] is False
     message: str = body["error"]
     return message
 
@@ -694,7 +715,7 @@ def test_wsgi_rejections() -> None:
         assert status == want
         assert response_headers["Content-Type"] == "application/json"
         assert int(response_headers["Content-Length"]) == len(json.dumps(body).encode())
-        assert set(body) == {"error"}
+        assert body.keys() == {"error", "retryable"} and body["retryable"] is False
 
 
 def test_wsgi_exempt_and_optional() -> None:
@@ -805,3 +826,210 @@ def test_wsgi_threads_each_see_their_own_tenant() -> None:
     for tenant_id, (seen, after) in zip(tenants, results, strict=True):
         assert seen == [tenant_id] * 20
         assert after is None
+
+
+# ------------------------------------------------ tenantry's errors raised by the app
+
+SECRET = "hunter2-very-secret"
+
+
+def unavailable() -> ShardUnavailable:
+    return ShardUnavailable(
+        f"cannot reach shard 'shared-a': connection failed: postgresql://app:{SECRET}@db1",
+        shard="shared-a",
+    )
+
+
+#: (error raised inside the endpoint, status, Retry-After or None)
+RAISED: list[tuple[Callable[[], TenantryError], int, str | None]] = [
+    (unavailable, 503, "5"),
+    (lambda: CatalogUnavailable("cannot reach the catalog"), 503, "5"),
+    (lambda: CatalogError("the catalog failed: server closed the connection"), 503, "5"),
+    (lambda: frozen_error("acme", "shared-a", retry_after=2.5), 503, "3"),
+    (lambda: StaleRoute("stale", tenant_id="acme", shard="shared-a"), 503, "1"),
+    (lambda: FenceRejected("rotated", tenant_id="acme", shard="shared-a"), 503, "1"),
+    (lambda: ConnectionBudgetExceeded("budget spent", shard="shared-a"), 503, "1"),
+    (lambda: UnknownTenant("acme"), 404, None),
+    (lambda: InvalidTenantId("Bad Id"), 400, None),
+]
+
+
+def check_answer(
+    status: int, headers: dict[str, str], body: Any, want: int, retry_after: str | None
+) -> None:
+    assert status == want
+    assert headers["content-type"] == "application/json"
+    assert int(headers["content-length"]) == len(json.dumps(body).encode())
+    assert headers.get("retry-after") == retry_after
+    assert body.keys() == {"error", "retryable"}
+    assert body["retryable"] is (want == 503)
+    # What the client reads names no shard, host or secret.
+    assert "shared-a" not in body["error"] and SECRET not in body["error"]
+    assert "\n" not in body["error"]
+
+
+def raising_asgi(error: Callable[[], BaseException], *, after_start: bool = False) -> Any:
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await asyncio.sleep(0)
+        if after_start:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise error()
+
+    return app
+
+
+@pytest.mark.parametrize(("error", "want", "retry_after"), RAISED)
+def test_asgi_answers_tenantry_errors_raised_by_the_app(
+    error: Callable[[], TenantryError],
+    want: int,
+    retry_after: str | None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = TenantMiddleware(raising_asgi(error), resolver=header_resolver())
+    status, raw, body = call(app, http_scope(headers=[("x-tenant-id", "acme")]))
+    headers = {k.decode(): v.decode() for k, v in raw.items()}
+    check_answer(status, headers, body, want, retry_after)
+    if want == 503:
+        # The operator's log line says which shard, one line, no secret.
+        (record,) = [r for r in caplog.records if r.name == "tenantry.middleware"]
+        assert type(error()).__name__ in record.getMessage()
+        assert SECRET not in record.getMessage()
+
+
+def test_asgi_leaves_other_errors_and_started_responses_alone() -> None:
+    for error in (
+        lambda: CrossTenantWrite("a bug of the app"),
+        NoTenantInContext,
+        lambda: CatalogNotInitialized("run `tenantry init`"),
+        lambda: RuntimeError("not tenantry's"),
+    ):
+        app = TenantMiddleware(raising_asgi(error), resolver=header_resolver())
+        with pytest.raises(type(error())):
+            asyncio.run(drive(app, http_scope(headers=[("x-tenant-id", "acme")])))
+    # Too late for another status: the error goes on to the server.
+    app = TenantMiddleware(raising_asgi(unavailable, after_start=True), resolver=header_resolver())
+    with pytest.raises(ShardUnavailable):
+        asyncio.run(drive(app, http_scope(headers=[("x-tenant-id", "acme")])))
+
+
+def test_asgi_errors_of_exempt_paths_and_of_the_router_are_answered() -> None:
+    app = TenantMiddleware(
+        raising_asgi(unavailable), resolver=header_resolver(), exempt_paths=["/health"]
+    )
+    status, raw, _ = call(app, http_scope("/health"))
+    assert status == 503 and raw[b"retry-after"] == b"5"
+
+    class DownCatalog:
+        def has_tenant(self, tenant_id: str) -> bool:
+            raise CatalogUnavailable("cannot reach the catalog")
+
+    app, inner = asgi(router=DownCatalog())
+    status, raw, body = call(app, http_scope(headers=[("x-tenant-id", "acme")]))
+    assert (status, body["retryable"], raw[b"retry-after"]) == (503, True, b"5")
+    assert inner.calls == []
+
+
+def test_asgi_websocket_gets_try_again_later() -> None:
+    app = TenantMiddleware(raising_asgi(unavailable), resolver=header_resolver())
+    sent = asyncio.run(drive(app, http_scope(kind="websocket", headers=[("x-tenant-id", "a")])))
+    assert [m["type"] for m in sent] == ["websocket.close"]
+    assert sent[0]["code"] == 1013
+
+
+def test_starlette_answers_503_for_tenantry_errors_in_endpoints() -> None:
+    async def down(request: Request) -> Response:
+        raise unavailable()
+
+    def frozen(request: Request) -> Response:  # a sync endpoint, in a worker thread
+        raise frozen_error(current_tenant(), "shared-a", retry_after=4)
+
+    app = Starlette(
+        routes=[Route("/down", down), Route("/frozen", frozen)],
+        middleware=[Middleware(TenantMiddleware, resolver=header_resolver())],
+    )
+    with TestClient(app) as client:  # raises any error that reaches the server
+        response = client.get("/down", headers={"X-Tenant-Id": "acme"})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "5"
+        assert response.json()["retryable"] is True
+        response = client.get("/frozen", headers={"X-Tenant-Id": "acme"})
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "4"
+        assert "acme" in response.json()["error"]
+
+
+def raising_wsgi(error: Callable[[], BaseException], when: str) -> Any:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if when == "call":
+            raise error()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        if when == "after start_response":
+            raise error()
+        return body()
+
+    def body() -> Iterator[bytes]:
+        if when == "after a chunk":
+            yield b"partial"
+        raise error()
+
+    return app
+
+
+@pytest.mark.parametrize(("error", "want", "retry_after"), RAISED)
+@pytest.mark.parametrize("when", ["call", "after start_response", "first chunk"])
+def test_wsgi_answers_tenantry_errors_raised_by_the_app(
+    error: Callable[[], TenantryError], want: int, retry_after: str | None, when: str
+) -> None:
+    app = WSGITenantMiddleware(raising_wsgi(error, when), resolver=header_resolver())
+    status, raw, body = wsgi_call(app, wsgi_environ(headers={"X-Tenant-Id": "acme"}))
+    assert status.startswith(f"{want} ")
+    check_answer(int(status[:3]), {k.lower(): v for k, v in raw.items()}, body, want, retry_after)
+
+
+def test_wsgi_leaves_other_errors_and_started_bodies_alone() -> None:
+    app = WSGITenantMiddleware(
+        raising_wsgi(lambda: CrossTenantWrite("a bug"), "call"), resolver=header_resolver()
+    )
+    with pytest.raises(CrossTenantWrite):
+        wsgi_call(app, wsgi_environ(headers={"X-Tenant-Id": "acme"}))
+    app = WSGITenantMiddleware(
+        raising_wsgi(unavailable, "after a chunk"), resolver=header_resolver()
+    )
+    result = app(wsgi_environ(headers={"X-Tenant-Id": "acme"}), lambda *a: None)  # type: ignore[arg-type]
+    iterator = iter(result)
+    assert next(iterator) == b"partial"
+    with pytest.raises(ShardUnavailable):
+        next(iterator)
+
+
+def test_wsgi_router_errors_are_answered() -> None:
+    class DownCatalog:
+        def has_tenant(self, tenant_id: str) -> bool:
+            raise CatalogUnavailable("cannot reach the catalog")
+
+    status, headers, body = wsgi_call(
+        wsgi(router=DownCatalog()), wsgi_environ(headers={"X-Tenant-Id": "acme"})
+    )
+    assert (status, headers["Retry-After"], body["retryable"]) == (
+        "503 Service Unavailable",
+        "5",
+        True,
+    )
+
+
+def test_wsgi_exempt_paths_get_the_apps_own_iterable() -> None:
+    body = object()  # e.g. what a server's wsgi.file_wrapper made
+
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+        if environ["PATH_INFO"] == "/down":
+            raise unavailable()
+        start_response("200 OK", [])
+        return body
+
+    middleware = WSGITenantMiddleware(app, resolver=header_resolver(), exempt_paths=["/static/"])
+    assert middleware(wsgi_environ("/static/app.js"), lambda *a: None) is body  # type: ignore[arg-type]
+    middleware = WSGITenantMiddleware(
+        app, resolver=header_resolver(), exempt_paths=["/static/", "/down"]
+    )
+    status, headers, _ = wsgi_call(middleware, wsgi_environ("/down"))
+    assert (status, headers["Retry-After"]) == ("503 Service Unavailable", "5")

@@ -209,6 +209,9 @@ def test_routing_goes_on_while_the_catalog_is_down(pg_fleet_builder: Any, app: A
         for _ in range(3):  # from the last snapshot: no catalog needed
             with router.session(ME) as session:
                 assert len(session.scalars(select(app.Project)).all()) == 2
+        # Until the map cache sees its LISTEN connection gone, misses may rely on the
+        # catalog read a moment ago; once it does, every miss asks the catalog.
+        assert router._cache.wait_listening(timeout=10, listening=False)
         with pytest.raises(CatalogUnavailable) as info, router.session("newcomer"):
             pass  # pragma: no cover - an unknown tenant needs the catalog: a clear error
         assert isinstance(info.value, TenantryError)
