@@ -40,6 +40,16 @@ def strict_routing_role(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _no_tenantry_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's TENANTRY_* settings (a catalog URL, say) must not change what the
+    tests see; the suite's own stay."""
+    kept = ("TENANTRY_TEST_PG_URLS", UNSAFE_ROUTING_ROLE)
+    for key in list(os.environ):
+        if key.startswith("TENANTRY_") and key not in kept:
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(autouse=True)
 def _routing_role_override(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("strict_routing_role") is not None:
         request.getfixturevalue("strict_routing_role")

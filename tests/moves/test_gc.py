@@ -39,19 +39,6 @@ def orphan(fleet: Fleet) -> str:
     return artifact_name(ORPHAN_ID, fleet.catalog.fleet_id())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_apply_workers(pg_provider, pg_servers):
-    """On throwaway servers, let the logical replication launcher start an apply worker
-    at once instead of at most one every wal_retrieve_retry_interval (5 s)."""
-    if pg_provider.source == "initdb":
-        for url in dict.fromkeys(pg_servers):
-            engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-            with engine.connect() as conn:
-                conn.exec_driver_sql("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
-                conn.exec_driver_sql("SELECT pg_reload_conf()")
-            engine.dispose()
-
-
 @pytest.fixture
 def fleet(make_pg_database, tmp_path) -> Iterator[Fleet]:
     """s1 (server 0) and s2 (server 1), q1 on SQLite (gc skips it); acme on s1."""

@@ -55,23 +55,6 @@ Rows = dict[str, list[tuple[object, ...]]]
 # -- the fleet ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_apply_workers(pg_provider, pg_servers):
-    """On throwaway servers, let the logical replication launcher start an apply worker
-    at once instead of at most one every wal_retrieve_retry_interval (5 s): back-to-back
-    moves would otherwise wait for it."""
-    if pg_provider.source != "initdb":
-        yield
-        return
-    for url in dict.fromkeys(pg_servers):
-        engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.exec_driver_sql("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
-            conn.exec_driver_sql("SELECT pg_reload_conf()")
-        engine.dispose()
-    yield
-
-
 @pytest.fixture
 def fleet(make_pg_database, tmp_path) -> Iterator[Fleet]:
     """s1 (server 0) and s2, d1 (server 1) on PostgreSQL, q1 on SQLite; the catalog on

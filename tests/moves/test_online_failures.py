@@ -37,19 +37,6 @@ from tenantry.testing import TempPostgres, create_database
 Rows = dict[str, list[tuple[object, ...]]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def quick_apply_workers(pg_provider, pg_servers):
-    """On throwaway servers, let the logical replication launcher start an apply worker
-    at once instead of at most one every wal_retrieve_retry_interval (5 s)."""
-    if pg_provider.source == "initdb":
-        for url in dict.fromkeys(pg_servers):
-            engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
-            with engine.connect() as conn:
-                conn.exec_driver_sql("ALTER SYSTEM SET wal_retrieve_retry_interval = '200ms'")
-                conn.exec_driver_sql("SELECT pg_reload_conf()")
-            engine.dispose()
-
-
 def _fleet(make_pg_database, **settings: object) -> Fleet:
     built = build_fleet(
         make_pg_database(0),

@@ -84,16 +84,6 @@ class App:
     tasks: sa.Table = Task.__table__  # type: ignore[assignment]
 
 
-@pytest.fixture(autouse=True)
-def _no_tenantry_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A developer's TENANTRY_* settings must not change what these tests see (the
-    # suite's own, tests/conftest.py, stay).
-    kept = ("TENANTRY_TEST_PG_URLS", "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE")
-    for key in list(os.environ):
-        if key.startswith("TENANTRY_") and key not in kept:
-            monkeypatch.delenv(key)
-
-
 @pytest.fixture(scope="session")
 def app() -> App:
     """The sample app: ``app.Project``, ``app.Task`` and their tables."""
