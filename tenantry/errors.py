@@ -33,6 +33,8 @@ name, ...) as attributes, and its message says what is wrong and what to do::
     │   ├── MoveRefused                 a precheck failed; nothing was changed
     │   ├── MoveRolledBack              a step failed; the move was rolled back
     │   ├── FreezeTimeout               older transactions outlived the freeze wait
+    │   │   └── FreezeBudgetExceeded    an online move's freeze outran --max-freeze
+    │   ├── ReplicationFailed           an online move's replication failed or stalled
     │   └── UnknownMove                 no move with this id
     ├── SchemaContractError             a tenant table breaks the schema contract
     ├── VerificationFailed              source and target digests of a tenant differ
@@ -59,6 +61,7 @@ __all__ = [
     "CrossTenantWrite",
     "DatabaseAlreadyRegistered",
     "FenceRejected",
+    "FreezeBudgetExceeded",
     "FreezeTimeout",
     "InvalidName",
     "InvalidShardName",
@@ -73,6 +76,7 @@ __all__ = [
     "NoTenantInContext",
     "PlacementError",
     "ProvisionError",
+    "ReplicationFailed",
     "RoutingError",
     "SchemaContractError",
     "ShardExists",
@@ -387,6 +391,28 @@ class MoveRolledBack(MoveError):
 
 class FreezeTimeout(MoveError):
     """Transactions older than the freeze did not end in time; the tenant was unfrozen."""
+
+
+class FreezeBudgetExceeded(FreezeTimeout):
+    """The sentinel of an online move never arrived within the freeze budget, attempt
+    after attempt; the move was rolled back."""
+
+
+class ReplicationFailed(MoveError):
+    """Logical replication of an online move failed or stalled before the freeze;
+    ``reachable`` says whether both ends could still be reached (then the move was
+    rolled back; else it was left live, saying what to run)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reachable: bool = True,
+        tenant_id: str | None = None,
+        move_id: int | None = None,
+    ) -> None:
+        super().__init__(message, tenant_id=tenant_id, move_id=move_id)
+        self.reachable = reachable
 
 
 class UnknownMove(MoveError, LookupError):

@@ -264,10 +264,6 @@ def migrate_status(
         raise SystemExit(1)
 
 
-def _verdict(verdict: str, error: str | None) -> str:
-    return f"{verdict}: {error}" if error else verdict
-
-
 @click.command("create")
 @click.argument("name")
 @click.option("--server", required=True, metavar="URL", help="Server URL of the operations role.")

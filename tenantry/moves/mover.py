@@ -22,10 +22,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
+    FreezeBudgetExceeded,
     FreezeTimeout,
     MoveError,
     MoveRefused,
     MoveRolledBack,
+    ReplicationFailed,
     SchemaContractError,
     ShardNotActive,
     ShardOccupied,
@@ -44,13 +46,7 @@ from tenantry.moves.copy import (
 )
 from tenantry.moves.hooks import EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
-from tenantry.moves.online import (
-    SNAPSHOT_APPLICATION,
-    FreezeBudgetExceeded,
-    OnlineSteps,
-    ReplicationFailed,
-    online_problems,
-)
+from tenantry.moves.online import SNAPSHOT_APPLICATION, OnlineSteps, online_problems
 from tenantry.moves.references import cross_tenant_problems, missing_references, rows_left
 from tenantry.moves.tables import (
     TenantTable,
@@ -1015,11 +1011,6 @@ def _app_revision(conn: Connection) -> str | None:
 
     heads = MigrationContext.configure(conn).get_current_heads()
     return ",".join(sorted(heads)) or None
-
-
-def migration_lock_key() -> int:
-    """The per-database advisory lock fleet migrations hold (moves check it)."""
-    return MIGRATION_LOCK
 
 
 def _one_line(exc: Exception, reason: str) -> Exception:

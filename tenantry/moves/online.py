@@ -27,9 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
 from tenantry.errors import (
+    FreezeBudgetExceeded,
     FreezeTimeout,
-    MoveError,
     MoveRefused,
+    ReplicationFailed,
     SchemaContractError,
     TenantryError,
     VerificationFailed,
@@ -61,20 +62,8 @@ if TYPE_CHECKING:
     from tenantry.moves.mover import Mover
 
 __all__ = [
-    "ONLINE_ORDER",
-    "FreezeBudgetExceeded",
     "OnlineSteps",
-    "ReplicationFailed",
     "online_problems",
-]
-
-ONLINE_ORDER = [
-    MoveState.PLANNED,
-    MoveState.COPIED,
-    MoveState.FROZEN,
-    MoveState.VERIFIED,
-    MoveState.SWITCHED,
-    MoveState.CLEANED,
 ]
 
 DEFAULT_MAX_FREEZE = 1.0
@@ -90,26 +79,6 @@ _T = TypeVar("_T")
 
 #: application_name of the read-only connections that hold a cut's snapshots.
 SNAPSHOT_APPLICATION = "tenantry-move-snapshot"
-
-
-class FreezeBudgetExceeded(FreezeTimeout):
-    """The sentinel never arrived within the freeze budget; the move was rolled back."""
-
-
-class ReplicationFailed(MoveError):
-    """Logical replication failed or stalled before the freeze; ``reachable`` says
-    whether both ends could still be reached (then the move was rolled back)."""
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        reachable: bool = True,
-        tenant_id: str | None = None,
-        move_id: int | None = None,
-    ) -> None:
-        super().__init__(message, tenant_id=tenant_id, move_id=move_id)
-        self.reachable = reachable
 
 
 class _OutOfBudget(Exception):

@@ -22,8 +22,8 @@ __all__ = [
     "tenant_context",
 ]
 
-# The one piece of module-level mutable state tenantry allows (STYLE.md): a ContextVar
-# holds a value per context, not per process, so it is safe to share.
+# The one piece of module-level mutable state tenantry allows: a ContextVar holds a
+# value per context (thread, asyncio task), not per process, so it is safe to share.
 _current_tenant: ContextVar[str | None] = ContextVar("tenantry_tenant_id", default=None)
 
 

@@ -72,9 +72,6 @@ DEFAULT_SETTINGS: Mapping[str, str] = MappingProxyType(
         # each subscription needs an apply worker, plus table-sync workers while it starts
         "max_logical_replication_workers": "16",
         "max_sync_workers_per_subscription": "2",
-        # start an apply worker at once, not at most one every 5 s: back-to-back online
-        # moves would otherwise wait for it
-        "wal_retrieve_retry_interval": "200ms",
         "max_worker_processes": "32",
         # by default a server starts at most one subscription worker every 5 s
         "wal_retrieve_retry_interval": "200ms",

@@ -42,11 +42,16 @@ from tenantry import Router, load_settings, moves
 from tenantry.cli import cli
 from tenantry.demo import MIGRATIONS
 from tenantry.demo.models import Charger, ChargingSession
-from tenantry.errors import MoveError, MoveRefused, TenantryError, VerificationFailed
+from tenantry.errors import (
+    FreezeBudgetExceeded,
+    MoveError,
+    MoveRefused,
+    TenantryError,
+    VerificationFailed,
+)
 from tenantry.migrations import upgrade
 from tenantry.migrations.fleet import MIGRATION_LOCK
 from tenantry.moves import MoveState, online
-from tenantry.moves.online import FreezeBudgetExceeded
 from tenantry.moves.replication import artifact_name
 from tenantry.testing import TempPostgres, create_database
 

@@ -28,10 +28,15 @@ from movefleet import (
 from movefleet import tenant_rows as _tenant_rows
 
 from tenantry import moves
-from tenantry.errors import FreezeTimeout, MoveRefused, VerificationFailed
+from tenantry.errors import (
+    FreezeBudgetExceeded,
+    FreezeTimeout,
+    MoveRefused,
+    ReplicationFailed,
+    VerificationFailed,
+)
 from tenantry.migrations import upgrade
 from tenantry.moves import MoveState, collect_garbage
-from tenantry.moves.online import FreezeBudgetExceeded, ReplicationFailed
 from tenantry.testing import TempPostgres, create_database
 
 Rows = dict[str, list[tuple[object, ...]]]
