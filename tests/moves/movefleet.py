@@ -4,6 +4,7 @@ schema migrated on each, and helpers that check the move invariants."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -222,3 +223,69 @@ def replication_objects(fleet: Fleet) -> set[tuple[str, str, str]]:
                 found |= {(shard, kind, n) for n in conn.execute(sa.text(query)).scalars()}
         engine.dispose()
     return found
+
+
+def pg_shards(fleet: Fleet) -> list[str]:
+    """The fleet's PostgreSQL shards still in its catalog (a test may drop one)."""
+    registered = {shard.name for shard in fleet.catalog.list_shards()}
+    return [
+        name
+        for name, url in fleet.urls.items()
+        if url.startswith("postgresql") and name in registered
+    ]
+
+
+def drop_replication(fleet: Fleet) -> None:
+    """Every subscription and replication slot of the fleet's PostgreSQL databases,
+    dropped (a failed test may leave some, which would stop the databases from being
+    dropped)."""
+    for name in pg_shards(fleet):
+        engine = sa.create_engine(fleet.urls[name], isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                subs = conn.execute(
+                    sa.text(
+                        "SELECT subname FROM pg_subscription WHERE subdbid ="
+                        " (SELECT oid FROM pg_database WHERE datname = current_database())"
+                    )
+                ).scalars()
+                for sub in list(subs):
+                    conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
+                    conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
+                    conn.exec_driver_sql(f'DROP SUBSCRIPTION "{sub}"')
+        finally:
+            engine.dispose()
+    for name in pg_shards(fleet):
+        engine = sa.create_engine(fleet.urls[name], isolation_level="AUTOCOMMIT")
+        try:
+            with engine.connect() as conn:
+                for _ in range(100):
+                    slots = conn.execute(
+                        sa.text(
+                            "SELECT slot_name, active_pid FROM pg_replication_slots"
+                            " WHERE database = current_database()"
+                        )
+                    ).all()
+                    if not slots:
+                        break
+                    for slot, pid in slots:
+                        if pid is None:
+                            drop = "SELECT pg_drop_replication_slot(:s)"
+                            conn.execute(sa.text(drop), {"s": slot})
+                        else:
+                            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+                    time.sleep(0.05)
+        finally:
+            engine.dispose()
+
+
+class AtCheckpoint:
+    """Runs *action* once, when the mover reaches checkpoint *name* (a mover's hooks)."""
+
+    def __init__(self, name: str, action: Callable[[], object]) -> None:
+        self.name, self.action, self.ran = name, action, False
+
+    def checkpoint(self, name: str) -> None:
+        if name == self.name and not self.ran:
+            self.ran = True
+            self.action()

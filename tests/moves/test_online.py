@@ -26,12 +26,15 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from movefleet import (
+    AtCheckpoint,
     Fleet,
     _plain,
     analyzed_tables,
     assert_one_home,
     build_fleet,
     count_rows,
+    drop_replication,
+    pg_shards,
     replication_objects,
     residency,
     seed,
@@ -83,7 +86,7 @@ def fleet(make_pg_database, tmp_path) -> Iterator[Fleet]:
     finally:
         # A failed test may leave a subscription or slot, which would stop its database
         # from being dropped.
-        _drop_replication(built)
+        drop_replication(built)
         built.close()
 
 
@@ -95,55 +98,10 @@ def rows(fleet: Fleet, shard: str, tenant: str) -> Rows:
         engine.dispose()
 
 
-def _pg_shards(fleet: Fleet) -> list[str]:
-    return [name for name, url in fleet.urls.items() if url.startswith("postgresql")]
-
-
-def _drop_replication(fleet: Fleet) -> None:
-    for name in _pg_shards(fleet):
-        engine = sa.create_engine(fleet.urls[name], isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                subs = conn.execute(
-                    sa.text(
-                        "SELECT subname FROM pg_subscription WHERE subdbid ="
-                        " (SELECT oid FROM pg_database WHERE datname = current_database())"
-                    )
-                ).scalars()
-                for sub in list(subs):
-                    conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{sub}" DISABLE')
-                    conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{sub}" SET (slot_name = NONE)')
-                    conn.exec_driver_sql(f'DROP SUBSCRIPTION "{sub}"')
-        finally:
-            engine.dispose()
-    for name in _pg_shards(fleet):
-        engine = sa.create_engine(fleet.urls[name], isolation_level="AUTOCOMMIT")
-        try:
-            with engine.connect() as conn:
-                for _ in range(100):
-                    slots = conn.execute(
-                        sa.text(
-                            "SELECT slot_name, active_pid FROM pg_replication_slots"
-                            " WHERE database = current_database()"
-                        )
-                    ).all()
-                    if not slots:
-                        break
-                    for slot, pid in slots:
-                        if pid is None:
-                            drop = "SELECT pg_drop_replication_slot(:s)"
-                            conn.execute(sa.text(drop), {"s": slot})
-                        else:
-                            conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-                    time.sleep(0.05)
-        finally:
-            engine.dispose()
-
-
 def assert_clean(fleet: Fleet) -> None:
     """No replication object left, no tenant frozen or moving, no live move."""
     assert replication_objects(fleet) == set()
-    for name in _pg_shards(fleet):
+    for name in pg_shards(fleet):
         engine = fleet.engine(name)
         with engine.connect() as conn:
             frozen = conn.execute(
@@ -538,18 +496,6 @@ def test_resume_when_the_subscription_was_recorded_but_never_created(fleet):
 
 
 # -- verification: at the cut, then the rows changed since ---------------------------------
-
-
-class AtCheckpoint:
-    """Runs *action* once, when the mover reaches checkpoint *name*."""
-
-    def __init__(self, name: str, action: Any) -> None:
-        self.name, self.action, self.ran = name, action, False
-
-    def checkpoint(self, name: str) -> None:
-        if name == self.name and not self.ran:
-            self.ran = True
-            self.action()
 
 
 def _sql(fleet: Fleet, shard: str, statement: str) -> None:

@@ -10,13 +10,14 @@ neighbour's rows are compared at both ends before and after, never a difference.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import suppress
 
 import psycopg
 import pytest
 import sqlalchemy as sa
 from movefleet import (
+    AtCheckpoint,
     Fleet,
     assert_one_home,
     build_fleet,
@@ -91,18 +92,6 @@ def _sql(url: str, *statements: str) -> None:
                 conn.exec_driver_sql(statement)
     finally:
         engine.dispose()
-
-
-class AtCheckpoint:
-    """Runs *action* once, when the mover reaches checkpoint *name*."""
-
-    def __init__(self, name: str, action: Callable[[], None]) -> None:
-        self.name, self.action, self.ran = name, action, False
-
-    def checkpoint(self, name: str) -> None:
-        if name == self.name and not self.ran:
-            self.ran = True
-            self.action()
 
 
 def assert_rolled_back(fleet: Fleet, tenant: str, expected: Rows, neighbor: Rows) -> None:

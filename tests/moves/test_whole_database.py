@@ -11,11 +11,11 @@ of the moving tenant and of its neighbour, at both ends.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
-from movefleet import Fleet, build_fleet, residency, seed
+from movefleet import AtCheckpoint, Fleet, build_fleet, drop_replication, residency, seed
 
 from tenantry import moves
 from tenantry.errors import MoveError, MoveRefused, SchemaContractError, VerificationFailed
@@ -64,7 +64,7 @@ def fleet(make_pg_database) -> Iterator[Fleet]:
     try:
         yield built
     finally:
-        _drop_replication(built)
+        drop_replication(built)
         built.close()
 
 
@@ -147,40 +147,6 @@ def assert_moved(fleet: Fleet, before: dict[str, Sums], *, to: str) -> None:
     assert after["s1/neighbor"] == before["s1/neighbor"]
     assert after[f"{to}/neighbor"] == before[f"{to}/neighbor"]
     assert not moves.list_moves(fleet.catalog, live=True)
-
-
-class AtCheckpoint:
-    """Runs *action* once, when the mover reaches checkpoint *name*."""
-
-    def __init__(self, name: str, action: Callable[[], None]) -> None:
-        self.name, self.action, self.ran = name, action, False
-
-    def checkpoint(self, name: str) -> None:
-        if name == self.name and not self.ran:
-            self.ran = True
-            self.action()
-
-
-def _drop_replication(fleet: Fleet) -> None:
-    for shard in fleet.urls:
-        try:
-            fleet.catalog.get_shard(shard)
-        except Exception:
-            continue
-        engine = sa.create_engine(fleet.urls[shard], isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            for (name,) in conn.exec_driver_sql(
-                "SELECT subname FROM pg_subscription WHERE subdbid ="
-                " (SELECT oid FROM pg_database WHERE datname = current_database())"
-            ).all():
-                conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{name}" DISABLE')
-                conn.exec_driver_sql(f'ALTER SUBSCRIPTION "{name}" SET (slot_name = NONE)')
-                conn.exec_driver_sql(f'DROP SUBSCRIPTION "{name}"')
-            conn.exec_driver_sql(
-                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots"
-                " WHERE database = current_database() AND NOT active"
-            )
-        engine.dispose()
 
 
 # -- tenant tables of every schema move -----------------------------------------------------
