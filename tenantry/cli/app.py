@@ -19,11 +19,14 @@ from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap import Catalog, Shard, Tenant, mask_url
 
 __all__ = [
+    "MODES",
     "CliState",
     "Failure",
     "cli",
     "emit_json",
+    "human_size",
     "json_option",
+    "mode_options",
     "pass_state",
     "render_table",
     "shard_record",
@@ -123,6 +126,38 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(
         func
     )
+
+
+#: How a move may run.
+MODES = click.Choice(["offline", "online", "auto"])
+
+
+def mode_options(func: F) -> F:
+    """Add ``--mode`` and ``--max-freeze``: how a move runs (move, promote, demote)."""
+    func = click.option(
+        "--max-freeze",
+        type=click.FloatRange(0.05, 60),
+        default=1.0,
+        show_default=True,
+        help="Seconds an online move may hold the tenant's writes per attempt.",
+    )(func)
+    return click.option(
+        "--mode",
+        type=MODES,
+        default="auto",
+        show_default=True,
+        help="online: logical replication and a short freeze; offline: writes frozen for the "
+        "copy; auto: online where both ends allow it.",
+    )(func)
+
+
+def human_size(n: float) -> str:
+    """Bytes as people read them: 512 B, 1.5 KB, 3.2 GB."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
 
 
 def _plain(value: Any) -> Any:

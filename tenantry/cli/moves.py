@@ -11,21 +11,19 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 from tenantry import moves
-from tenantry.cli.app import CliState, emit_json, json_option, pass_state, render_table
+from tenantry.cli.app import (
+    CliState,
+    emit_json,
+    human_size,
+    json_option,
+    mode_options,
+    pass_state,
+    render_table,
+)
 from tenantry.moves import Move
 from tenantry.shardmap import mask_url
 
 __all__ = ["COMMANDS"]
-
-MODES = click.Choice(["offline", "online", "auto"])
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 class RichObserver:
@@ -75,7 +73,7 @@ class RichObserver:
         elapsed = max(time.monotonic() - started, 1e-6)
         detail = f"{rows:,} rows"
         if size:
-            detail += f", {_size(size)} ({_size(size / elapsed)}/s)"
+            detail += f", {human_size(size)} ({human_size(size / elapsed)}/s)"
         self.progress.update(task, detail=detail)
 
     def note(self, message: str) -> None:
@@ -120,7 +118,7 @@ def _summary(console: Console, move: Move) -> None:
     outcome = "done" if move.succeeded else move.state.value
     if "rows" in stats:  # an offline copy counts what it copied
         what = (
-            f"{int(stats['rows']):,} rows, {_size(int(stats.get('bytes', 0)))} copied in "
+            f"{int(stats['rows']):,} rows, {human_size(int(stats.get('bytes', 0)))} copied in "
             f"{float(stats.get('copy_seconds', 0.0)):.2f}s"
         )
     else:  # logical replication copied them; the verification counted them
@@ -143,21 +141,7 @@ def _finish(state: CliState, move: Move, as_json: bool) -> None:
 @click.command("move")
 @click.argument("tenant_id", metavar="TENANT")
 @click.option("--to", "to_shard", required=True, metavar="SHARD", help="Target shard.")
-@click.option(
-    "--mode",
-    type=MODES,
-    default="auto",
-    show_default=True,
-    help="online: logical replication and a short freeze; offline: writes frozen for the "
-    "copy; auto: online where both ends allow it.",
-)
-@click.option(
-    "--max-freeze",
-    type=click.FloatRange(0.05, 60),
-    default=1.0,
-    show_default=True,
-    help="Seconds an online move may hold the tenant's writes per attempt.",
-)
+@mode_options
 @json_option
 @pass_state
 def move_command(
@@ -192,21 +176,7 @@ def move_command(
     help="Local development only: let the operations role route too (warns).",
 )
 @click.option("--alembic-config", type=click.Path(path_type=Path))
-@click.option(
-    "--mode",
-    type=MODES,
-    default="auto",
-    show_default=True,
-    help="online: logical replication and a short freeze; offline: writes frozen for the "
-    "copy; auto: online where both ends allow it.",
-)
-@click.option(
-    "--max-freeze",
-    type=click.FloatRange(0.05, 60),
-    default=1.0,
-    show_default=True,
-    help="Seconds an online move may hold the tenant's writes per attempt.",
-)
+@mode_options
 @json_option
 @pass_state
 def promote_command(
@@ -246,21 +216,7 @@ def promote_command(
 @click.argument("tenant_id", metavar="TENANT")
 @click.option("--to", "to_shard", metavar="SHARD", help="Shared shard [default: the hash ring].")
 @click.option("--drop-source", is_flag=True, help="Drop the dedicated database afterwards.")
-@click.option(
-    "--mode",
-    type=MODES,
-    default="auto",
-    show_default=True,
-    help="online: logical replication and a short freeze; offline: writes frozen for the "
-    "copy; auto: online where both ends allow it.",
-)
-@click.option(
-    "--max-freeze",
-    type=click.FloatRange(0.05, 60),
-    default=1.0,
-    show_default=True,
-    help="Seconds an online move may hold the tenant's writes per attempt.",
-)
+@mode_options
 @json_option
 @pass_state
 def demote_command(
