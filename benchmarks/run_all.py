@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS_DIR, console, machine_markdown, markdown_table
-from tiers import TITLES, bench_servers, draw_charts, sections
+from _tiers_fleet import bench_servers
+from _tiers_report import TITLES, draw_charts, sections
 
 HERE = Path(__file__).resolve().parent
 
