@@ -304,7 +304,13 @@ def new_shard(
 
 
 def copy_template(servers: Servers, templates: Templates, server: int, name: str) -> str:
-    return servers.create(server, name.replace("-", "_"), template=templates.names[server])
+    url = servers.create(server, name.replace("-", "_"), template=templates.names[server])
+    # A copy does not inherit the template's database privileges: PUBLIC may create
+    # temporary tables again, and the shard's fence refuses a routing role that may.
+    with psycopg.connect(conninfo(url), autocommit=True) as conn:
+        database = sql.Identifier(make_url(url).database or "")
+        conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(database))
+    return url
 
 
 def register(catalog: Catalog, placement: dict[str, Shard], cfg: Config) -> None:
