@@ -6,6 +6,7 @@ Benchmarks live outside the test suite (STYLE.md) and import this module by name
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
@@ -37,7 +38,9 @@ from sqlalchemy.pool import NullPool
 __all__ = [
     "RESULTS_DIR",
     "Phases",
+    "add_server_options",
     "console",
+    "finish",
     "fmt_ns",
     "load_average",
     "machine_info",
@@ -47,6 +50,7 @@ __all__ = [
     "pg_servers",
     "progress",
     "summarize",
+    "timed",
     "verdict",
     "write_results",
 ]
@@ -324,3 +328,46 @@ class Phases:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - started, 1)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def add_server_options(
+    parser: argparse.ArgumentParser, *, default: str = "start throwaway ones"
+) -> None:
+    """``--pg-url URL ...`` (superuser URLs of running servers) and ``--out DIR``."""
+    parser.add_argument(
+        "--pg-url",
+        nargs="+",
+        action="extend",
+        metavar="URL",
+        help=f"superuser URL(s) of running PostgreSQL servers (default: {default})",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+
+
+def timed(
+    run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``run(args)``, with its wall time as ``duration_s``."""
+    started = time.monotonic()
+    data = run(args)
+    data["duration_s"] = round(time.monotonic() - started, 1)
+    return data
+
+
+def finish(
+    name: str,
+    data: dict[str, Any],
+    markdown: str,
+    out_dir: Path,
+    summary: Callable[[dict[str, Any]], None],
+    *,
+    also: str = "",
+) -> None:
+    """Write the results, print *summary* of them, then what was written (*also*: more)."""
+    json_path, md_path = write_results(name, data, markdown, out_dir)
+    summary(data)
+    written = f"{json_path}, {md_path} and {also}" if also else f"{json_path} and {md_path}"
+    console.print(f"wrote {written} ({data['duration_s']} s)")

@@ -612,3 +612,6 @@ def print_summary(data: dict[str, Any]) -> None:
             f"max {fmt_ns(lat.get('max', math.nan))} (n={lat.get('n', 0)}, "
             f"missed {p['missed']})"
         )
+    for route, report in data.get("profile", {}).items():
+        console.rule(f"profile: {route}")
+        console.print(report, markup=False)

@@ -55,16 +55,17 @@ from typing import Any
 
 import sqlalchemy as sa
 from _common import (
-    RESULTS_DIR,
+    add_server_options,
     console,
+    finish,
     load_average,
     machine_info,
     machine_markdown,
     markdown_table,
     pg_servers,
     progress,
+    timed,
     verdict,
-    write_results,
 )
 from sqlalchemy.pool import NullPool
 
@@ -855,8 +856,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, help="rows of the big tenant (default 1,000,000)")
     parser.add_argument("--rounds", type=int, help="rounds (default 4; 2 with --quick)")
     parser.add_argument("--small-moves", type=int, help="moves of the 10k tenant (default 10)")
-    parser.add_argument("--pg-url", nargs="+", action="extend", metavar="URL")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser, default="start two throwaway ones")
     args = parser.parse_args(argv)
     if args.rows is not None and args.rows < 1000:
         parser.error("--rows must be at least 1000")
@@ -865,12 +865,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    data = run(args)
-    data["duration_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_results(NAME, data, render_markdown(data), args.out)
-    print_summary(data)
-    console.print(f"wrote {json_path} and {md_path} ({data['duration_s']} s)")
+    data = timed(run, args)
+    finish(NAME, data, render_markdown(data), args.out, print_summary)
     return 0
 
 

@@ -65,7 +65,6 @@ import argparse
 import random
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, replace
@@ -73,13 +72,13 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    RESULTS_DIR,
     Phases,
-    console,
+    add_server_options,
+    finish,
     load_average,
     machine_info,
     pg_servers,
-    write_results,
+    timed,
 )
 from _routing_fleet import (
     FULL,
@@ -204,14 +203,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="What routing costs: tenantry's Router against hand-made sessions."
     )
     parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
-    parser.add_argument(
-        "--pg-url",
-        nargs="+",
-        action="extend",
-        metavar="URL",
-        help="superuser URL(s) of running PostgreSQL servers (default: start throwaway ones)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser)
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument(
@@ -228,15 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         return propagation_child(args.child)
-    started = time.monotonic()
-    data = run(args)
-    data["duration_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_results(NAME, data, render_markdown(data), args.out)
-    print_summary(data)
-    for route, report in data.get("profile", {}).items():
-        console.rule(f"profile: {route}")
-        console.print(report, markup=False)
-    console.print(f"wrote {json_path} and {md_path} ({data['duration_s']} s)")
+    data = timed(run, args)
+    finish(NAME, data, render_markdown(data), args.out, print_summary)
     return 0
 
 

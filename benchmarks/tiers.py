@@ -42,22 +42,21 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from _common import (
-    RESULTS_DIR,
     Phases,
+    add_server_options,
     console,
+    finish,
     load_average,
     machine_info,
     progress,
-    write_results,
+    timed,
 )
 from _tiers_fleet import (
     FULL,
@@ -249,14 +248,7 @@ def print_summary(data: dict[str, Any]) -> None:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Isolation tiers compared on one workload.")
     parser.add_argument("--quick", action="store_true", help="N = 10 and 100, short windows")
-    parser.add_argument(
-        "--pg-url",
-        nargs="+",
-        action="extend",
-        metavar="URL",
-        help="superuser URL(s) of running PostgreSQL servers (default: start two throwaway ones)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser, default="start two throwaway ones")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default: 1)")
     parser.add_argument(
         "--sizes", type=int, nargs="+", help="numbers of tenants (default 10 100 1000)"
@@ -277,15 +269,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = QUICK if args.quick else FULL
     if args.footprint_child:
         return footprint_child(cfg, cfg.footprint_s)
-    started = time.monotonic()
-    data = run(args)
-    data["duration_s"] = round(time.monotonic() - started, 1)
+    data = timed(run, args)
     args.out.mkdir(parents=True, exist_ok=True)
     charts = draw_charts(data, args.out)
     data["charts"] = [p.name for p in charts]
-    json_path, md_path = write_results(NAME, data, render_markdown(data, charts), args.out)
-    print_summary(data)
-    console.print(f"wrote {json_path}, {md_path} and {len(charts)} charts ({data['duration_s']} s)")
+    markdown = render_markdown(data, charts)
+    finish(NAME, data, markdown, args.out, print_summary, also=f"{len(charts)} charts")
     return 0
 
 
