@@ -35,6 +35,10 @@ from rich.progress import (
 )
 from sqlalchemy.pool import NullPool
 
+from tenantry import Catalog, Shard
+from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.schema import tenants
+
 __all__ = [
     "RESULTS_DIR",
     "Phases",
@@ -42,6 +46,7 @@ __all__ = [
     "console",
     "finish",
     "fmt_ns",
+    "insert_tenant_rows",
     "load_average",
     "machine_info",
     "machine_markdown",
@@ -49,6 +54,7 @@ __all__ = [
     "percentile",
     "pg_servers",
     "progress",
+    "revoke_temporary",
     "summarize",
     "timed",
     "verdict",
@@ -371,3 +377,40 @@ def finish(
     summary(data)
     written = f"{json_path}, {md_path} and {also}" if also else f"{json_path} and {md_path}"
     console.print(f"wrote {written} ({data['duration_s']} s)")
+
+
+# -- shards and catalog ----------------------------------------------------------------
+
+
+def revoke_temporary(url: str) -> None:
+    """Take TEMPORARY on *url*'s database from PUBLIC, as ``grant_routing_role`` does: the
+    shard's fence refuses a routing role that may create temporary tables, and every new
+    database (a template's copy too) gives PUBLIC that right."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            database = sa.make_url(url).database
+            conn.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    finally:
+        engine.dispose()
+
+
+def insert_tenant_rows(catalog: Catalog, placement: Mapping[str, Shard], now: datetime) -> None:
+    """The catalog rows of many tenants (tenant id: shard) in one transaction, active and
+    unpinned, for tenants whose shards hold their residency rows already: ``add_tenant``
+    one by one opens a connection to the shard for each."""
+    with catalog.transaction() as (conn, _version):
+        conn.execute(
+            tenants.insert(),
+            [
+                {
+                    "id": t,
+                    "shard": s.name,
+                    "tier": s.tier.value,
+                    "pinned": False,
+                    "state": "active",
+                    "created_at": now,
+                }
+                for t, s in placement.items()
+            ],
+        )

@@ -14,6 +14,8 @@ from typing import Any
 import sqlalchemy as sa
 from _common import (
     console,
+    insert_tenant_rows,
+    revoke_temporary,
 )
 from sqlalchemy import Engine, String, select, text
 from sqlalchemy.engine import make_url
@@ -26,7 +28,7 @@ from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.connect import make_engine
-from tenantry.shardmap.schema import residency, tenants
+from tenantry.shardmap.schema import residency
 from tenantry.testing import create_database, drop_database
 
 NAME = "routing_overhead"
@@ -213,21 +215,7 @@ def register_tenants(catalog: Catalog, shard: Shard, ids: Sequence[str], *, fenc
                     for t in ids
                 ],
             )
-    with catalog.transaction() as (conn, _version):
-        conn.execute(
-            tenants.insert(),
-            [
-                {
-                    "id": t,
-                    "shard": shard.name,
-                    "tier": shard.tier.value,
-                    "pinned": False,
-                    "state": "active",
-                    "created_at": now,
-                }
-                for t in ids
-            ],
-        )
+    insert_tenant_rows(catalog, dict.fromkeys(ids, shard), now)
 
 
 def create_routing_role(server_url: str, stack: ExitStack) -> tuple[str, str]:
@@ -255,16 +243,6 @@ def drop_role(server_url: str, role: str) -> None:
             conn.exec_driver_sql(f"DROP ROLE IF EXISTS {role}")
     except sa.exc.SQLAlchemyError as exc:  # a throwaway server goes anyway
         console.print(f"[yellow]could not drop role {role}: {exc}[/]")
-    finally:
-        engine.dispose()
-
-
-def revoke_temporary(url: str) -> None:
-    engine = make_engine(url, poolclass=NullPool)
-    try:
-        with engine.begin() as conn:
-            database = make_url(url).database
-            conn.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
     finally:
         engine.dispose()
 

@@ -17,7 +17,9 @@ import psycopg
 import sqlalchemy as sa
 from _common import (
     console,
+    insert_tenant_rows,
     pg_servers,
+    revoke_temporary,
 )
 from psycopg import sql
 from sqlalchemy.engine import make_url
@@ -32,7 +34,6 @@ from tenantry import (
 from tenantry.demo import MIGRATIONS
 from tenantry.migrations.fleet import app_config, migrate_shard
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.schema import tenants
 from tenantry.testing import create_database, drop_database
 
 NAME = "tiers"
@@ -305,11 +306,8 @@ def new_shard(
 
 def copy_template(servers: Servers, templates: Templates, server: int, name: str) -> str:
     url = servers.create(server, name.replace("-", "_"), template=templates.names[server])
-    # A copy does not inherit the template's database privileges: PUBLIC may create
-    # temporary tables again, and the shard's fence refuses a routing role that may.
-    with psycopg.connect(conninfo(url), autocommit=True) as conn:
-        database = sql.Identifier(make_url(url).database or "")
-        conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(database))
+    # A copy does not inherit the template's database privileges.
+    revoke_temporary(url)
     return url
 
 
@@ -332,21 +330,7 @@ def register(catalog: Catalog, placement: dict[str, Shard], cfg: Config) -> None
         ]
         for future in done:
             future.result()
-    with catalog.transaction() as (conn, _version):
-        conn.execute(
-            tenants.insert(),
-            [
-                {
-                    "id": t,
-                    "shard": s.name,
-                    "tier": s.tier.value,
-                    "pinned": False,
-                    "state": "active",
-                    "created_at": now,
-                }
-                for t, s in placement.items()
-            ],
-        )
+    insert_tenant_rows(catalog, placement, now)
 
 
 #: Databases created and seeded at once during set-up (server-side work, mostly).

@@ -75,10 +75,10 @@ import sqlalchemy as sa
 from _common import (
     RESULTS_DIR,
     console,
+    finish,
     machine_info,
     machine_markdown,
     markdown_table,
-    write_results,
 )
 from sqlalchemy.pool import NullPool
 
@@ -832,9 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_apply:
         data["end_to_end"] = end_to_end(40, args.exponent, args.seed)
     data["duration_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_results(NAME, data, render_markdown(data), args.out)
-    print_summary(data)
-    console.print(f"wrote {json_path} and {md_path} ({data['duration_s']} s)")
+    finish(NAME, data, render_markdown(data), args.out, print_summary)
     return 0
 
 
