@@ -87,20 +87,34 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summarize(values: Sequence[float], *, scale: float = 1.0) -> dict[str, float]:
-    """Count, p50, p90, p99, mean, min and max of *values*, each divided by *scale*."""
+#: What summarize() gives unless told: count, p50, p90, p99, mean, min and max.
+SUMMARY = ("n", "p50", "p90", "p99", "mean", "min", "max")
+
+
+def summarize(
+    values: Sequence[float], *, scale: float = 1.0, stats: Sequence[str] = SUMMARY
+) -> dict[str, float]:
+    """The *stats* of *values*, in that order, each but ``n`` divided by *scale*: ``n``,
+    ``pNN`` (a percentile), ``median``, ``mean``, ``min``, ``max``. No values: ``{"n": 0}``.
+    """
     if not values:
         return {"n": 0}
     ordered = sorted(values)
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50) / scale,
-        "p90": percentile(ordered, 90) / scale,
-        "p99": percentile(ordered, 99) / scale,
-        "mean": statistics.fmean(ordered) / scale,
-        "min": ordered[0] / scale,
-        "max": ordered[-1] / scale,
+    figures: dict[str, Callable[[], float]] = {
+        "median": lambda: statistics.median(ordered),
+        "mean": lambda: statistics.fmean(ordered),
+        "min": lambda: ordered[0],
+        "max": lambda: ordered[-1],
     }
+    out: dict[str, float] = {}
+    for stat in stats:
+        if stat == "n":
+            out[stat] = len(ordered)
+        elif stat in figures:
+            out[stat] = figures[stat]() / scale
+        else:  # pNN
+            out[stat] = percentile(ordered, float(stat.removeprefix("p"))) / scale
+    return out
 
 
 def verdict(value: float, target: float, *, higher_is_better: bool = False) -> str:

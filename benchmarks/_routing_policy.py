@@ -233,13 +233,7 @@ def measure_policy(fleet: Fleet, cfg: Config, seed: int) -> dict[str, Any]:
 
 
 def _median_spread(values: Sequence[float]) -> dict[str, float]:
-    return {
-        "median": percentile(values, 50),
-        "p25": percentile(values, 25),
-        "p75": percentile(values, 75),
-        "min": min(values),
-        "max": max(values),
-    }
+    return summarize(values, stats=("median", "p25", "p75", "min", "max"))
 
 
 def policy_summary(

@@ -8,7 +8,6 @@ import gc
 import itertools
 import os
 import random
-import statistics
 import threading
 import time
 from collections import Counter, defaultdict
@@ -26,6 +25,7 @@ import sqlalchemy as sa
 from _common import (
     percentile,
     progress,
+    summarize,
 )
 from _tiers_fleet import (
     CONDITIONS,
@@ -153,18 +153,8 @@ def run_window(
 
 
 def latency_summary(values: Sequence[int]) -> dict[str, float]:
-    """n, p50, p95, p99, mean and max in milliseconds."""
-    if not values:
-        return {"n": 0}
-    ordered = sorted(values)
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50) / 1e6,
-        "p95": percentile(ordered, 95) / 1e6,
-        "p99": percentile(ordered, 99) / 1e6,
-        "mean": statistics.fmean(ordered) / 1e6,
-        "max": ordered[-1] / 1e6,
-    }
+    """n, p50, p95, p99, mean and max of nanoseconds, in milliseconds."""
+    return summarize(values, scale=1e6, stats=("n", "p50", "p95", "p99", "mean", "max"))
 
 
 def touch_all(router: Router, tenant_ids: Sequence[str]) -> None:

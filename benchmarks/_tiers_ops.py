@@ -9,7 +9,6 @@ import itertools
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import time
@@ -22,8 +21,8 @@ from typing import Any
 import psycopg
 from _common import (
     console,
-    percentile,
     progress,
+    summarize,
 )
 from _tiers_fleet import (
     CHILD_ID_BASE,
@@ -198,15 +197,9 @@ def measure_footprint(
 
 
 def seconds_summary(values: Sequence[float]) -> dict[str, float]:
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "median_ms": statistics.median(values) * 1000,
-        "min_ms": min(values) * 1000,
-        "max_ms": max(values) * 1000,
-        "p95_ms": percentile(values, 95) * 1000,
-    }
+    """n, median, min, max and p95 of seconds, in milliseconds (keys ``median_ms``...)."""
+    summary = summarize(values, stats=("n", "median", "min", "max", "p95"))
+    return {k if k == "n" else f"{k}_ms": v if k == "n" else v * 1000 for k, v in summary.items()}
 
 
 def measure_onboarding(
