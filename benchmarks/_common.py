@@ -45,6 +45,7 @@ __all__ = [
     "add_server_options",
     "console",
     "finish",
+    "fmt_bytes",
     "fmt_ns",
     "insert_tenant_rows",
     "load_average",
@@ -136,6 +137,16 @@ def fmt_ns(ns: float) -> str:
     if ns < 1_000_000_000:
         return f"{ns / 1_000_000:.3g} ms"
     return f"{ns / 1_000_000_000:.3g} s"
+
+
+def fmt_bytes(value: float | None) -> str:
+    """A size in the binary unit that reads best: ``512 B``, ``1.5 KiB``, ... ``2.0 TiB``."""
+    if value is None:
+        return "n/a"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 # -- machine ---------------------------------------------------------------------------

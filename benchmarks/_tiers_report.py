@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
+    fmt_bytes,
     machine_markdown,
     markdown_table,
 )
@@ -83,15 +84,6 @@ def _ms(value: float | None) -> str:
     if value is None or math.isnan(value):
         return "n/a"
     return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
-
-
-def _bytes(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(value) >= size:
-            return f"{value / size:.1f} {unit}"
-    return f"{value:.0f} B"
 
 
 def _rounds_spread(values: Sequence[float]) -> str:
@@ -271,12 +263,12 @@ def section_footprint(data: dict[str, Any]) -> str:
                 held,
                 f"{held / v['n']:.2f}",
                 p["connections"],
-                _bytes(p["rss_bytes"]),
-                _bytes(p["rss_delta_bytes"]),
-                _bytes(d["database_bytes"]),
-                _bytes(d["per_tenant_bytes"]),
-                _bytes(d["per_tenant_delta_bytes"]),
-                _bytes(d["per_tenant_table_bytes"]),
+                fmt_bytes(p["rss_bytes"]),
+                fmt_bytes(p["rss_delta_bytes"]),
+                fmt_bytes(d["database_bytes"]),
+                fmt_bytes(d["per_tenant_bytes"]),
+                fmt_bytes(d["per_tenant_delta_bytes"]),
+                fmt_bytes(d["per_tenant_table_bytes"]),
             ]
         )
     empty = next(iter(foot.values()))["disk"]["empty_database_bytes"] if foot else 0
@@ -292,7 +284,7 @@ def section_footprint(data: dict[str, Any]) -> str:
             "memory at the end; *router RSS* is what the router, its engines and pools added "
             "to a process that had imported everything. Disk is measured right after "
             "seeding: *per tenant* is the size of all the layout's databases / N; *data "
-            f"only* first subtracts an empty migrated database ({_bytes(empty)}) per "
+            f"only* first subtracts an empty migrated database ({fmt_bytes(empty)}) per "
             "database; *tables* is the tenant tables' size / N (heap, indexes, TOAST).",
             "",
             markdown_table(

@@ -76,6 +76,7 @@ from _common import (
     RESULTS_DIR,
     console,
     finish,
+    fmt_bytes,
     machine_info,
     machine_markdown,
     markdown_table,
@@ -491,14 +492,6 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
-        n /= 1024
-    return str(n)
-
-
 def seconds(s: float) -> str:
     return f"{s * 1000:.1f} ms" if s < 1 else f"{s:.2f} s"
 
@@ -524,7 +517,7 @@ def placement_table(rows: Sequence[dict[str, Any]]) -> str:
                 r["placement"],
                 f"{r['tenants_moved']:,}",
                 f"{r['tenants_vs_ideal']:.2f}x",
-                size(r["bytes_moved"]),
+                fmt_bytes(r["bytes_moved"]),
                 pct(r["bytes_fraction"]),
                 f"{r['bytes_vs_ideal']:.2f}x",
                 pct(r["bytes_spread_before"]),
@@ -589,22 +582,23 @@ def render_markdown(data: dict[str, Any]) -> str:
         "strategy balances (what the planner brings within "
         f"{THRESHOLD:.0%}). 'Before' is each placement's own three-shard pool (each planner "
         "strategy settles its own). The *old default* row emulates `by_size` before issue "
-        f"14: a custom cost function, bytes + {size(OLD_BASE_BYTES)} per tenant. Ideal: the "
+        f"14: a custom cost function, bytes + {fmt_bytes(OLD_BASE_BYTES)} per tenant. Ideal: the "
         f"new shard's share, 1/4 (22.5% of the bytes is enough to be within the "
         f"{THRESHOLD:.0%} threshold).",
         "",
         "## Zipf pool",
         "",
         f"{cfg['tenants']} tenants, Zipf sizes (exponent {cfg['exponent']}, largest "
-        f"{size(TOP_BYTES)} = {pct(head['largest_fraction'])} of {size(head['total_bytes'])}; "
-        f"mean {size(head['mean_bytes'])}, so `by_size`'s base is "
-        f"{size(head['base_cost'])} per tenant), seed {head['seed']}. Ideal: "
-        f"{head['ideal']['tenants']:.0f} tenants or {size(head['ideal']['bytes'])}.",
+        f"{fmt_bytes(TOP_BYTES)} = {pct(head['largest_fraction'])} of "
+        f"{fmt_bytes(head['total_bytes'])}; "
+        f"mean {fmt_bytes(head['mean_bytes'])}, so `by_size`'s base is "
+        f"{fmt_bytes(head['base_cost'])} per tenant), seed {head['seed']}. Ideal: "
+        f"{head['ideal']['tenants']:.0f} tenants or {fmt_bytes(head['ideal']['bytes'])}.",
         "",
         placement_table(head["rows"]),
         "",
         f"Planner: {planner['reason']}. Settling the three-shard pool first took "
-        f"{planner['settling_moves']} move(s) ({size(planner['settling_bytes'])}). With "
+        f"{planner['settling_moves']} move(s) ({fmt_bytes(planner['settling_bytes'])}). With "
         f"tenants this large the old fixed base was {pct(head['old_base_fraction'])} of the "
         f"load and changed little (old default: {old['bytes_vs_ideal']:.2f}x of 1/4 moved, "
         f"bytes spread after {pct(old['bytes_spread_after'])}).",
@@ -627,13 +621,13 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"({pct(t['small_tenants'] / t['tenants'])}) with 1-99 rows (uniform), "
             f"{t['tenants'] - t['small_tenants']:,} with Zipf rows from "
             f"{TAIL_TOP_ROWS:,} down to {TAIL_LOW_ROWS:,} (exponent {t['exponent']:.3f}); "
-            f"{BYTES_PER_ROW} bytes a row, {size(t['total_bytes'])} in all, of which the "
+            f"{BYTES_PER_ROW} bytes a row, {fmt_bytes(t['total_bytes'])} in all, of which the "
             f"small tenants hold {pct(t['small_bytes_fraction'])}; seed {t['seed']}. The mean "
-            f"tenant is {size(t['mean_bytes'])}, so `by_size`'s base is "
-            f"{size(t['base_cost'])} per tenant ({BASE_FRACTION:.0%} of the bytes in all); "
-            f"the old fixed {size(OLD_BASE_BYTES)} was {pct(t['old_base_fraction'])} of the "
+            f"tenant is {fmt_bytes(t['mean_bytes'])}, so `by_size`'s base is "
+            f"{fmt_bytes(t['base_cost'])} per tenant ({BASE_FRACTION:.0%} of the bytes in all); "
+            f"the old fixed {fmt_bytes(OLD_BASE_BYTES)} was {pct(t['old_base_fraction'])} of the "
             f"old load. Ideal: {t['ideal']['tenants']:,.0f} tenants or "
-            f"{size(t['ideal']['bytes'])}.",
+            f"{fmt_bytes(t['ideal']['bytes'])}.",
             "",
             placement_table(t["rows"]),
             "",
@@ -644,7 +638,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             f"{tp['new_shard_tenants']:,} of the {t['tenants']:,} tenants (`by_size` leaves "
             "tenant counts aside). The old default balanced its own load to "
             f"{pct(to['strategy_spread_after'])}, but that load counted "
-            f"{size(OLD_BASE_BYTES)} for each tiny tenant: in measured bytes it left a "
+            f"{fmt_bytes(OLD_BASE_BYTES)} for each tiny tenant: in measured bytes it left a "
             f"spread of {pct(to['bytes_spread_after'])} (new shard "
             f"{pct(to['new_shard_share'])} of the bytes) and moved "
             f"{to['bytes_vs_ideal']:.2f}x of 1/4. `by_size_and_count` counts every tenant "
@@ -683,10 +677,10 @@ def render_markdown(data: dict[str, Any]) -> str:
             "",
             "## End to end on SQLite",
             "",
-            f"{e2e['tenants']} tenants, {e2e['rows']:,} rows, {size(e2e['bytes'])} measured; "
+            f"{e2e['tenants']} tenants, {e2e['rows']:,} rows, {fmt_bytes(e2e['bytes'])} measured; "
             "a fourth shard added, `plan_for(refresh=True)`, `apply_plan(mode='offline')`, "
             "sizes measured again. The planner's base per tenant is "
-            f"{BASE_FRACTION:.0%} of the mean tenant size ({size(e2e['base_cost'])}, "
+            f"{BASE_FRACTION:.0%} of the mean tenant size ({fmt_bytes(e2e['base_cost'])}, "
             f"`base_cost`), {pct(e2e['base_cost_fraction'])} of the load: the plan balances "
             f"the bytes ({e2e['bytes_vs_ideal']:.2f}x of 1/4 moved, the load "
             f"{e2e['load_vs_ideal']:.2f}x). Spreads: of the planner's load, then of the "
@@ -711,7 +705,7 @@ def render_markdown(data: dict[str, Any]) -> str:
                 [
                     [
                         f"{e2e['moves']} ({e2e['ok']})",
-                        size(e2e["bytes_moved"]),
+                        fmt_bytes(e2e["bytes_moved"]),
                         f"{e2e['bytes_vs_ideal']:.2f}x",
                         pct(e2e["spread_before"]),
                         pct(e2e["spread_planned"]),
@@ -736,7 +730,7 @@ def print_rows(title: str, rows: Sequence[dict[str, Any]]) -> None:
     for r in rows:
         console.print(
             f"  {r['placement']:<30} {r['tenants_moved']:>5} tenants "
-            f"({r['tenants_vs_ideal']:.2f}x of 1/4), {size(r['bytes_moved']):>10} "
+            f"({r['tenants_vs_ideal']:.2f}x of 1/4), {fmt_bytes(r['bytes_moved']):>10} "
             f"({pct(r['bytes_fraction'])}, {r['bytes_vs_ideal']:.2f}x of 1/4), bytes spread "
             f"{pct(r['bytes_spread_before'])} -> {pct(r['bytes_spread_after'])}, new shard "
             f"{pct(r['new_shard_share'])}"
