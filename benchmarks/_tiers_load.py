@@ -17,7 +17,6 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -27,6 +26,7 @@ from _common import (
     progress,
     summarize,
 )
+from _procfs import parent_pid, server_processes
 from _tiers_fleet import (
     CONDITIONS,
     HEAVY_TENANTS,
@@ -305,28 +305,11 @@ def heavy_loop(router: Router, tenant: str, stop: threading.Event, done: list[fl
         done.append(time.perf_counter() - started)
 
 
-def _parent_pid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
 def postmaster_pid(url: str) -> int | None:
     """The server's main process, if it runs on this machine (else None)."""
     with psycopg.connect(conninfo(url)) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        return _parent_pid(int(row[0])) if row else None
-
-
-def server_processes(postmaster: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and _parent_pid(int(entry.name)) == postmaster:
-            children.append(int(entry.name))
-    return [postmaster, *children]
+        return parent_pid(int(row[0])) if row else None
 
 
 def _set_affinity(postmaster: int, cpus: set[int]) -> None:
