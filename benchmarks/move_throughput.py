@@ -555,6 +555,15 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------------
 
 
+def steps_table(steps: dict[str, float], *, digits: int) -> str:
+    """Seconds per step of a move, one row."""
+    return markdown_table(
+        ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
+        [[f"{steps[s]:.{digits}f}" for s in _STEPS]],
+        align="rrrrrr",
+    )
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     config, summary = data["config"], data["summary"]
     size = sum(data["stream_bytes"].values())
@@ -596,11 +605,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{tenantry['freeze_s']:.2f} s (at most {tenantry['freeze_s_max']:.2f} s). "
         "Seconds per step (median):",
         "",
-        markdown_table(
-            ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
-            [[f"{tenantry['steps_s'][s]:.2f}" for s in _STEPS]],
-            align="rrrrrr",
-        ),
+        steps_table(tenantry["steps_s"], digits=2),
         "",
         "## Rounds",
         "",
@@ -660,11 +665,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
-        markdown_table(
-            ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
-            [[f"{small['steps_s'][s]:.3f}" for s in _STEPS]],
-            align="rrrrrr",
-        ),
+        steps_table(small["steps_s"], digits=3),
         "",
         "## Notes",
         "",
