@@ -6,6 +6,7 @@ Benchmarks live outside the test suite (STYLE.md) and import this module by name
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
@@ -34,11 +35,19 @@ from rich.progress import (
 )
 from sqlalchemy.pool import NullPool
 
+from tenantry import Catalog, Shard
+from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.schema import tenants
+
 __all__ = [
     "RESULTS_DIR",
     "Phases",
+    "add_server_options",
     "console",
+    "finish",
+    "fmt_bytes",
     "fmt_ns",
+    "insert_tenant_rows",
     "load_average",
     "machine_info",
     "machine_markdown",
@@ -46,7 +55,9 @@ __all__ = [
     "percentile",
     "pg_servers",
     "progress",
+    "revoke_temporary",
     "summarize",
+    "timed",
     "verdict",
     "write_results",
 ]
@@ -77,20 +88,34 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summarize(values: Sequence[float], *, scale: float = 1.0) -> dict[str, float]:
-    """Count, p50, p90, p99, mean, min and max of *values*, each divided by *scale*."""
+#: What summarize() gives unless told: count, p50, p90, p99, mean, min and max.
+SUMMARY = ("n", "p50", "p90", "p99", "mean", "min", "max")
+
+
+def summarize(
+    values: Sequence[float], *, scale: float = 1.0, stats: Sequence[str] = SUMMARY
+) -> dict[str, float]:
+    """The *stats* of *values*, in that order, each but ``n`` divided by *scale*: ``n``,
+    ``pNN`` (a percentile), ``median``, ``mean``, ``min``, ``max``. No values: ``{"n": 0}``.
+    """
     if not values:
         return {"n": 0}
     ordered = sorted(values)
-    return {
-        "n": len(ordered),
-        "p50": percentile(ordered, 50) / scale,
-        "p90": percentile(ordered, 90) / scale,
-        "p99": percentile(ordered, 99) / scale,
-        "mean": statistics.fmean(ordered) / scale,
-        "min": ordered[0] / scale,
-        "max": ordered[-1] / scale,
+    figures: dict[str, Callable[[], float]] = {
+        "median": lambda: statistics.median(ordered),
+        "mean": lambda: statistics.fmean(ordered),
+        "min": lambda: ordered[0],
+        "max": lambda: ordered[-1],
     }
+    out: dict[str, float] = {}
+    for stat in stats:
+        if stat == "n":
+            out[stat] = len(ordered)
+        elif stat in figures:
+            out[stat] = figures[stat]() / scale
+        else:  # pNN
+            out[stat] = percentile(ordered, float(stat.removeprefix("p"))) / scale
+    return out
 
 
 def verdict(value: float, target: float, *, higher_is_better: bool = False) -> str:
@@ -112,6 +137,16 @@ def fmt_ns(ns: float) -> str:
     if ns < 1_000_000_000:
         return f"{ns / 1_000_000:.3g} ms"
     return f"{ns / 1_000_000_000:.3g} s"
+
+
+def fmt_bytes(value: float | None) -> str:
+    """A size in the binary unit that reads best: ``512 B``, ``1.5 KiB``, ... ``2.0 TiB``."""
+    if value is None:
+        return "n/a"
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 # -- machine ---------------------------------------------------------------------------
@@ -146,23 +181,16 @@ def _memory_bytes() -> int | None:
 
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        )
+        return done.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}+dirty" if dirty else head
@@ -324,3 +352,83 @@ class Phases:
             yield
         finally:
             self.seconds[name] = round(time.monotonic() - started, 1)
+
+
+# -- command line ----------------------------------------------------------------------
+
+
+def add_server_options(
+    parser: argparse.ArgumentParser, *, default: str = "start throwaway ones"
+) -> None:
+    """``--pg-url URL ...`` (superuser URLs of running servers) and ``--out DIR``."""
+    parser.add_argument(
+        "--pg-url",
+        nargs="+",
+        action="extend",
+        metavar="URL",
+        help=f"superuser URL(s) of running PostgreSQL servers (default: {default})",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+
+
+def timed(
+    run: Callable[[argparse.Namespace], dict[str, Any]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """``run(args)``, with its wall time as ``duration_s``."""
+    started = time.monotonic()
+    data = run(args)
+    data["duration_s"] = round(time.monotonic() - started, 1)
+    return data
+
+
+def finish(
+    name: str,
+    data: dict[str, Any],
+    markdown: str,
+    out_dir: Path,
+    summary: Callable[[dict[str, Any]], None],
+    *,
+    also: str = "",
+) -> None:
+    """Write the results, print *summary* of them, then what was written (*also*: more)."""
+    json_path, md_path = write_results(name, data, markdown, out_dir)
+    summary(data)
+    written = f"{json_path}, {md_path} and {also}" if also else f"{json_path} and {md_path}"
+    console.print(f"wrote {written} ({data['duration_s']} s)")
+
+
+# -- shards and catalog ----------------------------------------------------------------
+
+
+def revoke_temporary(url: str) -> None:
+    """Take TEMPORARY on *url*'s database from PUBLIC, as ``grant_routing_role`` does: the
+    shard's fence refuses a routing role that may create temporary tables, and every new
+    database (a template's copy too) gives PUBLIC that right."""
+    engine = make_engine(url, poolclass=NullPool)
+    try:
+        with engine.begin() as conn:
+            database = sa.make_url(url).database
+            conn.exec_driver_sql(f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC')
+    finally:
+        engine.dispose()
+
+
+def insert_tenant_rows(catalog: Catalog, placement: Mapping[str, Shard], now: datetime) -> None:
+    """The catalog rows of many tenants (tenant id: shard) in one transaction, active and
+    unpinned, for tenants whose shards hold their residency rows already: ``add_tenant``
+    one by one opens a connection to the shard for each."""
+    with catalog.transaction() as (conn, _version):
+        conn.execute(
+            tenants.insert(),
+            [
+                {
+                    "id": t,
+                    "shard": s.name,
+                    "tier": s.tier.value,
+                    "pinned": False,
+                    "state": "active",
+                    "created_at": now,
+                }
+                for t, s in placement.items()
+            ],
+        )

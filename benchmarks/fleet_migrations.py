@@ -46,15 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    RESULTS_DIR,
+    add_server_options,
     console,
+    finish,
     load_average,
     machine_info,
     machine_markdown,
     markdown_table,
     pg_servers,
     progress,
-    write_results,
+    timed,
 )
 from sqlalchemy.engine import make_url
 
@@ -378,8 +379,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="rounds per schema (default 3)")
     parser.add_argument("--samples", type=int, help="provisioning samples (default 7)")
     parser.add_argument("--work-ms", type=int, default=200, help="0 skips demo+work")
-    parser.add_argument("--pg-url", nargs="+", action="extend", metavar="URL")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser, default="start two throwaway ones")
     return parser.parse_args(argv)
 
 
@@ -423,12 +423,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    data = run(args)
-    data["duration_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_results(NAME, data, render_markdown(data), args.out)
-    print_summary(data)
-    console.print(f"wrote {json_path} and {md_path} ({data['duration_s']} s)")
+    data = timed(run, args)
+    finish(NAME, data, render_markdown(data), args.out, print_summary)
     return 0
 
 

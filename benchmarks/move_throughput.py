@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,22 +48,23 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from _common import (
-    RESULTS_DIR,
+    add_server_options,
     console,
+    finish,
     load_average,
     machine_info,
     machine_markdown,
     markdown_table,
     pg_servers,
     progress,
+    timed,
     verdict,
-    write_results,
 )
+from _procfs import CpuMeter, ServerCpu
 from sqlalchemy.pool import NullPool
 
 from tenantry import Catalog, load_settings, migrations, moves
@@ -174,8 +173,13 @@ class Fleet:
         self.folder = tempfile.TemporaryDirectory(prefix="move-throughput-")
         self.catalog_url = f"sqlite:///{self.folder.name}/catalog.db"
         self.urls = {"s1": self._database(servers[0]), "s2": self._database(servers[1])}
+        # The shards are reached as the superuser, as before routing roles were checked:
+        # a move copies rows, and row-level security is not what this measures.
         settings = load_settings(
-            catalog_url=self.catalog_url, alembic_config=str(MIGRATIONS), freeze_timeout=60.0
+            catalog_url=self.catalog_url,
+            alembic_config=str(MIGRATIONS),
+            freeze_timeout=60.0,
+            allow_unsafe_routing_role=True,
         )
         self.catalog = Catalog(settings=settings)
         self.catalog.init()
@@ -294,109 +298,6 @@ def tenant_counts(url: str, tenant: str) -> dict[str, int]:
 
 
 # -- tenantry move ---------------------------------------------------------------------
-
-
-class ServerCpu:
-    """CPU seconds used so far by local PostgreSQL servers: every process of theirs,
-    and their exited backends (counted in the postmaster's children's time once it has
-    reaped them), from /proc. Wall time on a shared machine says how busy the
-    neighbours were; CPU time says what the copy cost. None where a server is not
-    local (``--pg-url`` elsewhere)."""
-
-    def __init__(self, urls: Sequence[str]) -> None:
-        pids = [_postmaster_pid(url) for url in urls]
-        self.postmasters: list[int] | None = [p for p in pids if p is not None]
-        if len(self.postmasters) != len(pids):
-            self.postmasters = None
-        self.tick = os.sysconf("SC_CLK_TCK")
-
-    def _children(self) -> dict[int, list[str]]:
-        found = {}
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                fields = _proc_stat(int(entry.name))
-                if fields is not None and self.postmasters and int(fields[1]) in self.postmasters:
-                    found[int(entry.name)] = fields
-        return found
-
-    def backends(self) -> set[int]:
-        """The servers' processes now."""
-        return set(self._children()) if self.postmasters else set()
-
-    def settle(self, before: set[int], timeout: float = 5.0) -> None:
-        """Wait until every process started since *before* was taken has been reaped:
-        only then is its CPU time counted."""
-        deadline = time.monotonic() + timeout
-        while self.postmasters and time.monotonic() < deadline:
-            if self.backends() <= before:
-                return
-            time.sleep(0.01)
-
-    def seconds(self) -> float | None:
-        if self.postmasters is None:
-            return None
-        ticks = 0
-        for pid in self.postmasters:
-            fields = _proc_stat(pid)
-            if fields is None:
-                return None
-            ticks += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
-        for fields in self._children().values():
-            ticks += int(fields[11]) + int(fields[12])
-        return ticks / self.tick
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """/proc/PID/stat from the state field on (the name may hold spaces)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2 :].split()
-
-
-def _postmaster_pid(url: str) -> int | None:
-    db = engine(url)
-    try:
-        with db.connect() as conn:
-            data_dir = conn.exec_driver_sql("SHOW data_directory").scalar_one()
-        pid = int((Path(data_dir) / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError, sa.exc.SQLAlchemyError):
-        return None
-    finally:
-        db.dispose()
-    return pid if _proc_stat(pid) is not None else None
-
-
-class CpuMeter:
-    """The CPU one stretch of work costs: this process (or its reaped children, the
-    psql processes), and both servers, counted once the work's backends have ended.
-    The waiting for them is left out of the client's CPU and reported as ``paused``."""
-
-    def __init__(self, servers: ServerCpu, *, children: bool = False) -> None:
-        self.servers = servers
-        self.children = children
-        self.paused = 0.0
-
-    def _client(self) -> float:
-        if self.children:
-            used = resource.getrusage(resource.RUSAGE_CHILDREN)
-            return used.ru_utime + used.ru_stime
-        return time.process_time()
-
-    def start(self) -> None:
-        self.before = self.servers.backends()
-        self.client = self._client()
-        self.server = self.servers.seconds()
-
-    def stop(self) -> dict[str, float | None]:
-        client = self._client() - self.client
-        waited = time.perf_counter()
-        self.servers.settle(self.before)
-        server = self.servers.seconds()
-        self.paused = time.perf_counter() - waited
-        used = None if server is None or self.server is None else server - self.server
-        return {"client_cpu_s": client, "server_cpu_s": used}
 
 
 class StepClock(NullObserver):
@@ -654,6 +555,15 @@ def summarize(data: dict[str, Any]) -> dict[str, Any]:
 # -- output ------------------------------------------------------------------------------
 
 
+def steps_table(steps: dict[str, float], *, digits: int) -> str:
+    """Seconds per step of a move, one row."""
+    return markdown_table(
+        ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
+        [[f"{steps[s]:.{digits}f}" for s in _STEPS]],
+        align="rrrrrr",
+    )
+
+
 def render_markdown(data: dict[str, Any]) -> str:
     config, summary = data["config"], data["summary"]
     size = sum(data["stream_bytes"].values())
@@ -695,11 +605,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         f"{tenantry['freeze_s']:.2f} s (at most {tenantry['freeze_s_max']:.2f} s). "
         "Seconds per step (median):",
         "",
-        markdown_table(
-            ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
-            [[f"{tenantry['steps_s'][s]:.2f}" for s in _STEPS]],
-            align="rrrrrr",
-        ),
+        steps_table(tenantry["steps_s"], digits=2),
         "",
         "## Rounds",
         "",
@@ -759,11 +665,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
-        markdown_table(
-            ["plan", "freeze + wait", "copy", "verify", "switch", "clean source"],
-            [[f"{small['steps_s'][s]:.3f}" for s in _STEPS]],
-            align="rrrrrr",
-        ),
+        steps_table(small["steps_s"], digits=3),
         "",
         "## Notes",
         "",
@@ -855,8 +757,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, help="rows of the big tenant (default 1,000,000)")
     parser.add_argument("--rounds", type=int, help="rounds (default 4; 2 with --quick)")
     parser.add_argument("--small-moves", type=int, help="moves of the 10k tenant (default 10)")
-    parser.add_argument("--pg-url", nargs="+", action="extend", metavar="URL")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser, default="start two throwaway ones")
     args = parser.parse_args(argv)
     if args.rows is not None and args.rows < 1000:
         parser.error("--rows must be at least 1000")
@@ -865,12 +766,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    started = time.monotonic()
-    data = run(args)
-    data["duration_s"] = round(time.monotonic() - started, 1)
-    json_path, md_path = write_results(NAME, data, render_markdown(data), args.out)
-    print_summary(data)
-    console.print(f"wrote {json_path} and {md_path} ({data['duration_s']} s)")
+    data = timed(run, args)
+    finish(NAME, data, render_markdown(data), args.out, print_summary)
     return 0
 
 

@@ -16,6 +16,7 @@ This is what ``make bench`` and ``tenantry bench`` run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,8 +31,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS_DIR, console, machine_markdown, markdown_table
-from tiers import TITLES, bench_servers, draw_charts, sections
+from _common import RESULTS_DIR, add_server_options, console, machine_markdown, markdown_table
+from _tiers_fleet import bench_servers
+from _tiers_report import TITLES, draw_charts, sections
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,8 +68,21 @@ class Outcome:
 # -- running ---------------------------------------------------------------------------------
 
 
+@functools.cache
+def _usage(script: Path) -> str:
+    """*script*'s ``--help``: the options it takes (some come from ``_common``)."""
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=HERE.parent,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return done.stdout
+
+
 def _accepts(script: Path, option: str) -> bool:
-    return f'"{option}"' in script.read_text()
+    return re.search(rf"{re.escape(option)}(?![\w-])", _usage(script)) is not None
 
 
 def run_one(name: str, question: str, args: argparse.Namespace, urls: Sequence[str]) -> Outcome:
@@ -395,14 +410,7 @@ def render_report(outcomes: Sequence[Outcome], mode: str, seconds: float) -> str
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Run every benchmark; write report.md.")
     parser.add_argument("--quick", action="store_true", help="every benchmark's --quick")
-    parser.add_argument(
-        "--pg-url",
-        nargs="+",
-        action="extend",
-        metavar="URL",
-        help="superuser URL(s) of running PostgreSQL servers (default: start two throwaway ones)",
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="results folder")
+    add_server_options(parser, default="start two throwaway ones")
     names = [name for name, _q in BENCHMARKS]
     parser.add_argument(
         "--only", nargs="+", choices=names, metavar="NAME", help=f"run only these: {names}"
