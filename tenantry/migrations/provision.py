@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
@@ -47,6 +47,7 @@ from tenantry.shardmap.model import (
     normalize_url,
     validate_shard_name,
 )
+from tenantry.urls import with_database
 
 __all__ = [
     "SecuredShard",
@@ -60,13 +61,6 @@ __all__ = [
 logger = logging.getLogger("tenantry.provision")
 
 
-def _with_database(url: URL, database: str) -> URL:
-    if url.get_backend_name() == "sqlite":
-        folder = Path(url.database or ".")
-        return url.set(database=str(folder / f"{database}.db"))
-    return url.set(database=database)
-
-
 def create_database(
     server_url: str, database: str, *, template: str | None = None, connect_timeout: float = 5.0
 ) -> str:
@@ -78,7 +72,7 @@ def create_database(
             "'_' and '-', starting with a letter or digit"
         )
     server = make_url(normalize_url(server_url))
-    target = _with_database(server, database)
+    target = with_database(server, database)
     if server.get_backend_name() == "sqlite":
         path = Path(target.database or "")
         if path.exists():
@@ -118,7 +112,7 @@ def create_database(
 def database_exists(server_url: str, database: str, *, connect_timeout: float = 5.0) -> bool:
     """Whether *database* exists on the server (PostgreSQL) or in the folder (SQLite)."""
     server = make_url(normalize_url(server_url))
-    target = _with_database(server, database)
+    target = with_database(server, database)
     if server.get_backend_name() == "sqlite":
         return Path(target.database or "").exists()
     engine = make_engine(
@@ -236,7 +230,7 @@ def provision(
     try:
         url = admin_url
         if routing_url:
-            url = _with_database(make_url(normalize_url(routing_url)), database).render_as_string(
+            url = with_database(make_url(normalize_url(routing_url)), database).render_as_string(
                 hide_password=False
             )
         shard = Shard(

@@ -17,7 +17,8 @@ from tenantry.moves.hooks import MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Checkpoints, Mover
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.model import Shard, Tier, mask_url, normalize_url
+from tenantry.shardmap.model import Shard, Tier
+from tenantry.urls import mask_url, normalize_url, with_database
 
 __all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
 
@@ -112,10 +113,10 @@ def promote(
         planned = _plan(mover, tenant_id, to, MoveKind.PROMOTE, mode, options)
         return mover.run(planned.id)
     assert server is not None
-    from tenantry.migrations.provision import _with_database, database_exists, provision
+    from tenantry.migrations.provision import database_exists, provision
 
     name = database or tenant_id
-    admin_url = _with_database(make_url(normalize_url(server)), name).render_as_string(
+    admin_url = with_database(make_url(normalize_url(server)), name).render_as_string(
         hide_password=False
     )
     routing_url = routing_url or _routing_url_for(catalog.get_shard(tenant.shard), server)
