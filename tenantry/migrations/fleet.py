@@ -36,7 +36,6 @@ from tenantry.errors import (
     TenantryError,
     UnknownShard,
 )
-from tenantry.migrations._alembic import ALEMBIC_LOCK, SHARD
 from tenantry.migrations.rls import (
     check_role,
     grant_routing_role,
@@ -49,6 +48,7 @@ from tenantry.shardmap.connect import WRITE, describe_error, make_engine
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
 from tenantry.shardmap.schema import moves
+from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
 
 __all__ = [
     "MIGRATION_LOCK",

@@ -39,6 +39,7 @@ from tenantry.errors import ShardUnavailable, UnsafeRoutingRole
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.scripts import SHARD
 
 __all__ = [
     "DEFAULT_ROUTING_ROLE",
@@ -151,8 +152,6 @@ def install_rls(
         raise ValueError("row-level security needs PostgreSQL")
     if conn.exec_driver_sql("SELECT to_regprocedure('tenantry.tenant()')").scalar() is None:
         # The policies call the fence's functions: tenantry's shard schema comes first.
-        from tenantry.migrations._alembic import SHARD
-
         SHARD.upgrade(conn)
     if tables is None:
         tables = find_tenant_tables(conn, column=column)

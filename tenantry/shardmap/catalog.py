@@ -63,6 +63,7 @@ from tenantry.shardmap.model import (
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
 from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
+from tenantry.shardmap.scripts import CATALOG, SHARD
 
 __all__ = ["NOTIFY_CHANNEL", "Catalog"]
 
@@ -128,8 +129,6 @@ class Catalog:
 
     def init(self) -> str:
         """Create or upgrade the catalog schema; return its revision. Idempotent."""
-        from tenantry.migrations._alembic import CATALOG
-
         with self._errors(), self._engine.connect() as conn:
             conn = conn.execution_options(**WRITE)
             with conn.begin():
@@ -144,8 +143,6 @@ class Catalog:
 
     def revision(self) -> str | None:
         """The catalog schema's revision, or None when it was never initialised."""
-        from tenantry.migrations._alembic import CATALOG
-
         with self._errors(), self._engine.connect() as conn:
             return CATALOG.current(conn)
 
@@ -162,8 +159,6 @@ class Catalog:
     def _check_ready(self) -> None:
         if self._ready:
             return
-        from tenantry.migrations._alembic import CATALOG
-
         if self._missing_file():
             # Looking would create an empty file where none was, and leave it behind.
             raise CatalogNotInitialized(
@@ -1035,8 +1030,6 @@ def _naming_shard(name: str) -> Iterator[None]:
 def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
     """Create or upgrade tenantry's own tables on the shard; return the identity of its
     database (made, or repaired in a copy of another database, first when needed)."""
-    from tenantry.migrations._alembic import SHARD
-
     with shard_admin(shard, connect_timeout=connect_timeout) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
