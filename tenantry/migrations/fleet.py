@@ -36,17 +36,13 @@ from tenantry.errors import (
     TenantryError,
     UnknownShard,
 )
-from tenantry.migrations.rls import (
-    check_role,
-    grant_routing_role,
-    inspect_routing_role,
-    install_rls,
-)
+from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
+from tenantry.shardmap.roles import check_role, inspect_routing_role
 from tenantry.shardmap.schema import moves
 from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
 

@@ -30,11 +30,7 @@ from tenantry.migrations.fleet import app_config, migrate_shard
 from tenantry.migrations.rls import (
     DEFAULT_ROUTING_ROLE,
     ROLE_NAME,
-    enforce_routing_role,
-    inspect_routing_role,
     role_state,
-    same_role_refusal,
-    security_logger,
     setup_routing_role,
 )
 from tenantry.shardmap.catalog import Catalog, prepare_shard, shard_admin
@@ -46,6 +42,12 @@ from tenantry.shardmap.model import (
     mask_url,
     normalize_url,
     validate_shard_name,
+)
+from tenantry.shardmap.roles import (
+    enforce_routing_role,
+    inspect_routing_role,
+    same_role_refusal,
+    security_logger,
 )
 from tenantry.urls import with_database
 

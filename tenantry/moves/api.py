@@ -18,6 +18,7 @@ from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Checkpoints, Mover
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.roles import same_role_refusal
 from tenantry.urls import mask_url, normalize_url, with_database
 
 __all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
@@ -120,8 +121,6 @@ def promote(
         hide_password=False
     )
     routing_url = routing_url or _routing_url_for(catalog.get_shard(tenant.shard), server)
-    from tenantry.migrations.rls import same_role_refusal
-
     allow = allow_unsafe_routing_role
     same_role_refusal(
         name,

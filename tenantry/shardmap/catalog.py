@@ -62,6 +62,7 @@ from tenantry.shardmap.model import (
 )
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
+from tenantry.shardmap.roles import verify_routing_role
 from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
 from tenantry.shardmap.scripts import CATALOG, SHARD
 
@@ -890,11 +891,9 @@ def _check_routing_role(
     shard: Shard, settings: TenantrySettings, allow: bool | None, *, added: bool = False
 ) -> None:
     """Refuse a shared PostgreSQL shard whose routing role row-level security does not
-    bind (tenantry.migrations.rls has the check), unless allowed."""
+    bind (tenantry.shardmap.roles has the check), unless allowed."""
     if shard.tier is not Tier.SHARED or shard.backend != "postgresql":
         return
-    from tenantry.migrations.rls import verify_routing_role
-
     fix = None
     if added:
         fix = (
