@@ -15,12 +15,13 @@ from tenantry.cli.app import CliState, emit_json, json_option, pass_state, rende
 from tenantry.moves import Move
 from tenantry.shardmap import mask_url
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "RichObserver", "human_size"]
 
 MODES = click.Choice(["offline", "online", "auto"])
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """*n* bytes for people: B, KB, MB or GB."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -75,7 +76,7 @@ class RichObserver:
         elapsed = max(time.monotonic() - started, 1e-6)
         detail = f"{rows:,} rows"
         if size:
-            detail += f", {_size(size)} ({_size(size / elapsed)}/s)"
+            detail += f", {human_size(size)} ({human_size(size / elapsed)}/s)"
         self.progress.update(task, detail=detail)
 
     def note(self, message: str) -> None:
@@ -120,7 +121,7 @@ def _summary(console: Console, move: Move) -> None:
     outcome = "done" if move.succeeded else move.state.value
     if "rows" in stats:  # an offline copy counts what it copied
         what = (
-            f"{int(stats['rows']):,} rows, {_size(int(stats.get('bytes', 0)))} copied in "
+            f"{int(stats['rows']):,} rows, {human_size(int(stats.get('bytes', 0)))} copied in "
             f"{float(stats.get('copy_seconds', 0.0)):.2f}s"
         )
     else:  # logical replication copied them; the verification counted them

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from tenantry.cli.app import CliState, emit_json, json_option, pass_state, render_table
-from tenantry.cli.moves import RichObserver, _size
+from tenantry.cli.moves import RichObserver, human_size
 from tenantry.moves.planner import STRATEGIES, Plan
 from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for, start_drain
 from tenantry.moves.sizes import measure_sizes, stored_sizes
@@ -98,7 +98,7 @@ def _show_plan(state: CliState, plan: Plan) -> None:
     render_table(
         state.console,
         ["tenant", "from", "to", "size"],
-        ([m.tenant_id, m.source, m.target, _size(m.bytes)] for m in plan.moves),
+        ([m.tenant_id, m.source, m.target, human_size(m.bytes)] for m in plan.moves),
         title="plan",
     )
     total_before = sum(plan.before.values()) or 1.0
@@ -118,8 +118,9 @@ def _show_plan(state: CliState, plan: Plan) -> None:
         title="load per shard (share of the pool)",
     )
     state.console.print(
-        f"{len(plan.moves)} move(s), {_size(plan.bytes)}; spread {plan.spread_before():.1%} -> "
-        f"{plan.spread_after():.1%} (threshold {plan.threshold:.0%}); {plan.reason}"
+        f"{len(plan.moves)} move(s), {human_size(plan.bytes)}; "
+        f"spread {plan.spread_before():.1%} -> {plan.spread_after():.1%} "
+        f"(threshold {plan.threshold:.0%}); {plan.reason}"
     )
     spreads = (plan.spread_before(), plan.spread_after())
     in_bytes = (plan.bytes_spread_before(), plan.bytes_spread_after())
@@ -286,7 +287,7 @@ def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
                 t,
                 shard,
                 f"{size.rows:,}",
-                _size(size.bytes),
+                human_size(size.bytes),
                 when.strftime("%Y-%m-%d %H:%M") if when else "",
             ]
             for t, (size, shard, when) in rows
