@@ -33,7 +33,7 @@ from tenantry.migrations.rls import (
     role_state,
     setup_routing_role,
 )
-from tenantry.shardmap.catalog import Catalog, prepare_shard, shard_admin
+from tenantry.shardmap.catalog import Catalog, catalog_of, prepare_shard, shard_admin
 from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.model import (
     NAME_PATTERN,
@@ -194,9 +194,7 @@ def provision(
     database is dropped again), unless *allow_unsafe_routing_role* (default: the
     setting), which logs a warning.
     """
-    from tenantry.migrations.fleet import _catalog
-
-    catalog: Catalog = _catalog(target)
+    catalog: Catalog = catalog_of(target)
     settings = catalog.settings
     validate_shard_name(name)
     tier = Tier(tier)
@@ -307,9 +305,7 @@ def secure_shard(target: object, name: str, *, role: str = DEFAULT_ROUTING_ROLE)
     the role's; ``admin_url`` keeps the operations URL. The new routing role is checked
     like ``shard add``'s, and the catalog is changed only when it passes. Idempotent.
     """
-    from tenantry.migrations.fleet import _catalog
-
-    catalog: Catalog = _catalog(target)
+    catalog: Catalog = catalog_of(target)
     shard = catalog.get_shard(name)
     if shard.backend != "postgresql":
         raise ConfigurationError(

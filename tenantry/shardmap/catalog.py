@@ -66,7 +66,7 @@ from tenantry.shardmap.roles import verify_routing_role
 from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
 from tenantry.shardmap.scripts import CATALOG, SHARD
 
-__all__ = ["NOTIFY_CHANNEL", "Catalog"]
+__all__ = ["NOTIFY_CHANNEL", "Catalog", "catalog_of"]
 
 logger = logging.getLogger("tenantry.catalog")
 
@@ -885,6 +885,17 @@ class Catalog:
                     tenant_id=tenant_id,
                     shard=shard.name,
                 )
+
+
+def catalog_of(target: object) -> Catalog:
+    """*target* when it is a :class:`Catalog`, else its ``catalog`` (a router's); what
+    the fleet migrations, provisioning and moves accept as "a catalog or a router"."""
+    if isinstance(target, Catalog):
+        return target
+    catalog = getattr(target, "catalog", None)
+    if isinstance(catalog, Catalog):
+        return catalog
+    raise TypeError(f"expected a Catalog or a Router, got {type(target).__name__}")
 
 
 def _check_routing_role(
