@@ -9,6 +9,7 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from tenantry.errors import ConfigurationError
+from tenantry.urls import mask_url
 
 __all__ = ["DEFAULT_CATALOG_URL", "TenantrySettings", "load_settings"]
 
@@ -110,8 +111,6 @@ class TenantrySettings(BaseSettings):
 
     def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
         # repr() ends up in logs; the catalog URL may carry a password (invariant 7).
-        from tenantry.shardmap.model import mask_url
-
         for name, value in super().__repr_args__():
             if name == "catalog_url" and isinstance(value, str):
                 value = mask_url(value)

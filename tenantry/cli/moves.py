@@ -23,7 +23,7 @@ from tenantry.cli.app import (
 from tenantry.moves import Move
 from tenantry.shardmap import mask_url
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "RichObserver"]
 
 
 class RichObserver:

@@ -36,19 +36,15 @@ from tenantry.errors import (
     TenantryError,
     UnknownShard,
 )
-from tenantry.migrations._alembic import ALEMBIC_LOCK, SHARD
-from tenantry.migrations.rls import (
-    check_role,
-    grant_routing_role,
-    inspect_routing_role,
-    install_rls,
-)
+from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
+from tenantry.shardmap.roles import check_role, inspect_routing_role
 from tenantry.shardmap.schema import moves
+from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
 
 __all__ = [
     "MIGRATION_LOCK",
@@ -243,15 +239,6 @@ def select_shards(
     return chosen
 
 
-def _catalog(target: object) -> Catalog:
-    if isinstance(target, Catalog):
-        return target
-    catalog = getattr(target, "catalog", None)
-    if isinstance(catalog, Catalog):
-        return catalog
-    raise TypeError(f"expected a Catalog or a Router, got {type(target).__name__}")
-
-
 # -- one shard ----------------------------------------------------------------------------
 
 
@@ -391,7 +378,7 @@ def _run(
 ) -> FleetRun:
     if jobs < 1:
         raise ConfigurationError(f"jobs must be at least 1, got {jobs}", field="jobs")
-    catalog = _catalog(target)
+    catalog = catalog_of(target)
     settings = catalog.settings
     source = alembic_config if alembic_config is not None else settings.alembic_config
     base = app_config(source)
@@ -619,7 +606,7 @@ def status(
     jobs: int = 4,
 ) -> FleetStatus:
     """Every shard's revision against the application's head, and role warnings."""
-    catalog = _catalog(target)
+    catalog = catalog_of(target)
     settings = catalog.settings
     cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
     script = _script(cfg)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
@@ -30,14 +30,10 @@ from tenantry.migrations.fleet import app_config, migrate_shard
 from tenantry.migrations.rls import (
     DEFAULT_ROUTING_ROLE,
     ROLE_NAME,
-    enforce_routing_role,
-    inspect_routing_role,
     role_state,
-    same_role_refusal,
-    security_logger,
     setup_routing_role,
 )
-from tenantry.shardmap.catalog import Catalog, prepare_shard, shard_admin
+from tenantry.shardmap.catalog import Catalog, catalog_of, prepare_shard, shard_admin
 from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.model import (
     NAME_PATTERN,
@@ -47,6 +43,13 @@ from tenantry.shardmap.model import (
     normalize_url,
     validate_shard_name,
 )
+from tenantry.shardmap.roles import (
+    enforce_routing_role,
+    inspect_routing_role,
+    same_role_refusal,
+    security_logger,
+)
+from tenantry.urls import with_database
 
 __all__ = [
     "SecuredShard",
@@ -60,13 +63,6 @@ __all__ = [
 logger = logging.getLogger("tenantry.provision")
 
 
-def _with_database(url: URL, database: str) -> URL:
-    if url.get_backend_name() == "sqlite":
-        folder = Path(url.database or ".")
-        return url.set(database=str(folder / f"{database}.db"))
-    return url.set(database=database)
-
-
 def create_database(
     server_url: str, database: str, *, template: str | None = None, connect_timeout: float = 5.0
 ) -> str:
@@ -78,7 +74,7 @@ def create_database(
             "'_' and '-', starting with a letter or digit"
         )
     server = make_url(normalize_url(server_url))
-    target = _with_database(server, database)
+    target = with_database(server, database)
     if server.get_backend_name() == "sqlite":
         path = Path(target.database or "")
         if path.exists():
@@ -118,7 +114,7 @@ def create_database(
 def database_exists(server_url: str, database: str, *, connect_timeout: float = 5.0) -> bool:
     """Whether *database* exists on the server (PostgreSQL) or in the folder (SQLite)."""
     server = make_url(normalize_url(server_url))
-    target = _with_database(server, database)
+    target = with_database(server, database)
     if server.get_backend_name() == "sqlite":
         return Path(target.database or "").exists()
     engine = make_engine(
@@ -198,9 +194,7 @@ def provision(
     database is dropped again), unless *allow_unsafe_routing_role* (default: the
     setting), which logs a warning.
     """
-    from tenantry.migrations.fleet import _catalog
-
-    catalog: Catalog = _catalog(target)
+    catalog: Catalog = catalog_of(target)
     settings = catalog.settings
     validate_shard_name(name)
     tier = Tier(tier)
@@ -236,7 +230,7 @@ def provision(
     try:
         url = admin_url
         if routing_url:
-            url = _with_database(make_url(normalize_url(routing_url)), database).render_as_string(
+            url = with_database(make_url(normalize_url(routing_url)), database).render_as_string(
                 hide_password=False
             )
         shard = Shard(
@@ -311,9 +305,7 @@ def secure_shard(target: object, name: str, *, role: str = DEFAULT_ROUTING_ROLE)
     the role's; ``admin_url`` keeps the operations URL. The new routing role is checked
     like ``shard add``'s, and the catalog is changed only when it passes. Idempotent.
     """
-    from tenantry.migrations.fleet import _catalog
-
-    catalog: Catalog = _catalog(target)
+    catalog: Catalog = catalog_of(target)
     shard = catalog.get_shard(name)
     if shard.backend != "postgresql":
         raise ConfigurationError(

@@ -13,23 +13,19 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from tenantry.errors import MoveRefused, TenantryError, UnknownShard
-from tenantry.moves.hooks import MoveObserver
+from tenantry.moves.hooks import Checkpoints, MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
-from tenantry.moves.mover import Checkpoints, Mover
-from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.model import Shard, Tier, mask_url, normalize_url
+from tenantry.moves.mover import Mover
+from tenantry.shardmap.catalog import catalog_of
+from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.roles import same_role_refusal
+from tenantry.urls import mask_url, normalize_url, with_database
 
 __all__ = ["abort", "demote", "get_move", "list_moves", "move", "promote", "resume"]
 
 
-def _catalog(target: object) -> Catalog:
-    from tenantry.migrations.fleet import _catalog as resolve
-
-    return resolve(target)
-
-
 def _mover(target: object, observer: MoveObserver | None, hooks: Checkpoints | None) -> Mover:
-    return Mover(_catalog(target), observer=observer, hooks=hooks)
+    return Mover(catalog_of(target), observer=observer, hooks=hooks)
 
 
 def _plan(
@@ -112,15 +108,13 @@ def promote(
         planned = _plan(mover, tenant_id, to, MoveKind.PROMOTE, mode, options)
         return mover.run(planned.id)
     assert server is not None
-    from tenantry.migrations.provision import _with_database, database_exists, provision
+    from tenantry.migrations.provision import database_exists, provision
 
     name = database or tenant_id
-    admin_url = _with_database(make_url(normalize_url(server)), name).render_as_string(
+    admin_url = with_database(make_url(normalize_url(server)), name).render_as_string(
         hide_password=False
     )
     routing_url = routing_url or _routing_url_for(catalog.get_shard(tenant.shard), server)
-    from tenantry.migrations.rls import same_role_refusal
-
     allow = allow_unsafe_routing_role
     same_role_refusal(
         name,
@@ -255,9 +249,9 @@ def abort(
 
 def list_moves(catalog_or_router: object, *, live: bool | None = None) -> list[Move]:
     """Moves, newest first."""
-    return Journal(_catalog(catalog_or_router)).list(live=live)
+    return Journal(catalog_of(catalog_or_router)).list(live=live)
 
 
 def get_move(catalog_or_router: object, move_id: int) -> Move:
     """One move by id."""
-    return Journal(_catalog(catalog_or_router)).get(move_id)
+    return Journal(catalog_of(catalog_or_router)).get(move_id)

@@ -12,7 +12,13 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["EnvHooks", "MoveObserver", "NullObserver"]
+__all__ = ["Checkpoints", "EnvHooks", "MoveObserver", "NullObserver"]
+
+
+class Checkpoints(Protocol):
+    """Test seam: called at named points of a move (:class:`EnvHooks` pauses there)."""
+
+    def checkpoint(self, name: str) -> None: ...
 
 
 class MoveObserver(Protocol):

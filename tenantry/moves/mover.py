@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
@@ -44,7 +44,7 @@ from tenantry.moves.copy import (
     replica_allowed,
     user_triggers,
 )
-from tenantry.moves.hooks import EnvHooks, MoveObserver, NullObserver
+from tenantry.moves.hooks import Checkpoints, EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
 from tenantry.moves.online import SNAPSHOT_APPLICATION, OnlineSteps, online_problems
 from tenantry.moves.references import cross_tenant_problems, missing_references, rows_left
@@ -69,12 +69,6 @@ logger = logging.getLogger("tenantry.moves")
 
 _MOVE_LOCK_BASE = 0x7E4A0000  # + move id: one advisory lock per move on the catalog
 _CLAIM_PATIENCE = 3.0  # seconds a move's claim is retried before "run by another process"
-
-
-class Checkpoints(Protocol):
-    """Test seam: called at named points of a move (see :mod:`tenantry.moves.hooks`)."""
-
-    def checkpoint(self, name: str) -> None: ...
 
 
 class Mover:
@@ -290,12 +284,12 @@ class Mover:
 
     def _run(self, move: Move) -> Move:
         if move.state is MoveState.ABORTED:
-            return self._rollback(move)
+            return self.rollback(move)
         try:
             return self._forward(move)
         except (VerificationFailed, FreezeBudgetExceeded) as exc:
             self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
-            self._rollback(self.journal.get(move.id))
+            self.rollback(self.journal.get(move.id))
             raise
         except Exception as exc:
             raise self._stopped(move.id, exc) from exc
@@ -331,7 +325,7 @@ class Mover:
         logger.error("move %s failed in %s, rolling back: %s", move.id, move.state.value, reason)
         self.observer.note(f"failed: {reason}; rolling back")
         try:
-            self._rollback(self.journal.get(move.id))
+            self.rollback(self.journal.get(move.id))
         except Exception as again:
             left = f"{reason}; the roll back did not finish: {describe(again)}"
             with suppress(TenantryError):
@@ -415,7 +409,7 @@ class Mover:
                 self.journal.update(move.id, stats={"table_shapes": shapes})
         except MoveRefused as exc:
             self.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
-            self._rollback(self.journal.get(move.id))
+            self.rollback(self.journal.get(move.id))
             raise
 
     # freeze ------------------------------------------------------------------------------
@@ -447,7 +441,7 @@ class Mover:
         message = f"{timeout}; the tenant was unfrozen and the move ended (nothing was copied)"
         self.observer.note(message)
         self.journal.update(move.id, state=MoveState.ABORTED, error=message)
-        self._rollback(self.journal.get(move.id))
+        self.rollback(self.journal.get(move.id))
         raise FreezeTimeout(message, tenant_id=move.tenant_id, move_id=move.id)
 
     def wait_out(self, conn: Connection, *, timeout: float) -> None:
@@ -777,9 +771,12 @@ class Mover:
                     f"can only be completed: run `tenantry moves resume {move_id}`",
                     move_id=move_id,
                 )
-            return self._rollback(move)
+            return self.rollback(move)
 
-    def _rollback(self, move: Move) -> Move:
+    def rollback(self, move: Move) -> Move:
+        """Roll *move* back: mark it aborted, tear down its replication, delete the
+        tenant's rows at the target (and drop a database the move created), and make the
+        tenant active at its source again; return the move."""
         if move.state is not MoveState.ABORTED:
             self.journal.update(move.id, state=MoveState.ABORTED)
         self.observer.step(move.id, "aborted")

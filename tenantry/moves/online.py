@@ -19,8 +19,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, TypeVar
+from contextlib import AbstractContextManager, contextmanager
+from typing import Protocol, TypeVar
 
 import psycopg
 import sqlalchemy as sa
@@ -37,7 +37,8 @@ from tenantry.errors import (
 )
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
-from tenantry.moves.journal import Move, MoveState
+from tenantry.moves.hooks import Checkpoints, MoveObserver
+from tenantry.moves.journal import Journal, Move, MoveState
 from tenantry.moves.references import (
     ForeignKey,
     Key,
@@ -54,14 +55,14 @@ from tenantry.moves.tables import (
     tenant_tables,
 )
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
+from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.residency import Residency, write_residency
 
-if TYPE_CHECKING:
-    from tenantry.moves.mover import Mover
-
 __all__ = [
+    "MoveRunner",
     "OnlineSteps",
     "online_problems",
 ]
@@ -104,10 +105,43 @@ def online_problems(
     return found
 
 
-class OnlineSteps:
-    """The steps an online move does differently, run by a :class:`Mover`."""
+class MoveRunner(Protocol):
+    """What the online steps use of the mover that runs them.
 
-    def __init__(self, mover: Mover) -> None:
+    :class:`tenantry.moves.mover.Mover` is the one runner. A protocol, not an import:
+    mover.py imports this module, and no import goes back (not even for type checking).
+    """
+
+    catalog: Catalog
+    settings: TenantrySettings
+    journal: Journal
+    observer: MoveObserver
+    hooks: Checkpoints
+    column: str
+    schemas: tuple[str, ...]
+
+    def admin(self, shard: Shard) -> AbstractContextManager[Engine]:
+        """A short-lived engine on the shard's operations role."""
+        ...
+
+    def check_distinct(self, source: Shard, target: Shard, src: Engine, dst: Engine) -> None:
+        """Refuse when *src* and *dst* reach one database."""
+        ...
+
+    def wait_out(self, conn: Connection, *, timeout: float) -> None:
+        """Wait until every transaction that began before the freeze has ended."""
+        ...
+
+    def rollback(self, move: Move) -> Move:
+        """Roll *move* back."""
+        ...
+
+
+class OnlineSteps:
+    """The steps an online move does differently, run by a :class:`MoveRunner` (the
+    mover)."""
+
+    def __init__(self, mover: MoveRunner) -> None:
         self.mover = mover
         # Per move, in this process: the rows changed since the verified cut.
         self._tails: dict[int, tail.Tail] = {}
@@ -171,7 +205,7 @@ class OnlineSteps:
         if exc.reachable:
             mover.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
             try:
-                mover._rollback(mover.journal.get(move.id))
+                mover.rollback(mover.journal.get(move.id))
             except TenantryError as failed:
                 message = (
                     f"{exc}; rolling back failed too ({failed}): run `tenantry moves abort "
@@ -633,7 +667,7 @@ def _snapshots(src_engine: Engine, dst_engine: Engine) -> Iterator[tuple[Connect
     """A REPEATABLE READ connection on each end, read-only, for a cut's snapshots.
 
     Named :data:`SNAPSHOT_APPLICATION`: they cannot write, so the freezes of other
-    moves on the same database do not wait for them (:meth:`Mover.wait_out`).
+    moves on the same database do not wait for them (:meth:`MoveRunner.wait_out`).
     """
     with src_engine.connect() as src, dst_engine.connect() as dst:
         for conn in (src, dst):

@@ -38,7 +38,7 @@ from tenantry.errors import (
 from tenantry.moves.copy import delete_tenant_rows
 from tenantry.moves.journal import Journal
 from tenantry.moves.tables import TenantTable, tenant_tables
-from tenantry.shardmap.catalog import Catalog
+from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tenant, validate_tenant_id
 from tenantry.shardmap.residency import Residency, write_residency
@@ -87,7 +87,7 @@ def remove_tenant(
             f"invalid rows policy {rows!r}: use 'refuse', 'purge' or 'keep'", field="rows"
         )
     validate_tenant_id(tenant_id)
-    catalog = _catalog(catalog_or_router)
+    catalog = catalog_of(catalog_or_router)
     tenant = catalog.get_tenant(tenant_id)
     _check_no_move(catalog, tenant_id)
     shard = catalog.get_shard(tenant.shard)
@@ -152,7 +152,7 @@ def remove_tenant(
 def tenant_row_counts(catalog_or_router: object, tenant_id: str) -> dict[str, int]:
     """The tenant's rows at its home, per tenant table (the operations role counts)."""
     validate_tenant_id(tenant_id)
-    catalog = _catalog(catalog_or_router)
+    catalog = catalog_of(catalog_or_router)
     shard = catalog.get_shard(catalog.get_tenant(tenant_id).shard)
     column = catalog.settings.tenant_column
     with _operations(catalog, shard) as engine:
@@ -161,12 +161,6 @@ def tenant_row_counts(catalog_or_router: object, tenant_id: str) -> dict[str, in
 
 
 # -- steps -----------------------------------------------------------------------------------
-
-
-def _catalog(target: object) -> Catalog:
-    from tenantry.migrations.fleet import _catalog as resolve
-
-    return resolve(target)
 
 
 def _check_no_move(catalog: Catalog, tenant_id: str) -> None:

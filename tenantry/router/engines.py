@@ -26,6 +26,7 @@ from sqlalchemy import Engine, event
 
 from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
 from tenantry.settings import TenantrySettings
+from tenantry.shardmap import roles
 from tenantry.shardmap.connect import make_engine
 from tenantry.shardmap.model import Shard, Tier
 
@@ -224,25 +225,20 @@ def _guard_routing_role(engine: Engine, shard: Shard, settings: TenantrySettings
     Each new connection of an unchecked engine runs the check (so two opened at once
     both do, and neither is used before it passes); once one passes, the others skip it.
     """
-    from tenantry.migrations.rls import (
-        check_dbapi_role,
-        enforce_routing_role,
-        operations_role,
-        shard_role_check,
-    )
-
     passed = False
-    ops = operations_role(shard)
+    ops = roles.operations_role(shard)
 
     def check(dbapi_connection: Any, _record: Any) -> None:
         nonlocal passed
         if passed:
             return
-        found = check_dbapi_role(
+        found = roles.check_dbapi_role(
             dbapi_connection, column=settings.tenant_column, operations_role=ops
         )
-        enforce_routing_role(
-            shard.name, shard_role_check(found, shard), allow=settings.allow_unsafe_routing_role
+        roles.enforce_routing_role(
+            shard.name,
+            roles.shard_role_check(found, shard),
+            allow=settings.allow_unsafe_routing_role,
         )
         passed = True
 

@@ -62,9 +62,11 @@ from tenantry.shardmap.model import (
 )
 from tenantry.shardmap.residency import Residency, clear_residency, write_residency
 from tenantry.shardmap.ring import PlacementRing
+from tenantry.shardmap.roles import verify_routing_role
 from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
+from tenantry.shardmap.scripts import CATALOG, SHARD
 
-__all__ = ["NOTIFY_CHANNEL", "Catalog"]
+__all__ = ["NOTIFY_CHANNEL", "Catalog", "catalog_of"]
 
 logger = logging.getLogger("tenantry.catalog")
 
@@ -128,8 +130,6 @@ class Catalog:
 
     def init(self) -> str:
         """Create or upgrade the catalog schema; return its revision. Idempotent."""
-        from tenantry.migrations._alembic import CATALOG
-
         with self._errors(), self._engine.connect() as conn:
             conn = conn.execution_options(**WRITE)
             with conn.begin():
@@ -144,8 +144,6 @@ class Catalog:
 
     def revision(self) -> str | None:
         """The catalog schema's revision, or None when it was never initialised."""
-        from tenantry.migrations._alembic import CATALOG
-
         with self._errors(), self._engine.connect() as conn:
             return CATALOG.current(conn)
 
@@ -162,8 +160,6 @@ class Catalog:
     def _check_ready(self) -> None:
         if self._ready:
             return
-        from tenantry.migrations._alembic import CATALOG
-
         if self._missing_file():
             # Looking would create an empty file where none was, and leave it behind.
             raise CatalogNotInitialized(
@@ -891,15 +887,24 @@ class Catalog:
                 )
 
 
+def catalog_of(target: object) -> Catalog:
+    """*target* when it is a :class:`Catalog`, else its ``catalog`` (a router's); what
+    the fleet migrations, provisioning and moves accept as "a catalog or a router"."""
+    if isinstance(target, Catalog):
+        return target
+    catalog = getattr(target, "catalog", None)
+    if isinstance(catalog, Catalog):
+        return catalog
+    raise TypeError(f"expected a Catalog or a Router, got {type(target).__name__}")
+
+
 def _check_routing_role(
     shard: Shard, settings: TenantrySettings, allow: bool | None, *, added: bool = False
 ) -> None:
     """Refuse a shared PostgreSQL shard whose routing role row-level security does not
-    bind (tenantry.migrations.rls has the check), unless allowed."""
+    bind (tenantry.shardmap.roles has the check), unless allowed."""
     if shard.tier is not Tier.SHARED or shard.backend != "postgresql":
         return
-    from tenantry.migrations.rls import verify_routing_role
-
     fix = None
     if added:
         fix = (
@@ -1035,8 +1040,6 @@ def _naming_shard(name: str) -> Iterator[None]:
 def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
     """Create or upgrade tenantry's own tables on the shard; return the identity of its
     database (made, or repaired in a copy of another database, first when needed)."""
-    from tenantry.migrations._alembic import SHARD
-
     with shard_admin(shard, connect_timeout=connect_timeout) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})

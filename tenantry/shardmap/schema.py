@@ -1,7 +1,7 @@
 """Core tables of the catalog and of tenantry's per-shard residency.
 
-The Alembic scripts in ``tenantry/migrations/catalog`` and ``.../shard`` create them;
-these declarations are how the code reads and writes them.
+The Alembic scripts in ``tenantry/shardmap/catalog_scripts`` and ``.../shard_scripts``
+create them; these declarations are how the code reads and writes them.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tenantry import Catalog, CatalogNotInitialized, MapSnapshot, Tier, load_settings
-from tenantry.migrations._alembic import CATALOG
+from tenantry.shardmap.scripts import CATALOG
 
 if TYPE_CHECKING:
     from tests.cli.conftest import Run

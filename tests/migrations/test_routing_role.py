@@ -43,6 +43,7 @@ from tenantry.demo import MIGRATIONS
 from tenantry.migrations import rls
 from tenantry.migrations.provision import drop_database
 from tenantry.settings import TenantrySettings
+from tenantry.shardmap import roles
 from tenantry.shardmap.catalog import shard_admin
 from tenantry.testing import DatabaseFactory
 
@@ -186,7 +187,7 @@ def test_the_check_names_what_is_wrong(case: str, unsafe: Callable[[str], Unsafe
     engine = sa.create_engine(make_url(made.url).set(drivername="postgresql+psycopg"))
     try:
         with engine.connect() as conn:
-            found = rls.check_role(
+            found = roles.check_role(
                 conn, operations_role=make_url(made.admin_url or made.url).username
             )
     finally:
@@ -202,7 +203,7 @@ def test_a_routing_role_that_owns_nothing_is_safe(
     engine = sa.create_engine(make_url(with_password(pg_url, user=app)))
     try:
         with engine.connect() as conn:
-            found = rls.check_role(conn, operations_role="postgres")
+            found = roles.check_role(conn, operations_role="postgres")
     finally:
         engine.dispose()
     assert found.safe and found.problems == [] and found.refusal("s1") is None
@@ -488,14 +489,14 @@ def test_a_router_refuses_an_unsafe_routing_role_on_opening_the_engine(
     catalog.add_shard("s1", made.url, admin_url=made.admin_url, allow_unsafe_routing_role=True)
     catalog.add_tenant("acme", shard="s1")
     checks: list[str] = []
-    real = rls.check_dbapi_role
+    real = roles.check_dbapi_role
 
-    def counted(*args: Any, **kwargs: Any) -> rls.RoleCheck:
+    def counted(*args: Any, **kwargs: Any) -> roles.RoleCheck:
         found = real(*args, **kwargs)
         checks.append(found.role)
         return found
 
-    monkeypatch.setattr(rls, "check_dbapi_role", counted)
+    monkeypatch.setattr(roles, "check_dbapi_role", counted)
 
     strict = Router(
         catalog=catalog, settings=settings_of(catalog, allow=False), listen=False, background=False

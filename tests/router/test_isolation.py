@@ -35,8 +35,8 @@ from tenantry.errors import (
     RoutingError,
     UnknownTenant,
 )
-from tenantry.migrations.rls import check_role
 from tenantry.router.fence import TENANT_KEY
+from tenantry.shardmap.roles import check_role
 
 ME = "acme"
 OTHERS = ("globex", "initech", "umbrella")

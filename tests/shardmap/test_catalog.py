@@ -36,9 +36,9 @@ from tenantry import (
     UnknownTenant,
     load_settings,
 )
-from tenantry.migrations._alembic import CATALOG, SHARD
 from tenantry.shardmap import NOTIFY_CHANNEL
 from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.scripts import CATALOG, SHARD
 
 ShardUrl = Callable[[], str]
 Residency = Callable[[Shard], dict[str, tuple[str, int]]]

@@ -20,9 +20,9 @@ from typing import Any
 import sqlalchemy as sa
 
 from tenantry import Catalog, Shard, load_settings
-from tenantry.migrations._alembic import CATALOG
 from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.schema import residency
+from tenantry.shardmap.scripts import CATALOG
 from tenantry.testing import DatabaseFactory
 
 WORKERS = 4

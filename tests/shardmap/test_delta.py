@@ -16,10 +16,10 @@ import sqlalchemy as sa
 
 from tenantry import Catalog, MapSnapshot, load_settings
 from tenantry.errors import TenantryError
-from tenantry.migrations._alembic import CATALOG
 from tenantry.shardmap import catalog as catalog_module
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.model import TenantState
+from tenantry.shardmap.scripts import CATALOG
 
 ShardUrl = Callable[[], str]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tenantry import Catalog, load_settings
-from tenantry.migrations._alembic import CATALOG
+from tenantry.shardmap.scripts import CATALOG
 
 
 def test_a_catalog_upgraded_from_c0006_gets_a_fleet_id_once(db_url: str, tmp_path: Path) -> None:
