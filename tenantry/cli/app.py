@@ -16,10 +16,12 @@ from rich.table import Table
 
 from tenantry.errors import TenantryError
 from tenantry.settings import TenantrySettings, load_settings
-from tenantry.shardmap import Catalog, Shard, Tenant, mask_url
+from tenantry.shardmap import Catalog, Shard, ShardState, Tenant, Tier, mask_url
 
 __all__ = [
     "MODES",
+    "STATES",
+    "TIERS",
     "CliState",
     "Failure",
     "cli",
@@ -130,6 +132,9 @@ def json_option(func: F) -> F:
 
 #: How a move may run.
 MODES = click.Choice(["offline", "online", "auto"])
+#: A shard's tier, and its states.
+TIERS = click.Choice([t.value for t in Tier])
+STATES = click.Choice([s.value for s in ShardState])
 
 
 def mode_options(func: F) -> F:

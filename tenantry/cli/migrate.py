@@ -1,4 +1,4 @@
-"""``tenantry migrate upgrade|downgrade|status`` and ``tenantry shard create``."""
+"""``tenantry migrate upgrade|downgrade|status``: the application's schema on every shard."""
 
 from __future__ import annotations
 
@@ -11,21 +11,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tenantry import migrations
 from tenantry.cli.app import (
+    TIERS,
     CliState,
     emit_json,
     json_option,
     pass_state,
     render_table,
-    shard_record,
 )
 from tenantry.migrations.fleet import FleetRun, ShardMigration, select_shards
-from tenantry.migrations.provision import SecuredShard
-from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
-from tenantry.shardmap import ShardState, Tier, mask_url
 
 __all__ = ["COMMANDS"]
 
-TIERS = click.Choice([t.value for t in Tier])
 
 _RESULT_STYLE = {
     "upgraded": "green",
@@ -264,146 +260,4 @@ def migrate_status(
         raise SystemExit(1)
 
 
-@click.command("create")
-@click.argument("name")
-@click.option("--server", required=True, metavar="URL", help="Server URL of the operations role.")
-@click.option(
-    "--tier",
-    type=TIERS,
-    default="dedicated",
-    show_default=True,
-    help="dedicated (a database of its own for one tenant) or shared (a pool member).",
-)
-@click.option("--database", metavar="DBNAME", help="Database name [default: NAME].")
-@click.option("--template", metavar="DBNAME", help="Create from this template database.")
-@click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
-@click.option(
-    "--secure",
-    is_flag=True,
-    help="Route as a role made for it, with only the grants routing needs (see `shard secure`).",
-)
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role --secure makes or reuses.",
-)
-@click.option(
-    "--allow-unsafe-routing-role",
-    is_flag=True,
-    help="Local development only: accept a routing role row-level security does not bind.",
-)
-@click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
-@click.option("--revision", default="head", show_default=True, help="Migrate it to this revision.")
-@click.option("--alembic-config", type=click.Path(path_type=Path))
-@json_option
-@pass_state
-def shard_create(
-    state: CliState,
-    name: str,
-    server: str,
-    tier: str,
-    database: str | None,
-    template: str | None,
-    routing_url: str | None,
-    secure: bool,
-    role: str,
-    allow_unsafe_routing_role: bool,
-    weight: int,
-    revision: str,
-    alembic_config: Path | None,
-    as_json: bool,
-) -> None:
-    """Create a database on a server, migrate it, and register it as shard NAME
-    (dedicated unless --tier shared)."""
-    if secure and routing_url:
-        raise click.UsageError("give --secure or --routing-url, not both")
-    shard = migrations.provision(
-        state.catalog(),
-        name,
-        server,
-        tier=tier,
-        database=database,
-        template=template,
-        routing_url=routing_url,
-        weight=weight,
-        alembic_config=alembic_config,
-        revision=revision,
-        secure_role=role if secure else None,
-        allow_unsafe_routing_role=allow_unsafe_routing_role or None,
-    )
-    if as_json:
-        emit_json(shard_record(shard, 0))
-    else:
-        state.console.print(
-            f"created {shard.tier.value} shard {shard.name} ({mask_url(shard.url)}), "
-            f"migrated to {revision}"
-        )
-
-
-def secured_record(secured: SecuredShard) -> dict[str, Any]:
-    """What ``shard secure`` did to one shard, JSON-ready (URLs masked, no password)."""
-    return {
-        **shard_record(secured.shard),
-        "role": secured.role,
-        "role_created": secured.role_created,
-        "password": secured.password,
-        "changed": secured.changed,
-        "warnings": list(secured.warnings),
-    }
-
-
-@click.command("secure")
-@click.argument("names", metavar="[NAME]...", nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard (not retired).")
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role to make (or reuse).",
-)
-@json_option
-@pass_state
-def shard_secure(
-    state: CliState, names: tuple[str, ...], every: bool, role: str, as_json: bool
-) -> None:
-    """Make shards route as a role with exactly the grants routing needs.
-
-    Through each shard's operations URL, makes (or reuses) ROLE: LOGIN NOSUPERUSER
-    NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT, with a generated password that is
-    stored in the catalog and never shown; grants it CONNECT, USAGE on the schemas and
-    SELECT, INSERT, UPDATE, DELETE on the tenant tables (and their sequences); then the
-    shard's URL routes as it and the old URL stays as its operations URL (--admin-url).
-    Safe to run again.
-    """
-    if bool(names) == every:
-        raise click.UsageError("name the shards to secure, or give --all (not both)")
-    catalog = state.catalog()
-    if every:
-        names = tuple(
-            s.name
-            for s in catalog.list_shards()
-            if s.backend == "postgresql" and s.state is not ShardState.RETIRED
-        )
-    else:
-        for name in names:  # every name checked before any shard changes
-            catalog.get_shard(name)
-    done = []
-    for name in names:
-        secured = migrations.secure_shard(catalog, name, role=role)
-        done.append(secured_record(secured))
-        if not as_json:
-            how = "already" if not secured.changed else "now"
-            made = "made" if secured.role_created else "reused"
-            state.console.print(
-                f"shard {name} routes as {secured.role} {how} (role {made}, password "
-                f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}"
-            )
-    if as_json:
-        emit_json({"secured": done})
-    elif not done:
-        state.console.print("no PostgreSQL shard: nothing to secure")
-
-
 COMMANDS = [migrate_group]
-SHARD_COMMANDS = [shard_create, shard_secure]

@@ -1,4 +1,4 @@
-"""``tenantry rebalance``, ``tenantry shard drain`` and ``tenantry tenant sizes``."""
+"""``tenantry rebalance``, and the plan options and runner ``shard drain`` shares."""
 
 from __future__ import annotations
 
@@ -21,13 +21,12 @@ from tenantry.cli.app import (
 )
 from tenantry.cli.moves import RichObserver
 from tenantry.moves.planner import STRATEGIES, Plan
-from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for, start_drain
-from tenantry.moves.sizes import measure_sizes, stored_sizes
+from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
 
-__all__ = ["COMMANDS", "DRAIN", "SIZES"]
+__all__ = ["COMMANDS", "plan_options", "run_plan"]
 
 
-def _plan_options(func: Any) -> Any:
+def plan_options(func: Any) -> Any:
     for option in reversed(
         [
             click.option("--refresh", is_flag=True, help="Measure tenant sizes first."),
@@ -167,7 +166,7 @@ def _apply(
     return results
 
 
-def _run(
+def run_plan(
     state: CliState,
     *,
     drain: Sequence[str],
@@ -234,71 +233,12 @@ def _run(
 
 
 @click.command("rebalance")
-@_plan_options
+@plan_options
 @json_option
 @pass_state
 def rebalance_command(state: CliState, /, **options: Any) -> None:
     """Even the shared pool's load with as little data moved as possible (dry run)."""
-    _run(state, drain=(), **options)
-
-
-@click.command("drain")
-@click.argument("name")
-@_plan_options
-@json_option
-@pass_state
-def drain_command(state: CliState, /, name: str, **options: Any) -> None:
-    """Mark shard NAME draining and plan moving all its tenants to the rest."""
-    catalog = state.catalog()
-    was = catalog.get_shard(name).state
-    shard = start_drain(catalog, name)
-    if was is not shard.state and not options["as_json"]:
-        state.console.print(f"shard {name} is draining: it takes no new tenants")
-    _run(state, drain=(name,), **options)
-
-
-@click.command("sizes")
-@click.option("--refresh", is_flag=True, help="Measure now (default: what is stored).")
-@json_option
-@pass_state
-def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
-    """Per-tenant rows and bytes on the shared shards, as stored or measured now."""
-    catalog = state.catalog()
-    if refresh:
-        measure_sizes(catalog)
-    stored = stored_sizes(catalog)
-    rows = sorted(stored.items(), key=lambda item: (-item[1][0].bytes, item[0]))
-    if as_json:
-        emit_json(
-            [
-                {
-                    "tenant": t,
-                    "shard": shard,
-                    "rows": size.rows,
-                    "bytes": size.bytes,
-                    "measured_at": when.isoformat() if when else None,
-                }
-                for t, (size, shard, when) in rows
-            ]
-        )
-        return
-    render_table(
-        state.console,
-        ["tenant", "shard", "rows", "size", "measured"],
-        (
-            [
-                t,
-                shard,
-                f"{size.rows:,}",
-                human_size(size.bytes),
-                when.strftime("%Y-%m-%d %H:%M") if when else "",
-            ]
-            for t, (size, shard, when) in rows
-        ),
-        title="tenant sizes" + ("" if stored else " (none stored: add --refresh)"),
-    )
+    run_plan(state, drain=(), **options)
 
 
 COMMANDS = [rebalance_command]
-DRAIN = drain_command
-SIZES = sizes_command

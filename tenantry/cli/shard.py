@@ -1,0 +1,393 @@
+"""``tenantry shard ...``: register, inspect, change, create, secure, drain and remove
+the shards of the fleet."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tenantry import migrations
+from tenantry.cli.app import (
+    STATES,
+    TIERS,
+    CliState,
+    emit_json,
+    json_option,
+    pass_state,
+    render_table,
+    shard_record,
+)
+from tenantry.cli.rebalance import plan_options, run_plan
+from tenantry.migrations.provision import SecuredShard
+from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
+from tenantry.moves.rebalance import start_drain
+from tenantry.shardmap import ShardState, mask_url
+
+__all__ = ["COMMANDS"]
+
+
+@click.group("shard")
+def shard_group() -> None:
+    """Register and inspect shards (the fleet's databases)."""
+
+
+@shard_group.command("add")
+@click.argument("name")
+@click.argument("url")
+@click.option("--admin-url", metavar="URL", help="Operations role URL [default: URL].")
+@click.option("--tier", type=TIERS, default="shared", show_default=True)
+@click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
+@click.option(
+    "--no-prepare",
+    is_flag=True,
+    help="Register without connecting (tenantry's tables are created on first migrate).",
+)
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Route as a role made for it through URL (or --admin-url), with only the grants "
+    "routing needs (see `shard secure`); URL stays the operations role.",
+)
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role --secure makes or reuses.",
+)
+@click.option(
+    "--allow-unsafe-routing-role",
+    is_flag=True,
+    help="Local development only: accept a routing role row-level security does not bind.",
+)
+@json_option
+@pass_state
+def shard_add(
+    state: CliState,
+    name: str,
+    url: str,
+    admin_url: str | None,
+    tier: str,
+    weight: int,
+    no_prepare: bool,
+    secure: bool,
+    role: str,
+    allow_unsafe_routing_role: bool,
+    as_json: bool,
+) -> None:
+    """Register database URL as shard NAME."""
+    if secure and no_prepare:
+        raise click.UsageError("--secure connects to the database: drop --no-prepare")
+    if secure:
+        from tenantry.migrations.provision import add_secured_shard
+
+        secured = add_secured_shard(
+            state.catalog(), name, url, admin_url=admin_url, tier=tier, weight=weight, role=role
+        )
+        shard = secured.shard
+    else:
+        shard = state.catalog().add_shard(
+            name,
+            url,
+            admin_url=admin_url,
+            tier=tier,
+            weight=weight,
+            prepare=not no_prepare,
+            allow_unsafe_routing_role=allow_unsafe_routing_role or None,
+        )
+    if as_json:
+        emit_json(shard_record(shard, 0))
+    else:
+        state.console.print(f"added {shard.tier.value} shard {shard.name} ({mask_url(shard.url)})")
+
+
+@shard_group.command("list")
+@click.option("--tier", type=TIERS, help="Only shards of this tier.")
+@click.option("--state", "shard_state", type=STATES, help="Only shards in this state.")
+@json_option
+@pass_state
+def shard_list(state: CliState, tier: str | None, shard_state: str | None, as_json: bool) -> None:
+    """List the shards with their tenant counts."""
+    snapshot = state.catalog().snapshot()
+    counts = Counter(t.shard for t in snapshot.tenants.values())
+    shards = [
+        s
+        for s in sorted(snapshot.shards.values(), key=lambda s: s.name)
+        if (tier is None or s.tier.value == tier)
+        and (shard_state is None or s.state.value == shard_state)
+    ]
+    if as_json:
+        emit_json([shard_record(s, counts[s.name]) for s in shards])
+        return
+    render_table(
+        state.console,
+        ["shard", "tier", "state", "weight", "tenants", "url"],
+        (
+            [s.name, s.tier.value, s.state.value, s.weight, counts[s.name], mask_url(s.url)]
+            for s in shards
+        ),
+        title=f"shards (map version {snapshot.version})",
+    )
+
+
+@shard_group.command("show")
+@click.argument("name")
+@json_option
+@pass_state
+def shard_show(state: CliState, name: str, as_json: bool) -> None:
+    """Show one shard and the tenants it holds."""
+    snapshot = state.catalog().snapshot()
+    shard = snapshot.shard(name)
+    tenants = snapshot.tenants_on(name)
+    record = shard_record(shard, len(tenants))
+    if as_json:
+        emit_json({**record, "tenant_ids": [t.id for t in tenants]})
+        return
+    render_table(state.console, ["field", "value"], record.items(), title=f"shard {name}")
+    state.console.print("tenants: " + (", ".join(t.id for t in tenants) or "none"))
+
+
+@shard_group.command("set")
+@click.argument("name")
+@click.option("--state", "new_state", type=STATES, help="active, draining or retired.")
+@click.option("--weight", type=click.IntRange(0, 10_000), help="New weight.")
+@json_option
+@pass_state
+def shard_set(
+    state: CliState, name: str, new_state: str | None, weight: int | None, as_json: bool
+) -> None:
+    """Change a shard's state or weight."""
+    if new_state is None and weight is None:
+        raise click.UsageError("nothing to change: give --state and/or --weight")
+    catalog = state.catalog()
+    shard = catalog.get_shard(name)
+    # The state first: it is the change that can be refused (retiring a shard that
+    # still holds tenants), and a refused command must change nothing.
+    if new_state is not None:
+        shard = catalog.set_shard_state(name, new_state)
+    if weight is not None:
+        shard = catalog.set_shard_weight(name, weight)
+    if as_json:
+        emit_json(shard_record(shard))
+    else:
+        state.console.print(f"shard {shard.name}: state {shard.state.value}, weight {shard.weight}")
+
+
+@shard_group.command("remove")
+@click.argument("name")
+@json_option
+@pass_state
+def shard_remove(state: CliState, name: str, as_json: bool) -> None:
+    """Unregister shard NAME, which must hold no tenant (its database is left as it is)."""
+    shard = state.catalog().remove_shard(name)
+    if as_json:
+        emit_json({**shard_record(shard), "removed": True})
+    else:
+        state.console.print(
+            f"removed shard {shard.name} from the map; its database was left as it is"
+        )
+
+
+@shard_group.command("rotate-key")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard.")
+@click.option(
+    "--retire-previous",
+    is_flag=True,
+    help="Stop accepting the previous key at once (routers retry one fence).",
+)
+@json_option
+@pass_state
+def shard_rotate_key(
+    state: CliState, names: tuple[str, ...], every: bool, retire_previous: bool, as_json: bool
+) -> None:
+    """Give shards a new fence key; the key itself is never shown.
+
+    The shard keeps accepting the previous key until the next rotation (or at once
+    with --retire-previous), so routers keep working while they pick up the new one.
+    """
+    if bool(names) == every:
+        raise click.UsageError("name the shards to rotate, or give --all (not both)")
+    catalog = state.catalog()
+    if every:
+        names = tuple(s.name for s in catalog.list_shards() if s.backend == "postgresql")
+    else:
+        for name in names:  # every name checked before any key changes
+            catalog.get_shard(name)
+    rotated = []
+    for name in names:
+        key = catalog.rotate_fence_key(name, retire_previous=retire_previous)
+        rotated.append({"shard": name, "key_id": key.key_id, "retired_previous": retire_previous})
+        if not as_json:
+            accepted = "only the new key" if retire_previous else "the new and the previous key"
+            state.console.print(
+                f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}"
+            )
+    if as_json:
+        emit_json({"rotated": rotated})
+    elif not rotated:
+        state.console.print("no PostgreSQL shard: nothing to rotate")
+
+
+# -- tenants ----------------------------------------------------------------------------
+
+
+@shard_group.command("create")
+@click.argument("name")
+@click.option("--server", required=True, metavar="URL", help="Server URL of the operations role.")
+@click.option(
+    "--tier",
+    type=TIERS,
+    default="dedicated",
+    show_default=True,
+    help="dedicated (a database of its own for one tenant) or shared (a pool member).",
+)
+@click.option("--database", metavar="DBNAME", help="Database name [default: NAME].")
+@click.option("--template", metavar="DBNAME", help="Create from this template database.")
+@click.option("--routing-url", metavar="URL", help="Server URL of the routing role.")
+@click.option(
+    "--secure",
+    is_flag=True,
+    help="Route as a role made for it, with only the grants routing needs (see `shard secure`).",
+)
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role --secure makes or reuses.",
+)
+@click.option(
+    "--allow-unsafe-routing-role",
+    is_flag=True,
+    help="Local development only: accept a routing role row-level security does not bind.",
+)
+@click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
+@click.option("--revision", default="head", show_default=True, help="Migrate it to this revision.")
+@click.option("--alembic-config", type=click.Path(path_type=Path))
+@json_option
+@pass_state
+def shard_create(
+    state: CliState,
+    name: str,
+    server: str,
+    tier: str,
+    database: str | None,
+    template: str | None,
+    routing_url: str | None,
+    secure: bool,
+    role: str,
+    allow_unsafe_routing_role: bool,
+    weight: int,
+    revision: str,
+    alembic_config: Path | None,
+    as_json: bool,
+) -> None:
+    """Create a database on a server, migrate it, and register it as shard NAME
+    (dedicated unless --tier shared)."""
+    if secure and routing_url:
+        raise click.UsageError("give --secure or --routing-url, not both")
+    shard = migrations.provision(
+        state.catalog(),
+        name,
+        server,
+        tier=tier,
+        database=database,
+        template=template,
+        routing_url=routing_url,
+        weight=weight,
+        alembic_config=alembic_config,
+        revision=revision,
+        secure_role=role if secure else None,
+        allow_unsafe_routing_role=allow_unsafe_routing_role or None,
+    )
+    if as_json:
+        emit_json(shard_record(shard, 0))
+    else:
+        state.console.print(
+            f"created {shard.tier.value} shard {shard.name} ({mask_url(shard.url)}), "
+            f"migrated to {revision}"
+        )
+
+
+def secured_record(secured: SecuredShard) -> dict[str, Any]:
+    """What ``shard secure`` did to one shard, JSON-ready (URLs masked, no password)."""
+    return {
+        **shard_record(secured.shard),
+        "role": secured.role,
+        "role_created": secured.role_created,
+        "password": secured.password,
+        "changed": secured.changed,
+        "warnings": list(secured.warnings),
+    }
+
+
+@shard_group.command("secure")
+@click.argument("names", metavar="[NAME]...", nargs=-1)
+@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard (not retired).")
+@click.option(
+    "--role",
+    default=DEFAULT_ROUTING_ROLE,
+    show_default=True,
+    help="The routing role to make (or reuse).",
+)
+@json_option
+@pass_state
+def shard_secure(
+    state: CliState, names: tuple[str, ...], every: bool, role: str, as_json: bool
+) -> None:
+    """Make shards route as a role with exactly the grants routing needs.
+
+    Through each shard's operations URL, makes (or reuses) ROLE: LOGIN NOSUPERUSER
+    NOBYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT, with a generated password that is
+    stored in the catalog and never shown; grants it CONNECT, USAGE on the schemas and
+    SELECT, INSERT, UPDATE, DELETE on the tenant tables (and their sequences); then the
+    shard's URL routes as it and the old URL stays as its operations URL (--admin-url).
+    Safe to run again.
+    """
+    if bool(names) == every:
+        raise click.UsageError("name the shards to secure, or give --all (not both)")
+    catalog = state.catalog()
+    if every:
+        names = tuple(
+            s.name
+            for s in catalog.list_shards()
+            if s.backend == "postgresql" and s.state is not ShardState.RETIRED
+        )
+    else:
+        for name in names:  # every name checked before any shard changes
+            catalog.get_shard(name)
+    done = []
+    for name in names:
+        secured = migrations.secure_shard(catalog, name, role=role)
+        done.append(secured_record(secured))
+        if not as_json:
+            how = "already" if not secured.changed else "now"
+            made = "made" if secured.role_created else "reused"
+            state.console.print(
+                f"shard {name} routes as {secured.role} {how} (role {made}, password "
+                f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}"
+            )
+    if as_json:
+        emit_json({"secured": done})
+    elif not done:
+        state.console.print("no PostgreSQL shard: nothing to secure")
+
+
+@shard_group.command("drain")
+@click.argument("name")
+@plan_options
+@json_option
+@pass_state
+def drain_command(state: CliState, /, name: str, **options: Any) -> None:
+    """Mark shard NAME draining and plan moving all its tenants to the rest."""
+    catalog = state.catalog()
+    was = catalog.get_shard(name).state
+    shard = start_drain(catalog, name)
+    if was is not shard.state and not options["as_json"]:
+        state.console.print(f"shard {name} is draining: it takes no new tenants")
+    run_plan(state, drain=(name,), **options)
+
+
+COMMANDS = [shard_group]
