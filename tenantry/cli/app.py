@@ -16,7 +16,7 @@ from rich.table import Table
 
 from tenantry.errors import TenantryError
 from tenantry.settings import TenantrySettings, load_settings
-from tenantry.shardmap import Catalog, Shard, ShardState, Tenant, Tier, mask_url
+from tenantry.shardmap import Catalog, ShardState, Tier
 
 __all__ = [
     "MODES",
@@ -31,8 +31,6 @@ __all__ = [
     "mode_options",
     "pass_state",
     "render_table",
-    "shard_record",
-    "tenant_record",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -195,31 +193,3 @@ def render_table(
         console.print(f"{title or 'nothing'}: none")
     else:
         console.print(table)
-
-
-def shard_record(shard: Shard, tenant_count: int | None = None) -> dict[str, Any]:
-    """A shard as JSON-ready fields, passwords masked."""
-    record: dict[str, Any] = {
-        "name": shard.name,
-        "tier": shard.tier.value,
-        "state": shard.state.value,
-        "weight": shard.weight,
-        "url": mask_url(shard.url),
-        "admin_url": mask_url(shard.admin_url) if shard.admin_url else None,
-        "created_at": _plain(shard.created_at),
-    }
-    if tenant_count is not None:
-        record["tenants"] = tenant_count
-    return record
-
-
-def tenant_record(tenant: Tenant) -> dict[str, Any]:
-    """A tenant as JSON-ready fields."""
-    return {
-        "id": tenant.id,
-        "shard": tenant.shard,
-        "tier": tenant.tier.value,
-        "pinned": tenant.pinned,
-        "state": tenant.state.value,
-        "created_at": _plain(tenant.created_at),
-    }

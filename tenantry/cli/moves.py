@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 from rich.console import Console
@@ -21,7 +20,6 @@ from tenantry.cli.app import (
     render_table,
 )
 from tenantry.moves import Move
-from tenantry.shardmap import mask_url
 
 __all__ = ["COMMANDS", "RichObserver"]
 
@@ -82,36 +80,6 @@ class RichObserver:
             self.progress.console.print(f"[yellow]{message}[/]")
 
 
-def _masked(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _masked(v) for k, v in value.items()}
-    if isinstance(value, str) and "://" in value:
-        return mask_url(value)
-    return value
-
-
-def move_record(move: Move) -> dict[str, Any]:
-    """A move as JSON-ready fields (URLs in artifacts masked)."""
-    artifacts = {key: _masked(value) for key, value in move.artifacts.items()}
-    return {
-        "id": move.id,
-        "tenant": move.tenant_id,
-        "kind": move.kind.value,
-        "mode": move.mode.value,
-        "source": move.source,
-        "target": move.target,
-        "state": move.state.value,
-        "live": move.live,
-        "error": move.error,
-        "next": move.next_step(),
-        "stats": dict(move.stats),
-        "artifacts": artifacts,
-        "owner": move.owner,
-        "created_at": move.created_at.isoformat() if move.created_at else None,
-        "ended_at": move.ended_at.isoformat() if move.ended_at else None,
-    }
-
-
 def _summary(console: Console, move: Move) -> None:
     stats = move.stats
     freeze = stats.get("freeze_seconds")
@@ -133,7 +101,7 @@ def _summary(console: Console, move: Move) -> None:
 
 def _finish(state: CliState, move: Move, as_json: bool) -> None:
     if as_json:
-        emit_json(move_record(move))
+        emit_json(move.to_record())
     else:
         _summary(state.console, move)
 
@@ -255,7 +223,7 @@ def moves_list(state: CliState, live: bool, as_json: bool) -> None:
     """List moves, newest first; unfinished ones say what to run."""
     found = moves.list_moves(state.catalog(), live=True if live else None)
     if as_json:
-        emit_json([move_record(m) for m in found])
+        emit_json([m.to_record() for m in found])
         return
     render_table(
         state.console,
@@ -282,7 +250,7 @@ def moves_list(state: CliState, live: bool, as_json: bool) -> None:
 @pass_state
 def moves_show(state: CliState, move_id: int, as_json: bool) -> None:
     """Show one move in full."""
-    record = move_record(moves.get_move(state.catalog(), move_id))
+    record = moves.get_move(state.catalog(), move_id).to_record()
     if as_json:
         emit_json(record)
         return
@@ -306,7 +274,7 @@ def moves_resume(state: CliState, move_id: int | None, as_json: bool) -> None:
     with RichObserver(state.console, not as_json) as observer:
         done = moves.resume(state.catalog(), move_id, observer=observer)
     if as_json:
-        emit_json([move_record(m) for m in done])
+        emit_json([m.to_record() for m in done])
         return
     if not done:
         state.console.print("no unfinished moves")
@@ -322,7 +290,7 @@ def moves_abort(state: CliState, move_id: int, as_json: bool) -> None:
     """Roll back MOVE_ID (only before its switch)."""
     move = moves.abort(state.catalog(), move_id)
     if as_json:
-        emit_json(move_record(move))
+        emit_json(move.to_record())
     else:
         state.console.print(f"move {move.id} rolled back: {move.tenant_id} stays on {move.source}")
 

@@ -60,42 +60,6 @@ def plan_options(func: Any) -> Any:
     return func
 
 
-def _plan_record(plan: Plan) -> dict[str, Any]:
-    return {
-        "moves": [
-            {
-                "tenant": m.tenant_id,
-                "from": m.source,
-                "to": m.target,
-                "bytes": m.bytes,
-                "cost": m.cost,
-            }
-            for m in plan.moves
-        ],
-        "bytes": plan.bytes,
-        "spread_before": round(plan.spread_before(), 4),
-        "spread_after": round(plan.spread_after(), 4),
-        "bytes_spread_before": round(plan.bytes_spread_before(), 4),
-        "bytes_spread_after": round(plan.bytes_spread_after(), 4),
-        "threshold": plan.threshold,
-        "warnings": list(plan.warnings),
-        "draining": list(plan.draining),
-        "left_behind": dict(sorted(plan.left_behind.items())),
-        "reason": plan.reason,
-        "shards": [
-            {
-                "shard": s,
-                "share": round(plan.shares.get(s, 0.0), 4),
-                "before": plan.before[s],
-                "after": plan.after[s],
-                "bytes_before": plan.bytes_before.get(s, 0.0),
-                "bytes_after": plan.bytes_after.get(s, 0.0),
-            }
-            for s in sorted(plan.before)
-        ],
-    }
-
-
 def _show_plan(state: CliState, plan: Plan) -> None:
     render_table(
         state.console,
@@ -194,7 +158,7 @@ def run_plan(
             click.secho(f"warning: {warning}", fg="yellow", err=True)
     if not apply:
         if as_json:
-            emit_json(_plan_record(plan))
+            emit_json(plan.to_record())
         else:
             _show_plan(state, plan)
             if plan.moves:
@@ -207,7 +171,7 @@ def run_plan(
     if as_json:
         emit_json(
             {
-                **_plan_record(plan),
+                **plan.to_record(),
                 "applied": [
                     {
                         "tenant": r.planned.tenant_id,

@@ -18,7 +18,6 @@ from tenantry.cli.app import (
     json_option,
     pass_state,
     render_table,
-    shard_record,
 )
 from tenantry.cli.rebalance import plan_options, run_plan
 from tenantry.migrations.provision import SecuredShard
@@ -98,7 +97,7 @@ def shard_add(
             allow_unsafe_routing_role=allow_unsafe_routing_role or None,
         )
     if as_json:
-        emit_json(shard_record(shard, 0))
+        emit_json(shard.to_record(0))
     else:
         state.console.print(f"added {shard.tier.value} shard {shard.name} ({mask_url(shard.url)})")
 
@@ -119,7 +118,7 @@ def shard_list(state: CliState, tier: str | None, shard_state: str | None, as_js
         and (shard_state is None or s.state.value == shard_state)
     ]
     if as_json:
-        emit_json([shard_record(s, counts[s.name]) for s in shards])
+        emit_json([s.to_record(counts[s.name]) for s in shards])
         return
     render_table(
         state.console,
@@ -141,7 +140,7 @@ def shard_show(state: CliState, name: str, as_json: bool) -> None:
     snapshot = state.catalog().snapshot()
     shard = snapshot.shard(name)
     tenants = snapshot.tenants_on(name)
-    record = shard_record(shard, len(tenants))
+    record = shard.to_record(len(tenants))
     if as_json:
         emit_json({**record, "tenant_ids": [t.id for t in tenants]})
         return
@@ -170,7 +169,7 @@ def shard_set(
     if weight is not None:
         shard = catalog.set_shard_weight(name, weight)
     if as_json:
-        emit_json(shard_record(shard))
+        emit_json(shard.to_record())
     else:
         state.console.print(f"shard {shard.name}: state {shard.state.value}, weight {shard.weight}")
 
@@ -183,7 +182,7 @@ def shard_remove(state: CliState, name: str, as_json: bool) -> None:
     """Unregister shard NAME, which must hold no tenant (its database is left as it is)."""
     shard = state.catalog().remove_shard(name)
     if as_json:
-        emit_json({**shard_record(shard), "removed": True})
+        emit_json({**shard.to_record(), "removed": True})
     else:
         state.console.print(
             f"removed shard {shard.name} from the map; its database was left as it is"
@@ -303,7 +302,7 @@ def shard_create(
         allow_unsafe_routing_role=allow_unsafe_routing_role or None,
     )
     if as_json:
-        emit_json(shard_record(shard, 0))
+        emit_json(shard.to_record(0))
     else:
         state.console.print(
             f"created {shard.tier.value} shard {shard.name} ({mask_url(shard.url)}), "
@@ -314,7 +313,7 @@ def shard_create(
 def secured_record(secured: SecuredShard) -> dict[str, Any]:
     """What ``shard secure`` did to one shard, JSON-ready (URLs masked, no password)."""
     return {
-        **shard_record(secured.shard),
+        **secured.shard.to_record(),
         "role": secured.role,
         "role_created": secured.role_created,
         "password": secured.password,

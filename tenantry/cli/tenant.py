@@ -11,7 +11,6 @@ from tenantry.cli.app import (
     json_option,
     pass_state,
     render_table,
-    tenant_record,
 )
 from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.moves.sizes import measure_sizes, stored_sizes
@@ -39,7 +38,7 @@ def tenant_add(
     tier = Tier.DEDICATED if dedicated else Tier.SHARED
     tenant = state.catalog().add_tenant(tenant_id, tier=tier, shard=shard, pinned=pin)
     if as_json:
-        emit_json(tenant_record(tenant))
+        emit_json(tenant.to_record())
     else:
         state.console.print(f"added {tenant.tier.value} tenant {tenant.id} on shard {tenant.shard}")
 
@@ -52,7 +51,7 @@ def tenant_list(state: CliState, shard: str | None, as_json: bool) -> None:
     """List tenants and where they live."""
     tenants = state.catalog().list_tenants(shard=shard)
     if as_json:
-        emit_json([tenant_record(t) for t in tenants])
+        emit_json([t.to_record() for t in tenants])
         return
     render_table(
         state.console,
@@ -68,7 +67,7 @@ def tenant_list(state: CliState, shard: str | None, as_json: bool) -> None:
 @pass_state
 def tenant_show(state: CliState, tenant_id: str, as_json: bool) -> None:
     """Show one tenant."""
-    record = tenant_record(state.catalog().get_tenant(tenant_id))
+    record = state.catalog().get_tenant(tenant_id).to_record()
     if as_json:
         emit_json(record)
     else:
@@ -98,7 +97,7 @@ def tenant_remove(
     if as_json:
         emit_json(
             {
-                **tenant_record(tenant),
+                **tenant.to_record(),
                 "rows": policy,
                 "row_counts": done.rows,
                 "deleted": done.deleted,

@@ -24,6 +24,7 @@ from tenantry.errors import MoveInProgress, UnknownMove
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.model import TenantState
 from tenantry.shardmap.schema import moves
+from tenantry.urls import mask_url
 
 __all__ = ["Journal", "Move", "MoveKind", "MoveMode", "MoveState", "owner_id"]
 
@@ -101,6 +102,27 @@ class Move:
         """Before the switch a move can be rolled back; after it, only completed."""
         return self.live and self.state.order < MoveState.SWITCHED.order
 
+    def to_record(self) -> dict[str, Any]:
+        """The move as JSON-ready fields (``tenantry moves show --json``); URLs in the
+        artifacts are masked."""
+        return {
+            "id": self.id,
+            "tenant": self.tenant_id,
+            "kind": self.kind.value,
+            "mode": self.mode.value,
+            "source": self.source,
+            "target": self.target,
+            "state": self.state.value,
+            "live": self.live,
+            "error": self.error,
+            "next": self.next_step(),
+            "stats": dict(self.stats),
+            "artifacts": {key: _masked(value) for key, value in self.artifacts.items()},
+            "owner": self.owner,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+            "ended_at": self.ended_at.isoformat() if self.ended_at else None,
+        }
+
     def next_step(self) -> str | None:
         """What an operator should run for a live move, or None."""
         if not self.live:
@@ -110,6 +132,14 @@ class Move:
         if self.can_abort:
             return f"tenantry moves resume {self.id}  (or: tenantry moves abort {self.id})"
         return f"tenantry moves resume {self.id}"
+
+
+def _masked(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    if isinstance(value, str) and "://" in value:
+        return mask_url(value)
+    return value
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from tenantry.errors import ConfigurationError, UnknownShard
 from tenantry.shardmap.model import MapSnapshot, ShardState, Tenant, TenantState, Tier
@@ -152,6 +152,42 @@ class Plan:
     @property
     def bytes(self) -> int:
         return sum(m.bytes for m in self.moves)
+
+    def to_record(self) -> dict[str, Any]:
+        """The plan as JSON-ready fields (``tenantry rebalance --json``)."""
+        return {
+            "moves": [
+                {
+                    "tenant": m.tenant_id,
+                    "from": m.source,
+                    "to": m.target,
+                    "bytes": m.bytes,
+                    "cost": m.cost,
+                }
+                for m in self.moves
+            ],
+            "bytes": self.bytes,
+            "spread_before": round(self.spread_before(), 4),
+            "spread_after": round(self.spread_after(), 4),
+            "bytes_spread_before": round(self.bytes_spread_before(), 4),
+            "bytes_spread_after": round(self.bytes_spread_after(), 4),
+            "threshold": self.threshold,
+            "warnings": list(self.warnings),
+            "draining": list(self.draining),
+            "left_behind": dict(sorted(self.left_behind.items())),
+            "reason": self.reason,
+            "shards": [
+                {
+                    "shard": s,
+                    "share": round(self.shares.get(s, 0.0), 4),
+                    "before": self.before[s],
+                    "after": self.after[s],
+                    "bytes_before": self.bytes_before.get(s, 0.0),
+                    "bytes_after": self.bytes_after.get(s, 0.0),
+                }
+                for s in sorted(self.before)
+            ],
+        }
 
     def bytes_spread_before(self) -> float:
         """:func:`spread` of the measured bytes, before the plan."""

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
+from typing import Any
 
 from sqlalchemy.engine import make_url
 
@@ -104,6 +105,21 @@ class Shard:
         """``postgresql`` or ``sqlite``."""
         return make_url(self.url).get_backend_name()
 
+    def to_record(self, tenant_count: int | None = None) -> dict[str, Any]:
+        """The shard as JSON-ready fields, passwords masked (``tenants`` when given)."""
+        record: dict[str, Any] = {
+            "name": self.name,
+            "tier": self.tier.value,
+            "state": self.state.value,
+            "weight": self.weight,
+            "url": mask_url(self.url),
+            "admin_url": mask_url(self.admin_url) if self.admin_url else None,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
+        if tenant_count is not None:
+            record["tenants"] = tenant_count
+        return record
+
     def __repr__(self) -> str:
         return (
             f"Shard(name={self.name!r}, url={mask_url(self.url)!r}, tier={self.tier.value!r}, "
@@ -121,6 +137,17 @@ class Tenant:
     pinned: bool = False
     state: TenantState = TenantState.ACTIVE
     created_at: datetime | None = field(default=None, compare=False)
+
+    def to_record(self) -> dict[str, Any]:
+        """The tenant as JSON-ready fields."""
+        return {
+            "id": self.id,
+            "shard": self.shard,
+            "tier": self.tier.value,
+            "pinned": self.pinned,
+            "state": self.state.value,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
 
 
 @dataclass(frozen=True, slots=True)
