@@ -160,14 +160,7 @@ def shard_set(
     """Change a shard's state or weight."""
     if new_state is None and weight is None:
         raise click.UsageError("nothing to change: give --state and/or --weight")
-    catalog = state.catalog()
-    shard = catalog.get_shard(name)
-    # The state first: it is the change that can be refused (retiring a shard that
-    # still holds tenants), and a refused command must change nothing.
-    if new_state is not None:
-        shard = catalog.set_shard_state(name, new_state)
-    if weight is not None:
-        shard = catalog.set_shard_weight(name, weight)
+    shard = state.catalog().update_shard(name, state=new_state, weight=weight)
     if as_json:
         emit_json(shard.to_record())
     else:

@@ -499,42 +499,62 @@ class Catalog:
     def set_shard_state(
         self, name: str, state: ShardState | str, *, for_move: int | None = None
     ) -> Shard:
-        """Mark a shard active, draining or retired.
+        """Mark a shard active, draining or retired (see :meth:`update_shard`)."""
+        return self.update_shard(name, state=state, for_move=for_move)
+
+    def set_shard_weight(self, name: str, weight: int) -> Shard:
+        """Change a shared shard's weight (its share of new tenants and of the load)."""
+        return self.update_shard(name, weight=weight)
+
+    def update_shard(
+        self,
+        name: str,
+        *,
+        state: ShardState | str | None = None,
+        weight: int | None = None,
+        for_move: int | None = None,
+    ) -> Shard:
+        """Change a shard's state and its weight in one transaction: a refused change
+        changes nothing.
 
         A shard that still holds tenants cannot be retired: move them away first; nor can
         the target of a live move be drained or retired (the tenant would land on it),
         nor the source of one retired, except by that move itself (*for_move*).
         """
-        state = ShardState(state)
+        new_state = ShardState(state) if state is not None else None
+        if weight is not None:
+            _check_weight(name, weight)
         with self._write() as (conn, _version):
             self._get_shard(conn, name)
-            if state is not ShardState.ACTIVE:
-                self._refuse_if_moving(
-                    conn,
-                    name,
-                    f"marked {state.value}",
-                    ends=("target",) if state is ShardState.DRAINING else ("source", "target"),
-                    for_move=for_move,
-                )
-            if state is ShardState.RETIRED:
-                count = conn.execute(
-                    sa.select(sa.func.count()).select_from(tenants).where(tenants.c.shard == name)
-                ).scalar_one()
-                if count:
-                    raise PlacementError(
-                        f"shard {name!r} still holds {count} tenant(s): drain it before "
-                        "retiring it",
-                        shard=name,
+            values: dict[str, object] = {}
+            if new_state is not None:
+                if new_state is not ShardState.ACTIVE:
+                    self._refuse_if_moving(
+                        conn,
+                        name,
+                        f"marked {new_state.value}",
+                        ends=("target",)
+                        if new_state is ShardState.DRAINING
+                        else ("source", "target"),
+                        for_move=for_move,
                     )
-            conn.execute(shards.update().where(shards.c.name == name).values(state=state.value))
-            return self._get_shard(conn, name)
-
-    def set_shard_weight(self, name: str, weight: int) -> Shard:
-        """Change a shared shard's weight (its share of new tenants and of the load)."""
-        _check_weight(name, weight)
-        with self._write() as (conn, _version):
-            self._get_shard(conn, name)
-            conn.execute(shards.update().where(shards.c.name == name).values(weight=weight))
+                if new_state is ShardState.RETIRED:
+                    count = conn.execute(
+                        sa.select(sa.func.count())
+                        .select_from(tenants)
+                        .where(tenants.c.shard == name)
+                    ).scalar_one()
+                    if count:
+                        raise PlacementError(
+                            f"shard {name!r} still holds {count} tenant(s): drain it before "
+                            "retiring it",
+                            shard=name,
+                        )
+                values["state"] = new_state.value
+            if weight is not None:
+                values["weight"] = weight
+            if values:
+                conn.execute(shards.update().where(shards.c.name == name).values(**values))
             return self._get_shard(conn, name)
 
     # -- tenant changes ----------------------------------------------------------------

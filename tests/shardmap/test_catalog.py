@@ -254,6 +254,22 @@ def test_set_shard_weight(catalog: Catalog, new_shard_url: ShardUrl) -> None:
     assert catalog.map_version() == 3
 
 
+def test_update_shard_changes_state_and_weight_together_or_not_at_all(
+    catalog: Catalog, new_shard_url: ShardUrl
+) -> None:
+    catalog.add_shard("s1", new_shard_url())
+    catalog.add_tenant("acme", shard="s1")
+    version = catalog.map_version()
+    with pytest.raises(PlacementError, match="still holds 1 tenant"):
+        catalog.update_shard("s1", state="retired", weight=5)
+    shard = catalog.get_shard("s1")
+    assert (shard.state.value, shard.weight) == ("active", 1)  # the weight did not change
+    assert catalog.map_version() == version
+    both = catalog.update_shard("s1", state="draining", weight=5)
+    assert (both.state.value, both.weight) == ("draining", 5)
+    assert catalog.map_version() == version + 1  # one change, one version
+
+
 # -- tenants --------------------------------------------------------------------------
 
 
