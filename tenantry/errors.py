@@ -143,6 +143,7 @@ class InvalidTenantId(InvalidName):
 
     @property
     def tenant_id(self) -> str:
+        """The id that was refused."""
         return self.value
 
 
@@ -153,6 +154,7 @@ class InvalidShardName(InvalidName):
 
     @property
     def shard(self) -> str:
+        """The name that was refused."""
         return self.value
 
 

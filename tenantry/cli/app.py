@@ -40,6 +40,7 @@ class Failure(click.ClickException):
     """A domain error shown as one red line on stderr, exit status 1."""
 
     def show(self, file: Any = None) -> None:
+        """Print the error as one red ``error:`` line on stderr."""
         click.secho(f"error: {self.format_message()}", fg="red", err=True)
 
 
@@ -55,17 +56,20 @@ class CliState:
 
     @property
     def settings(self) -> TenantrySettings:
+        """The settings, with ``--catalog`` applied when given."""
         if self._settings is None:
             overrides = {"catalog_url": self.catalog_url} if self.catalog_url else {}
             self._settings = load_settings(**overrides)
         return self._settings
 
     def catalog(self) -> Catalog:
+        """The catalog, opened on first use and closed with the command."""
         if self._catalog is None:
             self._catalog = Catalog(settings=self.settings)
         return self._catalog
 
     def close(self) -> None:
+        """Release the catalog's connections."""
         if self._catalog is not None:
             self._catalog.close()
 
@@ -84,6 +88,7 @@ class WarningPrinter(logging.Handler):
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
+        """Print a logged warning as a yellow ``warning:`` line on stderr."""
         click.secho(f"warning: {record.getMessage()}", fg="yellow", err=True)
 
 
@@ -91,6 +96,7 @@ class TenantryGroup(click.Group):
     """Turns TenantryError into one clear line (the traceback only with --traceback)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        """Run the command; a TenantryError becomes one ``error:`` line."""
         try:
             return super().invoke(ctx)
         except TenantryError as exc:

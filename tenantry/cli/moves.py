@@ -57,12 +57,14 @@ class RichObserver:
             self.progress.__enter__()
 
     def step(self, move_id: int, state: str) -> None:
+        """Show that move *move_id* entered *state*."""
         self._start()
         if self._step is not None:
             self.progress.update(self._step, completed=1, total=1)
         self._step = self.progress.add_task(f"move {move_id}: {state}", detail="", total=None)
 
     def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
+        """Show a table's progress: rows and bytes so far, and the rate."""
         self._start()
         task, started = self._tables.get(table, (None, time.monotonic()))
         if task is None:
@@ -75,6 +77,7 @@ class RichObserver:
         self.progress.update(task, detail=detail)
 
     def note(self, message: str) -> None:
+        """Show a note of the mover (a wait, a warning, a choice it made)."""
         if self.enabled:
             self._start()
             self.progress.console.print(f"[yellow]{message}[/]")

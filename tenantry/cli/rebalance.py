@@ -27,6 +27,7 @@ __all__ = ["COMMANDS", "plan_options", "run_plan"]
 
 
 def plan_options(func: Any) -> Any:
+    """Add the options of a rebalancing plan (strategy, threshold, budgets, apply)."""
     for option in reversed(
         [
             click.option("--refresh", is_flag=True, help="Measure tenant sizes first."),
@@ -144,6 +145,7 @@ def run_plan(
     mode: str,
     as_json: bool,
 ) -> None:
+    """Plan (draining *drain*), then print the plan or apply it and print what happened."""
     plan = plan_for(
         state.catalog(),
         refresh=refresh,

@@ -68,6 +68,7 @@ class DemoFleet:
     snapshot: MapSnapshot
 
     def catalog(self) -> Catalog:
+        """The demo fleet's catalog."""
         return Catalog(settings=self.settings)
 
 

@@ -85,6 +85,7 @@ class ShardMigration:
 
     @property
     def ok(self) -> bool:
+        """Whether the shard ended at the wanted revision without an error."""
         return self.result in ("upgraded", "downgraded", "skipped")
 
 
@@ -102,6 +103,7 @@ class FleetRun:
 
     @property
     def failed(self) -> list[ShardMigration]:
+        """The shards whose migration did not succeed."""
         return [r for r in self.results if not r.ok]
 
 
@@ -144,6 +146,7 @@ class FleetStatus:
 
     @property
     def warnings(self) -> list[str]:
+        """What an operator should know of the shards' revisions (behind, ahead, unknown)."""
         return [w for s in self.shards for w in s.warnings]
 
 

@@ -74,6 +74,7 @@ class RlsTable:
     partitioned: bool = False
 
     def quoted(self, conn: Connection) -> str:
+        """The table's name, schema-qualified and quoted for SQL."""
         q = conn.dialect.identifier_preparer
         return f"{q.quote(self.schema)}.{q.quote(self.name)}"
 

@@ -18,7 +18,8 @@ __all__ = ["Checkpoints", "EnvHooks", "MoveObserver", "NullObserver"]
 class Checkpoints(Protocol):
     """Test seam: called at named points of a move (:class:`EnvHooks` pauses there)."""
 
-    def checkpoint(self, name: str) -> None: ...
+    def checkpoint(self, name: str) -> None:
+        """Called when the mover reaches the point named *name*."""
 
 
 class MoveObserver(Protocol):
@@ -38,13 +39,13 @@ class NullObserver:
     """An observer that ignores everything."""
 
     def step(self, move_id: int, state: str) -> None:
-        pass
+        """Ignore a step."""
 
     def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
-        pass
+        """Ignore a table's progress."""
 
     def note(self, message: str) -> None:
-        pass
+        """Ignore a note."""
 
 
 class EnvHooks:

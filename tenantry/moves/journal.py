@@ -42,6 +42,7 @@ class MoveState(enum.StrEnum):
 
     @property
     def order(self) -> int:
+        """The state's position in a move's life (planned first; aborted last)."""
         return _ORDER[self]
 
 
@@ -95,6 +96,7 @@ class Move:
 
     @property
     def succeeded(self) -> bool:
+        """Whether the move ended cleaned: the tenant lives at the target."""
         return self.state is MoveState.CLEANED and self.ended_at is not None
 
     @property

@@ -151,6 +151,7 @@ class Plan:
 
     @property
     def bytes(self) -> int:
+        """The bytes the plan's moves copy, in all."""
         return sum(m.bytes for m in self.moves)
 
     def to_record(self) -> dict[str, Any]:
@@ -198,9 +199,11 @@ class Plan:
         return spread(self.bytes_after, self.shares, self.draining)
 
     def spread_before(self) -> float:
+        """:func:`spread` of the strategy's load, before the plan."""
         return spread(self.before, self.shares, self.draining)
 
     def spread_after(self) -> float:
+        """:func:`spread` of the strategy's load, after the plan."""
         return spread(self.after, self.shares, self.draining)
 
 

@@ -41,6 +41,7 @@ class AppliedMove:
 
     @property
     def ok(self) -> bool:
+        """Whether the planned move ran and succeeded."""
         return self.move is not None and self.move.succeeded
 
 

@@ -65,10 +65,12 @@ class TenantRemoval:
 
     @property
     def kept(self) -> bool:
+        """Whether the tenant's rows were kept at its home."""
         return self.policy == "keep" and any(self.rows.values())
 
     @property
     def shard(self) -> str:
+        """The shard the tenant lived on."""
         return self.tenant.shard
 
 

@@ -88,6 +88,7 @@ class MoveNames:
         return self.tail_publication or self.name
 
     def all(self) -> set[str]:
+        """Every replication object name of the move."""
         names = {self.name, self.tail_slot}
         if self.tail_publication:
             names.add(self.tail_publication)
@@ -480,6 +481,7 @@ class Leftovers:
     subscriptions: tuple[str, ...]
 
     def all_names(self) -> set[str]:
+        """The names of every object found, of every kind."""
         return {*self.publications, *self.slots, *self.subscriptions}
 
 

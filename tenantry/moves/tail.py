@@ -91,6 +91,7 @@ class Tail:
         return sum(len(t.keys) for t in self.tables.values())
 
     def clear(self) -> None:
+        """Forget the rows collected so far (a new cut begins)."""
         self.tables.clear()
         self.truncated.clear()
 

@@ -260,13 +260,15 @@ class KnowsTenants(Protocol):
     snapshot), not a query.
     """
 
-    def has_tenant(self, tenant_id: str, /) -> bool: ...
+    def has_tenant(self, tenant_id: str, /) -> bool:
+        """Whether *tenant_id* is in the shard map."""
 
 
 class KnowsTenantsAsync(Protocol):
     """The same, for a router whose ``has_tenant`` is a coroutine (ASGI only)."""
 
-    def has_tenant(self, tenant_id: str, /) -> Awaitable[bool]: ...
+    def has_tenant(self, tenant_id: str, /) -> Awaitable[bool]:
+        """Whether *tenant_id* is in the shard map."""
 
 
 # ---------------------------------------------------------------------------- policy

@@ -71,6 +71,7 @@ class LiveDatabase:
 
     @property
     def database_id(self) -> str | None:
+        """The database's identity, or None when it has none yet."""
         return self.identity.database_id if self.identity is not None else None
 
     def same_as(self, other: LiveDatabase) -> bool:

@@ -45,6 +45,7 @@ class TenantrySchema:
         self._head: str | None = None
 
     def config(self, connection: Connection | None = None) -> Config:
+        """An Alembic config for these scripts, on *connection* when given."""
         cfg = Config()
         cfg.set_main_option("script_location", self.script_location)
         cfg.attributes["connection"] = connection

@@ -215,10 +215,12 @@ class TempPostgres:
 
     @property
     def data_dir(self) -> Path:
+        """The server's data directory."""
         return self.directory / "data"
 
     @property
     def log_file(self) -> Path:
+        """The server's log file."""
         return self.directory / "server.log"
 
     @property
