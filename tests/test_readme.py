@@ -1,4 +1,4 @@
-"""The README runs as written (issue 15): every ``console`` session and every ``python``
+"""The README runs as written: every ``console`` session and every ``python``
 block of README.md, in order, in a fresh directory, printing what the README shows.
 
 A ``console`` block is a session: each ``$ `` line is a command (run by one bash for the

@@ -1,4 +1,4 @@
-"""Malformed database URLs, wherever a user can give one (issue 15).
+"""Malformed database URLs, wherever a user can give one.
 
 Each gets one ``error:`` line, a non-zero exit, the URL masked and no fragment of the
 password — not a traceback (a port that is no number) and not "cannot resolve host

@@ -1,4 +1,4 @@
-"""Small things a new user meets in the first hour (issue 15)."""
+"""Small things a new user meets in the first hour."""
 
 from __future__ import annotations
 

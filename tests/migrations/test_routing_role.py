@@ -1,4 +1,4 @@
-"""Routing roles that row-level security would not bind are refused (issue 12, item 3).
+"""Routing roles that row-level security would not bind are refused.
 
 A shared PostgreSQL shard whose routing role (its ``url``) is a superuser, has
 BYPASSRLS, owns the tenant tables, is a member of a superuser role, or is the

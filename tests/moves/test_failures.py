@@ -1,4 +1,4 @@
-"""A step that fails leaves a clean, explained state (issue 13, item 8).
+"""A step that fails leaves a clean, explained state.
 
 Before, a driver error raised during COPY (psycopg raises those unwrapped) escaped as a
 traceback, the journal's error stayed empty, the tenant stayed frozen at its source and
@@ -166,7 +166,7 @@ def test_ddl_by_hand_during_a_move_is_caught_before_the_switch(
 
 def test_an_online_moves_summary_counts_the_rows_it_verified(fleet: Fleet) -> None:
     """Not "0 rows, 0 B copied in 0.00s": logical replication copied them, the
-    verification counted them (issue 15)."""
+    verification counted them."""
     engine = fleet.engine("s1")
     rows = count_rows(engine, "acme")
     engine.dispose()

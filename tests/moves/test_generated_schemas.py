@@ -1,4 +1,4 @@
-"""Moves on generated schemas: moved exactly, or refused cleanly (issue 13).
+"""Moves on generated schemas: moved exactly, or refused cleanly.
 
 Hypothesis draws an application schema as real ones are written — tables in several
 schemas, hash-partitioned tables, identity, serial and generated columns, TOASTed

@@ -1,4 +1,4 @@
-"""Operator actions that would break a live move are refused (issue 13, item 10): the
+"""Operator actions that would break a live move are refused: the
 target of a live move cannot be drained, retired or removed, nor its source retired
 or removed, until the move is finished or aborted."""
 

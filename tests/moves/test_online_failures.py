@@ -1,4 +1,4 @@
-"""Online moves that must stop, bounded and saying why (issue 13, items 4, 9, 10).
+"""Online moves that must stop, bounded and saying why.
 
 A TRUNCATE after the cut, a column added on the source only during the initial copy,
 the source server stopped during it, tables logical replication cannot carry, two

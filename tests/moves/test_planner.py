@@ -633,8 +633,8 @@ def test_thousands_of_near_empty_tenants_do_not_skew_the_balance(
     shards: int, empty: int, real: int, new_shard: bool, seed: int
 ) -> None:
     """The default strategy balances the bytes tenants occupy: thousands of near-empty
-    tenants (under 8 KiB) add a base that cannot outweigh the real data (issue 14: a
-    fixed 64 KiB per tenant was half the modelled load and the planner balanced it)."""
+    tenants (under 8 KiB) add a base that cannot outweigh the real data (a fixed
+    64 KiB per tenant, before, was half the modelled load and the planner balanced it)."""
     rng = random.Random(seed)
     homes = shards - 1 if new_shard else shards  # a new, empty shard joins
     tenants = [(f"e{i}", f"s{rng.randrange(homes)}", rng.randint(0, 8192)) for i in range(empty)]

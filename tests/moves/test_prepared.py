@@ -1,4 +1,4 @@
-"""Prepared transactions cannot commit behind a move's freeze (issue 13, item 3).
+"""Prepared transactions cannot commit behind a move's freeze.
 
 A transaction prepared before a move (``PREPARE TRANSACTION``) holding a write of the
 moving tenant would commit it on the old home after the copy (``COMMIT PREPARED``).

@@ -1,5 +1,5 @@
 """A refused ``promote --server`` changes nothing, and an aborted one drops only the
-database it provably created (issue 13, item 1).
+database it provably created.
 
 Before: the journal recorded the new database as the move's before creating it, so a
 promote refused because the database existed aborted by deleting the tenant's rows at

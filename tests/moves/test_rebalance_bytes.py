@@ -1,4 +1,4 @@
-"""Rebalancing evens what operators measure (issue 14).
+"""Rebalancing evens what operators measure.
 
 150 tenants of Zipf-like sizes (the largest 20,000 rows, ten of only 5) on three shared
 PostgreSQL shards; a fourth, empty shard joins; ``tenantry rebalance --apply``. Counted

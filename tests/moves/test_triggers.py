@@ -1,5 +1,5 @@
-"""The application's triggers do not fire for the rows a move copies or cleans up
-(issue 13, item 7): the copy and the cleanup run as logical replication's apply worker
+"""The application's triggers do not fire for the rows a move copies or cleans up:
+the copy and the cleanup run as logical replication's apply worker
 does (``session_replication_role = replica``). Before, an audit trigger wrote a row for
 every copied and every deleted row, with the tenant's data, on both shards."""
 

@@ -1,4 +1,4 @@
-"""A move sees the whole database (issue 13, items 2, 5, 6).
+"""A move sees the whole database.
 
 Tenant tables of every application schema move; a table that does not move may not
 reference a tenant table; rows tied to another tenant's through a foreign key, and

@@ -367,7 +367,7 @@ def test_freeze_timeout_gives_up_and_unfreezes(fleet, router):
             held.flush()
             with pytest.raises(FreezeTimeout, match="older than the freeze"):
                 moves.move(impatient, "acme", "s2", mode="offline", observer=observer)
-            # One attempt: unfrozen after its wait, and the move ended (issue 13, item 9).
+            # One attempt: unfrozen after its wait, and the move ended.
             unfrozen = [n for n in observer.notes if "unfrozen" in n]
             assert len(unfrozen) == 1 and "nothing was copied" in unfrozen[0], observer.notes
             assert moves.list_moves(fleet.catalog, live=True) == []

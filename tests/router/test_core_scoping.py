@@ -1,4 +1,4 @@
-"""Core statements through a router are scoped like ORM ones (issue 12, items 5 and 7).
+"""Core statements through a router are scoped like ORM ones.
 
 Every test runs as acme on SQLite and on PostgreSQL shared shards, through
 ``router.session()`` and through ``router.connection()``, with Core statements on the
@@ -511,7 +511,7 @@ def test_executemany_with_one_foreign_row_writes_nothing(
 def test_insert_from_a_text_select_is_refused(
     fleet: Any, app: Any, via: str, guard: Any, columns: int
 ) -> None:
-    # Issue 12 item 7: an IndexError before; now a CrossTenantWrite that says why.
+    # An IndexError before; now a CrossTenantWrite that says why.
     names = ["tenant_id", "id", "name"]
     source = text("SELECT 'globex', 9, 'globex-planted'").columns(
         *(sa.column(name) for name in names[:columns])

@@ -1,4 +1,4 @@
-"""Frozen tenants are read-only because the shard says so, not the client (issue 12).
+"""Frozen tenants are read-only because the shard says so, not the client.
 
 While a move has a tenant frozen on a shard, no write to its rows may commit there,
 whatever SQL the application sends through the router: a raw ``COMMIT`` ends the

@@ -1,4 +1,4 @@
-"""Adversarial probes of tenant isolation on real PostgreSQL (issue 12).
+"""Adversarial probes of tenant isolation on real PostgreSQL.
 
 Two tenants, alpha and beta, share one shard of the demo app (users, chargers,
 charging_sessions; 20 rows each per tenant). Applications route as ``app``, a role

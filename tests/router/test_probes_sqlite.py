@@ -1,4 +1,4 @@
-"""Adversarial probes of tenant isolation on SQLite shared shards (issue 12).
+"""Adversarial probes of tenant isolation on SQLite shared shards.
 
 SQLite has no row-level security: the router's scoping is the only guard. Tenants
 acme, globex and initech share shard "shared-a" with the same primary keys (umbrella
