@@ -1007,11 +1007,6 @@ def _tenant(row: Any) -> Tenant:
 # -- the shard side -------------------------------------------------------------------
 
 
-#: A write transaction on a shard as its operations role (errors name the shard); the
-#: name the catalog's callers and tests know it by.
-shard_admin = operator_transaction
-
-
 def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
     """Create or upgrade tenantry's own tables on the shard; return the identity of its
     database (made, or repaired in a copy of another database, first when needed)."""
