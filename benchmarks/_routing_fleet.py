@@ -26,8 +26,8 @@ import tenantry.router.fence as fence_module
 from tenantry import Catalog, Router, Shard, TenantScoped, load_settings
 from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import residency
 from tenantry.testing import create_database, drop_database
 
@@ -207,7 +207,7 @@ def register_tenants(catalog: Catalog, shard: Shard, ids: Sequence[str], *, fenc
     now = datetime.now(UTC)
     version = catalog.map_version() + 1
     if fence:
-        with shard_admin(shard) as conn:
+        with operator_transaction(shard) as conn:
             conn.execute(
                 residency.insert(),
                 [

@@ -42,6 +42,7 @@ from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.connect import WRITE, describe_error, make_engine
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
+from tenantry.shardmap.operations import operations_engine
 from tenantry.shardmap.roles import check_role, inspect_routing_role
 from tenantry.shardmap.schema import moves
 from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
@@ -304,64 +305,60 @@ def migrate_shard(
             database_id=database_id,
         )
 
-    engine = make_engine(
-        shard.operations_url, connect_timeout=settings.connect_timeout, poolclass=NullPool
-    )
-    try:
-        with engine.connect() as conn:
-            conn = conn.execution_options(**WRITE)
-            with conn.begin():
-                if not _lock(conn, wait):
-                    return result(
-                        "locked",
-                        None,
-                        "another runner is migrating this database; it was left to it",
-                    )
-                before = _heads(conn, version_table)
-                changed = before != target
-                if changed:
-                    cfg.attributes["connection"] = conn
-                    # A env.py that ignores the shared connection would still reach
-                    # this database, never the one in alembic.ini.
-                    cfg.set_main_option(
-                        "sqlalchemy.url",
-                        make_url(shard.operations_url)
-                        .render_as_string(hide_password=False)
-                        .replace("%", "%%"),
-                    )
-                    with ALEMBIC_LOCK:
-                        if direction == "upgrade":
-                            command.upgrade(cfg, revision)
-                        else:
-                            command.downgrade(cfg, revision)
-                SHARD.upgrade(conn)
-                database_id = ensure_identity(conn).database_id
-                if conn.dialect.name == "postgresql":
-                    # Every PostgreSQL shard: on a dedicated one the policies still
-                    # refuse writes while the tenant is frozen or moved.
-                    tables = install_rls(conn, column=settings.tenant_column)
-                    role = _routing_user(shard)
-                    if role:
-                        grant_routing_role(conn, role, tables)
-                after = _heads(conn, version_table)
-        if after != target:
-            return result(
-                "failed",
-                after,
-                "the migration ran but the database is not at the target; does the "
-                "application's env.py use config.attributes['connection']?",
-            )
-        outcome: Result = direction + "d" if changed else "skipped"  # type: ignore[assignment]
-        if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
-            warnings.extend(_routing_role_warnings(shard, settings))
-        return result(outcome, after)
-    except Exception as exc:
-        # The application's migration code may raise anything (a data check, a typo):
-        # it is this database's failure, reported like a driver error, never one that
-        # stops the rest of the fleet or escapes provision() with a traceback.
-        return result("failed", None, describe_error(exc))
-    finally:
-        engine.dispose()
+    with operations_engine(shard, connect_timeout=settings.connect_timeout) as engine:
+        try:
+            with engine.connect() as conn:
+                conn = conn.execution_options(**WRITE)
+                with conn.begin():
+                    if not _lock(conn, wait):
+                        return result(
+                            "locked",
+                            None,
+                            "another runner is migrating this database; it was left to it",
+                        )
+                    before = _heads(conn, version_table)
+                    changed = before != target
+                    if changed:
+                        cfg.attributes["connection"] = conn
+                        # A env.py that ignores the shared connection would still reach
+                        # this database, never the one in alembic.ini.
+                        cfg.set_main_option(
+                            "sqlalchemy.url",
+                            make_url(shard.operations_url)
+                            .render_as_string(hide_password=False)
+                            .replace("%", "%%"),
+                        )
+                        with ALEMBIC_LOCK:
+                            if direction == "upgrade":
+                                command.upgrade(cfg, revision)
+                            else:
+                                command.downgrade(cfg, revision)
+                    SHARD.upgrade(conn)
+                    database_id = ensure_identity(conn).database_id
+                    if conn.dialect.name == "postgresql":
+                        # Every PostgreSQL shard: on a dedicated one the policies still
+                        # refuse writes while the tenant is frozen or moved.
+                        tables = install_rls(conn, column=settings.tenant_column)
+                        role = _routing_user(shard)
+                        if role:
+                            grant_routing_role(conn, role, tables)
+                    after = _heads(conn, version_table)
+            if after != target:
+                return result(
+                    "failed",
+                    after,
+                    "the migration ran but the database is not at the target; does the "
+                    "application's env.py use config.attributes['connection']?",
+                )
+            outcome: Result = direction + "d" if changed else "skipped"  # type: ignore[assignment]
+            if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
+                warnings.extend(_routing_role_warnings(shard, settings))
+            return result(outcome, after)
+        except Exception as exc:
+            # The application's migration code may raise anything (a data check, a typo):
+            # it is this database's failure, reported like a driver error, never one that
+            # stops the rest of the fleet or escapes provision() with a traceback.
+            return result("failed", None, describe_error(exc))
 
 
 # -- the fleet ------------------------------------------------------------------------------
@@ -546,18 +543,16 @@ def _shard_status(
     shard: Shard, script: ScriptDirectory, heads: set[str], settings: TenantrySettings
 ) -> ShardStatus:
     warnings: list[str] = []
-    engine = make_engine(
-        shard.operations_url, connect_timeout=settings.connect_timeout, poolclass=NullPool
-    )
-    try:
-        with engine.connect() as conn:
-            current = _heads(conn, "alembic_version")
-            ours = SHARD.current(conn)
-            postgres = conn.dialect.name == "postgresql"
-    except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
-        return ShardStatus(shard.name, shard.tier, None, "unreachable", error=describe_error(exc))
-    finally:
-        engine.dispose()
+    with operations_engine(shard, connect_timeout=settings.connect_timeout) as engine:
+        try:
+            with engine.connect() as conn:
+                current = _heads(conn, "alembic_version")
+                ours = SHARD.current(conn)
+                postgres = conn.dialect.name == "postgresql"
+        except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
+            return ShardStatus(
+                shard.name, shard.tier, None, "unreachable", error=describe_error(exc)
+            )
     if postgres and shard.tier is Tier.SHARED:
         if not shard.admin_url or shard.admin_url == shard.url:
             warnings.append(

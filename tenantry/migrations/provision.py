@@ -33,7 +33,7 @@ from tenantry.migrations.rls import (
     role_state,
     setup_routing_role,
 )
-from tenantry.shardmap.catalog import Catalog, catalog_of, prepare_shard, shard_admin
+from tenantry.shardmap.catalog import Catalog, catalog_of, prepare_shard
 from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
 from tenantry.shardmap.model import (
     NAME_PATTERN,
@@ -43,6 +43,7 @@ from tenantry.shardmap.model import (
     normalize_url,
     validate_shard_name,
 )
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.roles import (
     enforce_routing_role,
     inspect_routing_role,
@@ -407,7 +408,7 @@ def _routing_role(catalog: Catalog, shard: Shard, role: str) -> tuple[str, bool,
             field="role",
         )
     current = make_url(shard.url) if shard.url != ops_url else None
-    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+    with operator_transaction(shard, connect_timeout=settings.connect_timeout) as conn:
         state = role_state(conn, role)
     if state.exists and not state.ours and (current is None or current.username != role):
         raise ConfigurationError(
@@ -420,7 +421,7 @@ def _routing_role(catalog: Catalog, shard: Shard, role: str) -> tuple[str, bool,
     generated = password is None
     if password is None:
         password = secrets.token_urlsafe(32)
-    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+    with operator_transaction(shard, connect_timeout=settings.connect_timeout) as conn:
         created = setup_routing_role(
             conn,
             role,

@@ -16,12 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.pool import NullPool
 
 from tenantry.moves import replication as repl
 from tenantry.moves.journal import Journal
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import describe_error, make_engine
+from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.operations import operations_engine
 
 __all__ = ["Leftover", "collect_garbage"]
 
@@ -55,14 +55,15 @@ def collect_garbage(catalog: Catalog, *, apply: bool = False) -> list[Leftover]:
         for shard in catalog.list_shards():
             if shard.backend != "postgresql":
                 continue
-            engine = make_engine(
-                shard.operations_url,
-                connect_timeout=catalog.settings.connect_timeout,
-                poolclass=NullPool,
-                isolation_level="AUTOCOMMIT",
-            )
             try:
-                with engine.connect() as conn:
+                with (
+                    operations_engine(
+                        shard,
+                        connect_timeout=catalog.settings.connect_timeout,
+                        isolation_level="AUTOCOMMIT",
+                    ) as engine,
+                    engine.connect() as conn,
+                ):
                     leftovers = repl.find_leftovers(conn)
                     names = {
                         "subscription": leftovers.subscriptions,
@@ -88,6 +89,4 @@ def collect_garbage(catalog: Catalog, *, apply: bool = False) -> list[Leftover]:
                             )
             except sa.exc.SQLAlchemyError as exc:
                 found.append(Leftover(shard.name, kind, "?", error=describe_error(exc)))
-            finally:
-                engine.dispose()
     return found

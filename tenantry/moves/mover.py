@@ -12,14 +12,13 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
     FreezeBudgetExceeded,
@@ -31,7 +30,6 @@ from tenantry.errors import (
     SchemaContractError,
     ShardNotActive,
     ShardOccupied,
-    ShardUnavailable,
     TenantryError,
     UnknownShard,
     VerificationFailed,
@@ -58,10 +56,17 @@ from tenantry.moves.tables import (
 )
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import WRITE, describe_error, make_engine, translate_errors
+from tenantry.shardmap.connect import WRITE, describe_error
 from tenantry.shardmap.identity import LiveDatabase, live_database, read_identity
 from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier, mask_url
-from tenantry.shardmap.residency import Residency, clear_residency, read_residency, write_residency
+from tenantry.shardmap.operations import operations_engine, operator_engine, shard_errors
+from tenantry.shardmap.residency import (
+    Residency,
+    clear_residency,
+    commit_residency,
+    read_residency,
+    write_residency,
+)
 
 __all__ = ["Checkpoints", "Mover"]
 
@@ -422,8 +427,7 @@ class Mover:
         source = self.catalog.get_shard(move.source)
         with self.admin(source) as engine, engine.connect() as conn:
             conn = conn.execution_options(**WRITE)
-            with conn.begin():
-                write_residency(conn, move.tenant_id, Residency.FROZEN, self.catalog.map_version())
+            commit_residency(conn, move.tenant_id, Residency.FROZEN, self.catalog.map_version())
             frozen_at = time.time()
             if "frozen_at" not in move.stats:
                 self.journal.update(move.id, stats={"frozen_at": frozen_at})
@@ -433,10 +437,7 @@ class Mover:
                 self.wait_out(conn, timeout=self.settings.freeze_timeout)
                 return
             except FreezeTimeout as exc:
-                with conn.begin():
-                    write_residency(
-                        conn, move.tenant_id, Residency.ACTIVE, self.catalog.map_version()
-                    )
+                commit_residency(conn, move.tenant_id, Residency.ACTIVE, self.catalog.map_version())
                 timeout = exc
         message = f"{timeout}; the tenant was unfrozen and the move ended (nothing was copied)"
         self.observer.note(message)
@@ -614,8 +615,8 @@ class Mover:
                     # after the commit), routers with the old map would go on reading
                     # the copy left behind there. Until the commit they get StaleRoute
                     # (retryable); a rollback makes it active again.
-                    _write_residency(dst, move.tenant_id, Residency.ACTIVE, version)
-                    _write_residency(src, move.tenant_id, Residency.MOVED, version)
+                    commit_residency(dst, move.tenant_id, Residency.ACTIVE, version)
+                    commit_residency(src, move.tenant_id, Residency.MOVED, version)
                     with self.catalog.transaction() as (conn, _version):
                         self.catalog.set_placement(
                             move.tenant_id, target.name, conn=conn, check=False
@@ -627,8 +628,8 @@ class Mover:
                     # Resumed after the switch committed: make sure both ends say so.
                     # Routers with the old map find the tenant gone from the source,
                     # refresh their map and retry on the target.
-                    _write_residency(dst, move.tenant_id, Residency.ACTIVE, version)
-                    _write_residency(src, move.tenant_id, Residency.MOVED, version)
+                    commit_residency(dst, move.tenant_id, Residency.ACTIVE, version)
+                    commit_residency(src, move.tenant_id, Residency.MOVED, version)
         frozen_at = move.stats.get("frozen_at")
         if frozen_at is not None and "freeze_seconds" not in move.stats:
             self.journal.update(
@@ -850,27 +851,17 @@ class Mover:
     # plumbing ----------------------------------------------------------------------------
 
     def _residency(self, shard: Shard, tenant_id: str, state: Residency) -> None:
-        with self.admin(shard) as engine, engine.connect() as conn:
-            conn = conn.execution_options(**WRITE)
-            with conn.begin():
-                write_residency(conn, tenant_id, state, self.catalog.map_version())
+        with self.admin(shard) as engine:
+            commit_residency(engine, tenant_id, state, self.catalog.map_version())
 
     @contextmanager
     def admin(self, shard: Shard) -> Iterator[Engine]:
-        """A short-lived engine on the shard's operations role; errors name the shard."""
-        engine = make_engine(
-            shard.operations_url, connect_timeout=self.settings.connect_timeout, poolclass=NullPool
-        )
-        try:
-            with translate_errors(
-                f"shard {shard.name!r}",
-                unavailable=ShardUnavailable,
-                failed=MoveError,
-                url=shard.operations_url,
-            ):
-                yield engine
-        finally:
-            engine.dispose()
+        """A short-lived engine on the shard's operations role; errors name the shard
+        (those raised on another database's connection pass on to its own block)."""
+        with operator_engine(
+            shard, connect_timeout=self.settings.connect_timeout, failed=MoveError, own_only=True
+        ) as engine:
+            yield engine
 
     @contextmanager
     def _no_migration(self, move: Move) -> Iterator[None]:
@@ -882,43 +873,39 @@ class Mover:
         migrations off its shards too (see ``tenantry.migrations.fleet``).
         """
         held: list[Connection] = []
-        engines: list[Engine] = []
-        try:
-            for name in dict.fromkeys((move.source, move.target)):
-                try:
-                    shard = self.catalog.get_shard(name)
-                except UnknownShard:
-                    continue
-                if shard.backend != "postgresql":
-                    continue
-                engine = make_engine(
-                    shard.operations_url,
-                    connect_timeout=self.settings.connect_timeout,
-                    poolclass=NullPool,
-                    isolation_level="AUTOCOMMIT",
-                )
-                engines.append(engine)
-                with translate_errors(
-                    f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=MoveError
-                ):
-                    conn = engine.connect()
-                    held.append(conn)
-                    got = conn.execute(
-                        sa.text("SELECT pg_try_advisory_lock_shared(:k)"), {"k": MIGRATION_LOCK}
-                    ).scalar()
-                if not got:
-                    raise MoveError(
-                        f"shard {shard.name!r} is being migrated (`tenantry migrate` holds its "
-                        f"lock): run `tenantry moves resume {move.id}` when it has finished",
-                        move_id=move.id,
+        with ExitStack() as stack:  # the engines, disposed after their connections close
+            try:
+                for name in dict.fromkeys((move.source, move.target)):
+                    try:
+                        shard = self.catalog.get_shard(name)
+                    except UnknownShard:
+                        continue
+                    if shard.backend != "postgresql":
+                        continue
+                    engine = stack.enter_context(
+                        operations_engine(
+                            shard,
+                            connect_timeout=self.settings.connect_timeout,
+                            isolation_level="AUTOCOMMIT",
+                        )
                     )
-            yield
-        finally:
-            for conn in held:
-                with suppress(sa.exc.SQLAlchemyError):
-                    conn.close()
-            for engine in engines:
-                engine.dispose()
+                    with shard_errors(shard, failed=MoveError):
+                        conn = engine.connect()
+                        held.append(conn)
+                        got = conn.execute(
+                            sa.text("SELECT pg_try_advisory_lock_shared(:k)"), {"k": MIGRATION_LOCK}
+                        ).scalar()
+                    if not got:
+                        raise MoveError(
+                            f"shard {shard.name!r} is being migrated (`tenantry migrate` holds its "
+                            f"lock): run `tenantry moves resume {move.id}` when it has finished",
+                            move_id=move.id,
+                        )
+                yield
+            finally:
+                for conn in held:
+                    with suppress(sa.exc.SQLAlchemyError):
+                        conn.close()
 
     @contextmanager
     def _claim(self, move_id: int) -> Iterator[None]:
@@ -996,11 +983,6 @@ def _describe_blockers(conn: Connection, since: Any) -> str:
         )
         or "ended meanwhile"
     )
-
-
-def _write_residency(conn: Connection, tenant_id: str, state: Residency, version: int) -> None:
-    with conn.begin():
-        write_residency(conn, tenant_id, state, version)
 
 
 def _app_revision(conn: Connection) -> str | None:

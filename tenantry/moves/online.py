@@ -59,7 +59,7 @@ from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import WRITE, describe_error
 from tenantry.shardmap.model import Shard
-from tenantry.shardmap.residency import Residency, write_residency
+from tenantry.shardmap.residency import Residency, commit_residency, write_residency
 
 __all__ = [
     "MoveRunner",
@@ -537,7 +537,9 @@ class OnlineSteps:
         with src_engine.connect() as src, dst_engine.connect() as dst:
             src = src.execution_options(**WRITE)
             for attempt in range(1, attempts + 1):
-                self._set(src, move.tenant_id, Residency.FROZEN)
+                commit_residency(
+                    src, move.tenant_id, Residency.FROZEN, self.mover.catalog.map_version()
+                )
                 frozen_at = time.time()
                 started = time.monotonic()
                 deadline = started + budget
@@ -548,7 +550,9 @@ class OnlineSteps:
                     except FreezeTimeout as exc:
                         # Older transactions outlasting the budget: another attempt
                         # would only refuse more of the tenant's writes. Stop now.
-                        self._set(src, move.tenant_id, Residency.ACTIVE)
+                        commit_residency(
+                            src, move.tenant_id, Residency.ACTIVE, self.mover.catalog.map_version()
+                        )
                         raise FreezeBudgetExceeded(
                             f"{exc}; the tenant was unfrozen and the move was rolled back",
                             tenant_id=move.tenant_id,
@@ -574,11 +578,15 @@ class OnlineSteps:
                             move.id, stats={"frozen_at": frozen_at, "freeze_attempts": attempt}
                         )
                     else:
-                        self._set(src, move.tenant_id, Residency.ACTIVE)
+                        commit_residency(
+                            src, move.tenant_id, Residency.ACTIVE, self.mover.catalog.map_version()
+                        )
                         held = time.monotonic() - started
                         mover.journal.update(move.id, stats={"cut_freeze_seconds": round(held, 3)})
                     return result
-                self._set(src, move.tenant_id, Residency.ACTIVE)
+                commit_residency(
+                    src, move.tenant_id, Residency.ACTIVE, self.mover.catalog.map_version()
+                )
                 held = time.monotonic() - started
                 mover.observer.note(
                     f"freeze attempt {attempt}: {reason}; unfrozen after {held:.3f}s, catching up"
@@ -595,10 +603,6 @@ class OnlineSteps:
                 tenant_id=move.tenant_id,
                 move_id=move.id,
             )
-
-    def _set(self, conn: Connection, tenant_id: str, state: Residency) -> None:
-        with conn.begin():
-            write_residency(conn, tenant_id, state, self.mover.catalog.map_version())
 
     # after the switch ------------------------------------------------------------------------
 

@@ -26,22 +26,21 @@ from typing import Literal
 
 import sqlalchemy as sa
 from sqlalchemy import Engine
-from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
     ConfigurationError,
     FreezeTimeout,
     PlacementError,
-    ShardUnavailable,
     TenantHasRows,
 )
 from tenantry.moves.copy import delete_tenant_rows
 from tenantry.moves.journal import Journal
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.shardmap.catalog import Catalog, catalog_of
-from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
+from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.model import Shard, Tenant, validate_tenant_id
-from tenantry.shardmap.residency import Residency, write_residency
+from tenantry.shardmap.operations import operator_engine
+from tenantry.shardmap.residency import Residency, commit_residency
 
 __all__ = ["RowsPolicy", "TenantRemoval", "remove_tenant", "tenant_row_counts"]
 
@@ -140,7 +139,7 @@ def remove_tenant(
             catalog.remove_tenant(tenant_id)
         finally:
             if unfreeze:
-                _write(engine, tenant_id, Residency.ACTIVE, catalog.map_version())
+                commit_residency(engine, tenant_id, Residency.ACTIVE, catalog.map_version())
     if rows == "purge":
         deleted = {
             t.qualified_name: deleted.get(t.qualified_name, 0)
@@ -178,16 +177,8 @@ def _check_no_move(catalog: Catalog, tenant_id: str) -> None:
 
 @contextmanager
 def _operations(catalog: Catalog, shard: Shard) -> Iterator[Engine]:
-    engine = make_engine(
-        shard.operations_url, connect_timeout=catalog.settings.connect_timeout, poolclass=NullPool
-    )
-    try:
-        with translate_errors(
-            f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
-        ):
-            yield engine
-    finally:
-        engine.dispose()
+    with operator_engine(shard, connect_timeout=catalog.settings.connect_timeout) as engine:
+        yield engine
 
 
 def _tables(engine: Engine, column: str, schemas: Sequence[str]) -> list[TenantTable]:
@@ -219,21 +210,12 @@ def _freeze(catalog: Catalog, engine: Engine, tenant_id: str, *, timeout: float)
 
     with engine.connect() as conn:
         conn = conn.execution_options(**WRITE)
-        with conn.begin():
-            write_residency(conn, tenant_id, Residency.FROZEN, catalog.map_version())
+        commit_residency(conn, tenant_id, Residency.FROZEN, catalog.map_version())
         try:
             Mover(catalog).wait_out(conn, timeout=timeout)
         except FreezeTimeout:
-            with conn.begin():
-                write_residency(conn, tenant_id, Residency.ACTIVE, catalog.map_version())
+            commit_residency(conn, tenant_id, Residency.ACTIVE, catalog.map_version())
             raise
-
-
-def _write(engine: Engine, tenant_id: str, state: Residency, version: int) -> None:
-    with engine.connect() as conn:
-        conn = conn.execution_options(**WRITE)
-        with conn.begin():
-            write_residency(conn, tenant_id, state, version)
 
 
 def _describe(counts: dict[str, int]) -> str:

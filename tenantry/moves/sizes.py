@@ -9,14 +9,12 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
-from sqlalchemy.pool import NullPool
 
-from tenantry.errors import ShardUnavailable
 from tenantry.moves.planner import TenantSize
 from tenantry.moves.tables import TenantTable, quoted_name, tenant_tables
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.operations import operator_engine
 from tenantry.shardmap.schema import tenant_sizes
 
 __all__ = ["follow_move", "measure_shard", "measure_sizes", "stale_sizes", "stored_sizes"]
@@ -44,19 +42,15 @@ def measure_shard(
     schemas: Sequence[str] = (),
 ) -> dict[str, TenantSize]:
     """Every tenant's size on one shard, counted with one aggregate query per table."""
-    engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
     totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    try:
-        with translate_errors(
-            f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
-        ):
-            with engine.connect() as conn:
-                for table in tenant_tables(conn, column=column, schemas=schemas):
-                    for tenant, rows, size in _measure_table(conn, table, column):
-                        totals[tenant][0] += rows
-                        totals[tenant][1] += size
-    finally:
-        engine.dispose()
+    with (
+        operator_engine(shard, connect_timeout=connect_timeout) as engine,
+        engine.connect() as conn,
+    ):
+        for table in tenant_tables(conn, column=column, schemas=schemas):
+            for tenant, rows, size in _measure_table(conn, table, column):
+                totals[tenant][0] += rows
+                totals[tenant][1] += size
     return {t: TenantSize(rows=r, bytes=b) for t, (r, b) in totals.items()}
 
 

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from tenantry.errors import StaleRoute
 from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
-from tenantry.router.router import RouterBase, lost_midway, reaching, retry_once
+from tenantry.router.router import RouterBase, lost_midway, retry_once
 from tenantry.router.scoping import (
     SESSION_CRITERIA,
     SESSION_SHARD,
@@ -21,6 +21,7 @@ from tenantry.router.scoping import (
 )
 from tenantry.shardmap.connect import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
+from tenantry.shardmap.operations import shard_errors
 
 __all__ = ["AsyncRouter"]
 
@@ -94,7 +95,7 @@ class AsyncRouter(RouterBase):
                     **kwargs,
                 )
                 try:
-                    with reaching(shard):
+                    with shard_errors(shard):
                         await session.connection()
                 except BaseException as exc:
                     await session.close()
@@ -116,12 +117,12 @@ class AsyncRouter(RouterBase):
         retried: set[str] = set()
         while True:
             async with self._lease(shard) as engine:
-                with reaching(shard):
+                with shard_errors(shard):
                     conn = await engine.connect()
                 try:
                     transaction = await conn.begin()
                     try:
-                        with reaching(shard):
+                        with shard_errors(shard):
                             await conn.run_sync(run_fence, tenant, shard.name)
                     except BaseException as exc:
                         if not retry_once(exc, retried):

@@ -44,11 +44,12 @@ from tenantry.router.scoping import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
+from tenantry.shardmap.connect import describe_error, make_engine
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
+from tenantry.shardmap.operations import shard_errors
 
-__all__ = ["Router", "RouterBase", "lost_midway", "reaching", "retry_once"]
+__all__ = ["Router", "RouterBase", "lost_midway", "retry_once"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -243,7 +244,7 @@ class Router(RouterBase):
                     **kwargs,
                 )
                 try:
-                    with reaching(shard):
+                    with shard_errors(shard):
                         session.connection()  # begins the transaction: the fence runs now
                 except BaseException as exc:
                     session.close()
@@ -277,12 +278,12 @@ class Router(RouterBase):
         retried: set[str] = set()
         while True:
             with self._engines.lease(shard) as engine:
-                with reaching(shard):
+                with shard_errors(shard):
                     conn = engine.connect()
                 try:
                     transaction = conn.begin()
                     try:
-                        with reaching(shard):
+                        with shard_errors(shard):
                             run_fence(conn, tenant, shard.name)
                     except BaseException as exc:
                         if not retry_once(exc, retried):
@@ -394,17 +395,3 @@ def lost_midway(shard: Shard) -> Iterator[None]:
             f"({describe_error(exc)}); it did not commit, unless it was lost during COMMIT",
             shard=shard.name,
         ) from exc
-
-
-@contextmanager
-def reaching(shard: Shard) -> Iterator[None]:
-    """Connection failures name the shard (never its password) as ShardUnavailable."""
-    try:
-        with translate_errors(
-            f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
-        ):
-            yield
-    except ShardUnavailable as exc:
-        # translate_errors raised it: only out here can it be given the shard's name
-        exc.shard = shard.name
-        raise

@@ -21,7 +21,6 @@ import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
     CatalogNotInitialized,
@@ -34,7 +33,6 @@ from tenantry.errors import (
     ShardExists,
     ShardNotActive,
     ShardOccupied,
-    ShardUnavailable,
     TenantExists,
     TenantryError,
     TierMismatch,
@@ -60,7 +58,8 @@ from tenantry.shardmap.model import (
     validate_shard_name,
     validate_tenant_id,
 )
-from tenantry.shardmap.residency import Residency, clear_residency, write_residency
+from tenantry.shardmap.operations import operator_engine, operator_transaction
+from tenantry.shardmap.residency import Residency, clear_residency, commit_residency
 from tenantry.shardmap.ring import PlacementRing
 from tenantry.shardmap.roles import verify_routing_role
 from tenantry.shardmap.schema import fence_keys, map_changes, map_table, moves, shards, tenants
@@ -713,7 +712,7 @@ class Catalog:
             if row is not None:
                 return FenceKey(int(row[0]), bytes(row[1]))
         shard = self.get_shard(name)
-        with shard_admin(shard, connect_timeout=self.settings.connect_timeout) as conn:
+        with operator_transaction(shard, connect_timeout=self.settings.connect_timeout) as conn:
             key = current_key(conn)
         if key is None:
             raise ConfigurationError(
@@ -736,7 +735,7 @@ class Catalog:
                 f"shard {name!r} is SQLite: SQLite shards have no row-level security and "
                 "no fence key"
             )
-        with shard_admin(shard, connect_timeout=self.settings.connect_timeout) as conn:
+        with operator_transaction(shard, connect_timeout=self.settings.connect_timeout) as conn:
             if current_key(conn) is None:
                 raise ConfigurationError(
                     f"shard {name!r} has no fence key to rotate: run `tenantry migrate "
@@ -1028,39 +1027,10 @@ def _tenant(row: Any) -> Tenant:
 # -- the shard side -------------------------------------------------------------------
 
 
-@contextmanager
-def shard_admin(shard: Shard, *, connect_timeout: float = 5.0) -> Iterator[Connection]:
-    """A write transaction on the shard as its operations role (short-lived engine)."""
-    engine = make_engine(shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool)
-    try:
-        with (
-            _naming_shard(shard.name),
-            translate_errors(
-                f"shard {shard.name!r}", unavailable=ShardUnavailable, failed=ShardUnavailable
-            ),
-            engine.connect() as conn,
-        ):
-            conn = conn.execution_options(**WRITE)
-            with conn.begin():
-                yield conn
-    finally:
-        engine.dispose()
-
-
-@contextmanager
-def _naming_shard(name: str) -> Iterator[None]:
-    try:
-        yield
-    except ShardUnavailable as exc:
-        if exc.shard is None:
-            exc.shard = name
-        raise
-
-
 def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
     """Create or upgrade tenantry's own tables on the shard; return the identity of its
     database (made, or repaired in a copy of another database, first when needed)."""
-    with shard_admin(shard, connect_timeout=connect_timeout) as conn:
+    with operator_transaction(shard, connect_timeout=connect_timeout) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": _INIT_LOCK_KEY})
         SHARD.upgrade(conn)
@@ -1072,11 +1042,11 @@ def set_residency(
     shard: Shard, tenant_id: str, state: Residency, version: int, settings: TenantrySettings
 ) -> None:
     """Write the tenant's residency row on *shard* and commit it there."""
-    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
-        write_residency(conn, tenant_id, state, version)
+    with operator_engine(shard, connect_timeout=settings.connect_timeout) as engine:
+        commit_residency(engine, tenant_id, state, version)
 
 
 def drop_residency(shard: Shard, tenant_id: str, settings: TenantrySettings) -> None:
     """Delete the tenant's residency row on *shard*."""
-    with shard_admin(shard, connect_timeout=settings.connect_timeout) as conn:
+    with operator_transaction(shard, connect_timeout=settings.connect_timeout) as conn:
         clear_residency(conn, tenant_id)

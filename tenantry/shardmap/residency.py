@@ -10,11 +10,12 @@ import enum
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 
+from tenantry.shardmap.connect import WRITE
 from tenantry.shardmap.schema import residency
 
-__all__ = ["Residency", "clear_residency", "read_residency", "write_residency"]
+__all__ = ["Residency", "clear_residency", "commit_residency", "read_residency", "write_residency"]
 
 
 class Residency(enum.StrEnum):
@@ -40,6 +41,22 @@ def write_residency(conn: Connection, tenant_id: str, state: Residency, map_vers
                 tenant_id=tenant_id, state=state.value, map_version=map_version, updated_at=now
             )
         )
+
+
+def commit_residency(
+    bind: Engine | Connection, tenant_id: str, state: Residency, map_version: int
+) -> None:
+    """Write the tenant's residency row in a transaction of its own, and commit it.
+
+    *bind* is a connection outside a transaction, or an engine (one connection of it
+    is opened for writing, and closed).
+    """
+    if isinstance(bind, Engine):
+        with bind.connect() as conn:
+            commit_residency(conn.execution_options(**WRITE), tenant_id, state, map_version)
+        return
+    with bind.begin():
+        write_residency(bind, tenant_id, state, map_version)
 
 
 def read_residency(conn: Connection, tenant_id: str) -> Residency | None:

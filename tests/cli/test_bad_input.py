@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy import make_url
 
 from tenantry import Catalog, load_settings
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import residency
 
 if TYPE_CHECKING:
@@ -29,7 +29,7 @@ def everything(catalog: Catalog) -> tuple[int, list[dict[str, object]], dict[str
     records += [dataclasses.asdict(t) for t in snap.tenants.values()]
     rows: dict[str, set[str]] = {}
     for shard in snap.shards.values():
-        with shard_admin(shard) as conn:
+        with operator_transaction(shard) as conn:
             rows[shard.name] = {
                 f"{r.tenant_id}:{r.state}:{r.map_version}"
                 for r in conn.execute(sa.select(residency))

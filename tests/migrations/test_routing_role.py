@@ -44,7 +44,7 @@ from tenantry.migrations import rls
 from tenantry.migrations.provision import drop_database
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap import roles
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.testing import DatabaseFactory
 
 pytestmark = pytest.mark.strict_routing_role
@@ -568,7 +568,7 @@ def test_a_router_on_a_safe_role_checks_once_and_says_nothing(
         with pytest.raises(ShardUnavailable, match="may create temporary tables"):
             with router.connection("acme"):
                 pytest.fail("routed as a role that may create temporary tables")
-    with shard_admin(catalog.get_shard("s1")) as conn:
+    with operator_transaction(catalog.get_shard("s1")) as conn:
         rls.grant_routing_role(conn, app)  # what migrate upgrade does
     logs.clear()
     with Router(catalog=catalog, listen=False, background=False) as router:

@@ -34,7 +34,7 @@ from sqlalchemy.pool import NullPool
 from tenantry import Catalog, Router, Shard, TenantScoped, Tier, load_settings
 from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.residency import Residency, write_residency
 from tenantry.testing import DatabaseFactory, TempPostgres, create_database
 
@@ -195,7 +195,7 @@ class Fleet:
         if routing_port is not None:
             url = sa.make_url(url).set(port=routing_port).render_as_string(hide_password=False)
         shard = self.catalog.add_shard(name, url, admin_url=admin, tier=tier)
-        with shard_admin(shard) as conn:
+        with operator_transaction(shard) as conn:
             grant_routing_role(conn, APP_ROLE)
         return shard
 
@@ -211,7 +211,7 @@ class Fleet:
 
     def seed(self, tenant: str, shard: str) -> None:
         projects, tasks = seed_rows(tenant)
-        with shard_admin(self.shard(shard)) as conn:
+        with operator_transaction(self.shard(shard)) as conn:
             conn.execute(Project.__table__.insert(), projects)
             conn.execute(Task.__table__.insert(), tasks)
         self.tenants[tenant] = shard
@@ -223,7 +223,7 @@ class Fleet:
         for tenant, shard in self.tenants.items():
             by_shard.setdefault(shard, []).append(tenant)
         for shard, tenants in by_shard.items():
-            with shard_admin(self.shard(shard)) as conn:
+            with operator_transaction(self.shard(shard)) as conn:
                 conn.execute(Task.__table__.delete())
                 conn.execute(Project.__table__.delete())
                 for tenant in tenants:
@@ -235,12 +235,12 @@ class Fleet:
     def rows(self, shard: str, table: str = "projects") -> list[tuple[Any, ...]]:
         """Every row of *table* on *shard*, every tenant's, read as the operations role."""
         source = Base.metadata.tables[table]
-        with shard_admin(self.shard(shard)) as conn:
+        with operator_transaction(self.shard(shard)) as conn:
             query = sa.select(source).order_by(*source.primary_key.columns)
             return [tuple(row) for row in conn.execute(query)]
 
     def set_residency(self, tenant: str, shard: str, state: Residency) -> None:
-        with shard_admin(self.shard(shard)) as conn:
+        with operator_transaction(self.shard(shard)) as conn:
             write_residency(conn, tenant, state, self.catalog.map_version())
 
     def new_router(self, **kwargs: Any) -> Router:

@@ -44,7 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tenantry.errors import CrossTenantWrite
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 
 ME = "acme"
 
@@ -96,7 +96,7 @@ def admin_rows(fleet: Any, table: str, tenant: str = ME) -> list[tuple[Any, ...]
 
 def plant_lonely_project(fleet: Any, app: Any) -> None:
     """acme's project 9 has no tasks; globex's project 9 has task 91."""
-    with shard_admin(fleet.shard("shared-a")) as conn:
+    with operator_transaction(fleet.shard("shared-a")) as conn:
         conn.execute(
             app.projects.insert(),
             [

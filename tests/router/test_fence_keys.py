@@ -16,14 +16,14 @@ from sqlalchemy import select, text
 
 from tenantry.cli import cli
 from tenantry.errors import ConfigurationError
-from tenantry.shardmap.catalog import shard_admin
 from tenantry.shardmap.keys import FenceKey, current_key, install_key
+from tenantry.shardmap.operations import operator_transaction
 
 APP_ROLE = "app"  # the routing role of tests/router/conftest.py
 
 
 def shard_keys(fleet: Any, shard: str) -> list[int]:
-    with shard_admin(fleet.shard(shard)) as conn:
+    with operator_transaction(fleet.shard(shard)) as conn:
         return list(conn.scalars(text("SELECT key_id FROM tenantry.fence_keys ORDER BY 1")))
 
 
@@ -70,7 +70,7 @@ def test_retire_previous_and_a_catalog_behind_the_shard(pg_fleet: Any, app: Any)
 
     # a rotation that reached the shard but not the catalog (a crash between the two):
     # the router learns the key from the shard itself
-    with shard_admin(pg_fleet.shard("shared-a")) as conn:
+    with operator_transaction(pg_fleet.shard("shared-a")) as conn:
         newest = install_key(conn, retire_previous=True)
     assert pg_fleet.catalog.fence_key("shared-a") == key  # the catalog is behind
     assert projects_seen(router, "globex", app) == {"globex"}
@@ -138,7 +138,7 @@ def test_rotate_key_command_never_shows_the_key(pg_fleet: Any, tmp_path: Any) ->
 def test_sqlite_shards_have_no_fence_key(fleet_builder: Any) -> None:
     fleet = fleet_builder()
     if fleet.pg:
-        with shard_admin(fleet.add_shard("pg")) as conn:
+        with operator_transaction(fleet.add_shard("pg")) as conn:
             assert current_key(conn) is not None
         return
     fleet.add_shard("lite")

@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import select, text
 
 from tenantry.errors import RoutingError, StaleRoute, TenantFrozen, UnknownTenant
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.residency import Residency, read_residency, write_residency
 
 WORKER = textwrap.dedent(
@@ -205,7 +205,10 @@ def two_shard_fleet(build: Any) -> Any:
 def move_by_hand(fleet: Any, app: Any, tenant: str, source: str, target: str) -> int:
     """The mover's copy and switch, by hand; return the new map version."""
     tables = [app.projects, app.tasks]
-    with shard_admin(fleet.shard(source)) as src, shard_admin(fleet.shard(target)) as dst:
+    with (
+        operator_transaction(fleet.shard(source)) as src,
+        operator_transaction(fleet.shard(target)) as dst,
+    ):
         for table in tables:
             rows = src.execute(select(table).where(table.c.tenant_id == tenant)).mappings().all()
             dst.execute(table.insert(), [dict(row) for row in rows])
@@ -369,7 +372,7 @@ def test_pooled_connection_is_writable_after_a_frozen_tenant(fleet: Any, app: An
             assert conn.execute(text("PRAGMA query_only")).scalar() == 0
             conn.execute(text("CREATE TEMPORARY TABLE scratch (x int)"))
             conn.execute(text("INSERT INTO scratch VALUES (1)"))
-    with shard_admin(fleet.shard("shared-a")) as conn:
+    with operator_transaction(fleet.shard("shared-a")) as conn:
         assert read_residency(conn, "globex") is Residency.ACTIVE
 
 

@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from tenantry import Catalog, MapSnapshot, Shard, load_settings
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import residency
 
 ShardUrl = Callable[[], str]
@@ -42,7 +42,7 @@ def new_shard_url(db_url: str, tmp_path: Path, request: pytest.FixtureRequest) -
 
 def residency_rows(shard: Shard) -> dict[str, tuple[str, int]]:
     """Every residency row on *shard*: tenant id -> (state, map version)."""
-    with shard_admin(shard) as conn:
+    with operator_transaction(shard) as conn:
         rows = conn.execute(sa.select(residency)).all()
     return {row.tenant_id: (row.state, int(row.map_version)) for row in rows}
 

@@ -37,7 +37,7 @@ from tenantry import (
     load_settings,
 )
 from tenantry.shardmap import NOTIFY_CHANNEL
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.scripts import CATALOG, SHARD
 
 ShardUrl = Callable[[], str]
@@ -121,7 +121,7 @@ def test_add_shard_registers_and_prepares_it(catalog: Catalog, new_shard_url: Sh
     assert stored is not None and stored.tzinfo is not None and stored >= before
     assert catalog.map_version() == 2
     # prepared: tenantry's per-shard tables exist on the shard, at the shipped head
-    with shard_admin(shard) as conn:
+    with operator_transaction(shard) as conn:
         assert "tenantry_residency" in sa.inspect(conn).get_table_names()
         assert SHARD.current(conn) == SHARD.head
 
@@ -138,7 +138,7 @@ def test_prepare_uses_the_operations_role(catalog: Catalog, new_shard_url: Shard
     shard = catalog.add_shard("s1", routing, admin_url=operations)
     assert shard.admin_url is not None and shard.operations_url == shard.admin_url
     assert catalog.get_shard("s1").admin_url == shard.admin_url
-    with shard_admin(shard) as conn:
+    with operator_transaction(shard) as conn:
         assert "tenantry_residency" in sa.inspect(conn).get_table_names()
     engine = sa.create_engine(shard.url)
     try:

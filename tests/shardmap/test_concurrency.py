@@ -20,7 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tenantry import Catalog, Shard, load_settings
-from tenantry.shardmap.catalog import shard_admin
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import residency
 from tenantry.shardmap.scripts import CATALOG
 from tenantry.testing import DatabaseFactory
@@ -111,7 +111,7 @@ class Workers:
 
 
 def residency_rows(shard: Shard) -> set[str]:
-    with shard_admin(shard) as conn:
+    with operator_transaction(shard) as conn:
         return set(conn.execute(sa.select(residency.c.tenant_id)).scalars())
 
 

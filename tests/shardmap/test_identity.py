@@ -22,8 +22,9 @@ from tenantry import Catalog, DatabaseAlreadyRegistered, Shard, ShardExists, loa
 from tenantry.cli import cli
 from tenantry.demo import MIGRATIONS
 from tenantry.migrations import upgrade
-from tenantry.shardmap.catalog import prepare_shard, shard_admin
+from tenantry.shardmap.catalog import prepare_shard
 from tenantry.shardmap.identity import ensure_identity, live_database, read_identity
+from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import shard_identity, shards
 from tenantry.testing import DatabaseFactory
 
@@ -130,7 +131,7 @@ def test_a_database_cloned_from_a_template_gets_its_own_identity(
     # the clone carries the template's row: not its identity
     copied_id, copied_system, copied_oid = stored_row(clone_url)
     assert copied_id == template.database_id
-    with shard_admin(Shard("clone", clone_url)) as conn:
+    with operator_transaction(Shard("clone", clone_url)) as conn:
         assert read_identity(conn) is None
         live = live_database(conn, repair=False)
         assert live.identity is None and live.database_oid != copied_oid
@@ -145,7 +146,7 @@ def test_a_database_cloned_from_a_template_gets_its_own_identity(
     assert clone_oid == live.database_oid
 
     # repairing is idempotent, and the template keeps its id
-    with shard_admin(Shard("clone", clone_url)) as conn:
+    with operator_transaction(Shard("clone", clone_url)) as conn:
         assert ensure_identity(conn).database_id == clone_id
     assert stored_row(template_url)[0] == template.database_id
 
