@@ -23,7 +23,7 @@ from tenantry.cli.rebalance import plan_options, run_plan
 from tenantry.migrations.provision import SecuredShard
 from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
 from tenantry.moves.rebalance import start_drain
-from tenantry.shardmap import ShardState, mask_url
+from tenantry.shardmap import Catalog, ShardState, mask_url
 
 __all__ = ["COMMANDS"]
 
@@ -200,14 +200,8 @@ def shard_rotate_key(
     The shard keeps accepting the previous key until the next rotation (or at once
     with --retire-previous), so routers keep working while they pick up the new one.
     """
-    if bool(names) == every:
-        raise click.UsageError("name the shards to rotate, or give --all (not both)")
     catalog = state.catalog()
-    if every:
-        names = tuple(s.name for s in catalog.list_shards() if s.backend == "postgresql")
-    else:
-        for name in names:  # every name checked before any key changes
-            catalog.get_shard(name)
+    names = _chosen(catalog, names, every, "rotate", retired=True)
     rotated = []
     for name in names:
         key = catalog.rotate_fence_key(name, retire_previous=retire_previous)
@@ -221,9 +215,6 @@ def shard_rotate_key(
         emit_json({"rotated": rotated})
     elif not rotated:
         state.console.print("no PostgreSQL shard: nothing to rotate")
-
-
-# -- tenants ----------------------------------------------------------------------------
 
 
 @shard_group.command("create")
@@ -338,18 +329,8 @@ def shard_secure(
     shard's URL routes as it and the old URL stays as its operations URL (--admin-url).
     Safe to run again.
     """
-    if bool(names) == every:
-        raise click.UsageError("name the shards to secure, or give --all (not both)")
     catalog = state.catalog()
-    if every:
-        names = tuple(
-            s.name
-            for s in catalog.list_shards()
-            if s.backend == "postgresql" and s.state is not ShardState.RETIRED
-        )
-    else:
-        for name in names:  # every name checked before any shard changes
-            catalog.get_shard(name)
+    names = _chosen(catalog, names, every, "secure", retired=False)
     done = []
     for name in names:
         secured = migrations.secure_shard(catalog, name, role=role)
@@ -380,6 +361,24 @@ def drain_command(state: CliState, /, name: str, **options: Any) -> None:
     if was is not shard.state and not options["as_json"]:
         state.console.print(f"shard {name} is draining: it takes no new tenants")
     run_plan(state, drain=(name,), **options)
+
+
+def _chosen(
+    catalog: Catalog, names: tuple[str, ...], every: bool, verb: str, *, retired: bool
+) -> tuple[str, ...]:
+    """The shards a ``NAME... | --all`` command acts on: the named ones, each checked
+    before any changes, or every PostgreSQL shard (retired ones only if *retired*)."""
+    if bool(names) == every:
+        raise click.UsageError(f"name the shards to {verb}, or give --all (not both)")
+    if every:
+        return tuple(
+            s.name
+            for s in catalog.list_shards()
+            if s.backend == "postgresql" and (retired or s.state is not ShardState.RETIRED)
+        )
+    for name in names:
+        catalog.get_shard(name)
+    return names
 
 
 COMMANDS = [shard_group]
