@@ -23,14 +23,12 @@ from psycopg.copy import Copy
 from sqlalchemy import Connection, Engine
 
 from tenantry.moves.tables import (
-    Convert,
     TenantTable,
     check_same_tables,
     quoted_name,
     tenant_tables,
-    value_reader,
-    value_writer,
 )
+from tenantry.moves.values import Convert, value_reader, value_writer
 from tenantry.moves.verify import rendering_settings
 from tenantry.shardmap.connect import WRITE, mark_error
 

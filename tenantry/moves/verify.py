@@ -27,7 +27,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy import Connection
 
-from tenantry.moves.tables import TenantTable, value_reader
+from tenantry.moves.tables import TenantTable
+from tenantry.moves.values import value_reader
 
 __all__ = [
     "RENDERING",
