@@ -4,8 +4,9 @@ the shards of the fleet."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -26,6 +27,18 @@ from tenantry.moves.rebalance import start_drain
 from tenantry.shardmap import Catalog, ShardState, mask_url
 
 __all__ = ["COMMANDS"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _shard_names(every_help: str) -> Callable[[F], F]:
+    """``[NAME]... | --all``: the shards a command acts on (see :func:`_chosen`)."""
+
+    def add(func: F) -> F:
+        func = click.option("--all", "every", is_flag=True, help=every_help)(func)
+        return click.argument("names", metavar="[NAME]...", nargs=-1)(func)
+
+    return add
 
 
 @click.group("shard")
@@ -183,8 +196,7 @@ def shard_remove(state: CliState, name: str, as_json: bool) -> None:
 
 
 @shard_group.command("rotate-key")
-@click.argument("names", metavar="[NAME]...", nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard.")
+@_shard_names("Every PostgreSQL shard.")
 @click.option(
     "--retire-previous",
     is_flag=True,
@@ -307,8 +319,7 @@ def secured_record(secured: SecuredShard) -> dict[str, Any]:
 
 
 @shard_group.command("secure")
-@click.argument("names", metavar="[NAME]...", nargs=-1)
-@click.option("--all", "every", is_flag=True, help="Every PostgreSQL shard (not retired).")
+@_shard_names("Every PostgreSQL shard (not retired).")
 @click.option(
     "--role",
     default=DEFAULT_ROUTING_ROLE,

@@ -326,18 +326,11 @@ class Mover:
             )
         if isinstance(exc, ReplicationFailed) and not exc.reachable:
             return exc  # left live on purpose, saying what to run: an end is out of reach
-        self.journal.update(move.id, state=MoveState.ABORTED, error=reason)
-        logger.error("move %s failed in %s, rolling back: %s", move.id, move.state.value, reason)
-        self.observer.note(f"failed: {reason}; rolling back")
-        try:
-            self.rollback(self.journal.get(move.id))
-        except Exception as again:
-            left = f"{reason}; the roll back did not finish: {describe(again)}"
-            with suppress(TenantryError):
-                self.journal.update(move.id, error=left)
+        unfinished = self.roll_back_failed(move, reason)
+        if unfinished is not None:
             return MoveError(
-                f"move {move.id} failed: {left}; run `tenantry moves abort {move.id}` once "
-                "that is fixed",
+                f"move {move.id} failed: {reason}; the roll back did not finish: "
+                f"{unfinished}; run `tenantry moves abort {move.id}` once that is fixed",
                 tenant_id=move.tenant_id,
                 move_id=move.id,
             )
@@ -347,6 +340,24 @@ class Mover:
             tenant_id=move.tenant_id,
             move_id=move.id,
         )
+
+    def roll_back_failed(self, move: Move, reason: str) -> str | None:
+        """A step of *move* failed before the switch: record *reason*, then roll the
+        move back. None when the roll back finished; else what stopped it (recorded in
+        the journal too, and the move stays aborted and live for `moves abort`)."""
+        self.journal.update(move.id, state=MoveState.ABORTED, error=reason)
+        logger.error("move %s failed in %s, rolling back: %s", move.id, move.state.value, reason)
+        self.observer.note(f"failed: {reason}; rolling back")
+        try:
+            self.rollback(self.journal.get(move.id))
+        except Exception as again:
+            unfinished = describe(again)
+            with suppress(TenantryError):
+                self.journal.update(
+                    move.id, error=f"{reason}; the roll back did not finish: {unfinished}"
+                )
+            return unfinished
+        return None
 
     def _steps(self, move: Move) -> list[tuple[MoveState, Callable[[Move], None]]]:
         if move.mode is MoveMode.ONLINE:

@@ -38,7 +38,7 @@ from tenantry.errors import (
 from tenantry.moves import replication as repl
 from tenantry.moves import tail
 from tenantry.moves.hooks import Checkpoints, MoveObserver
-from tenantry.moves.journal import Journal, Move, MoveState
+from tenantry.moves.journal import Journal, Move
 from tenantry.moves.references import (
     ForeignKey,
     Key,
@@ -132,6 +132,10 @@ class MoveRunner(Protocol):
         """Wait until every transaction that began before the freeze has ended."""
         ...
 
+    def roll_back_failed(self, move: Move, reason: str) -> str | None:
+        """Record *reason* and roll *move* back; what stopped the roll back, or None."""
+        ...
+
     def rollback(self, move: Move) -> Move:
         """Roll *move* back."""
         ...
@@ -203,13 +207,11 @@ class OnlineSteps:
     def _stopped(self, move: Move, exc: ReplicationFailed) -> None:
         mover = self.mover
         if exc.reachable:
-            mover.journal.update(move.id, state=MoveState.ABORTED, error=str(exc))
-            try:
-                mover.rollback(mover.journal.get(move.id))
-            except TenantryError as failed:
+            unfinished = mover.roll_back_failed(move, str(exc))
+            if unfinished is not None:
                 message = (
-                    f"{exc}; rolling back failed too ({failed}): run `tenantry moves abort "
-                    f"{move.id}`"
+                    f"{exc}; rolling back failed too ({unfinished}): run `tenantry moves "
+                    f"abort {move.id}`"
                 )
             else:
                 message = f"{exc}; the move was rolled back"
