@@ -1,6 +1,6 @@
 """Helpers every benchmark shares: machine facts, percentiles, results files, progress.
 
-Benchmarks live outside the test suite (STYLE.md) and import this module by name
+Benchmarks live outside the test suite (timed tests are flaky) and import this module by name
 (``python benchmarks/<name>.py`` puts ``benchmarks/`` first on ``sys.path``).
 """
 

@@ -38,7 +38,7 @@ TAIL_SMALL = 0.95
 TAIL_TOP_ROWS = 1_000_000
 TAIL_LOW_ROWS = 3_000
 BYTES_PER_ROW = 200
-#: The default by_size's fixed base per tenant before issue 14.
+#: The default by_size's fixed base per tenant before the 1% base.
 OLD_BASE_BYTES = 64 * 1024
 
 PLANNER = "planner (by_size, 10%)"
@@ -49,7 +49,7 @@ RING = "consistent hash (ring)"
 
 
 def old_by_size(tenant: Tenant, size: TenantSize) -> float:
-    """The default strategy before issue 14: bytes plus a fixed 64 KiB per tenant (a
+    """The default strategy before the 1% base: bytes plus a fixed 64 KiB per tenant (a
     custom cost function, so the planner adds no base of its own)."""
     return float(size.bytes + OLD_BASE_BYTES)
 

@@ -94,7 +94,7 @@ ROUTE_LABELS = {
 STATEMENTS = (1, 5)
 ENDINGS = ("rollback", "commit")
 
-# Targets from DESIGN.md ("hot-path facts") and issue 3.
+# Targets from DESIGN.md ("hot-path facts").
 TARGET_VS_SETTING = 1.05
 TARGET_VS_BARE = {1: 1.25, 5: 1.10}
 TARGET_LOOKUP_NS = 5_000.0

@@ -33,7 +33,8 @@ Per move:
   wait-out, the copy, verification and the switch. Online moves also report how many
   rows changed since the cut (``tail_rows``).
 
-Targets (issue 6): online freeze p99 <= 250 ms; online / offline freeze (p99) <= 0.05.
+Targets (DESIGN.md, "The move protocol"): online freeze p99 <= 250 ms; online /
+offline freeze (p99) <= 0.05.
 ``--quick``: 100,000 rows, 2 + 2 moves, about two minutes. Results go to
 ``benchmarks/results/online_moves.{json,md}``.
 """

@@ -7,9 +7,10 @@
 the tenants occupy; the planner adds to every tenant a base of 1% of the pool's mean
 tenant size (``base_cost``: all bases together are 1% of the pool's bytes), so the
 planner's load is bytes + that base. ``by_size_and_count`` adds the mean itself, so
-tenant count weighs as much as bytes. Before issue 14 the default added a fixed 64 KiB
-per tenant; an *old default* row emulates it with a custom cost function (bytes +
-65536 per tenant, no base) passed to ``plan_rebalance``, to show what changed.
+tenant count weighs as much as bytes. Until the 1% base was introduced the default
+added a fixed 64 KiB per tenant; an *old default* row emulates it with a custom cost
+function (bytes + 65536 per tenant, no base) passed to ``plan_rebalance``, to show
+what changed.
 
 **Two pools**, each with three equal shared shards placed by tenantry's placement
 ring and then settled by the planner (each strategy settles its own pool, as a pool

@@ -6,9 +6,10 @@ Each benchmark runs as a process of its own (one that fails or hangs does not st
 others), with ``--quick`` under ``--quick``, on two servers started here once
 (``tenantry.testing``, room for 1000 connections each) or on the given ones. Then
 every ``results/<name>.json`` written by this run is folded into ``results/report.md``:
-the ratios first, then one section per question of issue 8, then each benchmark's own
-tables. A benchmark that is missing, fails or writes nothing is listed as such, and
-results left over from an earlier run are never mixed in.
+the ratios first, then one section per question the benchmarks answer
+(``BENCHMARKS``), then each benchmark's own tables. A benchmark that is missing,
+fails or writes nothing is listed as such, and results left over from an earlier run
+are never mixed in.
 
 This is what ``make bench`` and ``tenantry bench`` run.
 """
@@ -37,7 +38,8 @@ from _tiers_report import TITLES, draw_charts, sections
 
 HERE = Path(__file__).resolve().parent
 
-#: Every benchmark, in the order they run: (name, question of issue 8 it answers).
+#: Every benchmark, in the order they run: (name, the report's question it answers;
+#: ``TITLES`` names them).
 BENCHMARKS = (
     ("tiers", "1-4"),
     ("routing_overhead", "5"),

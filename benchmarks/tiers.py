@@ -3,7 +3,8 @@
     python benchmarks/tiers.py [--quick] [--pg-url URL ...] [--out DIR] [--seed N]
                                [--sizes N ...] [--max-dedicated N] [--only PART ...]
 
-Questions 1-4 of issue 8, answered in one run on the same two PostgreSQL servers:
+Questions 1-4 of the tier report (``run_all.py`` lists all five), answered in one run
+on the same two PostgreSQL servers:
 
 1. **Throughput and latency by tier.** N tenants (10, 100, 1000) placed in a pool of
    two shared databases (one per server), each in a dedicated database (alternating
