@@ -531,6 +531,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
+        *network_markdown(data),
         "## Machine",
         "",
         machine_markdown(machine),
@@ -615,3 +616,51 @@ def print_summary(data: dict[str, Any]) -> None:
     for route, report in data.get("profile", {}).items():
         console.rule(f"profile: {route}")
         console.print(report, markup=False)
+
+
+def network_markdown(data: dict[str, Any]) -> list[str]:
+    """The round trips counted on the wire and the figures at added round-trip times."""
+    net = data.get("network")
+    if not net:
+        return []
+    direct = {
+        (r["route"], r["statements"], r["ending"]): r["us"]["p50"]
+        for r in data["latency"]
+        if r["threads"] == 1
+    }
+    trips = {
+        (r["route"], r["statements"], r["ending"]): r["round_trips"] for r in net["round_trips"]
+    }
+    rtts = sorted({r["rtt_ms"] for r in net["latency"]})
+    measured = {r["rtt_ms"]: r["measured_rtt_ms"] for r in net["latency"]}
+    p50 = {
+        (r["rtt_ms"], r["route"], r["statements"], r["ending"]): r["p50_us"] for r in net["latency"]
+    }
+    headers = ["route", "selects", "ending", "round trips", "direct p50"]
+    for rtt in rtts[1:]:
+        headers += [f"modelled at {rtt} ms", f"through proxy, +{rtt} ms"]
+    rows = []
+    for key, count in trips.items():
+        row: list[object] = [*key, f"{count:.2f}", f"{direct.get(key, math.nan):.0f} µs"]
+        for rtt in rtts[1:]:
+            row += [
+                f"{direct.get(key, math.nan) + count * rtt * 1000:.0f} µs",
+                f"{p50[(rtt, *key)]:.0f} µs",
+            ]
+        rows.append(row)
+    return [
+        "## Round trips and the network",
+        "",
+        "Counted on the wire by a TCP proxy in front of the shard server (a client message "
+        "after a server one is a round trip), one thread, "
+        f"{net['rounds']} interleaved rounds. *Modelled*: the direct p50 (1 thread, above) "
+        "plus round trips x the round-trip time. *Through proxy*: measured with the proxy "
+        "delaying each packet; the round-trip time it really added (SELECT 1, median): "
+        + ", ".join(
+            f"{measured[r] - measured[0.0]:+.2f} ms when asked for {r} ms" for r in rtts[1:]
+        )
+        + f" (the proxy itself costs {measured[0.0]:.2f} ms a round trip).",
+        "",
+        markdown_table(headers, rows, align="llr" + "r" * (len(headers) - 3)),
+        "",
+    ]

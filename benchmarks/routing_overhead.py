@@ -96,6 +96,7 @@ from _routing_measure import (
     propagation_child,
     run_rounds,
 )
+from _routing_network import measure_network
 from _routing_policy import (
     measure_policy,
 )
@@ -133,6 +134,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy = measure_policy(fleet, cfg, args.seed)
         with phase("transactions"):
             results = run_rounds(fleet, cfg, args.seed)
+        network = None
+        if args.rtt:
+            with phase("network"):
+                network = measure_network(urls[0], urls[1], cfg, args.seed, args.rtt)
         if args.profile:
             with phase("profile"):
                 profile = profile_paths(fleet, cfg, args.seed)
@@ -188,6 +193,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "propagation": propagation,
     }
     data["targets"] = targets(data)
+    if network is not None:
+        data["network"] = network
     if profile is not None:
         data["profile"] = profile
     if args.raw_samples:
@@ -208,6 +215,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="override the number of rounds")
     parser.add_argument(
         "--profile", action="store_true", help="also cProfile routed and setting (into the JSON)"
+    )
+    parser.add_argument(
+        "--rtt",
+        type=float,
+        nargs="*",
+        default=[0.5],
+        metavar="MS",
+        help="round-trip times to add through a proxy (default: 0.5; none: skip that part)",
     )
     parser.add_argument(
         "--raw-samples", action="store_true", help="also write every latency into the JSON"
