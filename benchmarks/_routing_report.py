@@ -23,6 +23,7 @@ from _routing_fleet import (
     ROUTE_LABELS,
     ROUTES,
     STATEMENTS,
+    TARGET_CPU_VS_BARE,
     TARGET_LOOKUP_NS,
     TARGET_VS_BARE,
     TARGET_VS_LEGACY,
@@ -146,6 +147,18 @@ def targets(data: dict[str, Any]) -> list[dict[str, Any]]:
                     "spread": _spread(r[base]["blocks_p50"]),
                 }
             )
+    for r in data["ratios"]:
+        cpu = r["bare"]["client_cpu_min"]
+        out.append(
+            {
+                "figure": f"routed / bare client CPU per transaction ({_cell(r)})",
+                "value": _x(cpu),
+                "target": f"<= {TARGET_CPU_VS_BARE}",
+                "verdict": verdict(cpu, TARGET_CPU_VS_BARE),
+                "spread": "",
+            }
+        )
+    out += async_targets(data)
     lookup = data["lookup"]["router.shard_for(t)"]["median_ns"]
     out.append(
         {
@@ -531,6 +544,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
+        *async_markdown(data),
         *network_markdown(data),
         "## Machine",
         "",
@@ -662,5 +676,84 @@ def network_markdown(data: dict[str, Any]) -> list[str]:
         + f" (the proxy itself costs {measured[0.0]:.2f} ms a round trip).",
         "",
         markdown_table(headers, rows, align="llr" + "r" * (len(headers) - 3)),
+        "",
+    ]
+
+
+def async_ratios(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """AsyncRouter's cells: routed / setting and routed / bare, p50 and CPU."""
+    part = data.get("async")
+    if not part:
+        return []
+    by = {(r["tasks"], r["route"], r["statements"], r["ending"]): r for r in part["latency"]}
+    rows = []
+    for (tasks, route, statements, ending), r in by.items():
+        if route != "routed":
+            continue
+        row: dict[str, Any] = {"tasks": tasks, "statements": statements, "ending": ending}
+        for base in ("setting", "bare"):
+            b = by[(tasks, base, statements, ending)]
+            row[base] = r["us"]["p50"] / b["us"]["p50"]
+            row[f"{base}_cpu"] = r["cpu_us"] / b["cpu_us"]
+        rows.append(row)
+    return rows
+
+
+def _async_cell(r: dict[str, Any]) -> str:
+    selects = "1 select" if r["statements"] == 1 else f"{r['statements']} selects"
+    return f"asyncio, {r['tasks']} task{'s' if r['tasks'] > 1 else ''}, {selects}, {r['ending']}"
+
+
+def async_targets(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in async_ratios(data):
+        for figure, value, target in (
+            ("routed / setting p50", r["setting"], TARGET_VS_SETTING),
+            ("routed / bare p50", r["bare"], TARGET_VS_BARE[r["statements"]]),
+            ("routed / bare CPU per transaction", r["bare_cpu"], TARGET_CPU_VS_BARE),
+        ):
+            out.append(
+                {
+                    "figure": f"{figure} ({_async_cell(r)})",
+                    "value": _x(value),
+                    "target": f"<= {target}",
+                    "verdict": verdict(value, target),
+                    "spread": "",
+                }
+            )
+    return out
+
+
+def async_markdown(data: dict[str, Any]) -> list[str]:
+    """AsyncRouter against hand-written AsyncSessions: latencies and CPU per route."""
+    part = data.get("async")
+    if not part:
+        return []
+    rows = [
+        [
+            r["tasks"],
+            r["route"],
+            r["statements"],
+            r["ending"],
+            f"{r['us']['p50']:.0f}",
+            f"{r['us']['p99']:.0f}",
+            f"{r['cpu_us']:.0f}",
+        ]
+        for r in part["latency"]
+    ]
+    return [
+        "## AsyncRouter",
+        "",
+        "`AsyncRouter.session(t)` (signed fence) against `AsyncSession(engine)` with "
+        "`set_config` (classic policy) and a bare `AsyncSession` (no policy), on the same "
+        f"pool, one event loop, {part['rounds']} interleaved rounds; CPU: the process's CPU "
+        "time per transaction (median over rounds). The targets above hold them to the "
+        "threaded ones.",
+        "",
+        markdown_table(
+            ["tasks", "route", "selects", "ending", "p50 µs", "p99 µs", "CPU µs"],
+            rows,
+            align="rlrlrrr",
+        ),
         "",
     ]

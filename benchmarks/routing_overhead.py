@@ -80,6 +80,7 @@ from _common import (
     pg_servers,
     timed,
 )
+from _routing_async import measure_async
 from _routing_fleet import (
     FULL,
     NAME,
@@ -134,6 +135,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             policy = measure_policy(fleet, cfg, args.seed)
         with phase("transactions"):
             results = run_rounds(fleet, cfg, args.seed)
+        with phase("asyncio"):
+            async_part = measure_async(fleet, cfg, args.seed)
         network = None
         if args.rtt:
             with phase("network"):
@@ -193,6 +196,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "propagation": propagation,
     }
     data["targets"] = targets(data)
+    data["async"] = async_part
     if network is not None:
         data["network"] = network
     if profile is not None:
