@@ -194,9 +194,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "lookup": lookup,
         "snapshot": snapshot,
         "propagation": propagation,
+        "async": async_part,
     }
     data["targets"] = targets(data)
-    data["async"] = async_part
     if network is not None:
         data["network"] = network
     if profile is not None:
