@@ -1,9 +1,4 @@
-"""Users and chargers.
-
-Revision ID: d0001
-Revises:
-Create Date: 2026-11-28
-"""
+"""Users and chargers."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "d0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

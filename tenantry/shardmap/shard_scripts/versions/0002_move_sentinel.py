@@ -3,10 +3,6 @@
 Inside an online move's freeze the mover writes a row here on the source; when it
 arrives on the target through the row-filtered subscription, the target provably has
 every write acknowledged before the freeze.
-
-Revision ID: s0002
-Revises: s0001
-Create Date: 2026-11-28
 """
 
 from __future__ import annotations
@@ -16,8 +12,6 @@ from alembic import op
 
 revision = "s0002"
 down_revision = "s0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
