@@ -94,12 +94,9 @@ def tenant_size_columns() -> Columns:
 
 def fence_key_columns() -> Columns:
     """``tenantry_fence_keys`` as catalog revision c0006 makes it."""
-    return [
-        _name("shard", primary_key=True),
-        sa.Column("key_id", sa.Integer, nullable=False),
-        sa.Column("secret", sa.LargeBinary, nullable=False),
-        _when("updated_at"),
-    ]
+    key_id = sa.Column("key_id", sa.Integer, nullable=False)
+    secret = sa.Column("secret", sa.LargeBinary, nullable=False)
+    return [_name("shard", primary_key=True), key_id, secret, _when("updated_at")]
 
 
 def residency_columns() -> Columns:

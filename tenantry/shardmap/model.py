@@ -208,10 +208,8 @@ class MapSnapshot:
         return MapSnapshot(version=delta.version, shards=delta.shards, tenants=tenants)
 
     def __repr__(self) -> str:
-        return (
-            f"MapSnapshot(version={self.version}, shards={len(self.shards)}, "
-            f"tenants={len(self.tenants)})"
-        )
+        counts = f"shards={len(self.shards)}, tenants={len(self.tenants)}"
+        return f"MapSnapshot(version={self.version}, {counts})"
 
 
 @dataclass(frozen=True, slots=True)
