@@ -109,15 +109,14 @@ class _NamesShard(Exception):
         self.shard = shard
 
 
-class _NamesTenantAndShard(Exception):
+class _NamesTenantAndShard(_NamesShard):
     """Mixin of the errors that may name a tenant and a shard: ``tenant_id``, ``shard``."""
 
     def __init__(
         self, message: str, *, tenant_id: str | None = None, shard: str | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, shard=shard)
         self.tenant_id = tenant_id
-        self.shard = shard
 
 
 class ConfigurationError(TenantryError):

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 __all__ = [
     "fence_key_columns",
     "move_columns",
+    "move_sentinel_columns",
     "residency_columns",
     "shard_columns",
     "shard_identity_columns",
@@ -114,3 +115,11 @@ def shard_identity_columns() -> Columns:
         sa.Column("database_oid", sa.BigInteger, nullable=True),
         _when("created_at"),
     ]
+
+
+def move_sentinel_columns() -> Columns:
+    """``tenantry_move_sentinel`` (online moves' sentinel rows) as shard revision s0002
+    makes it."""
+    move_id = sa.Column("move_id", sa.Integer, nullable=False)
+    token = sa.Column("token", sa.String(64), nullable=False)
+    return [_name("tenant_id"), move_id, token, _when("written_at")]

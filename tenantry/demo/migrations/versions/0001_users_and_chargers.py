@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -10,22 +12,27 @@ down_revision = None
 
 
 def upgrade() -> None:
-    op.create_table(
+    _tenant_table(
         "users",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("id", sa.Integer, nullable=False),
         sa.Column("email", sa.String(200), nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "id"),
     )
-    op.create_table(
+    _tenant_table(
         "chargers",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("id", sa.Integer, nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("location", sa.String(200), nullable=False),
         sa.Column("power_kw", sa.Numeric(8, 2), nullable=False),
         sa.Column("status", sa.String(20), nullable=False),
+    )
+
+
+def _tenant_table(name: str, *columns: sa.Column[Any]) -> None:
+    """A table whose every row is a tenant's, keyed by (tenant_id, id)."""
+    op.create_table(
+        name,
+        sa.Column("tenant_id", sa.String(63), nullable=False),
+        sa.Column("id", sa.Integer, nullable=False),
+        *columns,
         sa.PrimaryKeyConstraint("tenant_id", "id"),
     )
 

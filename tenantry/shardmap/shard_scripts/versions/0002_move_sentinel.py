@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from tenantry.shardmap.columns import move_sentinel_columns
+
 revision = "s0002"
 down_revision = "s0001"
 
@@ -17,10 +19,7 @@ down_revision = "s0001"
 def upgrade() -> None:
     op.create_table(
         "tenantry_move_sentinel",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("move_id", sa.Integer, nullable=False),
-        sa.Column("token", sa.String(64), nullable=False),
-        sa.Column("written_at", sa.DateTime(timezone=True), nullable=False),
+        *move_sentinel_columns(),
         sa.PrimaryKeyConstraint("tenant_id", "move_id"),
     )
 
