@@ -7,20 +7,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tenantry.errors import (
-    CatalogNotInitialized,
-)
+from tenantry.errors import CatalogNotInitialized
 from tenantry.shardmap.catalog_store import (
     SNAPSHOT_COLUMNS,
     CatalogStore,
     shard_from_row,
     tenants_from_rows,
 )
-from tenantry.shardmap.model import (
-    MapDelta,
-    MapSnapshot,
-    mask_url,
-)
+from tenantry.shardmap.model import MapDelta, MapSnapshot, mask_url
 from tenantry.shardmap.schema import map_changes, map_table, shards, tenants
 
 __all__ = ["MapReads"]

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any, Self
 
 import sqlalchemy as sa
@@ -36,6 +36,7 @@ from tenantry.shardmap.model import (
     TenantState,
     Tier,
     absolute_sqlite_path,
+    as_utc,
     mask_url,
     parse_url,
 )
@@ -266,13 +267,6 @@ def _catalog_url(url: str) -> str:
     return parsed.set(database=absolute).render_as_string(hide_password=False)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything tenantry stores is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def shard_from_row(row: Any) -> Shard:
     return Shard(
         name=row.name,
@@ -281,7 +275,7 @@ def shard_from_row(row: Any) -> Shard:
         tier=Tier(row.tier),
         state=ShardState(row.state),
         weight=row.weight,
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )
 
 
@@ -320,5 +314,5 @@ def tenant_from_row(row: Any) -> Tenant:
         tier=Tier(row.tier),
         pinned=bool(row.pinned),
         state=TenantState(row.state),
-        created_at=_utc(row.created_at),
+        created_at=as_utc(row.created_at),
     )

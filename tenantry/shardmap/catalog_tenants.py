@@ -13,24 +13,19 @@ from sqlalchemy import Connection
 from tenantry.errors import (
     NoSharedShard,
     PlacementError,
-    ShardNotActive,
     ShardOccupied,
     TenantExists,
     TenantryError,
     TierMismatch,
 )
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog_store import (
-    CatalogStore,
-    shard_from_row,
-    tenant_from_row,
-)
+from tenantry.shardmap.catalog_store import CatalogStore, shard_from_row, tenant_from_row
 from tenantry.shardmap.model import (
     Shard,
-    ShardState,
     Tenant,
     TenantState,
     Tier,
+    require_active,
     validate_tenant_id,
 )
 from tenantry.shardmap.operations import operator_engine, operator_transaction
@@ -231,13 +226,7 @@ class TenantDirectory(CatalogStore):
         return name
 
     def _check_home(self, conn: Connection, tenant_id: str, tier: Tier, shard: Shard) -> None:
-        if shard.state is not ShardState.ACTIVE:
-            raise ShardNotActive(
-                f"shard {shard.name!r} is {shard.state.value} and takes no tenants: "
-                "choose an active shard",
-                tenant_id=tenant_id,
-                shard=shard.name,
-            )
+        require_active(shard, tenant_id)
         if tier is not shard.tier:
             raise TierMismatch(
                 f"a {tier.value} tenant cannot live on {shard.tier.value} shard "
