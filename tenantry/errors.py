@@ -101,6 +101,24 @@ class TenantryError(Exception):
     """Base class of every error tenantry raises on purpose."""
 
 
+class _NamesShard(Exception):
+    """Mixin of the errors that may name a shard: ``shard``."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        super().__init__(message)
+        self.shard = shard
+
+
+class _NamesTenantAndShard(_NamesShard):
+    """Mixin of the errors that may name a tenant and a shard: ``tenant_id``, ``shard``."""
+
+    def __init__(
+        self, message: str, *, tenant_id: str | None = None, shard: str | None = None
+    ) -> None:
+        super().__init__(message, shard=shard)
+        self.tenant_id = tenant_id
+
+
 class ConfigurationError(TenantryError):
     """A setting or argument is invalid; ``field`` names it."""
 
@@ -158,12 +176,8 @@ class InvalidShardName(InvalidName):
         return self.value
 
 
-class InvalidShardUrl(TenantryError, ValueError):
+class InvalidShardUrl(_NamesShard, TenantryError, ValueError):
     """A shard URL is not a SQLite or PostgreSQL SQLAlchemy URL."""
-
-    def __init__(self, message: str, *, shard: str | None = None) -> None:
-        super().__init__(message)
-        self.shard = shard
 
 
 class CatalogError(TenantryError):
@@ -236,15 +250,8 @@ class DatabaseAlreadyRegistered(ShardExists):
         self.existing = existing
 
 
-class PlacementError(TenantryError):
+class PlacementError(_NamesTenantAndShard, TenantryError):
     """A tenant cannot be placed where asked."""
-
-    def __init__(
-        self, message: str, *, tenant_id: str | None = None, shard: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.tenant_id = tenant_id
-        self.shard = shard
 
 
 class NoSharedShard(PlacementError):
@@ -275,25 +282,14 @@ class ShardNotActive(PlacementError):
     """The shard is draining or retired and takes no tenants."""
 
 
-class ShardUnavailable(TenantryError):
+class ShardUnavailable(_NamesShard, TenantryError):
     """A shard's database cannot be reached; ``shard`` names it (never its password)."""
 
-    def __init__(self, message: str, *, shard: str | None = None) -> None:
-        super().__init__(message)
-        self.shard = shard
 
-
-class RoutingError(TenantryError):
+class RoutingError(_NamesTenantAndShard, TenantryError):
     """A routed session or connection cannot serve the request."""
 
     retryable = False
-
-    def __init__(
-        self, message: str, *, tenant_id: str | None = None, shard: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.tenant_id = tenant_id
-        self.shard = shard
 
 
 class NoTenantInContext(RoutingError):
@@ -348,15 +344,11 @@ class ConnectionBudgetExceeded(RoutingError):
     retryable = True
 
 
-class ProvisionError(TenantryError):
+class ProvisionError(_NamesShard, TenantryError):
     """A shard's database could not be created, migrated or registered.
 
     Nothing is left half-done: a database tenantry created is dropped again.
     """
-
-    def __init__(self, message: str, *, shard: str | None = None) -> None:
-        super().__init__(message)
-        self.shard = shard
 
 
 class MoveError(TenantryError):

@@ -9,7 +9,7 @@ import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from tenantry.errors import (
     InvalidShardName,
     InvalidTenantId,
+    ShardNotActive,
     UnknownShard,
     UnknownTenant,
 )
@@ -33,9 +34,11 @@ __all__ = [
     "TenantState",
     "Tier",
     "absolute_sqlite_path",
+    "as_utc",
     "mask_url",
     "normalize_url",
     "parse_url",
+    "require_active",
     "validate_shard_name",
     "validate_tenant_id",
 ]
@@ -208,10 +211,8 @@ class MapSnapshot:
         return MapSnapshot(version=delta.version, shards=delta.shards, tenants=tenants)
 
     def __repr__(self) -> str:
-        return (
-            f"MapSnapshot(version={self.version}, shards={len(self.shards)}, "
-            f"tenants={len(self.tenants)})"
-        )
+        counts = f"shards={len(self.shards)}, tenants={len(self.tenants)}"
+        return f"MapSnapshot(version={self.version}, {counts})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,3 +225,23 @@ class MapDelta:
     shards: Mapping[str, Shard]
     tenants: Mapping[str, Tenant]
     removed: frozenset[str]
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """*value* as an aware UTC time: SQLite hands back naive datetimes, and everything
+    tenantry stores is UTC."""
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def require_active(shard: Shard, tenant_id: str | None = None) -> None:
+    """Refuse a draining or retired shard as a tenant's new home (:class:`ShardNotActive`,
+    naming *tenant_id*)."""
+    if shard.state is not ShardState.ACTIVE:
+        raise ShardNotActive(
+            f"shard {shard.name!r} is {shard.state.value} and takes no tenants: "
+            "choose an active shard",
+            tenant_id=tenant_id,
+            shard=shard.name,
+        )

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import NullPool
@@ -30,7 +30,20 @@ from tenantry.errors import ShardUnavailable, TenantryError
 from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import Shard
 
-__all__ = ["operations_engine", "operator_engine", "operator_transaction", "shard_errors"]
+__all__ = [
+    "ErrorNaming",
+    "operations_engine",
+    "operator_engine",
+    "operator_transaction",
+    "shard_errors",
+]
+
+
+class ErrorNaming(TypedDict, total=False):
+    """How :func:`shard_errors` names a block's driver errors (see there)."""
+
+    failed: type[TenantryError]
+    own_only: bool
 
 
 @contextmanager
@@ -96,18 +109,12 @@ def operator_engine(
 
 @contextmanager
 def operator_transaction(
-    shard: Shard,
-    *,
-    connect_timeout: float = 5.0,
-    failed: type[TenantryError] = ShardUnavailable,
-    own_only: bool = False,
+    shard: Shard, *, connect_timeout: float = 5.0, **errors: Unpack[ErrorNaming]
 ) -> Iterator[Connection]:
     """A write transaction on *shard* as its operations role, committed when the block
-    ends; driver errors name the shard (:func:`shard_errors`)."""
+    ends; driver errors name the shard (:func:`shard_errors`, given *errors*)."""
     with (
-        operator_engine(
-            shard, connect_timeout=connect_timeout, failed=failed, own_only=own_only
-        ) as engine,
+        operator_engine(shard, connect_timeout=connect_timeout, **errors) as engine,
         engine.connect() as conn,
     ):
         conn = conn.execution_options(**WRITE)

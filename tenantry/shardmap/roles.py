@@ -117,25 +117,28 @@ class RoleCheck:
 
     def refusal(self, shard: str, fix: str | None = None) -> str | None:
         """One line naming the shard, the role, what is wrong and the fix; None if safe."""
-        problems = self.problems
-        if not problems:
+        found = self._problems_line(shard)
+        if found is None:
             return None
-        fix = fix or secure_fix(shard)
-        return (
-            f"shard {shard!r}: the routing role {self.role!r} {', '.join(problems)}, so "
-            f"row-level security does nothing for it: {fix}"
-        )
+        return f"{found}, so row-level security does nothing for it: {fix or secure_fix(shard)}"
 
     def override_warning(self, shard: str) -> str | None:
         """The warning logged each time the override lets this role through."""
+        found = self._problems_line(shard)
+        if found is None:
+            return None
+        return (
+            f"{found}; allowed by the {OVERRIDE_NAME} override (local development only): "
+            "row-level security does not isolate this shard's tenants; "
+            f"`tenantry shard secure {shard}` fixes it"
+        )
+
+    def _problems_line(self, shard: str) -> str | None:
+        """The shard, the role and what is wrong with it; None if nothing is."""
         problems = self.problems
         if not problems:
             return None
-        return (
-            f"shard {shard!r}: the routing role {self.role!r} {', '.join(problems)}; allowed "
-            f"by the {OVERRIDE_NAME} override (local development only): row-level security "
-            f"does not isolate this shard's tenants; `tenantry shard secure {shard}` fixes it"
-        )
+        return f"shard {shard!r}: the routing role {self.role!r} {', '.join(problems)}"
 
     def caution(self, shard: str) -> str | None:
         """One line of cautions, or None."""

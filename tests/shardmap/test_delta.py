@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tenantry import Catalog, MapSnapshot, load_settings
 from tenantry.errors import TenantryError
-from tenantry.shardmap import catalog as catalog_module
+from tenantry.shardmap import catalog_store
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.model import TenantState
 from tenantry.shardmap.scripts import CATALOG
@@ -109,8 +109,8 @@ def test_a_cache_behind_the_kept_changes_reloads_the_whole_map(
     full_loads: list[int],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(catalog_module, "CHANGES_KEPT", 3)
-    monkeypatch.setattr(catalog_module, "_PRUNE_EVERY", 1)
+    monkeypatch.setattr(catalog_store, "CHANGES_KEPT", 3)
+    monkeypatch.setattr(catalog_store, "_PRUNE_EVERY", 1)
     catalog.add_shard("s1", new_shard_url())
     behind = cache.version
     for i in range(6):

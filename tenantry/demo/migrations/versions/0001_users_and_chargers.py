@@ -1,38 +1,38 @@
-"""Users and chargers.
-
-Revision ID: d0001
-Revises:
-Create Date: 2026-11-28
-"""
+"""Users and chargers."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
 
 revision = "d0001"
 down_revision = None
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
-    op.create_table(
+    _tenant_table(
         "users",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("id", sa.Integer, nullable=False),
         sa.Column("email", sa.String(200), nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "id"),
     )
-    op.create_table(
+    _tenant_table(
         "chargers",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("id", sa.Integer, nullable=False),
         sa.Column("name", sa.String(200), nullable=False),
         sa.Column("location", sa.String(200), nullable=False),
         sa.Column("power_kw", sa.Numeric(8, 2), nullable=False),
         sa.Column("status", sa.String(20), nullable=False),
+    )
+
+
+def _tenant_table(name: str, *columns: sa.Column[Any]) -> None:
+    """A table whose every row is a tenant's, keyed by (tenant_id, id)."""
+    op.create_table(
+        name,
+        sa.Column("tenant_id", sa.String(63), nullable=False),
+        sa.Column("id", sa.Integer, nullable=False),
+        *columns,
         sa.PrimaryKeyConstraint("tenant_id", "id"),
     )
 

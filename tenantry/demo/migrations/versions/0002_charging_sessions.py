@@ -1,9 +1,4 @@
-"""Charging sessions, with foreign keys to users and chargers.
-
-Revision ID: d0002
-Revises: d0001
-Create Date: 2026-11-28
-"""
+"""Charging sessions, with foreign keys to users and chargers."""
 
 from __future__ import annotations
 
@@ -12,8 +7,6 @@ from alembic import op
 
 revision = "d0002"
 down_revision = "d0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -4,10 +4,6 @@ Every catalog transaction that changes a tenant records (map version, tenant id)
 ``tenantry_map_changes``; ``tenantry_map.changes_since`` is the oldest version from
 which the log is complete (older rows are pruned). A router at version v >=
 changes_since reads only the tenants changed after v.
-
-Revision ID: c0004
-Revises: c0003
-Create Date: 2026-11-29
 """
 
 from __future__ import annotations
@@ -17,8 +13,6 @@ from alembic import op
 
 revision = "c0004"
 down_revision = "c0003"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -4,10 +4,6 @@
 ``tenantry_shard_identity`` row (shard revision s0003). It is unique: two shard names
 for one database (its URL spelled two ways) are refused at registration. It is NULL for
 shards registered before this revision until ``tenantry migrate upgrade`` fills it.
-
-Revision ID: c0005
-Revises: c0004
-Create Date: 2026-12-01
 """
 
 from __future__ import annotations
@@ -17,8 +13,6 @@ from alembic import op
 
 revision = "c0005"
 down_revision = "c0004"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

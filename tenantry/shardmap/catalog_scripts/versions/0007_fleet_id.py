@@ -5,10 +5,6 @@
 ``tenantry_move_<fleet id>_<move id>``, so two catalogs whose shards share a server
 never reuse or collect each other's objects. Moves recorded before this revision keep
 the names their journal entries recorded (``tenantry_move_<move id>``).
-
-Revision ID: c0007
-Revises: c0006
-Create Date: 2026-12-06
 """
 
 from __future__ import annotations
@@ -20,8 +16,6 @@ from alembic import op
 
 revision = "c0007"
 down_revision = "c0006"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:

@@ -3,10 +3,6 @@
 Inside an online move's freeze the mover writes a row here on the source; when it
 arrives on the target through the row-filtered subscription, the target provably has
 every write acknowledged before the freeze.
-
-Revision ID: s0002
-Revises: s0001
-Create Date: 2026-11-28
 """
 
 from __future__ import annotations
@@ -14,19 +10,16 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from tenantry.shardmap.columns import move_sentinel_columns
+
 revision = "s0002"
 down_revision = "s0001"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     op.create_table(
         "tenantry_move_sentinel",
-        sa.Column("tenant_id", sa.String(63), nullable=False),
-        sa.Column("move_id", sa.Integer, nullable=False),
-        sa.Column("token", sa.String(64), nullable=False),
-        sa.Column("written_at", sa.DateTime(timezone=True), nullable=False),
+        *move_sentinel_columns(),
         sa.PrimaryKeyConstraint("tenant_id", "move_id"),
     )
 

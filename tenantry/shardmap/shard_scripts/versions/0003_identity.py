@@ -6,10 +6,6 @@ what the identity was made on. A database cloned from a template or restored fro
 dump carries the row along with different live values, and
 :func:`tenantry.shardmap.identity.ensure_identity` then gives it an id of its own.
 On SQLite both are NULL (a copied file keeps the id: copies are not detected).
-
-Revision ID: s0003
-Revises: s0002
-Create Date: 2026-12-01
 """
 
 from __future__ import annotations
@@ -20,20 +16,16 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from alembic import op
 
+from tenantry.shardmap.columns import shard_identity_columns
+
 revision = "s0003"
 down_revision = "s0002"
-branch_labels = None
-depends_on = None
 
 
 def upgrade() -> None:
     table = op.create_table(
         "tenantry_shard_identity",
-        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("database_id", sa.String(64), nullable=False),
-        sa.Column("system_identifier", sa.String(32), nullable=True),
-        sa.Column("database_oid", sa.BigInteger, nullable=True),
-        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        *shard_identity_columns(),
         sa.CheckConstraint("id = 1", name="tenantry_shard_identity_one_row"),
     )
     bind = op.get_bind()

@@ -32,10 +32,6 @@ pooled connection). Setting the stamp touches a temporary object, so PostgreSQL
 refuses ``PREPARE TRANSACTION`` in a routed transaction: no prepared transaction can
 outlive a freeze. ``tenantry.signature`` only says which key and stamp the fence used.
 The functions name every object and operator with its schema.
-
-Revision ID: s0004
-Revises: s0003
-Create Date: 2026-12-06
 """
 
 from __future__ import annotations
@@ -46,8 +42,6 @@ from tenantry.shardmap.keys import install_key
 
 revision = "s0004"
 down_revision = "s0003"
-branch_labels = None
-depends_on = None
 
 #: The stamp of the current transaction for *tenant* (an int8), as SQL.
 _STAMP = (
