@@ -12,7 +12,7 @@ from tenantry import moves
 from tenantry.cli.app import CliState, pass_state, render_table
 from tenantry.demo import GROWING_TENANT, OVERPROVISIONED_TENANT, build_fleet, census, seed
 from tenantry.migrations import provision
-from tenantry.moves.rebalance import apply_plan, plan_for
+from tenantry.rebalance.apply import apply_plan, plan_for
 from tenantry.router import Router
 from tenantry.shardmap import MapSnapshot, Tier
 

@@ -20,8 +20,8 @@ from tenantry.cli.app import (
     render_table,
 )
 from tenantry.cli.moves import RichObserver
-from tenantry.moves.planner import STRATEGIES, Plan
-from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
+from tenantry.rebalance.apply import AppliedMove, apply_plan, plan_for
+from tenantry.rebalance.planner import STRATEGIES, Plan
 
 __all__ = ["COMMANDS", "plan_options", "run_plan"]
 

@@ -23,7 +23,7 @@ from tenantry.cli.app import (
 from tenantry.cli.rebalance import plan_options, run_plan
 from tenantry.migrations.provision import SecuredShard
 from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
-from tenantry.moves.rebalance import start_drain
+from tenantry.rebalance.apply import start_drain
 from tenantry.shardmap import Catalog, ShardState, mask_url
 
 __all__ = ["COMMANDS"]

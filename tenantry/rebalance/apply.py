@@ -19,11 +19,16 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 
 from tenantry.errors import ConfigurationError, TenantryError
-from tenantry.moves.api import move as run_move
-from tenantry.moves.hooks import MoveObserver
-from tenantry.moves.journal import Move
-from tenantry.moves.planner import CostFunction, Plan, PlannedMove, TenantSize, plan_rebalance
-from tenantry.moves.sizes import measure_sizes, stale_sizes, stored_sizes
+from tenantry.moves import Move, MoveObserver
+from tenantry.moves import move as run_move
+from tenantry.rebalance.planner import (
+    CostFunction,
+    Plan,
+    PlannedMove,
+    TenantSize,
+    plan_rebalance,
+)
+from tenantry.rebalance.sizes import measure_sizes, stale_sizes, stored_sizes
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.model import Shard, ShardState, Tier
@@ -59,7 +64,7 @@ def plan_for(
     """Plan with the catalog's map and stored sizes (measured now if *refresh* or none).
 
     The plan's ``warnings`` say when the stored sizes may mislead it (see
-    :func:`~tenantry.moves.sizes.stale_sizes`)."""
+    :func:`~tenantry.rebalance.sizes.stale_sizes`)."""
     stored = {t: size for t, (size, _shard, _when) in stored_sizes(catalog).items()}
     if refresh or not stored:
         stored = measure_sizes(catalog)

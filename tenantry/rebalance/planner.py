@@ -36,6 +36,7 @@ __all__ = [
     "BASE_FRACTION",
     "BY_COUNT",
     "BY_SIZE",
+    "STRATEGIES",
     "CostFunction",
     "Plan",
     "PlannedMove",
