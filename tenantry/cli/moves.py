@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -102,7 +104,13 @@ def _summary(console: Console, move: Move) -> None:
     )
 
 
-def _finish(state: CliState, move: Move, as_json: bool) -> None:
+def _run_move(
+    state: CliState, as_json: bool, call: Callable[..., Move], *args: Any, **options: Any
+) -> None:
+    """Run *call* (``moves.move``, ``promote`` or ``demote``) on the catalog with *args*
+    and *options*, its steps shown (not with --json); then report the move."""
+    with RichObserver(state.console, not as_json) as observer:
+        move = call(state.catalog(), *args, observer=observer, **options)
     if as_json:
         emit_json(move.to_record())
     else:
@@ -119,16 +127,7 @@ def move_command(
     state: CliState, tenant_id: str, to_shard: str, mode: str, max_freeze: float, as_json: bool
 ) -> None:
     """Move TENANT to shard SHARD, verified, with nothing lost."""
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.move(
-            state.catalog(),
-            tenant_id,
-            to_shard,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-        )
-    _finish(state, move, as_json)
+    _run_move(state, as_json, moves.move, tenant_id, to_shard, mode=mode, max_freeze=max_freeze)
 
 
 @click.command("promote")
@@ -166,21 +165,20 @@ def promote_command(
     """Move shared TENANT to a dedicated database (--to SHARD or --server URL)."""
     if (to_shard is None) == (server is None):
         raise click.UsageError("give exactly one of --to SHARD or --server URL")
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.promote(
-            state.catalog(),
-            tenant_id,
-            to=to_shard,
-            server=server,
-            database=database,
-            routing_url=routing_url,
-            alembic_config=alembic_config,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-            allow_unsafe_routing_role=allow_unsafe_routing_role or None,
-        )
-    _finish(state, move, as_json)
+    _run_move(
+        state,
+        as_json,
+        moves.promote,
+        tenant_id,
+        to=to_shard,
+        server=server,
+        database=database,
+        routing_url=routing_url,
+        alembic_config=alembic_config,
+        mode=mode,
+        max_freeze=max_freeze,
+        allow_unsafe_routing_role=allow_unsafe_routing_role or None,
+    )
 
 
 @click.command("demote")
@@ -200,17 +198,16 @@ def demote_command(
     as_json: bool,
 ) -> None:
     """Move dedicated TENANT into the shared pool."""
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.demote(
-            state.catalog(),
-            tenant_id,
-            to=to_shard,
-            drop_source=drop_source,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-        )
-    _finish(state, move, as_json)
+    _run_move(
+        state,
+        as_json,
+        moves.demote,
+        tenant_id,
+        to=to_shard,
+        drop_source=drop_source,
+        mode=mode,
+        max_freeze=max_freeze,
+    )
 
 
 @click.group("moves")
