@@ -41,6 +41,22 @@ def _shard_names(every_help: str) -> Callable[[F], F]:
     return add
 
 
+def _routing_role_options(func: F) -> F:
+    """Add ``--role`` (the routing role --secure makes or reuses) and
+    ``--allow-unsafe-routing-role`` (shard add and create)."""
+    func = click.option(
+        "--allow-unsafe-routing-role",
+        is_flag=True,
+        help="Local development only: accept a routing role row-level security does not bind.",
+    )(func)
+    return click.option(
+        "--role",
+        default=DEFAULT_ROUTING_ROLE,
+        show_default=True,
+        help="The routing role --secure makes or reuses.",
+    )(func)
+
+
 @click.group("shard")
 def shard_group() -> None:
     """Register and inspect shards (the fleet's databases)."""
@@ -63,17 +79,7 @@ def shard_group() -> None:
     help="Route as a role made for it through URL (or --admin-url), with only the grants "
     "routing needs (see `shard secure`); URL stays the operations role.",
 )
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role --secure makes or reuses.",
-)
-@click.option(
-    "--allow-unsafe-routing-role",
-    is_flag=True,
-    help="Local development only: accept a routing role row-level security does not bind.",
-)
+@_routing_role_options
 @json_option
 @pass_state
 def shard_add(
@@ -247,17 +253,7 @@ def shard_rotate_key(
     is_flag=True,
     help="Route as a role made for it, with only the grants routing needs (see `shard secure`).",
 )
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role --secure makes or reuses.",
-)
-@click.option(
-    "--allow-unsafe-routing-role",
-    is_flag=True,
-    help="Local development only: accept a routing role row-level security does not bind.",
-)
+@_routing_role_options
 @click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
 @click.option("--revision", default="head", show_default=True, help="Migrate it to this revision.")
 @click.option("--alembic-config", type=click.Path(path_type=Path))
