@@ -220,19 +220,16 @@ def shard_rotate_key(
     """
     catalog = state.catalog()
     names = _chosen(catalog, names, every, "rotate", retired=True)
-    rotated = []
-    for name in names:
+
+    def rotate(name: str) -> tuple[dict[str, Any], str]:
         key = catalog.rotate_fence_key(name, retire_previous=retire_previous)
-        rotated.append({"shard": name, "key_id": key.key_id, "retired_previous": retire_previous})
-        if not as_json:
-            accepted = "only the new key" if retire_previous else "the new and the previous key"
-            state.console.print(
-                f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}"
-            )
-    if as_json:
-        emit_json({"rotated": rotated})
-    elif not rotated:
-        state.console.print("no PostgreSQL shard: nothing to rotate")
+        accepted = "only the new key" if retire_previous else "the new and the previous key"
+        return (
+            {"shard": name, "key_id": key.key_id, "retired_previous": retire_previous},
+            f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}",
+        )
+
+    _each_shard(state, names, as_json, rotate, "rotated", "rotate")
 
 
 @shard_group.command("create")
@@ -338,21 +335,18 @@ def shard_secure(
     """
     catalog = state.catalog()
     names = _chosen(catalog, names, every, "secure", retired=False)
-    done = []
-    for name in names:
+
+    def secure(name: str) -> tuple[dict[str, Any], str]:
         secured = migrations.secure_shard(catalog, name, role=role)
-        done.append(secured_record(secured))
-        if not as_json:
-            how = "already" if not secured.changed else "now"
-            made = "made" if secured.role_created else "reused"
-            state.console.print(
-                f"shard {name} routes as {secured.role} {how} (role {made}, password "
-                f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}"
-            )
-    if as_json:
-        emit_json({"secured": done})
-    elif not done:
-        state.console.print("no PostgreSQL shard: nothing to secure")
+        how = "already" if not secured.changed else "now"
+        made = "made" if secured.role_created else "reused"
+        return (
+            secured_record(secured),
+            f"shard {name} routes as {secured.role} {how} (role {made}, password "
+            f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}",
+        )
+
+    _each_shard(state, names, as_json, secure, "secured", "secure")
 
 
 @shard_group.command("drain")
@@ -368,6 +362,28 @@ def drain_command(state: CliState, /, name: str, **options: Any) -> None:
     if was is not shard.state and not options["as_json"]:
         state.console.print(f"shard {name} is draining: it takes no new tenants")
     run_plan(state, drain=(name,), **options)
+
+
+def _each_shard(
+    state: CliState,
+    names: tuple[str, ...],
+    as_json: bool,
+    act: Callable[[str], tuple[dict[str, Any], str]],
+    key: str,
+    verb: str,
+) -> None:
+    """Run *act* on each shard in turn, printing the line it returns as it goes; with
+    --json, print the records it returns under *key* at the end."""
+    records = []
+    for name in names:
+        record, line = act(name)
+        records.append(record)
+        if not as_json:
+            state.console.print(line)
+    if as_json:
+        emit_json({key: records})
+    elif not records:
+        state.console.print(f"no PostgreSQL shard: nothing to {verb}")
 
 
 def _chosen(
