@@ -258,9 +258,7 @@ def _check_new_shard(
 ) -> None:
     """Refuse, before anything is created, a shard name taken already and a shared
     PostgreSQL shard that would route as its operations role."""
-    with suppress(UnknownShard):
-        catalog.get_shard(name)
-        raise ShardExists(name)
+    _refuse_taken(catalog, name)
     if (
         tier is Tier.SHARED
         and secure_role is None
@@ -275,6 +273,13 @@ def _check_new_shard(
             fix="pass --secure (a routing role with only the grants it needs) or "
             "--routing-url URL of a role that owns nothing",
         )
+
+
+def _refuse_taken(catalog: Catalog, name: str) -> None:
+    """Refuse shard name *name* if the catalog has it already."""
+    with suppress(UnknownShard):
+        catalog.get_shard(name)
+        raise ShardExists(name)
 
 
 def _routing_url(admin_url: str, routing_url: str | None, database: str) -> str:
@@ -360,14 +365,7 @@ def secure_shard(target: object, name: str, *, role: str = DEFAULT_ROUTING_ROLE)
     else:
         for caution in cautions:
             security_logger.warning("%s", caution)
-    return SecuredShard(
-        shard=shard,
-        role=role,
-        role_created=created,
-        password="generated" if generated else "kept",
-        changed=changed,
-        warnings=tuple(warnings + cautions),
-    )
+    return _secured(shard, role, created, generated, changed, [*warnings, *cautions])
 
 
 def add_secured_shard(
@@ -386,9 +384,7 @@ def add_secured_shard(
     :func:`secure_shard` does."""
     validate_shard_name(name)
     tier = Tier(tier)
-    with suppress(UnknownShard):
-        catalog.get_shard(name)
-        raise ShardExists(name)
+    _refuse_taken(catalog, name)
     ops = Shard(name=name, url=normalize_url(admin_url or url), tier=tier)
     if ops.backend != "postgresql":
         raise ConfigurationError("--secure needs PostgreSQL: SQLite has no roles")
@@ -403,12 +399,19 @@ def add_secured_shard(
         allow_unsafe_routing_role=False,
     )
     logger.info("shard %s routes as role %s", name, role)
+    return _secured(shard, role, created, generated, True, warnings)
+
+
+def _secured(
+    shard: Shard, role: str, created: bool, generated: bool, changed: bool, warnings: list[str]
+) -> SecuredShard:
+    """What securing *shard* did, its password only said to be generated or kept."""
     return SecuredShard(
         shard=shard,
         role=role,
         role_created=created,
         password="generated" if generated else "kept",
-        changed=True,
+        changed=changed,
         warnings=tuple(warnings),
     )
 
