@@ -101,9 +101,9 @@ def _show_plan(state: CliState, plan: Plan) -> None:
         state.console.print(f"[yellow]warning: {warning}[/]")
 
 
-def _apply(
-    state: CliState, plan: Plan, parallel: int, mode: str, as_json: bool
-) -> list[AppliedMove]:
+def _apply(state: CliState, plan: Plan, as_json: bool, **running: Any) -> list[AppliedMove]:
+    """Apply *plan* (*running*: apply_plan's parallel and mode), its moves shown (not
+    with --json); the first Ctrl-C stops starting moves, the second interrupts them."""
     stop = threading.Event()
 
     def interrupted(_signum: int, _frame: FrameType | None) -> None:
@@ -118,14 +118,7 @@ def _apply(
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         with RichObserver(state.console, not as_json) as observer:
-            results = apply_plan(
-                state.catalog(),
-                plan,
-                parallel=parallel,
-                mode=mode,
-                stop=stop,
-                observer=observer,
-            )
+            results = apply_plan(state.catalog(), plan, stop=stop, observer=observer, **running)
     finally:
         signal.signal(signal.SIGINT, previous)
     return results
@@ -158,7 +151,7 @@ def run_plan(
         return
     if not as_json:
         _show_plan(state, plan)
-    results = _apply(state, plan, parallel, mode, as_json)
+    results = _apply(state, plan, as_json, parallel=parallel, mode=mode)
     if as_json:
         emit_json({**plan.to_record(), "applied": [_applied_record(r) for r in results]})
     else:

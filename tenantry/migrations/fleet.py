@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -65,6 +66,7 @@ __all__ = [
 MIGRATION_LOCK = 0x7E4A7C02
 
 Result = Literal["upgraded", "downgraded", "skipped", "failed", "locked"]
+Verdict = Literal["ok", "behind", "ahead", "unknown", "unreachable"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,15 +373,20 @@ def _run(
     for shard in [s for s in chosen if s.name in busy]:
         report(_left_to_move(shard, busy[shard.name]))
     free = [s for s in chosen if s.name not in busy]
+    migrate = partial(
+        _migrate_from_source,
+        source=source,
+        revision=revision,
+        settings=settings,
+        direction=direction,
+        wait=wait,
+    )
     if jobs == 1 or len(free) <= 1:
-        for shard in free:
-            outcome = _migrate_from_source(shard, source, revision, settings, direction, wait)
-            report(_record_identity(catalog, outcome))
+        outcomes: Iterable[ShardMigration] = map(migrate, free)
     else:
-        for outcome in _migrate_in_processes(
-            free, jobs, source, revision, settings, direction, wait
-        ):
-            report(_record_identity(catalog, outcome))
+        outcomes = _migrate_in_processes(free, jobs, migrate)
+    for outcome in outcomes:
+        report(_record_identity(catalog, outcome))
     return FleetRun(target=revision, results=[results[s.name] for s in chosen])
 
 
@@ -398,13 +405,7 @@ def _left_to_move(shard: Shard, move_id: int) -> ShardMigration:
 
 
 def _migrate_in_processes(
-    shards: Sequence[Shard],
-    jobs: int,
-    source: str | Path | None,
-    revision: str,
-    settings: TenantrySettings,
-    direction: Literal["upgrade", "downgrade"],
-    wait: bool,
+    shards: Sequence[Shard], jobs: int, migrate: Callable[[Shard], ShardMigration]
 ) -> Iterator[ShardMigration]:
     """Migrate *shards* in up to *jobs* worker processes; yield each result as it ends
     (a worker that died is a failed result, and the rest go on)."""
@@ -416,8 +417,7 @@ def _migrate_in_processes(
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([__name__])
     with ProcessPoolExecutor(max_workers=min(jobs, len(shards)), mp_context=context) as pool:
-        args = (source, revision, settings, direction, wait)
-        futures = {pool.submit(_migrate_from_source, shard, *args): shard for shard in shards}
+        futures = {pool.submit(migrate, shard): shard for shard in shards}
         for future in as_completed(futures):
             shard = futures[future]
             try:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
@@ -17,6 +16,7 @@ from sqlalchemy.pool import NullPool
 
 from tenantry.errors import TenantryError
 from tenantry.migrations.fleet import (
+    Verdict,
     app_config,
     format_heads,
     script_directory,
@@ -31,9 +31,7 @@ from tenantry.shardmap.operations import operations_engine
 from tenantry.shardmap.roles import check_role
 from tenantry.shardmap.scripts import SHARD
 
-__all__ = ["FleetStatus", "ShardStatus", "Verdict", "status"]
-
-Verdict = Literal["ok", "behind", "ahead", "unknown", "unreachable"]
+__all__ = ["FleetStatus", "ShardStatus", "status"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +40,10 @@ class ShardStatus:
 
     shard: str
     tier: Tier
+    #: The application's revision(s) on the shard (None: none, or unreachable).
     revision: str | None
     verdict: Verdict
+    #: The revision of tenantry's own per-shard tables.
     tenantry_revision: str | None = None
     error: str | None = None
     warnings: tuple[str, ...] = ()

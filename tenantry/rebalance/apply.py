@@ -53,13 +53,13 @@ class AppliedMove:
 def plan_for(
     catalog: Catalog,
     *,
+    drain: Sequence[str] = (),
     refresh: bool = False,
     strategy: CostFunction | str = "by_size",
     threshold: float = 0.10,
     min_improvement: float = 0.001,
     max_moves: int | None = None,
     max_bytes: int | None = None,
-    drain: Sequence[str] = (),
 ) -> Plan:
     """Plan with the catalog's map and stored sizes (measured now if *refresh* or none).
 

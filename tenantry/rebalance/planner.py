@@ -529,15 +529,10 @@ def _next_move(
 
 
 def _best_tenant(
-    pool: _Pool,
-    ratios: Mapping[str, float],
-    total: float,
-    source: str,
-    target: str,
-    least_gain: float,
+    pool: _Pool, ratios: Mapping[str, float], total: float, source: str, target: str, gain: float
 ) -> str | None:
     """The tenant of *source* best moved to *target*: it lowers the sum of squared
-    deviations by at least *least_gain*, widens no range of ratios, and is the largest
+    deviations by at least *gain*, widens no range of ratios, and is the largest
     that fits the gap between them (past the gap, the smallest)."""
     load, shares = pool.load, pool.shares
     want_s, want_t = total * shares[source], total * shares[target]
@@ -559,7 +554,7 @@ def _best_tenant(
             + ((load[target] + cost - want_t) / want_t) ** 2
             - ((load[target] - want_t) / want_t) ** 2
         )
-        if change >= 0 or -change < least_gain:
+        if change >= 0 or -change < gain:
             continue
         key = (0.0, -cost, tenant) if cost <= gap else (1.0, cost, tenant)
         if best_key is None or key < best_key:

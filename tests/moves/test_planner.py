@@ -31,17 +31,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tenantry.errors import ConfigurationError, UnknownShard
-from tenantry.rebalance.planner import (
-    CostFunction,
-    Plan,
-    TenantSize,
-    base_cost,
-    by_count,
-    by_size,
-    by_size_and_count,
-    plan_rebalance,
-    spread,
-)
+from tenantry.rebalance import CostFunction, Plan, TenantSize, plan_rebalance, spread
+from tenantry.rebalance.planner import base_cost, by_count, by_size, by_size_and_count
 from tenantry.shardmap.model import MapSnapshot, Shard, ShardState, Tenant, TenantState, Tier
 
 EPS = 1e-9
