@@ -201,12 +201,9 @@ def provision(
     validate_shard_name(name)
     tier = Tier(tier)
     database = database or name
-    allow = (
-        settings.allow_unsafe_routing_role
-        if allow_unsafe_routing_role is None
-        else allow_unsafe_routing_role
+    allow = _check_new_shard(
+        catalog, name, tier, server_url, routing_url, secure_role, allow_unsafe_routing_role
     )
-    _check_new_shard(catalog, name, tier, server_url, routing_url, secure_role, allow)
     cfg = None
     if migrate:
         cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
@@ -216,11 +213,7 @@ def provision(
     try:
         url = _routing_url(admin_url, routing_url, database)
         shard = Shard(
-            name=name,
-            url=url,
-            admin_url=admin_url if url != admin_url else None,
-            tier=tier,
-            weight=weight,
+            name, url, tier, admin_url=admin_url if url != admin_url else None, weight=weight
         )
         if cfg is not None:
             _migrate_new(shard, cfg, revision, database, catalog)
@@ -254,11 +247,17 @@ def _check_new_shard(
     server_url: str,
     routing_url: str | None,
     secure_role: str | None,
-    allow: bool,
-) -> None:
+    allow_unsafe_routing_role: bool | None,
+) -> bool:
     """Refuse, before anything is created, a shard name taken already and a shared
-    PostgreSQL shard that would route as its operations role."""
+    PostgreSQL shard that would route as its operations role; return whether an unsafe
+    routing role is allowed (*allow_unsafe_routing_role*, default: the setting)."""
     _refuse_taken(catalog, name)
+    allow = (
+        catalog.settings.allow_unsafe_routing_role
+        if allow_unsafe_routing_role is None
+        else allow_unsafe_routing_role
+    )
     if (
         tier is Tier.SHARED
         and secure_role is None
@@ -273,6 +272,7 @@ def _check_new_shard(
             fix="pass --secure (a routing role with only the grants it needs) or "
             "--routing-url URL of a role that owns nothing",
         )
+    return allow
 
 
 def _refuse_taken(catalog: Catalog, name: str) -> None:
