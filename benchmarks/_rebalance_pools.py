@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from tenantry.moves.planner import (
+from tenantry.rebalance.planner import (
     CostFunction,
     Plan,
     TenantSize,

@@ -103,14 +103,14 @@ from tenantry import Catalog, load_settings
 from tenantry.demo import MIGRATIONS
 from tenantry.demo.models import Base
 from tenantry.migrations import upgrade
-from tenantry.moves.planner import (
+from tenantry.rebalance.apply import apply_plan, plan_for
+from tenantry.rebalance.planner import (
     BASE_FRACTION,
     base_cost,
     by_size,
     plan_rebalance,
 )
-from tenantry.moves.rebalance import apply_plan, plan_for
-from tenantry.moves.sizes import measure_sizes, stored_sizes
+from tenantry.rebalance.sizes import measure_sizes, stored_sizes
 
 # -- end to end on SQLite --------------------------------------------------------------
 

@@ -93,7 +93,7 @@ LAYERS: dict[str, int] = {
     "tenantry.router": 2,
     "tenantry.migrations": 3,
     "tenantry.moves": 4,
-    "tenantry.moves.rebalance": 5,  # rebalancing runs moves; no move needs it
+    "tenantry.rebalance": 5,  # rebalancing runs moves; no move needs it
     "tenantry.demo": 5,  # the sample app uses the library, nothing uses it
     "tenantry": 5,  # the package's public face re-exports the library, never the CLI
     "tenantry.cli": 6,

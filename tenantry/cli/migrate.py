@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
+from tenantry.migrations import FleetStatus
 from tenantry.migrations.fleet import FleetRun, ShardMigration, select_shards
 
 __all__ = ["COMMANDS"]
@@ -67,6 +69,7 @@ def _run(
     state: CliState,
     direction: str,
     revision: str,
+    *,
     shards: tuple[str, ...],
     tier: str | None,
     alembic_config: Path | None,
@@ -163,44 +166,33 @@ def migrate_group() -> None:
     """Run the application's Alembic migrations on every shard of the fleet."""
 
 
-@migrate_group.command("upgrade")
-@click.argument("revision", default="head")
-@_fleet_options
-@_run_options
-@json_option
-@pass_state
-def migrate_upgrade(
-    state: CliState,
-    revision: str,
-    shards: tuple[str, ...],
-    tier: str | None,
-    alembic_config: Path | None,
-    jobs: int,
-    no_wait: bool,
-    as_json: bool,
-) -> None:
-    """Upgrade every shard (or --shard/--tier) to REVISION [default: head]."""
-    _run(state, "upgrade", revision, shards, tier, alembic_config, jobs, no_wait, as_json)
+def _direction_command(
+    direction: str, revision: Callable[[Callable[..., Any]], Callable[..., Any]], summary: str
+) -> click.Command:
+    """``migrate upgrade`` or ``migrate downgrade``: the same options, one direction."""
+
+    @migrate_group.command(direction, help=summary)
+    @revision
+    @_fleet_options
+    @_run_options
+    @json_option
+    @pass_state
+    def command(state: CliState, /, revision: str, **options: Any) -> None:
+        _run(state, direction, revision, **options)
+
+    return command
 
 
-@migrate_group.command("downgrade")
-@click.argument("revision")
-@_fleet_options
-@_run_options
-@json_option
-@pass_state
-def migrate_downgrade(
-    state: CliState,
-    revision: str,
-    shards: tuple[str, ...],
-    tier: str | None,
-    alembic_config: Path | None,
-    jobs: int,
-    no_wait: bool,
-    as_json: bool,
-) -> None:
-    """Downgrade every shard (or --shard/--tier) to REVISION."""
-    _run(state, "downgrade", revision, shards, tier, alembic_config, jobs, no_wait, as_json)
+migrate_upgrade = _direction_command(
+    "upgrade",
+    click.argument("revision", default="head"),
+    "Upgrade every shard (or --shard/--tier) to REVISION [default: head].",
+)
+migrate_downgrade = _direction_command(
+    "downgrade",
+    click.argument("revision"),
+    "Downgrade every shard (or --shard/--tier) to REVISION.",
+)
 
 
 @migrate_group.command("status")
@@ -219,45 +211,53 @@ def migrate_status(
         state.catalog(), shards=shards or None, tier=tier, alembic_config=alembic_config
     )
     if as_json:
-        emit_json(
-            {
-                "head": fleet.head,
-                "in_step": fleet.in_step,
-                "verdict": fleet.verdict,
-                "shards": [
-                    {
-                        "shard": s.shard,
-                        "tier": s.tier.value,
-                        "revision": s.revision,
-                        "status": s.verdict,
-                        "tenantry_revision": s.tenantry_revision,
-                        "error": s.error,
-                    }
-                    for s in fleet.shards
-                ],
-                "warnings": fleet.warnings,
-            }
-        )
+        emit_json(_status_record(fleet))
     else:
-        render_table(
-            state.console,
-            ["shard", "tier", "revision", "status"],
-            (
-                [
-                    s.shard,
-                    s.tier.value,
-                    s.revision or "-",
-                    s.verdict + (f": {escape(s.error)}" if s.error else ""),
-                ]
-                for s in fleet.shards
-            ),
-            title=f"fleet schema (head {fleet.head})",
-        )
-        for warning in fleet.warnings:
-            state.console.print(f"[yellow]warning: {escape(warning)}[/]")
-        state.console.print(fleet.verdict)
+        _render_status(state, fleet)
     if not fleet.in_step:
         raise SystemExit(1)
+
+
+def _status_record(fleet: FleetStatus) -> dict[str, Any]:
+    """``migrate status --json``."""
+    return {
+        "head": fleet.head,
+        "in_step": fleet.in_step,
+        "verdict": fleet.verdict,
+        "shards": [
+            {
+                "shard": s.shard,
+                "tier": s.tier.value,
+                "revision": s.revision,
+                "status": s.verdict,
+                "tenantry_revision": s.tenantry_revision,
+                "error": s.error,
+            }
+            for s in fleet.shards
+        ],
+        "warnings": fleet.warnings,
+    }
+
+
+def _render_status(state: CliState, fleet: FleetStatus) -> None:
+    """``migrate status``: the table, the warnings and the verdict."""
+    render_table(
+        state.console,
+        ["shard", "tier", "revision", "status"],
+        (
+            [
+                s.shard,
+                s.tier.value,
+                s.revision or "-",
+                s.verdict + (f": {escape(s.error)}" if s.error else ""),
+            ]
+            for s in fleet.shards
+        ),
+        title=f"fleet schema (head {fleet.head})",
+    )
+    for warning in fleet.warnings:
+        state.console.print(f"[yellow]warning: {escape(warning)}[/]")
+    state.console.print(fleet.verdict)
 
 
 COMMANDS = [migrate_group]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -102,7 +104,13 @@ def _summary(console: Console, move: Move) -> None:
     )
 
 
-def _finish(state: CliState, move: Move, as_json: bool) -> None:
+def _run_move(
+    state: CliState, as_json: bool, call: Callable[..., Move], *args: Any, **options: Any
+) -> None:
+    """Run *call* (``moves.move``, ``promote`` or ``demote``) on the catalog with *args*
+    and *options*, its steps shown (not with --json); then report the move."""
+    with RichObserver(state.console, not as_json) as observer:
+        move = call(state.catalog(), *args, observer=observer, **options)
     if as_json:
         emit_json(move.to_record())
     else:
@@ -119,21 +127,12 @@ def move_command(
     state: CliState, tenant_id: str, to_shard: str, mode: str, max_freeze: float, as_json: bool
 ) -> None:
     """Move TENANT to shard SHARD, verified, with nothing lost."""
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.move(
-            state.catalog(),
-            tenant_id,
-            to_shard,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-        )
-    _finish(state, move, as_json)
+    _run_move(state, as_json, moves.move, tenant_id, to_shard, mode=mode, max_freeze=max_freeze)
 
 
 @click.command("promote")
 @click.argument("tenant_id", metavar="TENANT")
-@click.option("--to", "to_shard", metavar="SHARD", help="An empty dedicated shard.")
+@click.option("--to", metavar="SHARD", help="An empty dedicated shard.")
 @click.option("--server", metavar="URL", help="Provision a new dedicated database here.")
 @click.option("--database", metavar="DBNAME", help="Name of the new database [default: TENANT].")
 @click.option(
@@ -152,65 +151,29 @@ def move_command(
 @pass_state
 def promote_command(
     state: CliState,
+    /,
     tenant_id: str,
-    to_shard: str | None,
-    server: str | None,
-    database: str | None,
-    routing_url: str | None,
     allow_unsafe_routing_role: bool,
-    alembic_config: Path | None,
-    mode: str,
-    max_freeze: float,
     as_json: bool,
+    **options: Any,
 ) -> None:
     """Move shared TENANT to a dedicated database (--to SHARD or --server URL)."""
-    if (to_shard is None) == (server is None):
+    if (options["to"] is None) == (options["server"] is None):
         raise click.UsageError("give exactly one of --to SHARD or --server URL")
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.promote(
-            state.catalog(),
-            tenant_id,
-            to=to_shard,
-            server=server,
-            database=database,
-            routing_url=routing_url,
-            alembic_config=alembic_config,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-            allow_unsafe_routing_role=allow_unsafe_routing_role or None,
-        )
-    _finish(state, move, as_json)
+    unsafe = allow_unsafe_routing_role or None
+    _run_move(state, as_json, moves.promote, tenant_id, allow_unsafe_routing_role=unsafe, **options)
 
 
 @click.command("demote")
 @click.argument("tenant_id", metavar="TENANT")
-@click.option("--to", "to_shard", metavar="SHARD", help="Shared shard [default: the hash ring].")
+@click.option("--to", metavar="SHARD", help="Shared shard [default: the hash ring].")
 @click.option("--drop-source", is_flag=True, help="Drop the dedicated database afterwards.")
 @mode_options
 @json_option
 @pass_state
-def demote_command(
-    state: CliState,
-    tenant_id: str,
-    to_shard: str | None,
-    drop_source: bool,
-    mode: str,
-    max_freeze: float,
-    as_json: bool,
-) -> None:
+def demote_command(state: CliState, /, tenant_id: str, as_json: bool, **options: Any) -> None:
     """Move dedicated TENANT into the shared pool."""
-    with RichObserver(state.console, not as_json) as observer:
-        move = moves.demote(
-            state.catalog(),
-            tenant_id,
-            to=to_shard,
-            drop_source=drop_source,
-            mode=mode,
-            max_freeze=max_freeze,
-            observer=observer,
-        )
-    _finish(state, move, as_json)
+    _run_move(state, as_json, moves.demote, tenant_id, **options)
 
 
 @click.group("moves")

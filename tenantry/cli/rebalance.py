@@ -20,8 +20,8 @@ from tenantry.cli.app import (
     render_table,
 )
 from tenantry.cli.moves import RichObserver
-from tenantry.moves.planner import STRATEGIES, Plan
-from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
+from tenantry.rebalance.apply import AppliedMove, apply_plan, plan_for
+from tenantry.rebalance.planner import STRATEGIES, Plan
 
 __all__ = ["COMMANDS", "plan_options", "run_plan"]
 
@@ -101,9 +101,9 @@ def _show_plan(state: CliState, plan: Plan) -> None:
         state.console.print(f"[yellow]warning: {warning}[/]")
 
 
-def _apply(
-    state: CliState, plan: Plan, parallel: int, mode: str, as_json: bool
-) -> list[AppliedMove]:
+def _apply(state: CliState, plan: Plan, as_json: bool, **running: Any) -> list[AppliedMove]:
+    """Apply *plan* (*running*: apply_plan's parallel and mode), its moves shown (not
+    with --json); the first Ctrl-C stops starting moves, the second interrupts them."""
     stop = threading.Event()
 
     def interrupted(_signum: int, _frame: FrameType | None) -> None:
@@ -118,14 +118,7 @@ def _apply(
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         with RichObserver(state.console, not as_json) as observer:
-            results = apply_plan(
-                state.catalog(),
-                plan,
-                parallel=parallel,
-                mode=mode,
-                stop=stop,
-                observer=observer,
-            )
+            results = apply_plan(state.catalog(), plan, stop=stop, observer=observer, **running)
     finally:
         signal.signal(signal.SIGINT, previous)
     return results
@@ -135,26 +128,16 @@ def run_plan(
     state: CliState,
     *,
     drain: Sequence[str],
-    refresh: bool,
-    strategy: str,
-    threshold: float,
-    max_moves: int | None,
-    max_bytes: int | None,
     apply: bool,
     parallel: int,
     mode: str,
     as_json: bool,
+    **planning: Any,
 ) -> None:
-    """Plan (draining *drain*), then print the plan or apply it and print what happened."""
-    plan = plan_for(
-        state.catalog(),
-        refresh=refresh,
-        strategy=strategy,
-        threshold=threshold,
-        max_moves=max_moves,
-        max_bytes=max_bytes,
-        drain=drain,
-    )
+    """Plan (draining *drain*, with :func:`plan_for`'s *planning* options: refresh,
+    strategy, threshold, max_moves, max_bytes), then print the plan or apply it and
+    print what happened."""
+    plan = plan_for(state.catalog(), drain=drain, **planning)
     if as_json:
         for warning in plan.warnings:
             click.secho(f"warning: {warning}", fg="yellow", err=True)
@@ -168,34 +151,36 @@ def run_plan(
         return
     if not as_json:
         _show_plan(state, plan)
-    results = _apply(state, plan, parallel, mode, as_json)
-    failed = [r for r in results if not r.ok]
+    results = _apply(state, plan, as_json, parallel=parallel, mode=mode)
     if as_json:
-        emit_json(
-            {
-                **plan.to_record(),
-                "applied": [
-                    {
-                        "tenant": r.planned.tenant_id,
-                        "from": r.planned.source,
-                        "to": r.planned.target,
-                        "ok": r.ok,
-                        "move": r.move.id if r.move else None,
-                        "error": r.error,
-                    }
-                    for r in results
-                ],
-            }
-        )
+        emit_json({**plan.to_record(), "applied": [_applied_record(r) for r in results]})
     else:
-        for r in failed:
-            state.console.print(f"[red]{r.planned.tenant_id}: {r.error}[/]")
-        state.console.print(
-            f"{len(results) - len(failed)} of {len(plan.moves)} planned move(s) done"
-            + ("" if len(results) == len(plan.moves) else "; stopped early: plan again")
-        )
-    if failed:
+        _show_applied(state, plan, results)
+    if any(not r.ok for r in results):
         raise SystemExit(1)
+
+
+def _applied_record(result: AppliedMove) -> dict[str, Any]:
+    """One applied move in ``rebalance --apply --json``."""
+    return {
+        "tenant": result.planned.tenant_id,
+        "from": result.planned.source,
+        "to": result.planned.target,
+        "ok": result.ok,
+        "move": result.move.id if result.move else None,
+        "error": result.error,
+    }
+
+
+def _show_applied(state: CliState, plan: Plan, results: list[AppliedMove]) -> None:
+    """The moves that failed, and how much of the plan ran."""
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        state.console.print(f"[red]{r.planned.tenant_id}: {r.error}[/]")
+    state.console.print(
+        f"{len(results) - len(failed)} of {len(plan.moves)} planned move(s) done"
+        + ("" if len(results) == len(plan.moves) else "; stopped early: plan again")
+    )
 
 
 @click.command("rebalance")

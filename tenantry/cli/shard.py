@@ -23,7 +23,7 @@ from tenantry.cli.app import (
 from tenantry.cli.rebalance import plan_options, run_plan
 from tenantry.migrations.provision import SecuredShard
 from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
-from tenantry.moves.rebalance import start_drain
+from tenantry.rebalance.apply import start_drain
 from tenantry.shardmap import Catalog, ShardState, mask_url
 
 __all__ = ["COMMANDS"]
@@ -39,6 +39,22 @@ def _shard_names(every_help: str) -> Callable[[F], F]:
         return click.argument("names", metavar="[NAME]...", nargs=-1)(func)
 
     return add
+
+
+def _routing_role_options(func: F) -> F:
+    """Add ``--role`` (the routing role --secure makes or reuses) and
+    ``--allow-unsafe-routing-role`` (shard add and create)."""
+    func = click.option(
+        "--allow-unsafe-routing-role",
+        is_flag=True,
+        help="Local development only: accept a routing role row-level security does not bind.",
+    )(func)
+    return click.option(
+        "--role",
+        default=DEFAULT_ROUTING_ROLE,
+        show_default=True,
+        help="The routing role --secure makes or reuses.",
+    )(func)
 
 
 @click.group("shard")
@@ -63,17 +79,7 @@ def shard_group() -> None:
     help="Route as a role made for it through URL (or --admin-url), with only the grants "
     "routing needs (see `shard secure`); URL stays the operations role.",
 )
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role --secure makes or reuses.",
-)
-@click.option(
-    "--allow-unsafe-routing-role",
-    is_flag=True,
-    help="Local development only: accept a routing role row-level security does not bind.",
-)
+@_routing_role_options
 @json_option
 @pass_state
 def shard_add(
@@ -214,19 +220,16 @@ def shard_rotate_key(
     """
     catalog = state.catalog()
     names = _chosen(catalog, names, every, "rotate", retired=True)
-    rotated = []
-    for name in names:
+
+    def rotate(name: str) -> tuple[dict[str, Any], str]:
         key = catalog.rotate_fence_key(name, retire_previous=retire_previous)
-        rotated.append({"shard": name, "key_id": key.key_id, "retired_previous": retire_previous})
-        if not as_json:
-            accepted = "only the new key" if retire_previous else "the new and the previous key"
-            state.console.print(
-                f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}"
-            )
-    if as_json:
-        emit_json({"rotated": rotated})
-    elif not rotated:
-        state.console.print("no PostgreSQL shard: nothing to rotate")
+        accepted = "only the new key" if retire_previous else "the new and the previous key"
+        return (
+            {"shard": name, "key_id": key.key_id, "retired_previous": retire_previous},
+            f"shard {name}: fence key {key.key_id} in use; the shard accepts {accepted}",
+        )
+
+    _each_shard(state, names, as_json, rotate, "rotated", "rotate")
 
 
 @shard_group.command("create")
@@ -247,17 +250,7 @@ def shard_rotate_key(
     is_flag=True,
     help="Route as a role made for it, with only the grants routing needs (see `shard secure`).",
 )
-@click.option(
-    "--role",
-    default=DEFAULT_ROUTING_ROLE,
-    show_default=True,
-    help="The routing role --secure makes or reuses.",
-)
-@click.option(
-    "--allow-unsafe-routing-role",
-    is_flag=True,
-    help="Local development only: accept a routing role row-level security does not bind.",
-)
+@_routing_role_options
 @click.option("--weight", type=click.IntRange(0, 10_000), default=1, show_default=True)
 @click.option("--revision", default="head", show_default=True, help="Migrate it to this revision.")
 @click.option("--alembic-config", type=click.Path(path_type=Path))
@@ -342,21 +335,18 @@ def shard_secure(
     """
     catalog = state.catalog()
     names = _chosen(catalog, names, every, "secure", retired=False)
-    done = []
-    for name in names:
+
+    def secure(name: str) -> tuple[dict[str, Any], str]:
         secured = migrations.secure_shard(catalog, name, role=role)
-        done.append(secured_record(secured))
-        if not as_json:
-            how = "already" if not secured.changed else "now"
-            made = "made" if secured.role_created else "reused"
-            state.console.print(
-                f"shard {name} routes as {secured.role} {how} (role {made}, password "
-                f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}"
-            )
-    if as_json:
-        emit_json({"secured": done})
-    elif not done:
-        state.console.print("no PostgreSQL shard: nothing to secure")
+        how = "already" if not secured.changed else "now"
+        made = "made" if secured.role_created else "reused"
+        return (
+            secured_record(secured),
+            f"shard {name} routes as {secured.role} {how} (role {made}, password "
+            f"{secured.password}, stored in the catalog): {mask_url(secured.shard.url)}",
+        )
+
+    _each_shard(state, names, as_json, secure, "secured", "secure")
 
 
 @shard_group.command("drain")
@@ -372,6 +362,28 @@ def drain_command(state: CliState, /, name: str, **options: Any) -> None:
     if was is not shard.state and not options["as_json"]:
         state.console.print(f"shard {name} is draining: it takes no new tenants")
     run_plan(state, drain=(name,), **options)
+
+
+def _each_shard(
+    state: CliState,
+    names: tuple[str, ...],
+    as_json: bool,
+    act: Callable[[str], tuple[dict[str, Any], str]],
+    key: str,
+    verb: str,
+) -> None:
+    """Run *act* on each shard in turn, printing the line it returns as it goes; with
+    --json, print the records it returns under *key* at the end."""
+    records = []
+    for name in names:
+        record, line = act(name)
+        records.append(record)
+        if not as_json:
+            state.console.print(line)
+    if as_json:
+        emit_json({key: records})
+    elif not records:
+        state.console.print(f"no PostgreSQL shard: nothing to {verb}")
 
 
 def _chosen(

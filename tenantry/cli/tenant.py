@@ -13,7 +13,7 @@ from tenantry.cli.app import (
     render_table,
 )
 from tenantry.moves.removal import RowsPolicy, remove_tenant
-from tenantry.moves.sizes import measure_sizes, stored_sizes
+from tenantry.rebalance.sizes import measure_sizes, stored_sizes
 from tenantry.shardmap import Tier
 
 __all__ = ["COMMANDS"]

@@ -4,7 +4,9 @@ Most operator groups are small and share two databases; a municipal utility boun
 its regulator to keep its data apart has a database of its own. The demo builds that
 fleet on SQLite files, migrates it with the demo app's Alembic scripts, writes each
 group's drivers, chargers and charging sessions through the router, and shows that
-every group sees only its own rows.
+every group sees only its own rows; then it promotes a growing group, demotes an
+over-provisioned one and rebalances the pool onto a new shard. :func:`tell_story` runs
+the five steps and tells them to a :class:`StoryReport` (``tenantry demo`` prints them).
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import Protocol
 
 from sqlalchemy import func, select
 
+from tenantry import moves
 from tenantry.demo.models import Charger, ChargingSession, User
 from tenantry.errors import ConfigurationError
 from tenantry.migrations import provision, upgrade
+from tenantry.rebalance import apply_plan, plan_for
 from tenantry.router import Router
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap import Catalog, MapSnapshot, Tier
@@ -28,13 +33,16 @@ from tenantry.shardmap import Catalog, MapSnapshot, Tier
 __all__ = [
     "DEDICATED_TENANT",
     "GROWING_TENANT",
+    "MIGRATIONS",
     "OVERPROVISIONED_TENANT",
     "SHARED_TENANTS",
     "Census",
     "DemoFleet",
+    "StoryReport",
     "build_fleet",
     "census",
     "seed",
+    "tell_story",
 ]
 
 #: Operator groups that share the pool.
@@ -54,7 +62,8 @@ OVERPROVISIONED_TENANT = "tinyvolt"
 #: The group that grew: promoted to a dedicated database in the demo.
 GROWING_TENANT = "voltpark"
 
-_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+#: The demo app's Alembic script directory (``--alembic-config`` accepts it).
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _MARKER = ".tenantry-demo"
 
 
@@ -106,7 +115,7 @@ def build_fleet(directory: Path | str = ".tenantry-demo") -> DemoFleet:
     directory = Path(directory).resolve()
     _reset(directory)
     catalog_url = f"sqlite:///{directory / 'catalog.db'}"
-    settings = load_settings(catalog_url=catalog_url, alembic_config=str(_MIGRATIONS))
+    settings = load_settings(catalog_url=catalog_url, alembic_config=str(MIGRATIONS))
     server = f"sqlite:///{directory}"
     with Catalog(settings=settings) as catalog:
         catalog.init()
@@ -193,3 +202,111 @@ def census(router: Router, tenants: list[str]) -> list[Census]:
                 )
             )
     return found
+
+
+# -- the story, step by step ----------------------------------------------------------------
+
+
+class StoryReport(Protocol):
+    """Where :func:`tell_story` tells the demo's story, line by line and table by table."""
+
+    def heading(self, text: str) -> None:
+        """The story's title."""
+
+    def say(self, text: str) -> None:
+        """One line of the story (a numbered step, or what it did, indented)."""
+
+    def shard_map(self, snapshot: MapSnapshot, title: str) -> None:
+        """The shard map as it stands now."""
+
+    def census(self, rows: list[Census]) -> None:
+        """What each tenant's own session sees."""
+
+
+def tell_story(directory: Path | str, report: StoryReport) -> None:
+    """Run the demo's five steps on a fleet built afresh in *directory*: provision, write
+    through the router, read back, promote and demote, add a shard and rebalance."""
+    report.heading("tenantry demo: EV-charger operator groups")
+    report.say(
+        "1. provision two shared shards and two dedicated ones (a regulated utility, and a "
+        "small group that needs none), migrated with Alembic"
+    )
+    fleet = build_fleet(directory)
+    report.say(f"   catalog: {fleet.catalog_url}")
+    report.shard_map(fleet.snapshot, "shard map")
+    tenants = [t.id for t in fleet.snapshot.tenants_sorted()]
+    server = f"sqlite:///{fleet.directory}"
+    with Router(settings=fleet.settings, listen=False) as router:
+        rows = _write_and_read(router, tenants, report)
+        _promote_and_demote(router, server, rows, report)
+        _add_shard_and_rebalance(router, server, report)
+
+
+def _write_and_read(router: Router, tenants: list[str], report: StoryReport) -> list[Census]:
+    """Steps 2 and 3: every tenant's rows written through the router, then read back."""
+    report.say("2. write each group's drivers, chargers and sessions through the router")
+    seed(router, tenants)
+    report.say("3. read them back, each group through its own session")
+    rows = census(router, tenants)
+    report.census(rows)
+    leaks = sum(c.foreign_rows for c in rows)
+    report.say(
+        f"   every group used ids from 1 in the same shared tables; rows of another "
+        f"group seen: {leaks}"
+    )
+    return rows
+
+
+def _promote_and_demote(
+    router: Router, server: str, before: list[Census], report: StoryReport
+) -> None:
+    """Step 4: the growing group promoted, the small one demoted; the router follows."""
+    catalog = router.catalog
+    report.say(
+        f"4. promote {GROWING_TENANT} to a database of its own, demote {OVERPROVISIONED_TENANT}"
+        " into the shared pool (SQLite: offline moves, verified before the switch)"
+    )
+    for move in (
+        moves.promote(catalog, GROWING_TENANT, server=server, mode="auto"),
+        moves.demote(catalog, OVERPROVISIONED_TENANT, drop_source=True, mode="auto"),
+    ):
+        report.say(
+            f"   move {move.id}: {move.tenant_id} {move.source} -> {move.target}, "
+            f"{move.stats.get('rows', 0)} rows verified, writes frozen "
+            f"{float(move.stats.get('freeze_seconds', 0.0)):.2f}s"
+        )
+    router.refresh()
+    report.shard_map(router.snapshot, "shard map after the moves")
+    after = {c.tenant: c for c in census(router, [GROWING_TENANT, OVERPROVISIONED_TENANT])}
+    for old in before:
+        new = after.get(old.tenant)
+        if new is None:
+            continue
+        same = (new.users, new.sessions, new.energy_kwh) == (
+            old.users,
+            old.sessions,
+            old.energy_kwh,
+        )
+        report.say(
+            f"   {new.tenant}: the router now serves it from {new.shard}; "
+            f"{new.sessions} sessions, {'same data' if same else 'DATA DIFFERS'}"
+        )
+
+
+def _add_shard_and_rebalance(router: Router, server: str, report: StoryReport) -> None:
+    """Step 5: a third shared shard, and the pool rebalanced onto it."""
+    catalog = router.catalog
+    report.say("5. add a third shared shard and rebalance the pool")
+    provision(catalog, "shared-3", server, tier=Tier.SHARED)
+    plan = plan_for(catalog, refresh=True)
+    for applied in apply_plan(catalog, plan):
+        report.say(
+            f"   {applied.planned.tenant_id}: {applied.planned.source} -> "
+            f"{applied.planned.target}" + ("" if applied.ok else f" failed: {applied.error}")
+        )
+    report.say(
+        f"   spread {plan.spread_before():.0%} -> {plan.spread_after():.0%} "
+        f"with {len(plan.moves)} move(s); {plan.reason}"
+    )
+    router.refresh()
+    report.shard_map(router.snapshot, "shard map after rebalancing")

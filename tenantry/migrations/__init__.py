@@ -1,14 +1,7 @@
 """Every database's schema in step: fleet migrations, row-level security, provisioning."""
 
-from tenantry.migrations.fleet import (
-    FleetRun,
-    FleetStatus,
-    ShardMigration,
-    ShardStatus,
-    downgrade,
-    status,
-    upgrade,
-)
+from tenantry.migrations.fleet import FleetRun, ShardMigration, downgrade, upgrade
+from tenantry.migrations.fleet_status import FleetStatus, ShardStatus, status
 from tenantry.migrations.provision import SecuredShard, add_secured_shard, provision, secure_shard
 from tenantry.migrations.rls import install_rls, policy_statements
 

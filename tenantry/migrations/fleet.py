@@ -14,9 +14,10 @@ from __future__ import annotations
 import configparser
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -28,7 +29,6 @@ from alembic.script import ScriptDirectory
 from alembic.util.exc import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
-from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
     ConfigurationError,
@@ -39,26 +39,26 @@ from tenantry.errors import (
 from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog, catalog_of
-from tenantry.shardmap.connect import WRITE, describe_error, make_engine
+from tenantry.shardmap.connect import WRITE, describe_error
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
 from tenantry.shardmap.operations import operations_engine
-from tenantry.shardmap.roles import check_role, inspect_routing_role
+from tenantry.shardmap.roles import inspect_routing_role
 from tenantry.shardmap.schema import moves
 from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
 
 __all__ = [
     "MIGRATION_LOCK",
     "FleetRun",
-    "FleetStatus",
     "ShardMigration",
-    "ShardStatus",
     "app_config",
     "downgrade",
+    "format_heads",
     "migrate_shard",
+    "script_directory",
     "select_shards",
-    "status",
     "upgrade",
+    "version_heads",
 ]
 
 #: Advisory-lock key held while a database is migrated (advisory locks are per
@@ -106,49 +106,6 @@ class FleetRun:
     def failed(self) -> list[ShardMigration]:
         """The shards whose migration did not succeed."""
         return [r for r in self.results if not r.ok]
-
-
-@dataclass(frozen=True, slots=True)
-class ShardStatus:
-    """One shard's schema revision against the application's head."""
-
-    shard: str
-    tier: Tier
-    revision: str | None
-    verdict: Verdict
-    tenantry_revision: str | None = None
-    error: str | None = None
-    warnings: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class FleetStatus:
-    """The fleet's revisions and its verdict."""
-
-    head: str
-    shards: list[ShardStatus]
-
-    @property
-    def in_step(self) -> bool:
-        """True when every shard is at head."""
-        return all(s.verdict == "ok" for s in self.shards)
-
-    @property
-    def verdict(self) -> str:
-        """One sentence for operators."""
-        if self.in_step:
-            return f"in step: all {len(self.shards)} shard(s) at {self.head}"
-        counts: dict[str, int] = {}
-        for s in self.shards:
-            if s.verdict != "ok":
-                counts[s.verdict] = counts.get(s.verdict, 0) + 1
-        detail = ", ".join(f"{n} {v}" for v, n in sorted(counts.items()))
-        return f"out of step ({detail}): run `tenantry migrate upgrade`"
-
-    @property
-    def warnings(self) -> list[str]:
-        """What an operator should know of the shards' revisions (behind, ahead, unknown)."""
-        return [w for s in self.shards for w in s.warnings]
 
 
 # -- configuration ------------------------------------------------------------------------
@@ -203,7 +160,8 @@ def app_config(source: str | Path | None) -> Config:
     return cfg
 
 
-def _script(cfg: Config) -> ScriptDirectory:
+def script_directory(cfg: Config) -> ScriptDirectory:
+    """The application's migration scripts, as *cfg* names them."""
     return ScriptDirectory.from_config(cfg)
 
 
@@ -256,12 +214,14 @@ def _lock(conn: Connection, wait: bool) -> bool:
     return bool(got.scalar())
 
 
-def _heads(conn: Connection, version_table: str) -> set[str]:
+def version_heads(conn: Connection, version_table: str) -> set[str]:
+    """The revisions the database on *conn* is at, by its *version_table*."""
     ctx = MigrationContext.configure(conn, opts={"version_table": version_table})
     return set(ctx.get_current_heads())
 
 
-def _fmt(heads: Iterable[str]) -> str | None:
+def format_heads(heads: Iterable[str]) -> str | None:
+    """Revisions as one sorted, comma-separated string (None for none)."""
     items = sorted(heads)
     return ",".join(items) if items else None
 
@@ -287,7 +247,7 @@ def migrate_shard(
     """Migrate one shard; never raises for a database-side failure (it is reported)."""
     started = time.monotonic()
     before: set[str] = set()
-    script = _script(cfg)
+    script = script_directory(cfg)
     target = _target_heads(script, revision)
     warnings: list[str] = []
     database_id: str | None = None
@@ -296,8 +256,8 @@ def migrate_shard(
         return ShardMigration(
             shard=shard.name,
             tier=shard.tier,
-            before=_fmt(before),
-            after=_fmt(after) if after is not None else None,
+            before=format_heads(before),
+            after=format_heads(after) if after is not None else None,
             result=outcome,
             seconds=round(time.monotonic() - started, 3),
             error=error,
@@ -316,33 +276,12 @@ def migrate_shard(
                             None,
                             "another runner is migrating this database; it was left to it",
                         )
-                    before = _heads(conn, version_table)
+                    before = version_heads(conn, version_table)
                     changed = before != target
                     if changed:
-                        cfg.attributes["connection"] = conn
-                        # A env.py that ignores the shared connection would still reach
-                        # this database, never the one in alembic.ini.
-                        cfg.set_main_option(
-                            "sqlalchemy.url",
-                            make_url(shard.operations_url)
-                            .render_as_string(hide_password=False)
-                            .replace("%", "%%"),
-                        )
-                        with ALEMBIC_LOCK:
-                            if direction == "upgrade":
-                                command.upgrade(cfg, revision)
-                            else:
-                                command.downgrade(cfg, revision)
-                    SHARD.upgrade(conn)
-                    database_id = ensure_identity(conn).database_id
-                    if conn.dialect.name == "postgresql":
-                        # Every PostgreSQL shard: on a dedicated one the policies still
-                        # refuse writes while the tenant is frozen or moved.
-                        tables = install_rls(conn, column=settings.tenant_column)
-                        role = _routing_user(shard)
-                        if role:
-                            grant_routing_role(conn, role, tables)
-                    after = _heads(conn, version_table)
+                        _run_alembic(conn, shard, cfg, revision, direction)
+                    database_id = _tenantry_objects(conn, shard, settings)
+                    after = version_heads(conn, version_table)
             if after != target:
                 return result(
                     "failed",
@@ -359,6 +298,43 @@ def migrate_shard(
             # it is this database's failure, reported like a driver error, never one that
             # stops the rest of the fleet or escapes provision() with a traceback.
             return result("failed", None, describe_error(exc))
+
+
+def _run_alembic(
+    conn: Connection,
+    shard: Shard,
+    cfg: Config,
+    revision: str,
+    direction: Literal["upgrade", "downgrade"],
+) -> None:
+    """Run the application's migrations on *conn*, in its transaction."""
+    cfg.attributes["connection"] = conn
+    # A env.py that ignores the shared connection would still reach
+    # this database, never the one in alembic.ini.
+    cfg.set_main_option(
+        "sqlalchemy.url",
+        make_url(shard.operations_url).render_as_string(hide_password=False).replace("%", "%%"),
+    )
+    with ALEMBIC_LOCK:
+        if direction == "upgrade":
+            command.upgrade(cfg, revision)
+        else:
+            command.downgrade(cfg, revision)
+
+
+def _tenantry_objects(conn: Connection, shard: Shard, settings: TenantrySettings) -> str:
+    """tenantry's own tables, the database's identity and, on PostgreSQL, the
+    row-level-security policies and the routing role's grants; return the identity."""
+    SHARD.upgrade(conn)
+    database_id = ensure_identity(conn).database_id
+    if conn.dialect.name == "postgresql":
+        # Every PostgreSQL shard: on a dedicated one the policies still
+        # refuse writes while the tenant is frozen or moved.
+        tables = install_rls(conn, column=settings.tenant_column)
+        role = _routing_user(shard)
+        if role:
+            grant_routing_role(conn, role, tables)
+    return database_id
 
 
 # -- the fleet ------------------------------------------------------------------------------
@@ -382,62 +358,75 @@ def _run(
     settings = catalog.settings
     source = alembic_config if alembic_config is not None else settings.alembic_config
     base = app_config(source)
-    _target_heads(_script(base), revision)  # a bad revision fails before any database
+    _target_heads(script_directory(base), revision)  # a bad revision fails before any database
     chosen = select_shards(catalog, shards, tier)
 
     results: dict[str, ShardMigration] = {}
+
+    def report(outcome: ShardMigration) -> None:
+        results[outcome.shard] = outcome
+        if on_result is not None:
+            on_result(outcome)
+
     # A live move (even one whose process died) owns its shards' schema until it ends.
     busy = _shards_in_moves(catalog)
     for shard in [s for s in chosen if s.name in busy]:
-        outcome = ShardMigration(
-            shard.name,
-            shard.tier,
-            None,
-            None,
-            "locked",
-            0.0,
-            f"move {busy[shard.name]} is live on this shard: finish it with `tenantry moves "
-            f"resume {busy[shard.name]}` (or abort it), then migrate",
-        )
-        results[shard.name] = outcome
-        if on_result is not None:
-            on_result(outcome)
-    chosen_all, chosen = chosen, [s for s in chosen if s.name not in busy]
-    if jobs == 1 or len(chosen) <= 1:
-        for shard in chosen:
-            outcome = _migrate_from_source(shard, source, revision, settings, direction, wait)
-            outcome = _record_identity(catalog, outcome)
-            results[shard.name] = outcome
-            if on_result is not None:
-                on_result(outcome)
+        report(_left_to_move(shard, busy[shard.name]))
+    free = [s for s in chosen if s.name not in busy]
+    migrate = partial(
+        _migrate_from_source,
+        source=source,
+        revision=revision,
+        settings=settings,
+        direction=direction,
+        wait=wait,
+    )
+    if jobs == 1 or len(free) <= 1:
+        outcomes: Iterable[ShardMigration] = map(migrate, free)
     else:
-        # Alembic keeps its running environment in module globals (alembic.context), so
-        # concurrent migrations need a process each. A forkserver, not fork, so that no
-        # thread or connection of ours is copied into the workers; with this module
-        # preloaded, a worker starts in milliseconds instead of re-importing everything
-        # (spawn: ~3 s per worker on a busy 2-core machine).
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        with ProcessPoolExecutor(max_workers=min(jobs, len(chosen)), mp_context=context) as pool:
-            futures = {
-                pool.submit(
-                    _migrate_from_source, shard, source, revision, settings, direction, wait
-                ): shard
-                for shard in chosen
-            }
-            for future in as_completed(futures):
-                shard = futures[future]
-                try:
-                    outcome = future.result()
-                except Exception as exc:  # a worker died: report it, go on with the rest
-                    outcome = ShardMigration(
-                        shard.name, shard.tier, None, None, "failed", 0.0, describe_error(exc)
-                    )
-                outcome = _record_identity(catalog, outcome)
-                results[shard.name] = outcome
-                if on_result is not None:
-                    on_result(outcome)
-    return FleetRun(target=revision, results=[results[s.name] for s in chosen_all])
+        outcomes = _migrate_in_processes(free, jobs, migrate)
+    for outcome in outcomes:
+        report(_record_identity(catalog, outcome))
+    return FleetRun(target=revision, results=[results[s.name] for s in chosen])
+
+
+def _left_to_move(shard: Shard, move_id: int) -> ShardMigration:
+    """The result of a shard left alone because live move *move_id* involves it."""
+    return ShardMigration(
+        shard.name,
+        shard.tier,
+        None,
+        None,
+        "locked",
+        0.0,
+        f"move {move_id} is live on this shard: finish it with `tenantry moves "
+        f"resume {move_id}` (or abort it), then migrate",
+    )
+
+
+def _migrate_in_processes(
+    shards: Sequence[Shard], jobs: int, migrate: Callable[[Shard], ShardMigration]
+) -> Iterator[ShardMigration]:
+    """Migrate *shards* in up to *jobs* worker processes; yield each result as it ends
+    (a worker that died is a failed result, and the rest go on)."""
+    # Alembic keeps its running environment in module globals (alembic.context), so
+    # concurrent migrations need a process each. A forkserver, not fork, so that no
+    # thread or connection of ours is copied into the workers; with this module
+    # preloaded, a worker starts in milliseconds instead of re-importing everything
+    # (spawn: ~3 s per worker on a busy 2-core machine).
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(max_workers=min(jobs, len(shards)), mp_context=context) as pool:
+        futures = {pool.submit(migrate, shard): shard for shard in shards}
+        for future in as_completed(futures):
+            shard = futures[future]
+            try:
+                outcome = future.result()
+            except Exception as exc:  # a worker died: report it, go on with the rest
+                outcome = ShardMigration(
+                    shard.name, shard.tier, None, None, "failed", 0.0, describe_error(exc)
+                )
+            yield outcome
 
 
 def _record_identity(catalog: Catalog, outcome: ShardMigration) -> ShardMigration:
@@ -526,50 +515,6 @@ def downgrade(
     )  # fmt: skip
 
 
-def _classify(script: ScriptDirectory, current: set[str], heads: set[str]) -> Verdict:
-    if not current:
-        return "unknown"
-    if current == heads:
-        return "ok"
-    for rev in current:
-        try:
-            script.get_revision(rev)
-        except CommandError:
-            return "ahead"  # a revision this code does not know: newer migrations ran
-    return "behind"
-
-
-def _shard_status(
-    shard: Shard, script: ScriptDirectory, heads: set[str], settings: TenantrySettings
-) -> ShardStatus:
-    warnings: list[str] = []
-    with operations_engine(shard, connect_timeout=settings.connect_timeout) as engine:
-        try:
-            with engine.connect() as conn:
-                current = _heads(conn, "alembic_version")
-                ours = SHARD.current(conn)
-                postgres = conn.dialect.name == "postgresql"
-        except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
-            return ShardStatus(
-                shard.name, shard.tier, None, "unreachable", error=describe_error(exc)
-            )
-    if postgres and shard.tier is Tier.SHARED:
-        if not shard.admin_url or shard.admin_url == shard.url:
-            warnings.append(
-                f"shard {shard.name!r}: one URL serves routing and operations; give it an "
-                "--admin-url so that routing runs as a role that row-level security binds"
-            )
-        warnings.extend(_routing_role_warning(shard, settings))
-    return ShardStatus(
-        shard.name,
-        shard.tier,
-        _fmt(current),
-        _classify(script, current, heads),
-        tenantry_revision=ours,
-        warnings=tuple(warnings),
-    )
-
-
 def _routing_role_warnings(shard: Shard, settings: TenantrySettings) -> list[str]:
     """What ``migrate upgrade`` says about a shared shard's routing role (it never
     refuses: ``shard add`` and the routers do)."""
@@ -578,38 +523,3 @@ def _routing_role_warnings(shard: Shard, settings: TenantrySettings) -> list[str
     except TenantryError as exc:
         return [f"shard {shard.name!r}: cannot check its routing role: {exc}"]
     return [line for line in (check.refusal(shard.name), check.caution(shard.name)) if line]
-
-
-def _routing_role_warning(shard: Shard, settings: TenantrySettings) -> list[str]:
-    engine = make_engine(shard.url, connect_timeout=settings.connect_timeout, poolclass=NullPool)
-    # One URL for both roles is warned about on its own (see _shard_status).
-    ops = make_url(shard.admin_url).username if shard.admin_url not in (None, shard.url) else None
-    try:
-        with engine.connect() as conn:
-            check = check_role(conn, column=settings.tenant_column, operations_role=ops)
-            warning = check.warning(shard.name)
-    except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
-        warning = f"shard {shard.name!r}: cannot connect as the routing role: {describe_error(exc)}"
-    finally:
-        engine.dispose()
-    return [warning] if warning else []
-
-
-def status(
-    target: object,
-    *,
-    shards: Sequence[str] | None = None,
-    tier: Tier | str | None = None,
-    alembic_config: str | Path | None = None,
-    jobs: int = 4,
-) -> FleetStatus:
-    """Every shard's revision against the application's head, and role warnings."""
-    catalog = catalog_of(target)
-    settings = catalog.settings
-    cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
-    script = _script(cfg)
-    heads = set(script.get_heads())
-    chosen = select_shards(catalog, shards, tier)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        found = list(pool.map(lambda s: _shard_status(s, script, heads, settings), chosen))
-    return FleetStatus(head=_fmt(heads) or "base", shards=found)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import secrets
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from alembic.config import Config
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import (
@@ -85,14 +87,8 @@ def create_database(
         path.parent.mkdir(parents=True, exist_ok=True)
         sa.create_engine(target, poolclass=NullPool).connect().close()
         return target.render_as_string(hide_password=False)
-    engine = make_engine(
-        server.render_as_string(hide_password=False),
-        connect_timeout=connect_timeout,
-        poolclass=NullPool,
-        isolation_level="AUTOCOMMIT",
-    )
     try:
-        with engine.connect() as conn:
+        with _server_connection(server, connect_timeout) as conn:
             if _exists(conn, database):
                 raise ProvisionError(
                     f"database {database!r} exists already on {mask_url(server)}: register "
@@ -107,9 +103,24 @@ def create_database(
         raise ProvisionError(
             f"cannot create database {database!r} on {mask_url(server)}: {describe_error(exc)}"
         ) from None
+    return target.render_as_string(hide_password=False)
+
+
+@contextmanager
+def _server_connection(server: URL, connect_timeout: float) -> Iterator[sa.Connection]:
+    """An autocommit connection to *server* (for CREATE and DROP DATABASE), its engine
+    disposed of afterwards."""
+    engine = make_engine(
+        server.render_as_string(hide_password=False),
+        connect_timeout=connect_timeout,
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+    )
+    try:
+        with engine.connect() as conn:
+            yield conn
     finally:
         engine.dispose()
-    return target.render_as_string(hide_password=False)
 
 
 def database_exists(server_url: str, database: str, *, connect_timeout: float = 5.0) -> bool:
@@ -152,19 +163,9 @@ def drop_database(url: str, *, connect_timeout: float = 5.0) -> None:
             with suppress(FileNotFoundError):
                 Path(f"{parsed.database}{suffix}").unlink()
         return
-    server = parsed.set(database="postgres")
-    engine = make_engine(
-        server.render_as_string(hide_password=False),
-        connect_timeout=connect_timeout,
-        poolclass=NullPool,
-        isolation_level="AUTOCOMMIT",
-    )
-    try:
-        with engine.connect() as conn:
-            q = conn.dialect.identifier_preparer.quote
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {q(parsed.database or '')} WITH (FORCE)")
-    finally:
-        engine.dispose()
+    with _server_connection(parsed.set(database="postgres"), connect_timeout) as conn:
+        q = conn.dialect.identifier_preparer.quote
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {q(parsed.database or '')} WITH (FORCE)")
 
 
 def provision(
@@ -200,11 +201,60 @@ def provision(
     validate_shard_name(name)
     tier = Tier(tier)
     database = database or name
-    with suppress(UnknownShard):
-        catalog.get_shard(name)
-        raise ShardExists(name)
+    allow = _check_new_shard(
+        catalog, name, tier, server_url, routing_url, secure_role, allow_unsafe_routing_role
+    )
+    cfg = None
+    if migrate:
+        cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
+    admin_url = create_database(
+        server_url, database, template=template, connect_timeout=settings.connect_timeout
+    )
+    try:
+        url = _routing_url(admin_url, routing_url, database)
+        shard = Shard(
+            name, url, tier, admin_url=admin_url if url != admin_url else None, weight=weight
+        )
+        if cfg is not None:
+            _migrate_new(shard, cfg, revision, database, catalog)
+        if secure_role is not None:
+            ops = Shard(name=name, url=admin_url, tier=tier)
+            secured, _created, _generated, _warnings = _routing_role(catalog, ops, secure_role)
+            shard = dataclasses.replace(shard, url=secured, admin_url=admin_url)
+        return catalog.add_shard(
+            name,
+            shard.url,
+            admin_url=shard.admin_url,
+            tier=tier,
+            weight=weight,
+            allow_unsafe_routing_role=allow,
+        )
+    except BaseException as exc:
+        _drop_after_failure(admin_url, connect_timeout=settings.connect_timeout)
+        if isinstance(exc, TenantryError) and not isinstance(
+            exc, (ProvisionError, UnsafeRoutingRole)
+        ):
+            raise ProvisionError(
+                f"{exc} (database {database!r} was dropped again)", shard=name
+            ) from None
+        raise
+
+
+def _check_new_shard(
+    catalog: Catalog,
+    name: str,
+    tier: Tier,
+    server_url: str,
+    routing_url: str | None,
+    secure_role: str | None,
+    allow_unsafe_routing_role: bool | None,
+) -> bool:
+    """Refuse, before anything is created, a shard name taken already and a shared
+    PostgreSQL shard that would route as its operations role; return whether an unsafe
+    routing role is allowed (*allow_unsafe_routing_role*, default: the setting)."""
+    _refuse_taken(catalog, name)
     allow = (
-        settings.allow_unsafe_routing_role
+        catalog.settings.allow_unsafe_routing_role
         if allow_unsafe_routing_role is None
         else allow_unsafe_routing_role
     )
@@ -222,61 +272,47 @@ def provision(
             fix="pass --secure (a routing role with only the grants it needs) or "
             "--routing-url URL of a role that owns nothing",
         )
-    cfg = None
-    if migrate:
-        cfg = app_config(alembic_config if alembic_config is not None else settings.alembic_config)
-    admin_url = create_database(
-        server_url, database, template=template, connect_timeout=settings.connect_timeout
+    return allow
+
+
+def _refuse_taken(catalog: Catalog, name: str) -> None:
+    """Refuse shard name *name* if the catalog has it already."""
+    with suppress(UnknownShard):
+        catalog.get_shard(name)
+        raise ShardExists(name)
+
+
+def _routing_url(admin_url: str, routing_url: str | None, database: str) -> str:
+    """The URL the new shard routes through: *routing_url*'s role on the new database,
+    or the operations URL."""
+    if not routing_url:
+        return admin_url
+    return with_database(make_url(normalize_url(routing_url)), database).render_as_string(
+        hide_password=False
     )
+
+
+def _migrate_new(shard: Shard, cfg: Config, revision: str, database: str, catalog: Catalog) -> None:
+    """Migrate the new database, or raise :class:`ProvisionError` (the caller drops it)."""
+    outcome = migrate_shard(shard, cfg, revision, settings=catalog.settings)
+    if not outcome.ok:
+        raise ProvisionError(
+            f"database {database!r} was created but could not be migrated "
+            f"({outcome.error}); it was dropped again",
+            shard=shard.name,
+        )
+
+
+def _drop_after_failure(admin_url: str, *, connect_timeout: float) -> None:
+    """Drop the database a failed provision created; a failure to is logged."""
     try:
-        url = admin_url
-        if routing_url:
-            url = with_database(make_url(normalize_url(routing_url)), database).render_as_string(
-                hide_password=False
-            )
-        shard = Shard(
-            name=name,
-            url=url,
-            admin_url=admin_url if url != admin_url else None,
-            tier=tier,
-            weight=weight,
+        drop_database(admin_url, connect_timeout=connect_timeout)
+    except (sa.exc.SQLAlchemyError, OSError) as cleanup:
+        logger.error(
+            "could not drop database %s after a failed provision: %s",
+            mask_url(admin_url),
+            describe_error(cleanup),
         )
-        if cfg is not None:
-            outcome = migrate_shard(shard, cfg, revision, settings=settings)
-            if not outcome.ok:
-                raise ProvisionError(
-                    f"database {database!r} was created but could not be migrated "
-                    f"({outcome.error}); it was dropped again",
-                    shard=name,
-                )
-        if secure_role is not None:
-            ops = Shard(name=name, url=admin_url, tier=tier)
-            secured, _created, _generated, _warnings = _routing_role(catalog, ops, secure_role)
-            shard = dataclasses.replace(shard, url=secured, admin_url=admin_url)
-        return catalog.add_shard(
-            name,
-            shard.url,
-            admin_url=shard.admin_url,
-            tier=tier,
-            weight=weight,
-            allow_unsafe_routing_role=allow,
-        )
-    except BaseException as exc:
-        try:
-            drop_database(admin_url, connect_timeout=settings.connect_timeout)
-        except (sa.exc.SQLAlchemyError, OSError) as cleanup:
-            logger.error(
-                "could not drop database %s after a failed provision: %s",
-                mask_url(admin_url),
-                describe_error(cleanup),
-            )
-        if isinstance(exc, TenantryError) and not isinstance(
-            exc, (ProvisionError, UnsafeRoutingRole)
-        ):
-            raise ProvisionError(
-                f"{exc} (database {database!r} was dropped again)", shard=name
-            ) from None
-        raise
 
 
 # -- routing roles ------------------------------------------------------------------------
@@ -329,14 +365,7 @@ def secure_shard(target: object, name: str, *, role: str = DEFAULT_ROUTING_ROLE)
     else:
         for caution in cautions:
             security_logger.warning("%s", caution)
-    return SecuredShard(
-        shard=shard,
-        role=role,
-        role_created=created,
-        password="generated" if generated else "kept",
-        changed=changed,
-        warnings=tuple(warnings + cautions),
-    )
+    return _secured(shard, role, created, generated, changed, [*warnings, *cautions])
 
 
 def add_secured_shard(
@@ -355,9 +384,7 @@ def add_secured_shard(
     :func:`secure_shard` does."""
     validate_shard_name(name)
     tier = Tier(tier)
-    with suppress(UnknownShard):
-        catalog.get_shard(name)
-        raise ShardExists(name)
+    _refuse_taken(catalog, name)
     ops = Shard(name=name, url=normalize_url(admin_url or url), tier=tier)
     if ops.backend != "postgresql":
         raise ConfigurationError("--secure needs PostgreSQL: SQLite has no roles")
@@ -372,12 +399,19 @@ def add_secured_shard(
         allow_unsafe_routing_role=False,
     )
     logger.info("shard %s routes as role %s", name, role)
+    return _secured(shard, role, created, generated, True, warnings)
+
+
+def _secured(
+    shard: Shard, role: str, created: bool, generated: bool, changed: bool, warnings: list[str]
+) -> SecuredShard:
+    """What securing *shard* did, its password only said to be generated or kept."""
     return SecuredShard(
         shard=shard,
         role=role,
         role_created=created,
         password="generated" if generated else "kept",
-        changed=True,
+        changed=changed,
         warnings=tuple(warnings),
     )
 

@@ -2,7 +2,7 @@
 
 The planner is pure (map snapshot + sizes + strategy -> plan), so these tests need no
 database. ``pool_spread`` below restates the measure the planner promises not to
-worsen, independently of ``tenantry.moves.planner.spread``:
+worsen, independently of ``tenantry.rebalance.planner.spread``:
 
 - an active shard (shared, active, weight > 0, not drained) is measured against its
   weighted share of the load of the active *and* draining shards together, since all
@@ -31,17 +31,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from tenantry.errors import ConfigurationError, UnknownShard
-from tenantry.moves.planner import (
-    CostFunction,
-    Plan,
-    TenantSize,
-    base_cost,
-    by_count,
-    by_size,
-    by_size_and_count,
-    plan_rebalance,
-    spread,
-)
+from tenantry.rebalance import CostFunction, Plan, TenantSize, plan_rebalance, spread
+from tenantry.rebalance.planner import base_cost, by_count, by_size, by_size_and_count
 from tenantry.shardmap.model import MapSnapshot, Shard, ShardState, Tenant, TenantState, Tier
 
 EPS = 1e-9

@@ -27,9 +27,9 @@ from movefleet import Fleet, assert_one_home, build_fleet, count_rows, tenant_ro
 from tenantry import Router, moves
 from tenantry.cli import cli
 from tenantry.demo.models import Base, Charger, ChargingSession, User
-from tenantry.moves.planner import Plan, PlannedMove, TenantSize, base_cost
-from tenantry.moves.rebalance import AppliedMove, apply_plan, plan_for
-from tenantry.moves.sizes import stored_sizes
+from tenantry.rebalance.apply import AppliedMove, apply_plan, plan_for
+from tenantry.rebalance.planner import Plan, PlannedMove, TenantSize, base_cost
+from tenantry.rebalance.sizes import stored_sizes
 
 #: Tenants of the PostgreSQL pool: four on s1, four on s2; s3 and s4 start empty.
 POOL = {"s1": ["a1", "a2", "a3", "a4"], "s2": ["b1", "b2", "b3", "b4"]}

@@ -20,7 +20,7 @@ from movefleet import Fleet, build_fleet
 
 from tenantry.cli import cli
 from tenantry.migrations import upgrade
-from tenantry.moves.sizes import stored_sizes
+from tenantry.rebalance.sizes import stored_sizes
 from tenantry.shardmap.schema import tenant_sizes
 
 SHARDS = ("pool-0", "pool-1", "pool-2")

@@ -20,7 +20,7 @@ from movefleet import AtCheckpoint, Fleet, build_fleet, drop_replication, reside
 from tenantry import moves
 from tenantry.errors import MoveError, MoveRefused, SchemaContractError, VerificationFailed
 from tenantry.moves.removal import remove_tenant
-from tenantry.moves.sizes import measure_sizes
+from tenantry.rebalance.sizes import measure_sizes
 
 Sums = dict[str, tuple[int, str | None]]
 

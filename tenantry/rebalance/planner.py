@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,7 @@ __all__ = [
     "BASE_FRACTION",
     "BY_COUNT",
     "BY_SIZE",
+    "STRATEGIES",
     "CostFunction",
     "Plan",
     "PlannedMove",
@@ -288,6 +289,21 @@ def plan_rebalance(
     _check_options(threshold, min_improvement, max_moves, max_bytes)
     cost_of = _cost_function(strategy)
     drain = tuple(drain)
+    _check_drain(snapshot, drain)
+    pool = _Pool.of(snapshot, sizes, cost_of, drain, max_moves, max_bytes)
+    if not pool.shares:
+        for name in pool.draining:
+            for tenant in pool.placed[name]:
+                pool.left_behind.setdefault(tenant, "nowhere to go")
+        reason = "no active shared shard"
+    else:
+        pool.drain()
+        reason = _balance(pool, threshold, min_improvement)
+    return pool.plan(threshold, reason, time.perf_counter() - started)
+
+
+def _check_drain(snapshot: MapSnapshot, drain: tuple[str, ...]) -> None:
+    """Every shard to drain exists and is shared."""
     for name in drain:
         named = snapshot.shards.get(name)
         if named is None:
@@ -298,214 +314,252 @@ def plan_rebalance(
                 "(demote or move its tenant instead)",
                 field="drain",
             )
-    shared = {name: shard for name, shard in snapshot.shards.items() if shard.tier is Tier.SHARED}
-    draining = tuple(
-        sorted({*drain, *(n for n, s in shared.items() if s.state is ShardState.DRAINING)})
-    )
-    active = {
-        n: s
-        for n, s in shared.items()
-        if s.state is ShardState.ACTIVE and s.weight > 0 and n not in draining
-    }
-    weight_total = sum(s.weight for s in active.values())
-    shares = {n: s.weight / weight_total for n, s in sorted(active.items())}
 
-    base = base_cost(
-        cost_of,
-        [sizes.get(t.id, TenantSize()) for t in snapshot.tenants.values() if t.shard in shared],
-    )
-    load: dict[str, float] = {n: 0.0 for n in shared}
-    costs: dict[str, float] = {}
-    placed: dict[str, list[str]] = {n: [] for n in shared}
-    movable: set[str] = set()
-    left_behind: dict[str, str] = {}
-    for record in sorted(snapshot.tenants.values(), key=lambda t: t.id):
-        if record.shard not in shared:
-            continue
-        size = sizes.get(record.id, TenantSize())
-        cost = float(cost_of(record, size))
-        if not math.isfinite(cost) or cost < 0:
-            raise ConfigurationError(
-                f"the cost function gave {cost!r} for tenant {record.id!r}: a cost must be "
-                "a finite number, zero or more",
-                field="strategy",
-            )
-        cost += base
-        costs[record.id] = cost
-        load[record.shard] += cost
-        placed[record.shard].append(record.id)
-        if record.pinned:
-            why = "pinned"
-        elif record.tier is not Tier.SHARED:
-            why = "dedicated"
-        elif record.state is not TenantState.ACTIVE:
-            why = "being moved"
-        else:
-            movable.add(record.id)
-            continue
-        if record.shard in draining:
-            left_behind[record.id] = why
-    before = dict(load)
-    bytes_of = {t: sizes.get(t, TenantSize()).bytes for t in costs}
-    moves: list[PlannedMove] = []
-    moved: set[str] = set()
-    spent = 0
 
-    bytes_before = {n: float(sum(bytes_of[t] for t in placed[n])) for n in shared}
+def _checked_cost(cost_of: CostFunction, tenant: Tenant, size: TenantSize) -> float:
+    """The strategy's cost of *tenant*, refused unless finite and not negative."""
+    cost = float(cost_of(tenant, size))
+    if not math.isfinite(cost) or cost < 0:
+        raise ConfigurationError(
+            f"the cost function gave {cost!r} for tenant {tenant.id!r}: a cost must be "
+            "a finite number, zero or more",
+            field="strategy",
+        )
+    return cost
 
-    def finish(reason: str) -> Plan:
-        notes = _drain_notes(draining, placed, left_behind)
+
+def _why_unmovable(tenant: Tenant) -> str | None:
+    """Why the planner may not move *tenant* (None: it may)."""
+    if tenant.pinned:
+        return "pinned"
+    if tenant.tier is not Tier.SHARED:
+        return "dedicated"
+    if tenant.state is not TenantState.ACTIVE:
+        return "being moved"
+    return None
+
+
+@dataclass
+class _Pool:
+    """The shared pool while a plan is made: where each tenant is, each shard's load,
+    the moves so far and the budgets they spend."""
+
+    draining: tuple[str, ...]
+    shares: dict[str, float]
+    load: dict[str, float]
+    placed: dict[str, list[str]]
+    max_moves: int | None
+    max_bytes: int | None
+    costs: dict[str, float] = field(default_factory=dict)
+    bytes_of: dict[str, int] = field(default_factory=dict)
+    movable: set[str] = field(default_factory=set)
+    left_behind: dict[str, str] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    bytes_before: dict[str, float] = field(default_factory=dict)
+    moves: list[PlannedMove] = field(default_factory=list)
+    moved: set[str] = field(default_factory=set)
+    spent: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        snapshot: MapSnapshot,
+        sizes: Mapping[str, TenantSize],
+        cost_of: CostFunction,
+        drain: tuple[str, ...],
+        max_moves: int | None,
+        max_bytes: int | None,
+    ) -> _Pool:
+        """The pool of *snapshot*'s shared shards, each tenant costed by *cost_of*."""
+        shared = {n: shard for n, shard in snapshot.shards.items() if shard.tier is Tier.SHARED}
+        draining = tuple(
+            sorted({*drain, *(n for n, s in shared.items() if s.state is ShardState.DRAINING)})
+        )
+        active = {
+            n: s
+            for n, s in shared.items()
+            if s.state is ShardState.ACTIVE and s.weight > 0 and n not in draining
+        }
+        weight_total = sum(s.weight for s in active.values())
+        shares = {n: s.weight / weight_total for n, s in sorted(active.items())}
+        base = base_cost(
+            cost_of,
+            [sizes.get(t.id, TenantSize()) for t in snapshot.tenants.values() if t.shard in shared],
+        )
+        load = {n: 0.0 for n in shared}
+        pool = cls(draining, shares, load, {n: [] for n in shared}, max_moves, max_bytes)
+        for record in sorted(snapshot.tenants.values(), key=lambda t: t.id):
+            if record.shard in shared:
+                pool.place(
+                    record,
+                    _checked_cost(cost_of, record, sizes.get(record.id, TenantSize())) + base,
+                )
+        pool.before = dict(pool.load)
+        pool.bytes_of = {t: sizes.get(t, TenantSize()).bytes for t in pool.costs}
+        pool.bytes_before = pool.shard_bytes()
+        return pool
+
+    def place(self, tenant: Tenant, cost: float) -> None:
+        """Count *tenant*, of *cost*, where it lives."""
+        self.costs[tenant.id] = cost
+        self.load[tenant.shard] += cost
+        self.placed[tenant.shard].append(tenant.id)
+        why = _why_unmovable(tenant)
+        if why is None:
+            self.movable.add(tenant.id)
+        elif tenant.shard in self.draining:
+            self.left_behind[tenant.id] = why
+
+    def shard_bytes(self) -> dict[str, float]:
+        """Every shared shard's measured bytes, as the tenants are placed now."""
+        return {n: float(sum(self.bytes_of[t] for t in ts)) for n, ts in self.placed.items()}
+
+    def budget_left(self) -> bool:
+        """Whether another move fits the move and byte budgets."""
+        return (self.max_moves is None or len(self.moves) < self.max_moves) and (
+            self.max_bytes is None or self.spent < self.max_bytes
+        )
+
+    def fits_budget(self, tenant: str) -> bool:
+        """Whether moving *tenant* stays within the byte budget."""
+        return self.max_bytes is None or self.spent + self.bytes_of[tenant] <= self.max_bytes
+
+    def may_move(self, tenant: str) -> bool:
+        """Whether *tenant* may still move: movable and not moved in this plan."""
+        return tenant in self.movable and tenant not in self.moved
+
+    def relocate(self, tenant: str, source: str, target: str) -> None:
+        """Plan the move of *tenant* from *source* to *target*."""
+        self.placed[source].remove(tenant)
+        self.placed[target].append(tenant)
+        self.load[source] -= self.costs[tenant]
+        self.load[target] += self.costs[tenant]
+        self.moved.add(tenant)
+        self.spent += self.bytes_of[tenant]
+        self.moves.append(
+            PlannedMove(tenant, source, target, self.costs[tenant], self.bytes_of[tenant])
+        )
+
+    def drain(self) -> None:
+        """Phase 1: every movable tenant of a draining shard leaves, the biggest first,
+        for the shard it fills least. Some shard is at or below its target, so the one
+        chosen ends at most the tenant's cost (in units of the smallest share) above its
+        target: never worse than the draining shard's load counted for in spread()."""
+        costs, load, shares = self.costs, self.load, self.shares
+        for source in self.draining:
+            for tenant in sorted(self.placed[source], key=lambda t: (-costs[t], t)):
+                if tenant not in self.movable:
+                    continue
+                if not self.budget_left() or not self.fits_budget(tenant):
+                    self.left_behind[tenant] = "over the move or byte budget"
+                    continue
+                target = min(shares, key=lambda s: ((load[s] + costs[tenant]) / shares[s], s))
+                self.relocate(tenant, source, target)
+
+    def plan(self, threshold: float, reason: str, seconds: float) -> Plan:
+        """The plan made so far, stopped for *reason*."""
+        notes = _drain_notes(self.draining, self.placed, self.left_behind)
         return Plan(
-            moves,
-            before,
-            dict(load),
-            shares,
+            self.moves,
+            self.before,
+            dict(self.load),
+            self.shares,
             threshold,
-            draining,
+            self.draining,
             "; ".join([*notes, reason]),
-            {"seconds": time.perf_counter() - started, "moves": float(len(moves))},
-            {t: why for t, why in left_behind.items() if t not in moved},
-            bytes_before,
-            {n: float(sum(bytes_of[t] for t in placed[n])) for n in shared},
+            {"seconds": seconds, "moves": float(len(self.moves))},
+            {t: why for t, why in self.left_behind.items() if t not in self.moved},
+            self.bytes_before,
+            self.shard_bytes(),
         )
 
-    def budget_left() -> bool:
-        return (max_moves is None or len(moves) < max_moves) and (
-            max_bytes is None or spent < max_bytes
-        )
 
-    def fits_budget(tenant: str) -> bool:
-        return max_bytes is None or spent + bytes_of[tenant] <= max_bytes
-
-    def relocate(tenant: str, source: str, target: str) -> None:
-        nonlocal spent
-        placed[source].remove(tenant)
-        placed[target].append(tenant)
-        load[source] -= costs[tenant]
-        load[target] += costs[tenant]
-        moved.add(tenant)
-        spent += bytes_of[tenant]
-        moves.append(PlannedMove(tenant, source, target, costs[tenant], bytes_of[tenant]))
-
-    if not shares:
-        for name in draining:
-            for tenant in placed[name]:
-                left_behind.setdefault(tenant, "nowhere to go")
-        return finish("no active shared shard")
-
-    # 1. Drain: every movable tenant leaves, the biggest first, for the shard it fills
-    # least. Some shard is at or below its target, so the one chosen ends at most the
-    # tenant's cost (in units of the smallest share) above its target: never worse than
-    # the draining shard's load counted for in spread().
-    for source in draining:
-        for tenant in sorted(placed[source], key=lambda t: (-costs[t], t)):
-            if tenant not in movable:
-                continue
-            if not budget_left() or not fits_budget(tenant):
-                left_behind[tenant] = "over the move or byte budget"
-                continue
-            target = min(shares, key=lambda s: ((load[s] + costs[tenant]) / shares[s], s))
-            relocate(tenant, source, target)
-
-    # 2. Balance the active shards: their own load against their shares (what stays on a
-    # draining shard is reported, not balanced).
-    total = sum(load[s] for s in shares)
+def _balance(pool: _Pool, threshold: float, min_improvement: float) -> str:
+    """Phase 2: balance the active shards, their own load against their shares (what
+    stays on a draining shard is reported, not balanced); return why it stopped."""
+    total = sum(pool.load[s] for s in pool.shares)
     if total <= 0:
-        return finish("balanced (no load)")
+        return "balanced (no load)"
     while True:
-        ratios = {s: load[s] / (total * shares[s]) for s in shares}
+        ratios = {s: pool.load[s] / (total * pool.shares[s]) for s in pool.shares}
         if max(abs(r - 1.0) for r in ratios.values()) <= threshold:
-            return finish(f"every active shard within {threshold:.0%} of its share")
-        if not budget_left():
-            return finish("stopped at the move or byte budget")
-        choice = _next_move(
-            ratios,
-            shares,
-            load,
-            total,
-            threshold,
-            min_improvement,
-            placed,
-            costs,
-            movable,
-            moved,
-            fits_budget,
-        )
+            return f"every active shard within {threshold:.0%} of its share"
+        if not pool.budget_left():
+            return "stopped at the move or byte budget"
+        choice = _next_move(pool, ratios, total, threshold, min_improvement)
         if choice is None:
-            blocked = max_bytes is not None and any(
-                t in movable and t not in moved and not fits_budget(t)
-                for s in shares
-                for t in placed[s]
+            blocked = pool.max_bytes is not None and any(
+                pool.may_move(t) and not pool.fits_budget(t)
+                for s in pool.shares
+                for t in pool.placed[s]
             )
             if blocked:
-                return finish("stopped at the byte budget")
-            return finish(
+                return "stopped at the byte budget"
+            return (
                 "no move improves the balance enough (the rest are too big, pinned or "
                 "moved already)"
             )
-        relocate(*choice)
+        pool.relocate(*choice)
 
 
 def _next_move(
+    pool: _Pool,
     ratios: Mapping[str, float],
-    shares: Mapping[str, float],
-    load: Mapping[str, float],
     total: float,
     threshold: float,
     min_improvement: float,
-    placed: Mapping[str, list[str]],
-    costs: Mapping[str, float],
-    movable: set[str],
-    moved: set[str],
-    fits_budget: Callable[[str], bool],
 ) -> tuple[str, str, str] | None:
     """The next balancing move (tenant, source, target), or None.
 
     Pairs are tried from the most extreme down: sources from the highest ratio,
     targets from the lowest; a pair must involve a shard outside the threshold.
     """
-    current = sum((ratios[s] - 1.0) ** 2 for s in shares)
-    by_ratio = sorted(shares, key=lambda s: (ratios[s], s))
+    current = sum((ratios[s] - 1.0) ** 2 for s in pool.shares)
+    by_ratio = sorted(pool.shares, key=lambda s: (ratios[s], s))
     for source in reversed(by_ratio):
         for target in by_ratio:
             if ratios[source] <= ratios[target]:
                 break
             if ratios[source] <= 1 + threshold and ratios[target] >= 1 - threshold:
                 continue
-            want_s, want_t = total * shares[source], total * shares[target]
-            # The most a move may carry without overshooting: the smaller of the source's
-            # excess and the target's deficit.
-            gap = min(load[source] - want_s, want_t - load[target])
-            # Never widen the range of ratios: the target must not rise above the
-            # source's old ratio, nor the source fall below the target's.
-            limit = (ratios[source] - ratios[target]) * total * min(shares[source], shares[target])
-            best: str | None = None
-            best_key: tuple[float, float, str] | None = None
-            for tenant in placed[source]:
-                cost = costs[tenant]
-                if (
-                    tenant not in movable
-                    or tenant in moved
-                    or cost <= 0
-                    or cost > limit
-                    or not fits_budget(tenant)
-                ):
-                    continue
-                change = (
-                    ((load[source] - cost - want_s) / want_s) ** 2
-                    - ((load[source] - want_s) / want_s) ** 2
-                    + ((load[target] + cost - want_t) / want_t) ** 2
-                    - ((load[target] - want_t) / want_t) ** 2
-                )
-                if change >= 0 or -change < min_improvement * current:
-                    continue
-                # Prefer the largest tenant that fits the gap; past the gap, the smallest.
-                key = (0.0, -cost, tenant) if cost <= gap else (1.0, cost, tenant)
-                if best_key is None or key < best_key:
-                    best, best_key = tenant, key
+            best = _best_tenant(pool, ratios, total, source, target, min_improvement * current)
             if best is not None:
                 return best, source, target
     return None
+
+
+def _best_tenant(
+    pool: _Pool, ratios: Mapping[str, float], total: float, source: str, target: str, gain: float
+) -> str | None:
+    """The tenant of *source* best moved to *target*: it lowers the sum of squared
+    deviations by at least *gain*, widens no range of ratios, and is the largest
+    that fits the gap between them (past the gap, the smallest)."""
+    load, shares = pool.load, pool.shares
+    want_s, want_t = total * shares[source], total * shares[target]
+    # The most a move may carry without overshooting: the smaller of the source's
+    # excess and the target's deficit.
+    gap = min(load[source] - want_s, want_t - load[target])
+    # Never widen the range of ratios: the target must not rise above the
+    # source's old ratio, nor the source fall below the target's.
+    limit = (ratios[source] - ratios[target]) * total * min(shares[source], shares[target])
+    best: str | None = None
+    best_key: tuple[float, float, str] | None = None
+    for tenant in pool.placed[source]:
+        cost = pool.costs[tenant]
+        if not pool.may_move(tenant) or cost <= 0 or cost > limit or not pool.fits_budget(tenant):
+            continue
+        change = (
+            ((load[source] - cost - want_s) / want_s) ** 2
+            - ((load[source] - want_s) / want_s) ** 2
+            + ((load[target] + cost - want_t) / want_t) ** 2
+            - ((load[target] - want_t) / want_t) ** 2
+        )
+        if change >= 0 or -change < gain:
+            continue
+        key = (0.0, -cost, tenant) if cost <= gap else (1.0, cost, tenant)
+        if best_key is None or key < best_key:
+            best, best_key = tenant, key
+    return best
 
 
 #: Why a tenant stays on a draining shard: how to say it, and what to do about it.

@@ -14,16 +14,21 @@ import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 
 from tenantry.errors import ConfigurationError, TenantryError
-from tenantry.moves.api import move as run_move
-from tenantry.moves.hooks import MoveObserver
-from tenantry.moves.journal import Move
-from tenantry.moves.planner import CostFunction, Plan, PlannedMove, TenantSize, plan_rebalance
-from tenantry.moves.sizes import measure_sizes, stale_sizes, stored_sizes
+from tenantry.moves import Move, MoveObserver
+from tenantry.moves import move as run_move
+from tenantry.rebalance.planner import (
+    CostFunction,
+    Plan,
+    PlannedMove,
+    TenantSize,
+    plan_rebalance,
+)
+from tenantry.rebalance.sizes import measure_sizes, stale_sizes, stored_sizes
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.model import Shard, ShardState, Tier
@@ -48,18 +53,18 @@ class AppliedMove:
 def plan_for(
     catalog: Catalog,
     *,
+    drain: Sequence[str] = (),
     refresh: bool = False,
     strategy: CostFunction | str = "by_size",
     threshold: float = 0.10,
     min_improvement: float = 0.001,
     max_moves: int | None = None,
     max_bytes: int | None = None,
-    drain: Sequence[str] = (),
 ) -> Plan:
     """Plan with the catalog's map and stored sizes (measured now if *refresh* or none).
 
     The plan's ``warnings`` say when the stored sizes may mislead it (see
-    :func:`~tenantry.moves.sizes.stale_sizes`)."""
+    :func:`~tenantry.rebalance.sizes.stale_sizes`)."""
     stored = {t: size for t, (size, _shard, _when) in stored_sizes(catalog).items()}
     if refresh or not stored:
         stored = measure_sizes(catalog)
@@ -118,67 +123,94 @@ def apply_plan(
     """
     if parallel < 1:
         raise ConfigurationError(f"parallel must be at least 1, got {parallel}")
+    run = _Run(catalog, list(plan.moves), mode, observer, on_done)
     stop = stop or threading.Event()
-    pending = list(plan.moves)
-    busy: set[str] = set()
-    broken: dict[str, str] = {}  # shard -> the tenant whose move on it failed or was skipped
-    done: list[AppliedMove] = []
-    running: dict[Future[AppliedMove], PlannedMove] = {}
+    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="tenantry-rebalance") as pool:
+        while run.pending or run.running:
+            run.start_ready(pool, parallel, stop)
+            if not run.running:
+                break
+            run.collect()
+    return run.done
 
-    def one(planned: PlannedMove) -> AppliedMove:
+
+@dataclass
+class _Run:
+    """A plan being applied: the moves waiting, running and done, and the shards that
+    are busy or broken (a move on them failed or was skipped)."""
+
+    catalog: Catalog
+    pending: list[PlannedMove]
+    mode: str
+    observer: MoveObserver | None
+    on_done: Callable[[AppliedMove], None] | None
+    busy: set[str] = field(default_factory=set)
+    #: shard -> the tenant whose move on it failed or was skipped
+    broken: dict[str, str] = field(default_factory=dict)
+    done: list[AppliedMove] = field(default_factory=list)
+    running: dict[Future[AppliedMove], PlannedMove] = field(default_factory=dict)
+
+    def start_ready(self, pool: ThreadPoolExecutor, parallel: int, stop: threading.Event) -> None:
+        """Start the waiting moves whose shards are free, in the plan's order; skip
+        those on a broken shard that no earlier move still claims."""
+        # A shard is claimed by a running move, or by an earlier move still waiting:
+        # a later move must not overtake it there.
+        claimed = set(self.busy)
+        for planned in list(self.pending):
+            if stop.is_set() or len(self.running) >= parallel:
+                break
+            shards = {planned.source, planned.target}
+            hit = sorted(shards & set(self.broken))
+            if hit and not shards & claimed:
+                self.pending.remove(planned)
+                self.finished(
+                    AppliedMove(
+                        planned,
+                        None,
+                        f"skipped: the move of {self.broken[hit[0]]} on shard {hit[0]} did not "
+                        "succeed (plan again)",
+                    )
+                )
+                continue
+            if shards & claimed:
+                claimed |= shards
+                continue
+            self.pending.remove(planned)
+            self.busy |= shards
+            claimed |= shards
+            self.running[pool.submit(self.move_one, planned)] = planned
+
+    def collect(self) -> None:
+        """Wait for at least one running move to end, and record what ended."""
+        completed, _ = wait(self.running, return_when=FIRST_COMPLETED)
+        for future in completed:
+            planned = self.running.pop(future)
+            self.busy.difference_update((planned.source, planned.target))
+            self.finished(future.result())
+
+    def move_one(self, planned: PlannedMove) -> AppliedMove:
+        """Run one planned move (in a worker thread); its errors become its result."""
         try:
             # The plan may be stale by now: only move a tenant still where it was planned.
-            if catalog.get_tenant(planned.tenant_id).shard != planned.source:
+            if self.catalog.get_tenant(planned.tenant_id).shard != planned.source:
                 return AppliedMove(planned, None, "the tenant moved since the plan was made")
             moved = run_move(
-                catalog, planned.tenant_id, planned.target, mode=mode, observer=observer
+                self.catalog,
+                planned.tenant_id,
+                planned.target,
+                mode=self.mode,
+                observer=self.observer,
             )
             return AppliedMove(planned, moved)
         except (TenantryError, sa.exc.SQLAlchemyError, OSError) as exc:
             text = str(exc) if isinstance(exc, TenantryError) else describe_error(exc)
             return AppliedMove(planned, None, text)
 
-    def finished(result: AppliedMove) -> None:
+    def finished(self, result: AppliedMove) -> None:
+        """Record *result*; a failed move breaks both its shards for later moves."""
         if not result.ok:
             for shard in (result.planned.source, result.planned.target):
-                broken.setdefault(shard, result.planned.tenant_id)
-        done.append(result)
-        if on_done is not None:
-            on_done(result)
-
-    with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="tenantry-rebalance") as pool:
-        while pending or running:
-            # A shard is claimed by a running move, or by an earlier move still waiting:
-            # a later move must not overtake it there.
-            claimed = set(busy)
-            for planned in list(pending):
-                if stop.is_set() or len(running) >= parallel:
-                    break
-                shards = {planned.source, planned.target}
-                hit = sorted(shards & set(broken))
-                if hit and not shards & claimed:
-                    pending.remove(planned)
-                    finished(
-                        AppliedMove(
-                            planned,
-                            None,
-                            f"skipped: the move of {broken[hit[0]]} on shard {hit[0]} did not "
-                            "succeed (plan again)",
-                        )
-                    )
-                    continue
-                if shards & claimed:
-                    claimed |= shards
-                    continue
-                pending.remove(planned)
-                busy |= shards
-                claimed |= shards
-                running[pool.submit(one, planned)] = planned
-            if not running:
-                break
-            completed, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in completed:
-                planned = running.pop(future)
-                busy.difference_update((planned.source, planned.target))
-                finished(future.result())
-    return done
+                self.broken.setdefault(shard, result.planned.tenant_id)
+        self.done.append(result)
+        if self.on_done is not None:
+            self.on_done(result)
