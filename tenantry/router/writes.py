@@ -16,18 +16,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, NoReturn
 
-from sqlalchemy import Column, String, event
-from sqlalchemy import column as column_clause
-from sqlalchemy.sql import Delete, Insert, Update, operators
-from sqlalchemy.sql.elements import (
+from sqlalchemy import (
     BinaryExpression,
     BindParameter,
     BooleanClauseList,
     ClauseElement,
+    Column,
     ColumnClause,
     ColumnElement,
     Label,
+    String,
+    event,
 )
+from sqlalchemy import column as column_clause
+from sqlalchemy.sql import Delete, Insert, Update, operators
 from sqlalchemy.sql.lambdas import StatementLambdaElement
 from sqlalchemy.sql.selectable import (
     AliasedReturnsRows,
