@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
@@ -77,51 +76,57 @@ class AsyncRouter(RouterBase):
         self, tenant_id: str | None = None, **kwargs: Any
     ) -> AsyncIterator[AsyncSession]:
         """An AsyncSession scoped to the tenant; the application commits."""
-        begin = partial(self._open_session, **kwargs)
-        async with self._begun(tenant_id, begin) as (session, shard):
+        session, shard, lease = await self._begin(tenant_id, self._open_session, kwargs)
+        try:
             with lost_midway(shard):
                 async with session:
                     yield session
+        finally:
+            self._engines.release(lease)
 
     @asynccontextmanager
     async def connection(self, tenant_id: str | None = None) -> AsyncIterator[AsyncConnection]:
         """An AsyncConnection in a scoped transaction, committed unless the block raises."""
-        async with self._begun(tenant_id, _open_connection) as ((conn, transaction), shard):
-            try:
-                with lost_midway(shard):  # the COMMIT too
-                    try:
-                        yield conn
-                    except BaseException:
-                        await transaction.rollback()
-                        raise
-                    await transaction.commit()
-            finally:
-                await conn.close()
+        (conn, transaction), shard, lease = await self._begin(tenant_id, _open_connection, None)
+        try:
+            with lost_midway(shard):  # the COMMIT too
+                try:
+                    yield conn
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                await transaction.commit()
+        finally:
+            await conn.close()
+            self._engines.release(lease)
 
-    @asynccontextmanager
-    async def _begun(
-        self, tenant_id: str | None, begin: Callable[[AsyncEngine, str, Shard], Awaitable[T]]
-    ) -> AsyncIterator[tuple[T, Shard]]:
-        """The asyncio twin of :meth:`Router._begun`, under the same :class:`Attempts`."""
+    async def _begin(
+        self,
+        tenant_id: str | None,
+        begin: Callable[[AsyncEngine, str, Shard, Any], Awaitable[T]],
+        options: Any,
+    ) -> tuple[T, Shard, Any]:
+        """The asyncio twin of :meth:`Router._begin`, under the same :class:`Attempts`."""
         tenant = self._tenant(tenant_id)
         attempts = Attempts(await self._shard(tenant))
         while True:
-            async with self._lease(attempts.shard) as engine:
-                try:
-                    with shard_errors(attempts.shard):
-                        begun = await begin(engine, tenant, attempts.shard)
-                except BaseException as exc:
-                    if not attempts.again(exc):
-                        raise
-                    if isinstance(exc, StaleRoute):
-                        stale = attempts.shard
-                        attempts.shard = await asyncio.to_thread(self._rerouted, tenant, stale, exc)
-                    continue
-                yield begun, attempts.shard
-                return
+            lease, evicted = self._engines.acquire(attempts.shard)
+            try:
+                for engine in evicted:
+                    await engine.dispose()
+                with shard_errors(attempts.shard):
+                    begun = await begin(lease.handle, tenant, attempts.shard, options)
+                return begun, attempts.shard, lease
+            except BaseException as exc:
+                self._engines.release(lease)
+                if not attempts.again(exc):
+                    raise
+                if isinstance(exc, StaleRoute):
+                    stale = attempts.shard
+                    attempts.shard = await asyncio.to_thread(self._rerouted, tenant, stale, exc)
 
     async def _open_session(
-        self, engine: AsyncEngine, tenant: str, shard: Shard, **kwargs: Any
+        self, engine: AsyncEngine, tenant: str, shard: Shard, kwargs: dict[str, Any]
     ) -> AsyncSession:
         info = self._session_info(tenant, shard)
         session = AsyncSession(bind=engine, sync_session_class=TenantSession, info=info, **kwargs)
@@ -149,7 +154,7 @@ class AsyncRouter(RouterBase):
 
 
 async def _open_connection(
-    engine: AsyncEngine, tenant: str, shard: Shard
+    engine: AsyncEngine, tenant: str, shard: Shard, _options: None
 ) -> tuple[AsyncConnection, AsyncTransaction]:
     """A connection of *engine* in a transaction begun with the fence."""
     conn = await engine.connect()

@@ -218,9 +218,12 @@ class Router(RouterBase):
 
         The application commits, as with any Session; leaving the block closes it.
         """
-        with self._begun(tenant_id, partial(self._open_session, **kwargs)) as (session, shard):
+        session, shard, lease = self._begin(tenant_id, self._open_session, kwargs)
+        try:
             with lost_midway(shard), session:
                 yield session
+        finally:
+            self._engines.release(lease)
 
     @contextmanager
     def connection(self, tenant_id: str | None = None) -> Iterator[Connection]:
@@ -229,37 +232,39 @@ class Router(RouterBase):
         Committed when the block succeeds, rolled back when it raises, like
         ``engine.begin()``.
         """
-        with self._begun(tenant_id, _open_connection) as ((conn, transaction), shard):
-            try:
-                with lost_midway(shard), transaction:  # the COMMIT too
-                    yield conn
-            finally:
-                conn.close()
+        (conn, transaction), shard, lease = self._begin(tenant_id, _open_connection, None)
+        try:
+            with lost_midway(shard), transaction:  # the COMMIT too
+                yield conn
+        finally:
+            conn.close()
+            self._engines.release(lease)
 
-    @contextmanager
-    def _begun(
-        self, tenant_id: str | None, begin: Callable[[Engine, str, Shard], T]
-    ) -> Iterator[tuple[T, Shard]]:
-        """``begin(engine, tenant, shard)`` on the tenant's shard, again as
-        :class:`Attempts` allows; what it returned, and the shard, with the engine leased."""
+    def _begin(
+        self, tenant_id: str | None, begin: Callable[[Engine, str, Shard, Any], T], options: Any
+    ) -> tuple[T, Shard, Any]:
+        """``begin(engine, tenant, shard, options)`` on the tenant's shard, again as
+        :class:`Attempts` allows: what it returned, the shard, and the lease on the
+        shard's engine, for the caller to release when the transaction is over."""
         tenant = self._tenant(tenant_id)
         attempts = Attempts(self._lookup(tenant))
         while True:
-            with self._engines.lease(attempts.shard) as engine:
-                try:
-                    with shard_errors(attempts.shard):
-                        begun = begin(engine, tenant, attempts.shard)
-                except BaseException as exc:
-                    if not attempts.again(exc):
-                        raise
-                    if isinstance(exc, StaleRoute):
-                        attempts.shard = self._rerouted(tenant, attempts.shard, exc)
-                    continue
-                yield begun, attempts.shard
-                return
+            lease, evicted = self._engines.acquire(attempts.shard)
+            try:
+                for engine in evicted:
+                    engine.dispose()
+                with shard_errors(attempts.shard):
+                    begun = begin(lease.handle, tenant, attempts.shard, options)
+                return begun, attempts.shard, lease
+            except BaseException as exc:
+                self._engines.release(lease)
+                if not attempts.again(exc):
+                    raise
+                if isinstance(exc, StaleRoute):
+                    attempts.shard = self._rerouted(tenant, attempts.shard, exc)
 
     def _open_session(
-        self, engine: Engine, tenant: str, shard: Shard, **kwargs: Any
+        self, engine: Engine, tenant: str, shard: Shard, kwargs: dict[str, Any]
     ) -> TenantSession:
         session = TenantSession(bind=engine, info=self._session_info(tenant, shard), **kwargs)
         try:
@@ -285,7 +290,7 @@ class Router(RouterBase):
 
 
 def _open_connection(
-    engine: Engine, tenant: str, shard: Shard
+    engine: Engine, tenant: str, shard: Shard, _options: None
 ) -> tuple[Connection, RootTransaction]:
     """A connection of *engine* in a transaction begun with the fence."""
     conn = engine.connect()
