@@ -10,7 +10,6 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
 from tenantry.errors import StaleRoute
-from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
 from tenantry.router.router import Attempts, RouterBase, lost_midway
 from tenantry.router.scoping import TenantSession
@@ -38,10 +37,6 @@ class AsyncRouter(RouterBase):
         if tenant_id in self.snapshot.tenants:
             return True
         return await asyncio.to_thread(self.has_tenant, tenant_id)
-
-    def engine_stats(self) -> EngineStats:
-        """Open engines and their connection capacity."""
-        return self._engines.stats()
 
     async def _shard(self, tenant_id: str) -> Shard:
         tenant = self.snapshot.tenants.get(tenant_id)

@@ -176,6 +176,10 @@ class RouterBase:
             tenant = snapshot.tenant(tenant_id)
         return snapshot.shards[tenant.shard]
 
+    def engine_stats(self) -> EngineStats:
+        """Open engines and their connection capacity."""
+        return self._engines.stats()
+
     def _session_info(self, tenant: str, shard: Shard) -> dict[str, Any]:
         """A routed session's ``info``: its tenant, its shard, this router's scope."""
         return {TENANT_KEY: tenant, SESSION_SHARD: shard.name, SESSION_SCOPE: self._scope}
@@ -207,10 +211,6 @@ class Router(RouterBase):
     def engine_for(self, tenant_id: str | None = None) -> Engine:
         """The engine of the tenant's shard (shared by all its tenants; not scoped)."""
         return self._engines.get(self.shard_for(tenant_id))
-
-    def engine_stats(self) -> EngineStats:
-        """Open engines and their connection capacity."""
-        return self._engines.stats()
 
     @contextmanager
     def session(self, tenant_id: str | None = None, **kwargs: Any) -> Iterator[TenantSession]:
