@@ -9,7 +9,6 @@ from typing import Any, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
-from tenantry.errors import StaleRoute
 from tenantry.router.fence import run_fence
 from tenantry.router.router import Attempts, RouterBase, lost_midway
 from tenantry.router.scoping import TenantSession
@@ -114,9 +113,7 @@ class AsyncRouter(RouterBase):
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
-                if not attempts.again(exc):
-                    raise
-                if isinstance(exc, StaleRoute):
+                if attempts.stale(exc):
                     stale = attempts.shard
                     attempts.shard = await asyncio.to_thread(self._rerouted, tenant, stale, exc)
 

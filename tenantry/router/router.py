@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, TypeGuard, TypeVar
 
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
@@ -258,9 +258,7 @@ class Router(RouterBase):
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
-                if not attempts.again(exc):
-                    raise
-                if isinstance(exc, StaleRoute):
+                if attempts.stale(exc):
                     attempts.shard = self._rerouted(tenant, attempts.shard, exc)
 
     def _open_session(
@@ -365,6 +363,13 @@ class Attempts:
     def __init__(self, shard: Shard) -> None:
         self.shard = shard
         self._retried = 0
+
+    def stale(self, exc: BaseException) -> TypeGuard[StaleRoute]:
+        """After *exc* (raised while a transaction began): raise it unless the transaction
+        may begin again; True when it may on the tenant's new home (refresh the map)."""
+        if not self.again(exc):
+            raise exc
+        return isinstance(exc, StaleRoute)
 
     def again(self, exc: BaseException) -> bool:
         """Whether the transaction whose fence raised *exc* may begin again; records it."""
