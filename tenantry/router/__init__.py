@@ -3,10 +3,9 @@
 from tenantry.router.aio import AsyncRouter
 from tenantry.router.context import current_tenant, current_tenant_or_none, tenant_context
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.middleware import (
+from tenantry.router.middleware import TenantMiddleware, WSGITenantMiddleware
+from tenantry.router.resolvers import (
     RequestInfo,
-    TenantMiddleware,
-    WSGITenantMiddleware,
     header_resolver,
     path_resolver,
     subdomain_resolver,

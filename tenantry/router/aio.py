@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
-from tenantry.errors import StaleRoute
-from tenantry.router.engines import EngineStats
 from tenantry.router.fence import run_fence
-from tenantry.router.router import RouterBase, lost_midway, retry_once
-from tenantry.router.scoping import (
-    SESSION_CRITERIA,
-    SESSION_SHARD,
-    SESSION_TENANT,
-    TenantSession,
-)
+from tenantry.router.router import Attempts, RouterBase, lost_midway
+from tenantry.router.scoping import TenantSession
 from tenantry.shardmap.connect import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
 from tenantry.shardmap.operations import shard_errors
 
 __all__ = ["AsyncRouter"]
+
+T = TypeVar("T")
 
 
 class AsyncRouter(RouterBase):
@@ -41,10 +36,6 @@ class AsyncRouter(RouterBase):
         if tenant_id in self.snapshot.tenants:
             return True
         return await asyncio.to_thread(self.has_tenant, tenant_id)
-
-    def engine_stats(self) -> EngineStats:
-        """Open engines and their connection capacity."""
-        return self._engines.stats()
 
     async def _shard(self, tenant_id: str) -> Shard:
         tenant = self.snapshot.tenants.get(tenant_id)
@@ -79,68 +70,64 @@ class AsyncRouter(RouterBase):
         self, tenant_id: str | None = None, **kwargs: Any
     ) -> AsyncIterator[AsyncSession]:
         """An AsyncSession scoped to the tenant; the application commits."""
-        tenant = self._tenant(tenant_id)
-        shard = await self._shard(tenant)
-        retried: set[str] = set()
-        while True:
-            async with self._lease(shard) as engine:
-                session = AsyncSession(
-                    bind=engine,
-                    sync_session_class=TenantSession,
-                    info={
-                        SESSION_TENANT: tenant,
-                        SESSION_SHARD: shard.name,
-                        SESSION_CRITERIA: None,
-                    },
-                    **kwargs,
-                )
-                try:
-                    with shard_errors(shard):
-                        await session.connection()
-                except BaseException as exc:
-                    await session.close()
-                    if not retry_once(exc, retried):
-                        raise
-                    if isinstance(exc, StaleRoute):
-                        shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
-                    continue
-                with lost_midway(shard):
-                    async with session:
-                        yield session
-                return
+        session, shard, lease = await self._begin(tenant_id, self._open_session, kwargs)
+        try:
+            with lost_midway(shard):
+                async with session:
+                    yield session
+        finally:
+            self._engines.release(lease)
 
     @asynccontextmanager
     async def connection(self, tenant_id: str | None = None) -> AsyncIterator[AsyncConnection]:
         """An AsyncConnection in a scoped transaction, committed unless the block raises."""
-        tenant = self._tenant(tenant_id)
-        shard = await self._shard(tenant)
-        retried: set[str] = set()
-        while True:
-            async with self._lease(shard) as engine:
-                with shard_errors(shard):
-                    conn = await engine.connect()
+        (conn, transaction), shard, lease = await self._begin(tenant_id, _open_connection, None)
+        try:
+            with lost_midway(shard):  # the COMMIT too
                 try:
-                    transaction = await conn.begin()
-                    try:
-                        with shard_errors(shard):
-                            await conn.run_sync(run_fence, tenant, shard.name)
-                    except BaseException as exc:
-                        if not retry_once(exc, retried):
-                            raise  # closing the connection below rolls it back
-                        await transaction.rollback()
-                        if isinstance(exc, StaleRoute):
-                            shard = await asyncio.to_thread(self._rerouted, tenant, shard, exc)
-                        continue
-                    with lost_midway(shard):  # the COMMIT too
-                        try:
-                            yield conn
-                        except BaseException:
-                            await transaction.rollback()
-                            raise
-                        await transaction.commit()
-                    return
-                finally:
-                    await conn.close()
+                    yield conn
+                except BaseException:
+                    await transaction.rollback()
+                    raise
+                await transaction.commit()
+        finally:
+            await conn.close()
+            self._engines.release(lease)
+
+    async def _begin(
+        self,
+        tenant_id: str | None,
+        begin: Callable[[AsyncEngine, str, Shard, Any], Awaitable[T]],
+        options: Any,
+    ) -> tuple[T, Shard, Any]:
+        """The asyncio twin of :meth:`Router._begin`, under the same :class:`Attempts`."""
+        tenant = self._tenant(tenant_id)
+        attempts = Attempts(await self._shard(tenant))
+        while True:
+            lease, evicted = self._engines.acquire(attempts.shard)
+            try:
+                for engine in evicted:
+                    await engine.dispose()
+                with shard_errors(attempts.shard):
+                    begun = await begin(lease.handle, tenant, attempts.shard, options)
+                return begun, attempts.shard, lease
+            except BaseException as exc:
+                self._engines.release(lease)
+                if attempts.stale(exc):
+                    stale = attempts.shard
+                    attempts.shard = await asyncio.to_thread(self._rerouted, tenant, stale, exc)
+
+    async def _open_session(
+        self, engine: AsyncEngine, tenant: str, shard: Shard, kwargs: dict[str, Any]
+    ) -> AsyncSession:
+        info = self._session_info(tenant, shard)
+        session = AsyncSession(bind=engine, sync_session_class=TenantSession, info=info, **kwargs)
+        try:
+            await session.connection()  # begins the transaction: the fence runs now
+        except BaseException:
+            await session.close()
+            raise
+        return session
 
     async def close(self) -> None:
         """Stop the map listener and dispose every engine."""
@@ -156,3 +143,17 @@ class AsyncRouter(RouterBase):
 
     def __repr__(self) -> str:
         return f"AsyncRouter({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
+
+
+async def _open_connection(
+    engine: AsyncEngine, tenant: str, shard: Shard, _options: None
+) -> tuple[AsyncConnection, AsyncTransaction]:
+    """A connection of *engine* in a transaction begun with the fence."""
+    conn = await engine.connect()
+    try:
+        transaction = await conn.begin()
+        await conn.run_sync(run_fence, tenant, shard.name)
+    except BaseException:
+        await conn.close()  # rolls the transaction back
+        raise
+    return conn, transaction

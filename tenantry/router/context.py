@@ -10,7 +10,6 @@ copy the context on purpose, such as ``asyncio.to_thread``, carry it over).
 from __future__ import annotations
 
 from contextvars import ContextVar, Token
-from types import TracebackType
 
 from tenantry.errors import NoTenantInContext
 from tenantry.shardmap.model import validate_tenant_id
@@ -48,12 +47,7 @@ class TenantContext:
         self._tokens.append(_current_tenant.set(self.tenant_id))
         return self.tenant_id
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         # reset(), not set(previous): it restores the exact earlier state and raises if
         # the block is left in another context than it was entered in (a bug to surface).
         _current_tenant.reset(self._tokens.pop())
@@ -61,13 +55,8 @@ class TenantContext:
     async def __aenter__(self) -> str:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc: object) -> None:
+        self.__exit__(*exc)
 
 
 def tenant_context(tenant_id: str) -> TenantContext:

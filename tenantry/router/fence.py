@@ -49,7 +49,9 @@ __all__ = [
 
 #: Keys in ``Connection.info`` (the DBAPI connection's): the tenant of the current
 #: routed transaction, and whether it is frozen. Cleared when the connection is
-#: returned to the pool.
+#: returned to the pool. The same keys hold a routed Session's tenant and state in
+#: ``Session.info``, and the tenant in a WSGI environ. (The shard's fence function sets
+#: the PostgreSQL setting of the same name, ``tenantry.tenant_id``: shard revision s0004.)
 TENANT_KEY = "tenantry.tenant_id"
 FROZEN_KEY = "tenantry.frozen"
 _QUERY_ONLY_KEY = "tenantry.sqlite_query_only"

@@ -1,7 +1,7 @@
 """ASGI and WSGI middleware that finds each request's tenant and runs the app as it.
 
 A resolver reads the tenant id from a small, framework-neutral view of the request
-(:class:`RequestInfo`): a header, the subdomain or the path. The middleware validates
+(:mod:`tenantry.router.resolvers`): a header, the subdomain or the path. It validates
 it, optionally asks a router whether the tenant exists, and runs the application inside
 :func:`~tenantry.router.context.tenant_context`. A missing or invalid tenant gets a
 400, an unknown one a 404, each with a one-sentence JSON body; never a 500.
@@ -26,11 +26,11 @@ import inspect
 import json
 import logging
 import math
-import re
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from wsgiref.types import WSGIApplication  # the base class's argument: needed at runtime
 
 from tenantry.errors import (
     CatalogError,
@@ -43,31 +43,24 @@ from tenantry.errors import (
     UnknownTenant,
 )
 from tenantry.router.context import TenantContext, tenant_context
+from tenantry.router.fence import TENANT_KEY
+from tenantry.router.resolvers import PathResolver, RequestInfo, Scope, TenantResolver
 from tenantry.shardmap.connect import describe_error
 from tenantry.shardmap.model import validate_tenant_id
 
 if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 __all__ = [
     "WSGI_TENANT_KEY",
     "ASGIApp",
-    "HeaderResolver",
     "KnowsTenants",
     "KnowsTenantsAsync",
-    "PathResolver",
-    "RequestInfo",
-    "SubdomainResolver",
     "TenantMiddleware",
-    "TenantResolver",
     "WSGITenantMiddleware",
-    "header_resolver",
-    "path_resolver",
-    "subdomain_resolver",
 ]
 
 # The ASGI types, spelled as Starlette spells them so either can be passed for the other.
-Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
@@ -75,179 +68,14 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger("tenantry.middleware")
 
-# Where WSGITenantMiddleware puts the tenant id in the environ.
-WSGI_TENANT_KEY = "tenantry.tenant_id"
+AppT = TypeVar("AppT")
+RouterT = TypeVar("RouterT")
 
-# RFC 9110 token characters: what a header name may contain.
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
+#: Where WSGITenantMiddleware puts the tenant id in the environ.
+WSGI_TENANT_KEY = TENANT_KEY
+
 # Echoing a whole 8 kB header back in an error helps nobody.
 _MAX_SHOWN = 80
-
-
-# --------------------------------------------------------------------------- requests
-
-
-@dataclass(frozen=True, slots=True)
-class RequestInfo:
-    """What a resolver may look at: host (as sent, port included), path, headers.
-
-    ``path`` is the path below the app's mount point (ASGI ``root_path``, WSGI
-    ``SCRIPT_NAME``); header names are lower case, repeated headers joined by ", ".
-    """
-
-    host: str
-    path: str
-    headers: Mapping[str, str]
-
-    @classmethod
-    def from_asgi(cls, scope: Scope) -> RequestInfo:
-        """Build the view of an ASGI ``http`` or ``websocket`` scope."""
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in scope.get("headers", ()):
-            name = bytes(raw_name).decode("latin-1").lower()
-            value = bytes(raw_value).decode("latin-1")
-            # Joined as HTTP says repeated fields combine, and as WSGI servers do: two
-            # different tenant headers then make an invalid id, not a silent choice.
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        host = headers.get("host")
-        if host is None:
-            server = scope.get("server")
-            host = str(server[0]) if server else ""
-        return cls(host=host, path=_route_path(scope), headers=headers)
-
-    @classmethod
-    def from_wsgi(cls, environ: Mapping[str, Any]) -> RequestInfo:
-        """Build the view of a WSGI environ."""
-        headers: dict[str, str] = {}
-        for key, value in environ.items():
-            if key.startswith("HTTP_"):
-                headers[key[5:].replace("_", "-").lower()] = str(value)
-            elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
-                headers[key.replace("_", "-").lower()] = str(value)
-        host = headers.get("host") or str(environ.get("SERVER_NAME", ""))
-        return cls(host=host, path=str(environ.get("PATH_INFO", "")), headers=headers)
-
-
-def _route_path(scope: Scope) -> str:
-    """The path below ``root_path``, as Starlette's routing computes it."""
-    path: str = scope.get("path", "")
-    root_path: str = scope.get("root_path", "")
-    # Servers disagree on whether ``path`` includes ``root_path``; accept both.
-    if root_path and path.startswith(root_path):
-        rest = path[len(root_path) :]
-        if not rest or rest.startswith("/"):
-            return rest
-    return path
-
-
-# -------------------------------------------------------------------------- resolvers
-
-
-class TenantResolver(Protocol):
-    """Finds the tenant id in a request; None when the request names none."""
-
-    def __call__(self, request: RequestInfo, /) -> str | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderResolver:
-    """The tenant id is the value of header ``name`` (lower case)."""
-
-    name: str
-
-    def __call__(self, request: RequestInfo, /) -> str | None:
-        return request.headers.get(self.name) or None
-
-    @property
-    def hint(self) -> str:
-        """Where a client should put the tenant id."""
-        return f"send the tenant id in the {self.name!r} header"
-
-
-@dataclass(frozen=True, slots=True)
-class SubdomainResolver:
-    """The tenant id is the host's part before ``.base_domain`` (lower case)."""
-
-    base_domain: str
-
-    def __call__(self, request: RequestInfo, /) -> str | None:
-        host = request.host.strip().lower()
-        if host.startswith("["):
-            return None  # an IPv6 literal has no subdomain
-        name, colon, port = host.rpartition(":")
-        if colon and port.isdigit():
-            host = name
-        host = host.rstrip(".")  # a fully qualified name may end with a dot
-        suffix = "." + self.base_domain
-        if not host.endswith(suffix):
-            return None
-        # Several labels ("www.acme") come back whole: they fail validation with a 400
-        # that names them, rather than picking one label silently.
-        return host[: -len(suffix)] or None
-
-    @property
-    def hint(self) -> str:
-        """Where a client should put the tenant id."""
-        return f"use the tenant's own host, <tenant>.{self.base_domain}"
-
-
-@dataclass(frozen=True, slots=True)
-class PathResolver:
-    """The tenant id is the path segment after ``prefix`` (``/t/acme/rest`` -> acme).
-
-    With ``strip=True`` the app sees the rest of the path (``/rest``) and the prefix
-    moves to the mount point (ASGI ``root_path``, WSGI ``SCRIPT_NAME``), the way a
-    mounted sub-application sees its requests, so generated URLs keep the prefix.
-    """
-
-    prefix: str
-    strip: bool = False
-
-    def __call__(self, request: RequestInfo, /) -> str | None:
-        if not request.path.startswith(self.prefix):
-            return None
-        segment = request.path[len(self.prefix) :].partition("/")[0]
-        return segment or None
-
-    def mount_point(self, tenant_id: str) -> str:
-        """The part of the path that names the tenant: ``/t/acme``."""
-        return self.prefix + tenant_id
-
-    @property
-    def hint(self) -> str:
-        """Where a client should put the tenant id."""
-        return f"start the path with {self.prefix}<tenant>/"
-
-
-def header_resolver(name: str = "x-tenant-id") -> HeaderResolver:
-    """Resolve the tenant from a request header (case-insensitive name)."""
-    lowered = name.strip().lower()
-    if not _HEADER_NAME.fullmatch(lowered):
-        raise ValueError(f"{name!r} is not a valid HTTP header name: use e.g. 'x-tenant-id'")
-    return HeaderResolver(lowered)
-
-
-def subdomain_resolver(base_domain: str) -> SubdomainResolver:
-    """Resolve the tenant from the subdomain: ``acme.example.com`` -> ``acme``.
-
-    The port is ignored; a host without a subdomain of *base_domain* names no tenant.
-    """
-    domain = base_domain.strip().strip(".").lower()
-    if not domain or ":" in domain or "/" in domain:
-        raise ValueError(
-            f"base_domain {base_domain!r} is not a domain name: write e.g. 'example.com'"
-        )
-    return SubdomainResolver(domain)
-
-
-def path_resolver(prefix: str = "/t/", *, strip: bool = False) -> PathResolver:
-    """Resolve the tenant from the path segment after *prefix*: ``/t/acme/...``.
-
-    ``strip=True`` hides ``/t/acme`` from the application's routing (see PathResolver).
-    """
-    if not (prefix.startswith("/") and prefix.endswith("/")):
-        raise ValueError(f"prefix {prefix!r} must start and end with '/': write e.g. '/t/'")
-    return PathResolver(prefix, strip=strip)
 
 
 # ---------------------------------------------------------------------------- routers
@@ -394,15 +222,30 @@ class _Policy:
         return _Reject(404, f"unknown tenant {_clip(tenant_id)!r}: no such tenant is served here")
 
 
-def _check_router(router: object) -> None:
-    if router is not None and not callable(getattr(router, "has_tenant", None)):
-        raise TypeError(f"router must have a has_tenant(tenant_id) method, got {router!r}")
+class _Middleware(Generic[AppT, RouterT]):
+    """What both middlewares are made of: the application, the router that knows the
+    tenants (optional), and the policy."""
+
+    def __init__(
+        self,
+        app: AppT,
+        *,
+        resolver: TenantResolver,
+        router: RouterT | None = None,
+        required: bool = True,
+        exempt_paths: Iterable[str] = (),
+    ) -> None:
+        if router is not None and not callable(getattr(router, "has_tenant", None)):
+            raise TypeError(f"router must have a has_tenant(tenant_id) method, got {router!r}")
+        self.app = app
+        self.router = router
+        self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
 
 
 # ------------------------------------------------------------------------------- ASGI
 
 
-class TenantMiddleware:
+class TenantMiddleware(_Middleware[ASGIApp, KnowsTenants | KnowsTenantsAsync]):
     """ASGI middleware: run each ``http`` and ``websocket`` request as its tenant.
 
     Works with Starlette and FastAPI (``app.add_middleware(TenantMiddleware,
@@ -414,20 +257,6 @@ class TenantMiddleware:
     naming no tenant runs without one. Paths in *exempt_paths* (exact, or every path
     below one ending in "/") run without a tenant: health checks, static files.
     """
-
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        resolver: TenantResolver,
-        router: KnowsTenants | KnowsTenantsAsync | None = None,
-        required: bool = True,
-        exempt_paths: Iterable[str] = (),
-    ) -> None:
-        _check_router(router)
-        self.app = app
-        self.router = router
-        self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -515,27 +344,13 @@ async def _reject(kind: str, reject: _Reject, send: Send) -> None:
 _REASONS = {400: "400 Bad Request", 404: "404 Not Found", 503: "503 Service Unavailable"}
 
 
-class WSGITenantMiddleware:
+class WSGITenantMiddleware(_Middleware[WSGIApplication, KnowsTenants]):
     """WSGI middleware: run each request as its tenant (see TenantMiddleware).
 
     The tenant is current while the application runs *and* while its response is
     iterated and closed, so streamed bodies see it too; it is also in
     ``environ["tenantry.tenant_id"]``.
     """
-
-    def __init__(
-        self,
-        app: WSGIApplication,
-        *,
-        resolver: TenantResolver,
-        router: KnowsTenants | None = None,
-        required: bool = True,
-        exempt_paths: Iterable[str] = (),
-    ) -> None:
-        _check_router(router)
-        self.app = app
-        self.router = router
-        self._policy = _Policy(resolver, required=required, exempt_paths=exempt_paths)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         try:

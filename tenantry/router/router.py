@@ -5,22 +5,21 @@ leases the engine of its shard, and begins a transaction whose first statement i
 the residency fence. A tenant that is not resident where the map says (a router with
 an old map) makes the router refresh its map and retry once on the new home; a pooled
 connection found dead by the fence (a restarted server, a terminated backend) makes it
-begin the transaction again, once, on a fresh connection (:func:`retry_once`).
+begin the transaction again, once, on a fresh connection (:class:`Attempts`: the one
+rule, for the sync and async routers, for sessions and connections).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, TypeGuard, TypeVar
 
-from sqlalchemy import Connection, Engine, event
+from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import LoaderCriteriaOption
 
 from tenantry.errors import (
     FenceRejected,
@@ -32,14 +31,13 @@ from tenantry.errors import (
 )
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.fence import ConnectionLost, register_keys, run_fence
+from tenantry.router.fence import TENANT_KEY, ConnectionLost, register_keys, run_fence
 from tenantry.router.scoping import (
-    SESSION_CRITERIA,
+    SESSION_SCOPE,
     SESSION_SHARD,
-    SESSION_TENANT,
+    TenantScope,
     TenantSession,
     configure_engine,
-    tenant_criteria,
 )
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
@@ -49,11 +47,11 @@ from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
-__all__ = ["Router", "RouterBase", "lost_midway", "retry_once"]
+__all__ = ["Attempts", "Router", "RouterBase", "lost_midway"]
 
 logger = logging.getLogger("tenantry.router")
 
-_CRITERIA_CACHE = 4096
+T = TypeVar("T")
 
 
 class RouterBase:
@@ -84,6 +82,7 @@ class RouterBase:
             listen=listen,
             background=background,
         )
+        self._scope = TenantScope(settings.tenant_column)
         self._fence_keys: dict[str, FenceKey] = {}
         self._keys_lock = threading.Lock()
         try:
@@ -97,12 +96,12 @@ class RouterBase:
             raise
 
     def _configure_engine(self, engine: Engine, shard: Shard) -> None:
-        configure_engine(engine)
+        configure_engine(engine, self.settings.tenant_column)
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(engine, name, lambda reload: self._fence_key(name, reload))
             allow = self.settings.allow_unsafe_routing_role
-            event.listen(engine, "connect", partial(_open_session, allow_temporary=allow))
+            event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
             if self.settings.reset_connections:
                 event.listen(engine, "checkin", _discard_session_state)
 
@@ -177,6 +176,14 @@ class RouterBase:
             tenant = snapshot.tenant(tenant_id)
         return snapshot.shards[tenant.shard]
 
+    def engine_stats(self) -> EngineStats:
+        """Open engines and their connection capacity."""
+        return self._engines.stats()
+
+    def _session_info(self, tenant: str, shard: Shard) -> dict[str, Any]:
+        """A routed session's ``info``: its tenant, its shard, this router's scope."""
+        return {TENANT_KEY: tenant, SESSION_SHARD: shard.name, SESSION_SCOPE: self._scope}
+
     def _rerouted(self, tenant_id: str, stale: Shard, error: StaleRoute) -> Shard:
         """After a StaleRoute on *stale*: the tenant's new home, or raise *error*."""
         snapshot = self._cache.refresh(min_version=self._cache.version + 1)
@@ -201,27 +208,9 @@ class Router(RouterBase):
     use it as a context manager) to stop its map listener and dispose its engines.
     """
 
-    def __init__(
-        self,
-        catalog_url: str | None = None,
-        *,
-        settings: TenantrySettings | None = None,
-        catalog: Catalog | None = None,
-        listen: bool = True,
-        background: bool = True,
-    ) -> None:
-        super().__init__(
-            catalog_url, settings=settings, catalog=catalog, listen=listen, background=background
-        )
-        self._criteria: OrderedDict[str, LoaderCriteriaOption] = OrderedDict()
-
     def engine_for(self, tenant_id: str | None = None) -> Engine:
         """The engine of the tenant's shard (shared by all its tenants; not scoped)."""
         return self._engines.get(self.shard_for(tenant_id))
-
-    def engine_stats(self) -> EngineStats:
-        """Open engines and their connection capacity."""
-        return self._engines.stats()
 
     @contextmanager
     def session(self, tenant_id: str | None = None, **kwargs: Any) -> Iterator[TenantSession]:
@@ -229,42 +218,12 @@ class Router(RouterBase):
 
         The application commits, as with any Session; leaving the block closes it.
         """
-        tenant = self._tenant(tenant_id)
-        shard = self._lookup(tenant)
-        retried: set[str] = set()
-        while True:
-            with self._engines.lease(shard) as engine:
-                session = TenantSession(
-                    bind=engine,
-                    info={
-                        SESSION_TENANT: tenant,
-                        SESSION_SHARD: shard.name,
-                        SESSION_CRITERIA: self._criteria_for(tenant),
-                    },
-                    **kwargs,
-                )
-                try:
-                    with shard_errors(shard):
-                        session.connection()  # begins the transaction: the fence runs now
-                except BaseException as exc:
-                    session.close()
-                    if not retry_once(exc, retried):
-                        raise
-                    if isinstance(exc, StaleRoute):
-                        shard = self._rerouted(tenant, shard, exc)
-                    continue
-                with lost_midway(shard), session:
-                    yield session
-                return
-
-    def _criteria_for(self, tenant: str) -> LoaderCriteriaOption:
-        # Building the option costs as much as the query; tenants repeat, so keep them.
-        criteria = self._criteria.get(tenant)
-        if criteria is None:
-            criteria = self._criteria[tenant] = tenant_criteria(tenant)
-            if len(self._criteria) > _CRITERIA_CACHE:
-                self._criteria.popitem(last=False)
-        return criteria
+        session, shard, lease = self._begin(tenant_id, self._open_session, kwargs)
+        try:
+            with lost_midway(shard), session:
+                yield session
+        finally:
+            self._engines.release(lease)
 
     @contextmanager
     def connection(self, tenant_id: str | None = None) -> Iterator[Connection]:
@@ -273,30 +232,45 @@ class Router(RouterBase):
         Committed when the block succeeds, rolled back when it raises, like
         ``engine.begin()``.
         """
+        (conn, transaction), shard, lease = self._begin(tenant_id, _open_connection, None)
+        try:
+            with lost_midway(shard), transaction:  # the COMMIT too
+                yield conn
+        finally:
+            conn.close()
+            self._engines.release(lease)
+
+    def _begin(
+        self, tenant_id: str | None, begin: Callable[[Engine, str, Shard, Any], T], options: Any
+    ) -> tuple[T, Shard, Any]:
+        """``begin(engine, tenant, shard, options)`` on the tenant's shard, again as
+        :class:`Attempts` allows: what it returned, the shard, and the lease on the
+        shard's engine, for the caller to release when the transaction is over."""
         tenant = self._tenant(tenant_id)
-        shard = self._lookup(tenant)
-        retried: set[str] = set()
+        attempts = Attempts(self._lookup(tenant))
         while True:
-            with self._engines.lease(shard) as engine:
-                with shard_errors(shard):
-                    conn = engine.connect()
-                try:
-                    transaction = conn.begin()
-                    try:
-                        with shard_errors(shard):
-                            run_fence(conn, tenant, shard.name)
-                    except BaseException as exc:
-                        if not retry_once(exc, retried):
-                            raise  # closing the connection below rolls it back
-                        transaction.rollback()
-                        if isinstance(exc, StaleRoute):
-                            shard = self._rerouted(tenant, shard, exc)
-                        continue
-                    with lost_midway(shard), transaction:  # the COMMIT too
-                        yield conn
-                    return
-                finally:
-                    conn.close()
+            lease, evicted = self._engines.acquire(attempts.shard)
+            try:
+                for engine in evicted:
+                    engine.dispose()
+                with shard_errors(attempts.shard):
+                    begun = begin(lease.handle, tenant, attempts.shard, options)
+                return begun, attempts.shard, lease
+            except BaseException as exc:
+                self._engines.release(lease)
+                if attempts.stale(exc):
+                    attempts.shard = self._rerouted(tenant, attempts.shard, exc)
+
+    def _open_session(
+        self, engine: Engine, tenant: str, shard: Shard, kwargs: dict[str, Any]
+    ) -> TenantSession:
+        session = TenantSession(bind=engine, info=self._session_info(tenant, shard), **kwargs)
+        try:
+            session.connection()  # begins the transaction: the fence runs now
+        except BaseException:
+            session.close()
+            raise
+        return session
 
     def close(self) -> None:
         """Stop the map listener and dispose every engine."""
@@ -313,7 +287,21 @@ class Router(RouterBase):
         return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
 
 
-def _open_session(dbapi_connection: Any, _record: Any, allow_temporary: bool = False) -> None:
+def _open_connection(
+    engine: Engine, tenant: str, shard: Shard, _options: None
+) -> tuple[Connection, RootTransaction]:
+    """A connection of *engine* in a transaction begun with the fence."""
+    conn = engine.connect()
+    try:
+        transaction = conn.begin()
+        run_fence(conn, tenant, shard.name)
+    except BaseException:
+        conn.close()  # rolls the transaction back
+        raise
+    return conn, transaction
+
+
+def _stamp_connection(dbapi_connection: Any, _record: Any, allow_temporary: bool = False) -> None:
     """Give a new routed connection its stamp (``tenantry.open_session()``), committed.
 
     The fence sets the stamp in every transaction; making it is DDL, done once here
@@ -358,25 +346,45 @@ def _discard_session_state(dbapi_connection: Any, record: Any) -> None:
         record.invalidate(exc)
 
 
-def retry_once(exc: BaseException, retried: set[str]) -> bool:
-    """Whether a transaction whose fence raised *exc* may begin again; records it.
+class Attempts:
+    """Where a routed transaction begins, and whether it may begin again after its fence
+    raised: the one rule of the sync and async routers, for sessions and connections.
 
     Nothing of the transaction ran before its fence. A dead pooled connection
-    (ConnectionLost) is retried once on a fresh connection; a stale route (refresh
-    the map, go to the new home) or a rotated fence key (read again) once between them.
+    (ConnectionLost) is retried once on a fresh connection; a stale route (the caller
+    refreshes the map and moves :attr:`shard` to the new home) or a rotated fence key
+    (read again) once between them.
     """
-    if isinstance(exc, ConnectionLost):
-        reason = "connection"
-    elif isinstance(exc, StaleRoute | FenceRejected):
-        reason = "route"
-    else:
-        return False
-    if reason in retried:
-        return False
-    retried.add(reason)
-    if reason == "connection":
-        logger.info("%s; beginning the transaction again on a fresh connection", exc)
-    return True
+
+    __slots__ = ("_retried", "shard")
+
+    _CONNECTION, _ROUTE = 1, 2
+
+    def __init__(self, shard: Shard) -> None:
+        self.shard = shard
+        self._retried = 0
+
+    def stale(self, exc: BaseException) -> TypeGuard[StaleRoute]:
+        """After *exc* (raised while a transaction began): raise it unless the transaction
+        may begin again; True when it may on the tenant's new home (refresh the map)."""
+        if not self.again(exc):
+            raise exc
+        return isinstance(exc, StaleRoute)
+
+    def again(self, exc: BaseException) -> bool:
+        """Whether the transaction whose fence raised *exc* may begin again; records it."""
+        if isinstance(exc, ConnectionLost):
+            reason = self._CONNECTION
+        elif isinstance(exc, StaleRoute | FenceRejected):
+            reason = self._ROUTE
+        else:
+            return False
+        if self._retried & reason:
+            return False
+        self._retried |= reason
+        if reason == self._CONNECTION:
+            logger.info("%s; beginning the transaction again on a fresh connection", exc)
+        return True
 
 
 @contextmanager

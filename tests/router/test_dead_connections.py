@@ -35,7 +35,8 @@ from starlette.testclient import TestClient
 
 from tenantry import AsyncRouter, Router
 from tenantry.errors import ShardUnavailable
-from tenantry.router.middleware import TenantMiddleware, WSGITenantMiddleware, header_resolver
+from tenantry.router.middleware import TenantMiddleware, WSGITenantMiddleware
+from tenantry.router.resolvers import header_resolver
 
 PASSWORD = "hunter2-very-secret"
 SHARD = "own"

@@ -48,14 +48,13 @@ from tenantry.errors import (
 )
 from tenantry.router.context import current_tenant, current_tenant_or_none
 from tenantry.router.fence import frozen_error
-from tenantry.router.middleware import (
+from tenantry.router.middleware import TenantMiddleware, WSGITenantMiddleware
+from tenantry.router.resolvers import (
     HeaderResolver,
     PathResolver,
     RequestInfo,
     SubdomainResolver,
-    TenantMiddleware,
     TenantResolver,
-    WSGITenantMiddleware,
     header_resolver,
     path_resolver,
     subdomain_resolver,
