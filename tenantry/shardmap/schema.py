@@ -1,6 +1,6 @@
 """Core tables of the catalog and of tenantry's per-shard residency.
 
-The Alembic scripts in ``tenantry/shardmap/catalog_scripts`` and ``.../shard_scripts``
+The Alembic scripts in ``tenantry/shardmap/alembic_catalog`` and ``.../alembic_shard``
 create them; these declarations are how the code reads and writes them. A table's
 columns as first created come from :mod:`tenantry.shardmap.columns`, which its creating
 script uses too; columns that later revisions added are declared here.

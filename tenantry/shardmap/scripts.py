@@ -1,8 +1,8 @@
 """tenantry's own Alembic scripts, run programmatically on a connection we already hold.
 
 tenantry's own schemas (the catalog, and its per-shard tables) belong to the shard map:
-Alembic script directories beside this module (``catalog_scripts/``,
-``shard_scripts/``), each with its own version table so that they never collide with
+Alembic script directories beside this module (``alembic_catalog/``,
+``alembic_shard/``), each with its own version table so that they never collide with
 the application's ``alembic_version``. The application's fleet migrations
 (:mod:`tenantry.migrations.fleet`) use the same lock.
 """
@@ -72,8 +72,8 @@ class TenantrySchema:
             command.upgrade(self.config(connection), revision)
 
 
-CATALOG = TenantrySchema("catalog_scripts", "tenantry_catalog_version")
-SHARD = TenantrySchema("shard_scripts", "tenantry_shard_version")
+CATALOG = TenantrySchema("alembic_catalog", "tenantry_catalog_version")
+SHARD = TenantrySchema("alembic_shard", "tenantry_shard_version")
 
 
 def run_env() -> None:

@@ -16,8 +16,8 @@ import sqlalchemy as sa
 
 from tenantry import Catalog, MapSnapshot, load_settings
 from tenantry.errors import TenantryError
-from tenantry.shardmap import catalog_store
 from tenantry.shardmap.cache import MapCache
+from tenantry.shardmap.catalog import store as catalog_store
 from tenantry.shardmap.model import TenantState
 from tenantry.shardmap.scripts import CATALOG
 

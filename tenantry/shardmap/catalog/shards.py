@@ -25,7 +25,7 @@ from tenantry.errors import (
     UnknownShard,
 )
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog_store import INIT_LOCK_KEY, CatalogStore, shard_from_row
+from tenantry.shardmap.catalog.store import INIT_LOCK_KEY, CatalogStore, shard_from_row
 from tenantry.shardmap.identity import DatabaseIdentity, ensure_identity
 from tenantry.shardmap.keys import FenceKey, current_key, install_key
 from tenantry.shardmap.model import (

@@ -19,7 +19,7 @@ from tenantry.errors import (
     TierMismatch,
 )
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.catalog_store import CatalogStore, shard_from_row, tenant_from_row
+from tenantry.shardmap.catalog.store import CatalogStore, shard_from_row, tenant_from_row
 from tenantry.shardmap.model import (
     Shard,
     Tenant,

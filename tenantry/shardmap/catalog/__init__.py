@@ -1,17 +1,17 @@
 """The catalog: the SQL store of the shard map (SQLite or PostgreSQL, same code).
 
 :class:`Catalog` is assembled from one part per job, each a module of its own:
-``catalog_store`` (engine, schema revision, transactions that bump and announce the map
-version), ``catalog_map`` (snapshots and changes for routers), ``catalog_shards``
-(shard registration, fence keys) and ``catalog_tenants`` (the tenant directory).
+``store`` (engine, schema revision, transactions that bump and announce the map
+version), ``reads`` (snapshots and changes for routers), ``shards``
+(shard registration, fence keys) and ``tenants`` (the tenant directory).
 """
 
 from __future__ import annotations
 
-from tenantry.shardmap.catalog_map import MapReads
-from tenantry.shardmap.catalog_shards import ShardRegistry, prepare_shard
-from tenantry.shardmap.catalog_store import NOTIFY_CHANNEL
-from tenantry.shardmap.catalog_tenants import TenantDirectory, set_residency
+from tenantry.shardmap.catalog.reads import MapReads
+from tenantry.shardmap.catalog.shards import ShardRegistry, prepare_shard
+from tenantry.shardmap.catalog.store import NOTIFY_CHANNEL
+from tenantry.shardmap.catalog.tenants import TenantDirectory, set_residency
 
 __all__ = ["NOTIFY_CHANNEL", "Catalog", "catalog_of", "prepare_shard", "set_residency"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tenantry.errors import CatalogNotInitialized
-from tenantry.shardmap.catalog_store import (
+from tenantry.shardmap.catalog.store import (
     SNAPSHOT_COLUMNS,
     CatalogStore,
     shard_from_row,
