@@ -11,12 +11,14 @@ target_metadata = Base.metadata
 
 
 def run_migrations_offline() -> None:
+    """Write the SQL for a URL without connecting (``alembic upgrade --sql``)."""
     context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata)
     with context.begin_transaction():
         context.run_migrations()
 
 
 def run_migrations_online() -> None:
+    """Migrate the connection tenantry hands over, or connect to the configured URL."""
     connection = config.attributes.get("connection")
     if connection is not None:
         context.configure(connection=connection, target_metadata=target_metadata)

@@ -268,6 +268,7 @@ def _catalog_url(url: str) -> str:
 
 
 def shard_from_row(row: Any) -> Shard:
+    """The Shard of a ``tenantry_shards`` row."""
     return Shard(
         name=row.name,
         url=row.url,
@@ -308,6 +309,7 @@ def tenants_from_rows(rows: Any) -> dict[str, Tenant]:
 
 
 def tenant_from_row(row: Any) -> Tenant:
+    """The Tenant of a ``tenantry_tenants`` row."""
     return Tenant(
         id=row.id,
         shard=row.shard,
