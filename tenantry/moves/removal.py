@@ -34,6 +34,7 @@ from tenantry.errors import (
     TenantHasRows,
 )
 from tenantry.moves.copy import delete_tenant_rows
+from tenantry.moves.freeze import wait_out
 from tenantry.moves.journal import Journal
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.shardmap.catalog import Catalog, catalog_of
@@ -206,13 +207,11 @@ def _count(
 def _freeze(catalog: Catalog, engine: Engine, tenant_id: str, *, timeout: float) -> None:
     """Make the tenant read-only at its home, and wait out the transactions that began
     before (they may still write): the mover's freeze."""
-    from tenantry.moves.mover import Mover
-
     with engine.connect() as conn:
         conn = conn.execution_options(**WRITE)
         commit_residency(conn, tenant_id, Residency.FROZEN, catalog.map_version())
         try:
-            Mover(catalog).wait_out(conn, timeout=timeout)
+            wait_out(conn, timeout=timeout)
         except FreezeTimeout:
             commit_residency(conn, tenant_id, Residency.ACTIVE, catalog.map_version())
             raise
