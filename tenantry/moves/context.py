@@ -20,7 +20,7 @@ from sqlalchemy import Connection, Engine
 from tenantry.errors import MoveError, MoveRefused
 from tenantry.moves import tail
 from tenantry.moves.freeze import wait_out
-from tenantry.moves.hooks import Checkpoints, EnvHooks, MoveObserver, NullObserver
+from tenantry.moves.hooks import Checkpoints, MoveObserver
 from tenantry.moves.journal import Journal, Move
 from tenantry.moves.references import ForeignKey, Key
 from tenantry.moves.tables import TenantTable, tenant_tables
@@ -56,18 +56,12 @@ class MoveContext:
     """The catalog, journal, settings, observer and checkpoints a move's steps use,
     engines on its shards, and what each move carries (:class:`Carried`)."""
 
-    def __init__(
-        self,
-        catalog: Catalog,
-        *,
-        observer: MoveObserver | None = None,
-        hooks: Checkpoints | None = None,
-    ) -> None:
+    def __init__(self, catalog: Catalog, observer: MoveObserver, hooks: Checkpoints) -> None:
         self.catalog = catalog
         self.settings = catalog.settings
         self.journal = Journal(catalog)
-        self.observer: MoveObserver = observer or NullObserver()
-        self.hooks: Checkpoints = hooks or EnvHooks()
+        self.observer = observer
+        self.hooks = hooks
         self.column = self.settings.tenant_column
         self.schemas = self.settings.move_schemas
         self._carried: dict[int, Carried] = {}

@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, suppress
 from pathlib import Path
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
@@ -37,8 +36,8 @@ from tenantry.errors import (
 from tenantry.migrations.fleet import MIGRATION_LOCK
 from tenantry.moves.context import MoveContext
 from tenantry.moves.finish import FinishSteps
-from tenantry.moves.hooks import Checkpoints, MoveObserver
-from tenantry.moves.journal import Move, MoveKind, MoveMode, MoveState
+from tenantry.moves.hooks import Checkpoints, EnvHooks, MoveObserver, NullObserver
+from tenantry.moves.journal import Move, MoveMode, MoveState
 from tenantry.moves.offline import OfflineSteps
 from tenantry.moves.online import OnlineSteps
 from tenantry.moves.planning import Planning
@@ -57,7 +56,8 @@ _CLAIM_PATIENCE = 3.0  # seconds a move's claim is retried before "run by anothe
 
 
 class Mover:
-    """Runs moves recorded in *catalog*'s journal."""
+    """Runs moves recorded in *catalog*'s journal; :meth:`plan` records one
+    (:meth:`Planning.plan <tenantry.moves.planning.Planning.plan>`)."""
 
     def __init__(
         self,
@@ -66,40 +66,16 @@ class Mover:
         observer: MoveObserver | None = None,
         hooks: Checkpoints | None = None,
     ) -> None:
-        self.ctx = MoveContext(catalog, observer=observer, hooks=hooks)
+        self.ctx = MoveContext(catalog, observer or NullObserver(), hooks or EnvHooks())
         self.catalog = catalog
         self.journal = self.ctx.journal
         self.observer = self.ctx.observer
         self.hooks = self.ctx.hooks
         self.planning = Planning(self.ctx)
+        self.plan = self.planning.plan
         self.offline = OfflineSteps(self.ctx)
         self.online = OnlineSteps(self.ctx)
         self.finish = FinishSteps(self.ctx)
-
-    # -- planning ---------------------------------------------------------------------
-
-    def plan(
-        self,
-        tenant_id: str,
-        target: str,
-        *,
-        kind: MoveKind = MoveKind.MOVE,
-        mode: MoveMode | str = MoveMode.OFFLINE,
-        options: dict[str, Any] | None = None,
-        artifacts: dict[str, Any] | None = None,
-        check: bool = True,
-    ) -> Move:
-        """Check that the move can run, then record it as planned (see
-        :meth:`Planning.plan <tenantry.moves.planning.Planning.plan>`). Nothing is frozen."""
-        return self.planning.plan(
-            tenant_id,
-            target,
-            kind=kind,
-            mode=mode,
-            options=options,
-            artifacts=artifacts,
-            check=check,
-        )
 
     # -- running ------------------------------------------------------------------------
 

@@ -419,7 +419,9 @@ class OnlineSteps:
         # publication as of each change.
         ctx.journal.update(move.id, artifacts={"tail_publication": publication})
         if not _exists(auto, "pg_publication", "pubname", publication):
-            repl.create_tail_publication(auto, publication, tables, move.tenant_id, ctx.column)
+            repl.create_publication(
+                auto, publication, tables, move.tenant_id, ctx.column, truncate=True
+            )
         ctx.journal.update(move.id, artifacts={"tail_slot": names.tail_slot})
         tail.create_tail_slot(auto, names.tail_slot)
         auto.commit()

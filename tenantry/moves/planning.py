@@ -9,6 +9,7 @@ find DDL run by hand during the move) forward in the :class:`MoveContext`.
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,11 +72,11 @@ class _Ends:
         return dict(self._tables)
 
 
+@dataclass(frozen=True)
 class Planning:
-    """The ``plan`` step of a move (see the module docstring)."""
+    """The ``plan`` step of a move (see the module docstring), in *ctx*."""
 
-    def __init__(self, ctx: MoveContext) -> None:
-        self.ctx = ctx
+    ctx: MoveContext
 
     def plan(
         self,
@@ -84,9 +85,9 @@ class Planning:
         *,
         kind: MoveKind = MoveKind.MOVE,
         mode: MoveMode | str = MoveMode.OFFLINE,
+        check: bool = True,
         options: dict[str, Any] | None = None,
         artifacts: dict[str, Any] | None = None,
-        check: bool = True,
     ) -> Move:
         """Check that the move can run, resolve its mode, then record it as planned.
         Nothing is frozen. Without *check* the move is recorded as asked, unchecked
