@@ -280,13 +280,24 @@ class OnlineSteps:
                         (key, keys if len(keys) <= RECHECKED_REFERENCES else None)
                         for key, keys in checked
                     ]
+        self._record_cut(move, cut_lsn, time.monotonic() - began, (left, right), missing)
+
+    def _record_cut(
+        self,
+        move: Move,
+        cut_lsn: str,
+        seconds: float,
+        digests: tuple[dict[str, TableDigest], dict[str, TableDigest]],
+        missing: list[str],
+    ) -> None:
+        """Record the cut's verification, and fail the move when the ends differed."""
+        left, right = digests
         differ = compare_digests(left, right)
-        seconds = time.monotonic() - began
-        ctx.observer.note(
+        self.ctx.observer.note(
             f"verified {sum(d.rows for d in left.values()):,} rows at the cut in {seconds:.1f}s"
             + (f"; tables differ: {', '.join(differ)}" if differ else "")
         )
-        ctx.journal.update(
+        self.ctx.journal.update(
             move.id,
             stats={
                 "cut": {"lsn": cut_lsn, "verify_seconds": round(seconds, 3)},

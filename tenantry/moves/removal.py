@@ -112,31 +112,8 @@ def remove_tenant(
                 # From here a failure leaves the tenant frozen: half its rows must not
                 # be served as if they were all of them. Running the purge again ends it.
                 unfreeze = False
-
-                def counted(table: str, so_far: int) -> None:
-                    deleted[table] = so_far
-                    if progress is not None:
-                        progress(table, so_far)
-
-                delete_tenant_rows(
-                    engine,
-                    tenant_id,
-                    tables,
-                    column=column,
-                    batch_size=batch_size,
-                    progress=counted,
-                )
-            left = _count(engine, tenant_id, tables, column)
-            if any(left.values()):
-                if rows == "refuse":
-                    raise _has_rows(tenant, left)
-                raise PlacementError(
-                    f"tenant {tenant_id!r} still has rows on shard {shard.name!r} after the "
-                    f"purge ({_describe(left)}): run `tenantry tenant remove {tenant_id} "
-                    "--purge` again",
-                    tenant_id=tenant_id,
-                    shard=shard.name,
-                )
+                deleted = _purge(engine, tenant_id, tables, column, batch_size, progress)
+            _check_emptied(engine, tenant, shard, tables, column, rows)
             catalog.remove_tenant(tenant_id)
         finally:
             if unfreeze:
@@ -149,6 +126,51 @@ def remove_tenant(
         }
         return TenantRemoval(tenant, "purge", found, deleted)
     return TenantRemoval(tenant, "refuse", found)
+
+
+def _purge(
+    engine: Engine,
+    tenant_id: str,
+    tables: list[TenantTable],
+    column: str,
+    batch_size: int,
+    progress: Callable[[str, int], None] | None,
+) -> dict[str, int]:
+    """Delete the tenant's rows; the rows deleted per table."""
+    deleted: dict[str, int] = {}
+
+    def counted(table: str, so_far: int) -> None:
+        deleted[table] = so_far
+        if progress is not None:
+            progress(table, so_far)
+
+    delete_tenant_rows(
+        engine, tenant_id, tables, column=column, batch_size=batch_size, progress=counted
+    )
+    return deleted
+
+
+def _check_emptied(
+    engine: Engine,
+    tenant: Tenant,
+    shard: Shard,
+    tables: list[TenantTable],
+    column: str,
+    rows: RowsPolicy,
+) -> None:
+    """Refuse (refuse) or fail (purge) when the tenant still has rows at its home."""
+    left = _count(engine, tenant.id, tables, column)
+    if not any(left.values()):
+        return
+    if rows == "refuse":
+        raise _has_rows(tenant, left)
+    raise PlacementError(
+        f"tenant {tenant.id!r} still has rows on shard {shard.name!r} after the "
+        f"purge ({_describe(left)}): run `tenantry tenant remove {tenant.id} "
+        "--purge` again",
+        tenant_id=tenant.id,
+        shard=shard.name,
+    )
 
 
 def tenant_row_counts(catalog_or_router: object, tenant_id: str) -> dict[str, int]:
