@@ -112,7 +112,7 @@ class Planning:
             self._check_target(tenant_id, source, target_shard, kind)
             self._precheck(ends, tenant_id)
             if kind is MoveKind.DEMOTE and (options or {}).get("drop_source"):
-                check_droppable(ctx, tenant_id, source, move_id=None)
+                check_droppable(ctx, tenant_id, source, move_id=None, conn=ends.connections()[0])
         planned = ctx.journal.create(
             tenant_id,
             source.name,
@@ -242,16 +242,27 @@ class Planning:
 
 
 def check_droppable(
-    ctx: MoveContext, tenant_id: str, source: Shard, *, move_id: int | None
+    ctx: MoveContext,
+    tenant_id: str,
+    source: Shard,
+    *,
+    move_id: int | None,
+    conn: Connection | None = None,
 ) -> None:
     """Refuse to drop *source*'s database while a table with the tenant column, in
     any schema, holds another tenant's row: when planning (*move_id* None,
     MoveRefused), and just before the drop (MoveError: the move waits, resumable),
-    when a row of *tenant_id* left by the cleanup refuses it too."""
+    when a row of *tenant_id* left by the cleanup refuses it too. Read on *conn* (a
+    connection to *source*), else on a connection of its own."""
     if source.backend != "postgresql":
         return
-    with ctx.admin(source) as engine, engine.connect() as conn:
-        left = rows_left(conn, tenant_id, ctx.column, own=move_id is not None)
+    own = move_id is not None
+    if conn is not None:
+        left = rows_left(conn, tenant_id, ctx.column, own=own)
+        conn.rollback()
+    else:
+        with ctx.admin(source) as engine, engine.connect() as fresh:
+            left = rows_left(fresh, tenant_id, ctx.column, own=own)
     if left is None:
         return
     if move_id is None:
