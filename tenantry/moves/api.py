@@ -16,8 +16,9 @@ from tenantry.errors import MoveRefused, TenantryError, UnknownShard
 from tenantry.moves.hooks import Checkpoints, MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Mover
-from tenantry.shardmap.catalog import catalog_of
-from tenantry.shardmap.model import Shard, Tier
+from tenantry.moves.rollback import database_id
+from tenantry.shardmap.catalog import Catalog, catalog_of
+from tenantry.shardmap.model import Shard, Tenant, Tier
 from tenantry.shardmap.roles import same_role_refusal
 from tenantry.urls import mask_url, normalize_url, with_database
 
@@ -28,25 +29,16 @@ def _mover(target: object, observer: MoveObserver | None, hooks: Checkpoints | N
     return Mover(catalog_of(target), observer=observer, hooks=hooks)
 
 
-def _plan(
-    mover: Mover,
-    tenant_id: str,
-    target: str,
-    kind: MoveKind,
-    mode: MoveMode | str,
-    options: dict[str, Any],
-    **kwargs: Any,
-) -> Move:
-    """Resolve the mode (telling the observer which and why), then plan the move."""
-    catalog = mover.catalog
-    source = catalog.get_shard(catalog.get_tenant(tenant_id).shard)
-    chosen, why = mover.choose_mode(source, catalog.get_shard(target), mode)
-    planned = mover.plan(
-        tenant_id, target, kind=kind, mode=chosen, options={**options, "mode_reason": why}, **kwargs
-    )
-    # Once planned: a move refused by its checks says only why it was refused.
-    mover.observer.note(f"mode: {why}")
-    return planned
+def _tenant_of_tier(catalog: Catalog, tenant_id: str, tier: Tier) -> Tenant:
+    """The tenant, refused (MoveRefused) unless it is of *tier* (what it leaves)."""
+    tenant = catalog.get_tenant(tenant_id)
+    if tenant.tier is not tier:
+        already = "dedicated" if tier is Tier.SHARED else "shared"
+        raise MoveRefused(
+            f"tenant {tenant_id!r} is {already} already (shard {tenant.shard!r})",
+            tenant_id=tenant_id,
+        )
+    return tenant
 
 
 def move(
@@ -65,7 +57,8 @@ def move(
     *max_freeze* bounds, in seconds, how long an online move holds the tenant's writes.
     """
     mover = _mover(catalog_or_router, observer, hooks)
-    planned = _plan(mover, tenant_id, to_shard, MoveKind.MOVE, mode, {"max_freeze": max_freeze})
+    options = {"max_freeze": max_freeze}
+    planned = mover.plan(tenant_id, to_shard, kind=MoveKind.MOVE, mode=mode, options=options)
     return mover.run(planned.id)
 
 
@@ -96,36 +89,35 @@ def promote(
     if (to is None) == (server is None):
         raise MoveRefused("promote needs exactly one of --to SHARD or --server URL")
     mover = _mover(catalog_or_router, observer, hooks)
-    catalog = mover.catalog
-    tenant = catalog.get_tenant(tenant_id)
-    if tenant.tier is not Tier.SHARED:
-        raise MoveRefused(
-            f"tenant {tenant_id!r} is dedicated already (shard {tenant.shard!r})",
-            tenant_id=tenant_id,
-        )
+    tenant = _tenant_of_tier(mover.catalog, tenant_id, Tier.SHARED)
     options: dict[str, Any] = {"max_freeze": max_freeze}
     if to is not None:
-        planned = _plan(mover, tenant_id, to, MoveKind.PROMOTE, mode, options)
+        planned = mover.plan(tenant_id, to, kind=MoveKind.PROMOTE, mode=mode, options=options)
         return mover.run(planned.id)
     assert server is not None
-    from tenantry.migrations.provision import database_exists, provision
-
     name = database or tenant_id
-    admin_url = with_database(make_url(normalize_url(server)), name).render_as_string(
-        hide_password=False
-    )
-    routing_url = routing_url or _routing_url_for(catalog.get_shard(tenant.shard), server)
+    routing_url = routing_url or _routing_url_for(mover.catalog.get_shard(tenant.shard), server)
     allow = allow_unsafe_routing_role
     same_role_refusal(
         name,
         routing_url or server,
         server,
-        allow=catalog.settings.allow_unsafe_routing_role if allow is None else allow,
+        allow=mover.catalog.settings.allow_unsafe_routing_role if allow is None else allow,
         fix="pass --routing-url URL of the role the application routes as",
     )
-    # Refused before anything is recorded or created: a shard of that name, or a database
-    # of that name on the server (another shard's, the tenant's own home, anyone's).
-    # tenantry drops only databases it provably created.
+    _refuse_taken(mover.catalog, tenant_id, name, server)
+    planned = _promote_into(
+        mover, tenant_id, name, server, routing_url, alembic_config, mode, options
+    )
+    return mover.run(planned.id)
+
+
+def _refuse_taken(catalog: Catalog, tenant_id: str, name: str, server: str) -> None:
+    """Refused before anything is recorded or created: a shard of that name, or a
+    database of that name on the server (another shard's, the tenant's own home,
+    anyone's). tenantry drops only databases it provably created."""
+    from tenantry.migrations.provision import database_exists
+
     with suppress(UnknownShard):
         catalog.get_shard(name)
         raise MoveRefused(
@@ -141,6 +133,26 @@ def promote(
             "another --database",
             tenant_id=tenant_id,
         )
+
+
+def _promote_into(
+    mover: Mover,
+    tenant_id: str,
+    name: str,
+    server: str,
+    routing_url: str | None,
+    alembic_config: str | Path | None,
+    mode: MoveMode | str,
+    options: dict[str, Any],
+) -> Move:
+    """Plan the promote, then create database *name* on *server* and check the move
+    into it (the move aborted if any of that fails); the planned move."""
+    from tenantry.migrations.provision import provision
+
+    catalog = mover.catalog
+    admin_url = with_database(make_url(normalize_url(server)), name).render_as_string(
+        hide_password=False
+    )
     # Journal first: the database to be created is recorded before it exists, but as the
     # move's own only once created (its identity, below): an abort drops nothing else.
     provisioned: dict[str, Any] = {"shard": name, "url": admin_url, "database_id": None}
@@ -163,20 +175,15 @@ def promote(
             routing_url=routing_url,
             alembic_config=alembic_config,
         )
-        source = catalog.get_shard(tenant.shard)
-        target = catalog.get_shard(name)
-        created = mover.database_id(target)
+        created = database_id(mover.ctx, catalog.get_shard(name))
         mover.journal.update(
             planned.id, artifacts={"provisioned": {**provisioned, "database_id": created}}
         )
-        mover.precheck(source, target, tenant_id)
-        chosen, why = mover.choose_mode(source, target, mode)
-        mover.observer.note(f"mode: {why}")
-        mover.journal.set_mode(planned.id, chosen, why)
+        mover.planning.check(mover.journal.get(planned.id), mode)
     except TenantryError:
         mover.abort(planned.id)
         raise
-    return mover.run(planned.id)
+    return planned
 
 
 def _routing_url_for(source: Shard, server: str) -> str | None:
@@ -207,16 +214,10 @@ def demote(
     consistent-hash ring places it. The emptied dedicated database is kept and marked
     retired, or dropped with *drop_source*."""
     mover = _mover(catalog_or_router, observer, hooks)
-    catalog = mover.catalog
-    tenant = catalog.get_tenant(tenant_id)
-    if tenant.tier is not Tier.DEDICATED:
-        raise MoveRefused(
-            f"tenant {tenant_id!r} is shared already (shard {tenant.shard!r})",
-            tenant_id=tenant_id,
-        )
-    target = to if to is not None else catalog.propose_shard(tenant_id)
+    _tenant_of_tier(mover.catalog, tenant_id, Tier.DEDICATED)
+    target = to if to is not None else mover.catalog.propose_shard(tenant_id)
     options: dict[str, Any] = {"drop_source": drop_source, "max_freeze": max_freeze}
-    planned = _plan(mover, tenant_id, target, MoveKind.DEMOTE, mode, options)
+    planned = mover.plan(tenant_id, target, kind=MoveKind.DEMOTE, mode=mode, options=options)
     return mover.run(planned.id)
 
 

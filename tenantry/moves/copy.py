@@ -71,8 +71,12 @@ def copy_tenant(
     batch_size: int = 5000,
     progress: ProgressFn | None = None,
     checkpoint: Callable[[str], None] | None = None,
+    target_tables: list[TenantTable] | None = None,
 ) -> list[TableCopy]:
     """Copy the tenant's rows of *tables* (parents first) from *source* to *target*.
+
+    The target's tables are reflected and checked against *tables*, unless the caller
+    did so already and passes them as *target_tables* (a move, when planned).
 
     The caller has begun both transactions: *source* in one snapshot (PostgreSQL
     ``REPEATABLE READ, READ ONLY``, SQLite a read transaction), *target* a normal
@@ -89,10 +93,11 @@ def copy_tenant(
         raise ValueError(f"batch_size must be at least 1, not {batch_size}")
     if not tables:
         return []
-    # The target's tables of the same schemas (the default one always).
-    schemas = sorted({t.schema for t in tables if t.schema})
-    target_tables = tenant_tables(target, column=column, schemas=schemas)
-    check_same_tables(tables, target_tables)
+    if target_tables is None:
+        # The target's tables of the same schemas (the default one always).
+        schemas = sorted({t.schema for t in tables if t.schema})
+        target_tables = tenant_tables(target, column=column, schemas=schemas)
+        check_same_tables(tables, target_tables)
     at_target = {(t.schema, t.name): t for t in target_tables}
     pairs = [(t, at_target[t.schema, t.name]) for t in tables]
 

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tenantry.errors import MoveInProgress, UnknownMove
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.model import TenantState
+from tenantry.shardmap.model import TenantState, as_utc
 from tenantry.shardmap.schema import moves
 from tenantry.urls import mask_url
 
@@ -144,12 +144,6 @@ def _masked(value: Any) -> Any:
     return value
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
 def _move(row: Any) -> Move:
     return Move(
         id=row.id,
@@ -164,9 +158,9 @@ def _move(row: Any) -> Move:
         stats=dict(row.stats or {}),
         error=row.error,
         owner=row.owner,
-        created_at=_utc(row.created_at),
-        updated_at=_utc(row.updated_at),
-        ended_at=_utc(row.ended_at),
+        created_at=as_utc(row.created_at),
+        updated_at=as_utc(row.updated_at),
+        ended_at=as_utc(row.ended_at),
     )
 
 

@@ -34,6 +34,7 @@ from tenantry.errors import (
     TenantHasRows,
 )
 from tenantry.moves.copy import delete_tenant_rows
+from tenantry.moves.freeze import wait_out
 from tenantry.moves.journal import Journal
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.shardmap.catalog import Catalog, catalog_of
@@ -111,31 +112,8 @@ def remove_tenant(
                 # From here a failure leaves the tenant frozen: half its rows must not
                 # be served as if they were all of them. Running the purge again ends it.
                 unfreeze = False
-
-                def counted(table: str, so_far: int) -> None:
-                    deleted[table] = so_far
-                    if progress is not None:
-                        progress(table, so_far)
-
-                delete_tenant_rows(
-                    engine,
-                    tenant_id,
-                    tables,
-                    column=column,
-                    batch_size=batch_size,
-                    progress=counted,
-                )
-            left = _count(engine, tenant_id, tables, column)
-            if any(left.values()):
-                if rows == "refuse":
-                    raise _has_rows(tenant, left)
-                raise PlacementError(
-                    f"tenant {tenant_id!r} still has rows on shard {shard.name!r} after the "
-                    f"purge ({_describe(left)}): run `tenantry tenant remove {tenant_id} "
-                    "--purge` again",
-                    tenant_id=tenant_id,
-                    shard=shard.name,
-                )
+                deleted = _purge(engine, tenant_id, tables, column, batch_size, progress)
+            _check_emptied(engine, tenant, shard, tables, column, rows)
             catalog.remove_tenant(tenant_id)
         finally:
             if unfreeze:
@@ -148,6 +126,51 @@ def remove_tenant(
         }
         return TenantRemoval(tenant, "purge", found, deleted)
     return TenantRemoval(tenant, "refuse", found)
+
+
+def _purge(
+    engine: Engine,
+    tenant_id: str,
+    tables: list[TenantTable],
+    column: str,
+    batch_size: int,
+    progress: Callable[[str, int], None] | None,
+) -> dict[str, int]:
+    """Delete the tenant's rows; the rows deleted per table."""
+    deleted: dict[str, int] = {}
+
+    def counted(table: str, so_far: int) -> None:
+        deleted[table] = so_far
+        if progress is not None:
+            progress(table, so_far)
+
+    delete_tenant_rows(
+        engine, tenant_id, tables, column=column, batch_size=batch_size, progress=counted
+    )
+    return deleted
+
+
+def _check_emptied(
+    engine: Engine,
+    tenant: Tenant,
+    shard: Shard,
+    tables: list[TenantTable],
+    column: str,
+    rows: RowsPolicy,
+) -> None:
+    """Refuse (refuse) or fail (purge) when the tenant still has rows at its home."""
+    left = _count(engine, tenant.id, tables, column)
+    if not any(left.values()):
+        return
+    if rows == "refuse":
+        raise _has_rows(tenant, left)
+    raise PlacementError(
+        f"tenant {tenant.id!r} still has rows on shard {shard.name!r} after the "
+        f"purge ({_describe(left)}): run `tenantry tenant remove {tenant.id} "
+        "--purge` again",
+        tenant_id=tenant.id,
+        shard=shard.name,
+    )
 
 
 def tenant_row_counts(catalog_or_router: object, tenant_id: str) -> dict[str, int]:
@@ -206,13 +229,11 @@ def _count(
 def _freeze(catalog: Catalog, engine: Engine, tenant_id: str, *, timeout: float) -> None:
     """Make the tenant read-only at its home, and wait out the transactions that began
     before (they may still write): the mover's freeze."""
-    from tenantry.moves.mover import Mover
-
     with engine.connect() as conn:
         conn = conn.execution_options(**WRITE)
         commit_residency(conn, tenant_id, Residency.FROZEN, catalog.map_version())
         try:
-            Mover(catalog).wait_out(conn, timeout=timeout)
+            wait_out(conn, timeout=timeout)
         except FreezeTimeout:
             commit_residency(conn, tenant_id, Residency.ACTIVE, catalog.map_version())
             raise

@@ -34,7 +34,6 @@ __all__ = [
     "create_publication",
     "create_slot",
     "create_subscription",
-    "create_tail_publication",
     "drop_publication",
     "drop_slot",
     "drop_subscription",
@@ -265,8 +264,15 @@ def create_publication(
     tables: Sequence[TenantTable],
     tenant_id: str,
     column: str = "tenant_id",
+    *,
+    truncate: bool = False,
 ) -> None:
-    """The tenant's row-filtered publication (plus the sentinel table)."""
+    """The tenant's row-filtered publication (plus the sentinel table).
+
+    With *truncate*, the tail slot's publication: truncate is published too. No
+    subscription uses that one (it would apply a TRUNCATE to every tenant's rows); the
+    tail decodes it to see a TRUNCATE of a tenant table after the cut.
+    """
     q = _quote(conn, column)
     parts = [
         f"TABLE {t} WHERE ({q} = {_literal(tenant_id)})"
@@ -276,24 +282,11 @@ def create_publication(
         f"CREATE PUBLICATION {_quote(conn, name)} FOR {', '.join(parts)}"
         " WITH (publish = 'insert, update, delete')"
     )
-
-
-def create_tail_publication(
-    conn: Connection,
-    name: str,
-    tables: Sequence[TenantTable],
-    tenant_id: str,
-    column: str = "tenant_id",
-) -> None:
-    """The tail slot's publication: the same tables and row filter, and truncate too.
-
-    No subscription uses it (one would apply a TRUNCATE to every tenant's rows); the
-    tail decodes it to see a TRUNCATE of a tenant table after the cut.
-    """
-    create_publication(conn, name, tables, tenant_id, column)
-    conn.exec_driver_sql(
-        f"ALTER PUBLICATION {_quote(conn, name)} SET (publish = 'insert, update, delete, truncate')"
-    )
+    if truncate:
+        conn.exec_driver_sql(
+            f"ALTER PUBLICATION {_quote(conn, name)}"
+            " SET (publish = 'insert, update, delete, truncate')"
+        )
 
 
 def create_slot(conn: Connection, name: str) -> None:

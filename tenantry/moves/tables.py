@@ -24,6 +24,7 @@ __all__ = [
     "check_same_tables",
     "check_whole_database",
     "quoted_name",
+    "table_shapes",
     "tenant_tables",
     "unindexed_foreign_keys",
 ]
@@ -125,6 +126,24 @@ def tenant_tables(
         for key, table in reflected.items()
         if column in table.all_columns and not table.name.startswith(_OWN_PREFIX) and table.movable
     }
+    _check_keys(tenant, column)
+    _check_left_behind(reflected, tenant, column)
+    return [
+        TenantTable(
+            name=tenant[key].name,
+            columns=tuple(c for c, _ in tenant[key].columns),
+            primary_key=tuple(tenant[key].primary_key),
+            sequences=tuple(tenant[key].sequences),
+            column_types=tuple(t for _, t in tenant[key].columns),
+            schema=tenant[key].schema,
+            without_rowid=tenant[key].without_rowid,
+        )
+        for key in _parents_first({k: set(t.parents) & set(tenant) for k, t in tenant.items()})
+    ]
+
+
+def _check_keys(tenant: Mapping[str, _Reflected], column: str) -> None:
+    """Every tenant table's primary key includes *column* (SchemaContractError)."""
     for key in sorted(tenant):
         table = tenant[key]
         if not table.primary_key:
@@ -141,6 +160,12 @@ def tenant_tables(
                 f"make {column} part of the primary key, e.g. PRIMARY KEY "
                 f"({column}, {', '.join(c for c in table.primary_key if c != column)})",
             )
+
+
+def _check_left_behind(
+    reflected: Mapping[str, _Reflected], tenant: Mapping[str, _Reflected], column: str
+) -> None:
+    """No table that does not move references a tenant table (SchemaContractError)."""
     for key in sorted(set(reflected) - set(tenant)):
         table = reflected[key]
         if table.name.startswith(_OWN_PREFIX):
@@ -165,18 +190,18 @@ def tenant_tables(
             f"{named} references tenant table {referenced[0]!r} but {why}, so a move "
             "would leave its rows behind (or delete them through ON DELETE CASCADE): " + fix,
         )
-    return [
-        TenantTable(
-            name=tenant[key].name,
-            columns=tuple(c for c, _ in tenant[key].columns),
-            primary_key=tuple(tenant[key].primary_key),
-            sequences=tuple(tenant[key].sequences),
-            column_types=tuple(t for _, t in tenant[key].columns),
-            schema=tenant[key].schema,
-            without_rowid=tenant[key].without_rowid,
-        )
-        for key in _parents_first({k: set(t.parents) & set(tenant) for k, t in tenant.items()})
-    ]
+
+
+def table_shapes(tables: Iterable[TenantTable]) -> dict[str, list[str]]:
+    """Each table's columns and types, and its primary key, as reflected: what a move
+    records when planned and compares before it switches."""
+    return {
+        table.qualified_name: [
+            *(f"{c} {t}" for c, t in zip(table.columns, table.column_types, strict=False)),
+            f"PRIMARY KEY ({', '.join(table.primary_key)})",
+        ]
+        for table in tables
+    }
 
 
 def analyze_tables(conn: Connection, tables: Iterable[TenantTable]) -> None:

@@ -68,25 +68,22 @@ def _sqlite_kind(declared: str) -> str:
     return ""
 
 
-def _read_datetime(value: Any) -> Any:
-    if isinstance(value, str):
-        with suppress(ValueError):
-            return dt.datetime.fromisoformat(value)
-    return value
+def _iso_reader(parse: Callable[[str], Any]) -> Convert:
+    """A reader of SQLite's ISO 8601 text with *parse* (other values, and text it
+    cannot parse, pass unchanged)."""
+
+    def read(value: Any) -> Any:
+        if isinstance(value, str):
+            with suppress(ValueError):
+                return parse(value)
+        return value
+
+    return read
 
 
-def _read_date(value: Any) -> Any:
-    if isinstance(value, str):
-        with suppress(ValueError):
-            return dt.date.fromisoformat(value)
-    return value
-
-
-def _read_time(value: Any) -> Any:
-    if isinstance(value, str):
-        with suppress(ValueError):
-            return dt.time.fromisoformat(value)
-    return value
+_read_datetime = _iso_reader(dt.datetime.fromisoformat)
+_read_date = _iso_reader(dt.date.fromisoformat)
+_read_time = _iso_reader(dt.time.fromisoformat)
 
 
 def _read_bool(value: Any) -> Any:
