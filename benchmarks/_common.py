@@ -36,7 +36,7 @@ from rich.progress import (
 from sqlalchemy.pool import NullPool
 
 from tenantry import Catalog, Shard
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.schema import tenants
 
 __all__ = [

@@ -26,7 +26,7 @@ import tenantry.router.fence as fence_module
 from tenantry import Catalog, Router, Shard, TenantScoped, load_settings
 from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.schema import residency
 from tenantry.testing import create_database, drop_database

@@ -50,7 +50,7 @@ from sqlalchemy.pool import NullPool
 from tenantry import Catalog, Router, Shard, load_settings
 from tenantry.router.fence import PG_FENCE
 from tenantry.shardmap.cache import MapCache
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 
 # -- one transaction of each variant ------------------------------------------------
 

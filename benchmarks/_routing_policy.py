@@ -33,7 +33,7 @@ from _routing_measure import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 
 # -- what a policy costs per statement ------------------------------------------------
 

@@ -39,7 +39,7 @@ from tenantry.errors import (
 from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog, catalog_of
-from tenantry.shardmap.connect import WRITE, describe_error
+from tenantry.shardmap.drivers import WRITE, describe_error
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
 from tenantry.shardmap.operations import operations_engine

@@ -25,7 +25,7 @@ from tenantry.migrations.fleet import (
 )
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import catalog_of
-from tenantry.shardmap.connect import describe_error, make_engine
+from tenantry.shardmap.drivers import describe_error, make_engine
 from tenantry.shardmap.model import Shard, Tier
 from tenantry.shardmap.operations import operations_engine
 from tenantry.shardmap.roles import check_role

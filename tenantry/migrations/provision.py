@@ -36,7 +36,7 @@ from tenantry.migrations.rls import (
     setup_routing_role,
 )
 from tenantry.shardmap.catalog import Catalog, catalog_of, prepare_shard
-from tenantry.shardmap.connect import describe_error, make_engine, translate_errors
+from tenantry.shardmap.drivers import describe_error, make_engine, translate_errors
 from tenantry.shardmap.model import (
     NAME_PATTERN,
     Shard,

@@ -1,10 +1,10 @@
 """Moving tenants between shards: journal, copy, verification, the state machine."""
 
-from tenantry.moves.api import abort, demote, get_move, list_moves, move, promote, resume
+from tenantry.moves.commands import abort, demote, get_move, list_moves, move, promote, resume
 from tenantry.moves.gc import Leftover, collect_garbage
-from tenantry.moves.hooks import MoveObserver, NullObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode, MoveState
 from tenantry.moves.mover import Mover
+from tenantry.moves.observers import MoveObserver, NullObserver
 from tenantry.moves.removal import TenantRemoval, remove_tenant, tenant_row_counts
 
 __all__ = [

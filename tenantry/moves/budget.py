@@ -25,7 +25,7 @@ from tenantry.moves.context import MoveContext
 from tenantry.moves.freeze import SNAPSHOT_APPLICATION
 from tenantry.moves.journal import Move
 from tenantry.moves.watch import Watch
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.residency import Residency, commit_residency
 
 __all__ = [

@@ -18,14 +18,14 @@ from typing import Literal
 from sqlalchemy import Connection, Engine
 
 from tenantry.errors import MoveError, MoveRefused
-from tenantry.moves import tail
+from tenantry.moves import tail_decoder
 from tenantry.moves.freeze import wait_out
-from tenantry.moves.hooks import Checkpoints, MoveObserver
 from tenantry.moves.journal import Journal, Move
+from tenantry.moves.observers import Checkpoints, MoveObserver
 from tenantry.moves.references import ForeignKey, Key
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.identity import LiveDatabase, live_database
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.operations import operator_engine
@@ -44,7 +44,7 @@ class Carried:
     #: The tenant tables of each end, as reflected (once) for the move.
     tables: dict[str, list[TenantTable]] = field(default_factory=dict)
     #: Online: the rows changed since the verified cut.
-    tail: tail.Tail | None = None
+    tail: tail_decoder.Tail | None = None
     #: Online: the shared rows the tenant referenced at the cut, by foreign key (None:
     #: too many to check again inside the freeze).
     references: list[tuple[ForeignKey, list[Key] | None]] = field(default_factory=list)

@@ -30,7 +30,7 @@ from tenantry.moves.tables import (
 )
 from tenantry.moves.values import Convert, value_reader, value_writer
 from tenantry.moves.verify import rendering_settings
-from tenantry.shardmap.connect import WRITE, mark_error
+from tenantry.shardmap.drivers import WRITE, mark_error
 
 __all__ = ["ProgressFn", "TableCopy", "copy_tenant", "delete_tenant_rows"]
 

@@ -36,7 +36,7 @@ from tenantry.moves.references import missing_references
 from tenantry.moves.rollback import teardown
 from tenantry.moves.tables import analyze_tables, table_shapes, unindexed_foreign_keys
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.model import Shard, ShardState, TenantState, Tier
 from tenantry.shardmap.residency import Residency, commit_residency
 

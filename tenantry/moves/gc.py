@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from tenantry.moves import replication as repl
 from tenantry.moves.journal import Journal
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.operations import operations_engine
 
 __all__ = ["Leftover", "collect_garbage"]

@@ -36,8 +36,8 @@ from tenantry.errors import (
 from tenantry.migrations.fleet import MIGRATION_LOCK
 from tenantry.moves.context import MoveContext
 from tenantry.moves.finish import FinishSteps
-from tenantry.moves.hooks import Checkpoints, EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.journal import Move, MoveMode, MoveState
+from tenantry.moves.observers import Checkpoints, EnvHooks, MoveObserver, NullObserver
 from tenantry.moves.offline import OfflineSteps
 from tenantry.moves.online import OnlineSteps
 from tenantry.moves.planning import Planning

@@ -14,7 +14,7 @@ from tenantry.moves.context import MoveContext
 from tenantry.moves.copy import copy_tenant, quiet_triggers, replica_allowed
 from tenantry.moves.journal import Move, MoveState
 from tenantry.moves.rollback import rollback
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.residency import Residency, commit_residency, write_residency
 
 __all__ = ["OfflineSteps"]

@@ -5,7 +5,7 @@ cleaned``. In ``copied`` the target subscribes to the tenant's rows and catches 
 while the tenant keeps writing; then the tenant is verified in full at a *cut* (a short
 freeze takes a snapshot on both ends, and the counts and checksums are computed on the
 snapshots after the tenant is unfrozen), and a second slot starts collecting the keys
-of the rows that change after the cut (:mod:`tenantry.moves.tail`). In ``frozen`` the
+of the rows that change after the cut (:mod:`tenantry.moves.tail_decoder`). In ``frozen`` the
 tenant is frozen, a sentinel written on the source is awaited on the target — proof
 that the target holds every acknowledged write — and only the rows changed since the
 cut are compared. If that does not fit in the freeze budget the tenant is unfrozen and
@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine
 
 from tenantry.errors import MoveRefused, ReplicationFailed, VerificationFailed
 from tenantry.moves import replication as repl
-from tenantry.moves import tail
+from tenantry.moves import tail_decoder
 from tenantry.moves.budget import (
     DEFAULT_FREEZE_ATTEMPTS,
     OutOfBudget,
@@ -48,7 +48,7 @@ from tenantry.moves.rollback import roll_back_failed
 from tenantry.moves.tables import TenantTable, analyze_tables, quoted_name
 from tenantry.moves.verify import TableDigest, compare_digests, digest_tenant, set_local
 from tenantry.moves.watch import Watch
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.residency import Residency, write_residency
 
@@ -111,7 +111,7 @@ class OnlineSteps:
         self,
         conn: Connection,
         move: Move,
-        changed: tail.Tail | None,
+        changed: tail_decoder.Tail | None,
         *,
         upto_lsn: str | None = None,
         timeout: float | None = None,
@@ -120,7 +120,7 @@ class OnlineSteps:
         fails the move (VerificationFailed, rolled back): the subscription does not
         apply a TRUNCATE, and the truncated rows cannot be compared by key."""
         names = self.names(move)
-        tail.drain(
+        tail_decoder.drain(
             conn, names.tail_slot, names.tail_decoding, changed, upto_lsn=upto_lsn, timeout=timeout
         )
         if changed is not None and changed.truncated:
@@ -265,7 +265,7 @@ class OnlineSteps:
                     cut_lsn = take_cut(ctx, move, src_engine, dst_engine, src_snap, dst_snap)
                     # Changes committed before the cut are in the snapshots: drop them.
                     self._drain(plain, move, None, upto_lsn=cut_lsn)
-                    carried.tail = tail.Tail()
+                    carried.tail = tail_decoder.Tail()
                     ctx.hooks.checkpoint("online-cut")
                     left, right = _digest_both(
                         src_snap, dst_snap, move.tenant_id, tables, ctx.column
@@ -324,7 +324,9 @@ class OnlineSteps:
             cut_lsn = take_cut(ctx, move, src_engine, dst_engine, *snaps)
             self._drain(plain, move, changed, upto_lsn=cut_lsn)
             ctx.observer.note(f"checking {len(changed):,} changed rows at a new cut")
-            differ = tail.compare_tail(*snaps, move.tenant_id, tables, changed, column=ctx.column)
+            differ = tail_decoder.compare_tail(
+                *snaps, move.tenant_id, tables, changed, column=ctx.column
+            )
         if differ:
             raise VerificationFailed(
                 "verification failed: changed rows differ between source and target: "
@@ -368,7 +370,12 @@ class OnlineSteps:
             ctx.journal.update(move.id, stats={"tail_rows": len(changed)})
 
     def _check_tail(
-        self, move: Move, src: Connection, dst: Connection, changed: tail.Tail, deadline: float
+        self,
+        move: Move,
+        src: Connection,
+        dst: Connection,
+        changed: tail_decoder.Tail,
+        deadline: float,
     ) -> None:
         """Inside the final freeze: compare the rows changed since the cut, within what is
         left of the budget (else :class:`OutOfBudget`, and the freeze is retried)."""
@@ -377,8 +384,8 @@ class OnlineSteps:
             tables = self._source_tables(move, src)
             with src.begin(), dst.begin():
                 for conn in (src, dst):
-                    set_local(conn, {"statement_timeout": tail.timeout_ms(_left(deadline))})
-                differ = tail.compare_tail(
+                    set_local(conn, {"statement_timeout": tail_decoder.timeout_ms(_left(deadline))})
+                differ = tail_decoder.compare_tail(
                     src, dst, move.tenant_id, tables, changed, column=self.ctx.column
                 )
                 missing = [] if differ else self._check_references(move, src, dst, changed)
@@ -398,7 +405,7 @@ class OnlineSteps:
             raise VerificationFailed(f"verification failed: {missing[0]}", tables=[])
 
     def _check_references(
-        self, move: Move, src: Connection, dst: Connection, changed: tail.Tail
+        self, move: Move, src: Connection, dst: Connection, changed: tail_decoder.Tail
     ) -> list[str]:
         """Inside the final freeze: the shared rows referenced at the cut and by the rows
         changed since are all at the target (a reference row may have been deleted at
@@ -406,11 +413,11 @@ class OnlineSteps:
         found = []
         for key, at_cut in self.ctx.carried(move.id).references:
             keys = set(at_cut or ())
-            rows = tail.changed_table(src, changed, key.child)
+            rows = tail_decoder.changed_table(src, changed, key.child)
             if rows is not None and rows.whole:
                 keys |= set(referenced_keys(src, move.tenant_id, key, self.ctx.column))
             elif rows is not None:
-                keys |= tail.referenced_by_changes(
+                keys |= tail_decoder.referenced_by_changes(
                     src, move.tenant_id, key.child, rows, key.columns, self.ctx.column
                 )
             missing = absent_keys(dst, key, sorted(keys))
@@ -434,7 +441,7 @@ class OnlineSteps:
                 auto, publication, tables, move.tenant_id, ctx.column, truncate=True
             )
         ctx.journal.update(move.id, artifacts={"tail_slot": names.tail_slot})
-        tail.create_tail_slot(auto, names.tail_slot)
+        tail_decoder.create_tail_slot(auto, names.tail_slot)
         auto.commit()
         return ctx.journal.get(move.id)
 

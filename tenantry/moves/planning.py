@@ -27,7 +27,7 @@ from tenantry.moves.tables import (
     check_whole_database,
     table_shapes,
 )
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.identity import LiveDatabase, live_database
 from tenantry.shardmap.model import Shard, Tier, require_active
 

@@ -38,7 +38,7 @@ from tenantry.moves.freeze import wait_out
 from tenantry.moves.journal import Journal
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.shardmap.catalog import Catalog, catalog_of
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.model import Shard, Tenant, validate_tenant_id
 from tenantry.shardmap.operations import operator_engine
 from tenantry.shardmap.residency import Residency, commit_residency

@@ -22,7 +22,7 @@ from tenantry.moves import replication as repl
 from tenantry.moves.context import MoveContext
 from tenantry.moves.copy import delete_tenant_rows, replica_allowed
 from tenantry.moves.journal import Move, MoveState
-from tenantry.shardmap.connect import WRITE, describe_error
+from tenantry.shardmap.drivers import WRITE, describe_error
 from tenantry.shardmap.identity import read_identity
 from tenantry.shardmap.model import Shard, TenantState, mask_url
 from tenantry.shardmap.residency import Residency, clear_residency, read_residency

@@ -16,7 +16,7 @@ from tenantry.moves import replication as repl
 from tenantry.moves.context import MoveContext
 from tenantry.moves.journal import Move
 from tenantry.moves.tables import check_same_tables
-from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.model import Shard
 
 __all__ = ["Watch"]

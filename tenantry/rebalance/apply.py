@@ -30,7 +30,7 @@ from tenantry.rebalance.planner import (
 )
 from tenantry.rebalance.sizes import measure_sizes, stale_sizes, stored_sizes
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.model import Shard, ShardState, Tier
 
 __all__ = ["AppliedMove", "apply_plan", "plan_for", "start_drain"]

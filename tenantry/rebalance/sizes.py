@@ -1,6 +1,6 @@
 """Tenant sizes: rows and bytes over the tenant tables, measured on the shards and kept
 in the catalog with the time they were measured. (A move updates the stored size
-itself: :func:`tenantry.moves.sizes.follow_move`.)"""
+itself: :func:`tenantry.shardmap.sizes.follow_move`.)"""
 
 from __future__ import annotations
 

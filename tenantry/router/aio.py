@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, A
 from tenantry.router.fence import run_fence
 from tenantry.router.router import Attempts, RouterBase, lost_midway
 from tenantry.router.scoping import TenantSession
-from tenantry.shardmap.connect import make_async_engine
+from tenantry.shardmap.drivers import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
 from tenantry.shardmap.operations import shard_errors
 

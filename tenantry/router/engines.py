@@ -27,7 +27,7 @@ from sqlalchemy import Engine, event
 from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap import roles
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.model import Shard, Tier
 
 __all__ = ["EngineRegistry", "EngineStats"]

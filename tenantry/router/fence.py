@@ -31,7 +31,7 @@ from tenantry.errors import (
     StaleRoute,
     TenantFrozen,
 )
-from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.residency import Residency
 

@@ -45,7 +45,7 @@ from tenantry.errors import (
 from tenantry.router.context import TenantContext, tenant_context
 from tenantry.router.fence import TENANT_KEY
 from tenantry.router.resolvers import PathResolver, RequestInfo, Scope, TenantResolver
-from tenantry.shardmap.connect import describe_error
+from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.model import validate_tenant_id
 
 if TYPE_CHECKING:

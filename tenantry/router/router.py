@@ -42,7 +42,7 @@ from tenantry.router.scoping import (
 from tenantry.settings import TenantrySettings, load_settings
 from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
-from tenantry.shardmap.connect import describe_error, make_engine
+from tenantry.shardmap.drivers import describe_error, make_engine
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors

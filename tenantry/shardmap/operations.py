@@ -27,7 +27,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.pool import NullPool
 
 from tenantry.errors import ShardUnavailable, TenantryError
-from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
+from tenantry.shardmap.drivers import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import Shard
 
 __all__ = [
@@ -72,7 +72,7 @@ def shard_errors(
 
     Cannot reach it: :class:`ShardUnavailable` (its ``shard`` set); anything else:
     *failed*. With *own_only*, errors known to come from a connection to another
-    database are not claimed (see :func:`tenantry.shardmap.connect.translate_errors`).
+    database are not claimed (see :func:`tenantry.shardmap.drivers.translate_errors`).
     """
     try:
         with translate_errors(

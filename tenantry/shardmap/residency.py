@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 import sqlalchemy as sa
 from sqlalchemy import Connection, Engine
 
-from tenantry.shardmap.connect import WRITE
+from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.schema import residency
 
 __all__ = ["Residency", "clear_residency", "commit_residency", "read_residency", "write_residency"]

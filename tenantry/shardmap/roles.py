@@ -22,7 +22,7 @@ from sqlalchemy.pool import NullPool
 
 from tenantry.errors import ShardUnavailable, UnsafeRoutingRole
 from tenantry.settings import TenantrySettings
-from tenantry.shardmap.connect import make_engine, translate_errors
+from tenantry.shardmap.drivers import make_engine, translate_errors
 from tenantry.shardmap.model import Shard, Tier
 
 __all__ = [

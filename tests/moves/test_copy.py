@@ -31,7 +31,7 @@ from tenantry.moves.copy import (
 )
 from tenantry.moves.tables import TenantTable, tenant_tables
 from tenantry.moves.verify import compare_digests, digest_tenant
-from tenantry.shardmap.connect import WRITE, make_engine
+from tenantry.shardmap.drivers import WRITE, make_engine
 from tenantry.testing import DatabaseFactory
 
 # The application's schema, as its migrations would create it on each database.

@@ -346,7 +346,7 @@ TENANTRY = [sys.executable, "-m", "tenantry"]
 
 class Paused:
     """``tenantry move TENANT --to s2 --mode online`` in a process of its own, which
-    pauses at checkpoint *pause* (see tenantry.moves.hooks) until killed."""
+    pauses at checkpoint *pause* (see tenantry.moves.observers) until killed."""
 
     def __init__(self, fleet: Fleet, tmp_path: Path, tenant: str, pause: str) -> None:
         self.tenant, self.pause = tenant, pause

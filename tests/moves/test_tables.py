@@ -17,7 +17,7 @@ from tenantry.moves.tables import (
     tenant_tables,
     unindexed_foreign_keys,
 )
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from tenantry.moves import tail
+from tenantry.moves import tail_decoder
 from tenantry.moves.tables import tenant_tables
 
 SLOT = "tenantry_move_test_7_tail"
@@ -37,7 +37,7 @@ def source(pg_url: str) -> Iterator[sa.Connection]:
         for statement in SCHEMA.split(";"):
             if statement.strip():
                 conn.exec_driver_sql(statement)
-        tail.create_tail_slot(conn, SLOT)
+        tail_decoder.create_tail_slot(conn, SLOT)
         yield conn
         conn.execute(sa.text("SELECT pg_drop_replication_slot(:s)"), {"s": SLOT})
     engine.dispose()
@@ -48,7 +48,7 @@ def _run(conn: sa.Connection, *statements: str) -> None:
         conn.exec_driver_sql(statement)
 
 
-def _drain(engine_url: str, changed: tail.Tail, upto: str | None = None) -> int:
+def _drain(engine_url: str, changed: tail_decoder.Tail, upto: str | None = None) -> int:
     # The test servers commit asynchronously; decoding reads only flushed WAL.
     engine = sa.create_engine(engine_url)
     try:
@@ -61,7 +61,7 @@ def _drain(engine_url: str, changed: tail.Tail, upto: str | None = None) -> int:
                 if flushed:
                     break
                 time.sleep(0.02)
-            return tail.drain(conn, SLOT, "pub", changed, upto_lsn=upto)
+            return tail_decoder.drain(conn, SLOT, "pub", changed, upto_lsn=upto)
     finally:
         engine.dispose()
 
@@ -76,7 +76,7 @@ def test_keys_of_inserted_updated_and_deleted_rows_of_the_tenant_only(source, pg
         "UPDATE items SET id = 10 WHERE tenant_id = 'acme' AND id = 1",  # the key changes
         "INSERT INTO tenantry_move_sentinel VALUES ('acme', 7, 't', now())",
     )
-    changed = tail.Tail()
+    changed = tail_decoder.Tail()
     assert _drain(pg_url, changed) > 0
     (items,) = changed.tables.values()
     assert (items.schema, items.name, items.key_columns) == ("public", "items", ("tenant_id", "id"))
@@ -86,7 +86,7 @@ def test_keys_of_inserted_updated_and_deleted_rows_of_the_tenant_only(source, pg
     assert items.keys == {("acme", "1"), ("acme", "2"), ("acme", "3"), ("acme", "10")}
     assert len(changed) == 4
     # Consumed: a second drain finds nothing new.
-    again = tail.Tail()
+    again = tail_decoder.Tail()
     assert _drain(pg_url, again) == 0 and len(again) == 0
 
 
@@ -97,7 +97,7 @@ def test_replica_identity_full_keys_whole_rows(source, pg_url):
         "UPDATE notes SET body = 'bye' WHERE id = 1",
         "DELETE FROM notes WHERE id = 2",
     )
-    changed = tail.Tail()
+    changed = tail_decoder.Tail()
     _drain(pg_url, changed)
     (notes,) = changed.tables.values()
     assert notes.key_columns == ("tenant_id", "id", "body") and not notes.whole
@@ -109,8 +109,8 @@ def test_changes_committed_before_the_cut_are_left_out(source, pg_url):
     _run(source, "INSERT INTO items VALUES ('acme', 1, 'a', 1, now())")
     cut = str(source.execute(sa.text("SELECT pg_current_wal_insert_lsn()")).scalar())
     _run(source, "INSERT INTO items VALUES ('acme', 2, 'b', 2, now())")
-    _drain(pg_url, tail.Tail(), upto=cut)  # before the cut: discarded
-    changed = tail.Tail()
+    _drain(pg_url, tail_decoder.Tail(), upto=cut)  # before the cut: discarded
+    changed = tail_decoder.Tail()
     _drain(pg_url, changed)
     assert changed.tables[("public", "items")].keys == {("acme", "2")}
 
@@ -134,9 +134,9 @@ def pair(pg_url: str, pg_url2: str) -> Iterator[tuple[sa.Connection, sa.Connecti
         engine.dispose()
 
 
-def _tail(*keys: tuple[str, str]) -> tail.Tail:
-    changed = tail.Tail()
-    changed.tables[("public", "items")] = tail.TailTable(
+def _tail(*keys: tuple[str, str]) -> tail_decoder.Tail:
+    changed = tail_decoder.Tail()
+    changed.tables[("public", "items")] = tail_decoder.TailTable(
         "public", "items", ("tenant_id", "id"), set(keys)
     )
     return changed
@@ -157,7 +157,7 @@ def test_compare_tail_finds_a_changed_row_that_differs(pair):
 
     def differ(*keys: tuple[str, str]) -> list[str]:
         with src.begin(), dst.begin():
-            return tail.compare_tail(src, dst, "acme", tables, _tail(*keys))
+            return tail_decoder.compare_tail(src, dst, "acme", tables, _tail(*keys))
 
     # Same on both ends, or deleted on both: no difference.
     assert differ(("acme", "1"), ("acme", "2"), ("acme", "10"), ("acme", "999")) == []
@@ -174,15 +174,15 @@ def test_compare_tail_whole_table_and_many_keys(pair):
     src.rollback()
     changed = _tail(*(("acme", str(i)) for i in range(1, 12_001)))  # several batches
     with src.begin(), dst.begin():
-        assert tail.compare_tail(src, dst, "acme", tables, changed) == []
+        assert tail_decoder.compare_tail(src, dst, "acme", tables, changed) == []
     with dst.begin():
         dst.exec_driver_sql("UPDATE items SET name = 'changed' WHERE id = 50")
     with src.begin(), dst.begin():
-        assert tail.compare_tail(src, dst, "acme", tables, changed) == ["items"]
-    whole = tail.Tail()
-    whole.tables[("public", "items")] = tail.TailTable("public", "items", whole=True)
+        assert tail_decoder.compare_tail(src, dst, "acme", tables, changed) == ["items"]
+    whole = tail_decoder.Tail()
+    whole.tables[("public", "items")] = tail_decoder.TailTable("public", "items", whole=True)
     with src.begin(), dst.begin():
-        assert tail.compare_tail(src, dst, "acme", tables, whole) == ["items"]
+        assert tail_decoder.compare_tail(src, dst, "acme", tables, whole) == ["items"]
 
 
 def test_compare_tail_by_primary_key_inside_full_rows(pair):
@@ -191,16 +191,16 @@ def test_compare_tail_by_primary_key_inside_full_rows(pair):
     src, dst = pair
     tables = tenant_tables(src)
     src.rollback()
-    full = tail.Tail()
-    full.tables[("public", "notes")] = tail.TailTable(
+    full = tail_decoder.Tail()
+    full.tables[("public", "notes")] = tail_decoder.TailTable(
         "public", "notes", ("tenant_id", "id", "body"), {("acme", "1", "old text")}
     )
     for conn, body in ((src, "same"), (dst, "same")):
         with conn.begin():
             conn.exec_driver_sql(f"INSERT INTO notes VALUES ('acme', 1, '{body}')")
     with src.begin(), dst.begin():
-        assert tail.compare_tail(src, dst, "acme", tables, full) == []
+        assert tail_decoder.compare_tail(src, dst, "acme", tables, full) == []
     with dst.begin():
         dst.exec_driver_sql("UPDATE notes SET body = 'other' WHERE id = 1")
     with src.begin(), dst.begin():
-        assert tail.compare_tail(src, dst, "acme", tables, full) == ["notes"]
+        assert tail_decoder.compare_tail(src, dst, "acme", tables, full) == ["notes"]

@@ -34,7 +34,7 @@ from tenantry.moves.verify import (
     digest_tenant,
     row_hash,
 )
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 from tenantry.testing import DatabaseFactory
 
 Digests = dict[str, TableDigest]

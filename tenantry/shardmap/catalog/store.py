@@ -28,7 +28,7 @@ from tenantry.errors import (
     UnknownTenant,
 )
 from tenantry.settings import TenantrySettings, load_settings
-from tenantry.shardmap.connect import WRITE, make_engine, translate_errors
+from tenantry.shardmap.drivers import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import (
     Shard,
     ShardState,

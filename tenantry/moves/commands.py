@@ -13,9 +13,9 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from tenantry.errors import MoveRefused, TenantryError, UnknownShard
-from tenantry.moves.hooks import Checkpoints, MoveObserver
 from tenantry.moves.journal import Journal, Move, MoveKind, MoveMode
 from tenantry.moves.mover import Mover
+from tenantry.moves.observers import Checkpoints, MoveObserver
 from tenantry.moves.rollback import database_id
 from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.model import Shard, Tenant, Tier
