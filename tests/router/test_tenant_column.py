@@ -43,6 +43,16 @@ NOTES: sa.Table = Note.__table__  # type: ignore[assignment]
 @pytest.fixture
 def org_fleet(fleet_builder: Any) -> Fleet:
     """One shared shard with ``org_notes`` (RLS on ``org_id``), two tenants' notes."""
+    return _org_fleet(fleet_builder)
+
+
+@pytest.fixture
+def pg_org_fleet(pg_fleet_builder: Any) -> Fleet:
+    """``org_fleet`` on PostgreSQL only (row-level security)."""
+    return _org_fleet(pg_fleet_builder)
+
+
+def _org_fleet(fleet_builder: Any) -> Fleet:
     fleet = fleet_builder(tenant_column=COLUMN)
     admin = fleet.new_database(0)
     engine = sa.create_engine(admin, poolclass=sa.NullPool)
@@ -123,9 +133,8 @@ def test_core_scopes_and_checks_by_the_tenant_column(org_fleet: Fleet) -> None:
     assert ("globex", 7, "globex-7") in rows and ("acme", 8, "acme-8") not in rows
 
 
-def test_row_level_security_on_the_tenant_column(org_fleet: Fleet) -> None:
-    if not org_fleet.pg:
-        pytest.skip("row-level security is PostgreSQL's")
+def test_row_level_security_on_the_tenant_column(pg_org_fleet: Fleet) -> None:
+    org_fleet = pg_org_fleet
     router: Router = org_fleet.new_router()
     with router.connection("acme") as conn:
         raw = conn.execute(sa.text("SELECT org_id, id FROM org_notes ORDER BY id")).all()
