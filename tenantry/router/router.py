@@ -99,7 +99,12 @@ class RouterBase:
         configure_engine(engine, self.settings.tenant_column)
         if shard.backend == "postgresql":
             name = shard.name
-            register_keys(engine, name, lambda reload: self._fence_key(name, reload))
+            register_keys(
+                engine,
+                name,
+                lambda reload: self._fence_key(name, reload),
+                with_begin=self.settings.fence_with_begin,
+            )
             allow = self.settings.allow_unsafe_routing_role
             event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
             if self.settings.reset_connections:
