@@ -181,11 +181,13 @@ def _fence_failed(
     ) from None
 
 
+_IDLE = pq.TransactionStatus.IDLE
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+
+
 def _idle(driver: Any) -> bool:
     """Whether psycopg would send BEGIN before the next statement on *driver*."""
-    return bool(
-        not driver.autocommit and driver.pgconn.transaction_status == pq.TransactionStatus.IDLE
-    )
+    return bool(driver.pgconn.transaction_status == _IDLE and not driver.autocommit)
 
 
 #: BEGIN as psycopg sends it (``_get_tx_start_command``), by (isolation level, read
@@ -211,7 +213,8 @@ def _begin_command(driver: Any) -> bytes:
     return command
 
 
-_FENCE_SQL = sql.SQL("; SELECT tenantry.fence({}, {})")
+#: The fence after BEGIN, up to its arguments (PG_FENCE's function).
+_FENCE_CALL = b"; SELECT tenantry.fence("
 
 
 def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> str | None:
@@ -228,11 +231,19 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
     statement = cached[3]
     if statement is None:
         tenant_id, key_id, signature, _ = cached
-        fence = _FENCE_SQL.format(sql.Literal(tenant_id), sql.Literal(signature))
-        statement = fence.as_bytes(driver)
+        tenant, signed = sql.Literal(tenant_id), sql.Literal(signature)
+        statement = b"".join(
+            (
+                _FENCE_CALL,
+                tenant.as_bytes(driver),
+                b", ",
+                signed.as_bytes(driver),
+                b")",
+            )
+        )
         info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
     result = driver.pgconn.exec_(_begin_command(driver) + statement)
-    if result.status != pq.ExecStatus.TUPLES_OK:
+    if result.status != _TUPLES_OK:
         raise _result_error(driver, result)
     value = result.get_value(0, 0) if result.ntuples else None
     return value.decode() if value is not None else None

@@ -185,7 +185,7 @@ def test_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
     missing), and the rollback leaves the pooled connection fine for the next one."""
     router = new_router(pg_fleet, with_begin)  # its own engine: no fence cached yet
     monkeypatch.setattr(fence, "PG_FENCE", "SELECT tenantry.no_such(%(t)s, %(s)s)")
-    monkeypatch.setattr(fence, "_FENCE_SQL", fence.sql.SQL("; SELECT tenantry.no_such({}, {})"))
+    monkeypatch.setattr(fence, "_FENCE_CALL", b"; SELECT tenantry.no_such(")
     with pytest.raises(Exception) as info:
         with router.session(ME):
             pass
