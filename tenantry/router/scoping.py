@@ -20,7 +20,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -140,6 +142,35 @@ _SHARED_CRITERIA = with_loader_criteria(
 )
 
 
+#: Each ORM statement with :data:`_SHARED_CRITERIA` added, by the statement it was made
+#: from (weak keys: an entry lives as long as the application's statement). Adding the
+#: option makes a new statement, whose cache key SQLAlchemy computes again (it memoizes
+#: the key per statement object): a statement the application executes again (a module
+#: constant, say) reuses its scoped copy, key included.
+#:
+#: Why this can never let another tenant's criteria through: the value depends on the
+#: original statement alone. :data:`_SHARED_CRITERIA` is one object for every tenant,
+#: with no tenant in it: the tenant is the bound parameter ``tenantry_scope_tenant``,
+#: which each execution passes with its own parameters (``with_tenant``, and the
+#: engine's ``before_execute``). Statements are immutable (every change makes a new
+#: one), and keys are compared by identity only (the types below do not overload
+#: ``==``). The per-tenant criteria (INSERT ... SELECT, executemany) are never cached.
+_SCOPED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_IDENTITY_EQ: Any = object.__eq__
+
+
+def _with_shared_criteria(statement: Any) -> Any:
+    """*statement* with the shared criteria, made once per statement object."""
+    if type(statement).__eq__ is not _IDENTITY_EQ:
+        return statement.options(_SHARED_CRITERIA)
+    scoped = _SCOPED.get(statement)
+    if scoped is None:
+        scoped = statement.options(_SHARED_CRITERIA)
+        with contextlib.suppress(TypeError):  # not weakly referenceable: not cached
+            _SCOPED[statement] = scoped
+    return scoped
+
+
 def _scope_of(session: Session) -> TenantScope:
     scope: TenantScope | None = session.info.get(SESSION_SCOPE)
     if scope is None:  # a TenantSession not made by a router: the default column
@@ -175,7 +206,7 @@ def _scope_statement(state: ORMExecuteState) -> None:
             # less work per statement than a criteria per tenant. A load that misses the
             # parameter fails ("a value is required"), never widens.
             state.parameters = with_tenant(params or {}, tenant)
-            state.statement = state.statement.options(_SHARED_CRITERIA)
+            state.statement = _with_shared_criteria(state.statement)
         else:  # INSERT, executemany: the parameters are the rows, leave them alone
             criteria = _scope_of(state.session).criteria(tenant)
             state.statement = state.statement.options(criteria)

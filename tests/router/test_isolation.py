@@ -35,6 +35,7 @@ from tenantry.errors import (
     RoutingError,
     UnknownTenant,
 )
+from tenantry.router import scoping
 from tenantry.router.fence import TENANT_KEY
 from tenantry.shardmap.roles import check_role
 
@@ -704,3 +705,27 @@ def test_dedicated_shard_holds_no_other_tenant(fleet: Any, app: Any) -> None:
         assert session.get(app.Project, (ME, 1)) is None
     assert fleet.router.shard_for("umbrella").name == "solo"
     assert fleet.router.engine_for("umbrella") is not fleet.router.engine_for(ME)
+
+
+def test_one_statement_object_reused_by_every_tenant_stays_scoped(fleet: Any, app: Any) -> None:
+    """The router keeps each ORM statement's scoped copy (one per statement object, the
+    same for every tenant: the tenant is a bound parameter): a statement executed again
+    by another tenant, or in a thread of its own, sees that tenant's rows only."""
+    everything = select(app.Project).order_by(app.Project.id)
+    tasks = select(app.Task.title).where(app.Task.project_id == 1)
+    for tenant in (ME, *OTHERS, ME):
+        with fleet.router.session(tenant) as session:
+            assert [p.name for p in session.scalars(everything)] == seeded_names(tenant)
+            assert own(tenant, session.scalars(tasks)) == sorted(session.scalars(tasks))
+            assert len(session.scalars(tasks).all()) == 2
+    scoped = scoping._SCOPED[everything]
+    assert scoping._with_shared_criteria(everything) is scoped
+
+    def names(tenant: str) -> list[str]:
+        with fleet.router.session(tenant) as session:
+            return [p.name for p in session.scalars(everything)]
+
+    tenants = [random.choice((ME, *OTHERS)) for _ in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(names, tenants))
+    assert results == [seeded_names(t) for t in tenants]
