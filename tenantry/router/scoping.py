@@ -210,8 +210,10 @@ def _compiler_scopes(state: ORMExecuteState, column: str) -> bool:
     return scopes_by(state.session.get_bind(mapper=mapper).dialect.statement_compiler, column)
 
 
-#: mapper -> (its properties and subclasses when checked, column, whether plain)
-_PLAIN: weakref.WeakKeyDictionary[Any, tuple[int, int, str, bool]] = weakref.WeakKeyDictionary()
+#: mapper -> (its properties and subclasses when checked, column, whether plain). A plain
+#: dict: a weakly keyed one makes a weak reference at every lookup; mappers live as long
+#: as the application's models.
+_PLAIN: dict[Any, tuple[int, int, str, bool]] = {}
 _EAGER_SAFE = frozenset(
     {"select", True, "raise", "raise_on_sql", "noload", "write_only", "dynamic"}
 )
