@@ -100,6 +100,13 @@ class TenantrySettings(BaseSettings):
         "transaction.",
     )
 
+    fence_with_begin: bool = Field(
+        True,
+        description="PostgreSQL, sync routers: send a routed transaction's BEGIN and its "
+        "fence as one message (one round trip less per transaction); off sends BEGIN on "
+        "its own, as psycopg does. The asyncio router always sends them apart.",
+    )
+
     @field_validator("move_schemas", mode="before")
     @classmethod
     def _split_schemas(cls, value: Any) -> Any:

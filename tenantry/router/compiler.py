@@ -33,7 +33,7 @@ from sqlalchemy.sql.sqltypes import NullType
 from tenantry.errors import CrossTenantWrite
 from tenantry.router.writes import DEFAULT_COLUMN, check_statement, tenant_column
 
-__all__ = ["TENANT_PARAM", "scope_parameters", "scoping_compiler", "with_tenant"]
+__all__ = ["TENANT_PARAM", "scope_parameters", "scopes_by", "scoping_compiler", "with_tenant"]
 
 #: The tenant's parameter in routed statements; no statement may set it otherwise.
 TENANT_PARAM = "tenantry_scope_tenant"
@@ -252,6 +252,11 @@ def scoping_compiler(base: type[SQLCompiler], column: str = DEFAULT_COLUMN) -> t
         attributes = {"tenant_column": column}
         compiler = _COMPILERS[base, column] = type(name, (_ScopingCompiler, base), attributes)
     return compiler
+
+
+def scopes_by(compiler: type[Any], column: str) -> bool:
+    """Whether the statement compiler *compiler* scopes routed statements by *column*."""
+    return issubclass(compiler, _ScopingCompiler) and compiler.tenant_column == column
 
 
 def with_tenant(params: Mapping[str, Any], tenant: str) -> Mapping[str, Any]:

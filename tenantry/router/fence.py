@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import pq, sql
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
@@ -68,7 +71,9 @@ _REJECTED = "28000"
 #: For each routed engine: a function giving the shard's fence key (``reload=True``
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
-_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource]] = weakref.WeakKeyDictionary()
+#: For each routed engine: its shard, its key source, and whether a sync psycopg
+#: connection sends BEGIN and the fence in one message (``fence_with_begin``).
+_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool]] = weakref.WeakKeyDictionary()
 
 
 class ConnectionLost(ShardUnavailable):
@@ -83,9 +88,10 @@ class ConnectionLost(ShardUnavailable):
     """
 
 
-def register_keys(engine: Engine, shard: str, keys: KeySource) -> None:
-    """Say where the fence of *engine* (a shard's routed engine) gets its key."""
-    _KEYS[engine] = (shard, keys)
+def register_keys(engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False) -> None:
+    """Say where the fence of *engine* (a shard's routed engine) gets its key, and
+    whether it goes in one message with BEGIN (see :func:`_fence_with_begin`)."""
+    _KEYS[engine] = (shard, keys, with_begin)
 
 
 def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
@@ -121,48 +127,141 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
         raise ConfigurationError(
             f"shard {shard!r}: this engine was not made by a router, so it has no fence key"
         )
-    _name, keys = registered
+    _name, keys, with_begin = registered
     driver: Any = conn.connection.driver_connection
     info = conn.info
     # The signature depends only on the tenant and the server connection: keep the
-    # last one per pooled connection (one HMAC saved on most transactions).
+    # last one per pooled connection (one HMAC saved on most transactions), with the
+    # fence statement it makes (quoted once).
     cached = info.get(_SIGNATURE_KEY)
     key = keys(False)
-    if cached is not None and cached[0] == tenant_id and cached[1] == key.key_id:
-        signature = cached[2]
-    else:
+    if cached is None or cached[0] != tenant_id or cached[1] != key.key_id:
         signature = key.sign(tenant_id, _backend_pid(driver))
-        info[_SIGNATURE_KEY] = (tenant_id, key.key_id, signature)
-    params = {"t": tenant_id, "s": signature}
+        cached = info[_SIGNATURE_KEY] = (tenant_id, key.key_id, signature, None)
     try:
         if conn.dialect.is_async:
+            params = {"t": tenant_id, "s": cached[2]}
             row = conn.exec_driver_sql(PG_FENCE, params).first()
+        elif with_begin and _idle(driver):
+            return _fence_with_begin(driver, info, cached)
         else:
             # Straight to psycopg: none of SQLAlchemy's per-statement work. Not
             # prepare=True: psycopg drops its prepared statements (DEALLOCATE ALL, one
             # more round trip) at every ROLLBACK, which is how most read-only sessions end.
+            params = {"t": tenant_id, "s": cached[2]}
             row = driver.execute(PG_FENCE, params).fetchone()
     except Exception as exc:
-        orig = exc.orig if isinstance(exc, DBAPIError) else exc
-        if _connection_dead(exc, driver):
-            _invalidate(conn, orig if orig is not None else exc)
-            raise ConnectionLost(
-                f"shard {shard!r}: the pooled connection was lost before the transaction "
-                f"began ({describe_error(exc)}); nothing of it ran: retry",
-                shard=shard,
-            ) from None
-        if getattr(orig, "sqlstate", None) != _REJECTED:
-            raise
-        info.pop(_SIGNATURE_KEY, None)
-        keys(True)
-        raise FenceRejected(
-            f"shard {shard!r} did not accept the fence signature for tenant {tenant_id!r} "
-            "(its fence key was rotated?); the key was read again from the catalog: retry",
-            tenant_id=tenant_id,
-            shard=shard,
-        ) from None
+        _fence_failed(conn, exc, driver, tenant_id, shard, keys)
     value: str | None = row[0] if row is not None else None
     return value
+
+
+def _fence_failed(
+    conn: Connection, exc: Exception, driver: Any, tenant_id: str, shard: str, keys: KeySource
+) -> NoReturn:
+    """Raise what a failed fence means: ConnectionLost (dead connection), FenceRejected
+    (a signature the shard does not accept), or *exc* itself."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if _connection_dead(exc, driver):
+        _invalidate(conn, orig if orig is not None else exc)
+        raise ConnectionLost(
+            f"shard {shard!r}: the pooled connection was lost before the transaction "
+            f"began ({describe_error(exc)}); nothing of it ran: retry",
+            shard=shard,
+        ) from None
+    if getattr(orig, "sqlstate", None) != _REJECTED:
+        raise exc
+    conn.info.pop(_SIGNATURE_KEY, None)
+    keys(True)
+    raise FenceRejected(
+        f"shard {shard!r} did not accept the fence signature for tenant {tenant_id!r} "
+        "(its fence key was rotated?); the key was read again from the catalog: retry",
+        tenant_id=tenant_id,
+        shard=shard,
+    ) from None
+
+
+_IDLE = pq.TransactionStatus.IDLE
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+
+
+def _idle(driver: Any) -> bool:
+    """Whether psycopg would send BEGIN before the next statement on *driver*."""
+    return bool(driver.pgconn.transaction_status == _IDLE and not driver.autocommit)
+
+
+#: BEGIN as psycopg sends it (``_get_tx_start_command``), by (isolation level, read
+#: only, deferrable): a handful of values.
+_BEGINS: dict[tuple[Any, Any, Any], bytes] = {}
+
+
+def _begin_command(driver: Any) -> bytes:
+    """The BEGIN psycopg would send to start a transaction on *driver*."""
+    options = (driver.isolation_level, driver.read_only, driver.deferrable)
+    command = _BEGINS.get(options)
+    if command is None:
+        isolation, read_only, deferrable = options
+        parts = [b"BEGIN"]
+        if isolation is not None:
+            level = psycopg.IsolationLevel(isolation).name.replace("_", " ")
+            parts += [b"ISOLATION LEVEL", level.encode()]
+        if read_only is not None:
+            parts.append(b"READ ONLY" if read_only else b"READ WRITE")
+        if deferrable is not None:
+            parts.append(b"DEFERRABLE" if deferrable else b"NOT DEFERRABLE")
+        command = _BEGINS[options] = b" ".join(parts)
+    return command
+
+
+#: The fence after BEGIN, up to its arguments (PG_FENCE's function).
+_FENCE_CALL = b"; SELECT tenantry.fence("
+
+
+def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> str | None:
+    """BEGIN and the fence as one simple-protocol query: one round trip, not two.
+
+    psycopg would send its BEGIN in a message of its own before the fence; here the
+    same BEGIN (the connection's isolation level, read only, deferrable) opens the
+    query, so the server runs both in order and the transaction is open for the
+    statements after it, as if psycopg had begun it. The tenant and the signature are
+    quoted by psycopg (``sql.Literal``), never formatted in. An error comes back as the
+    psycopg exception its SQLSTATE names; the transaction is then failed (or the
+    connection dead), and the caller's rollback ends it.
+    """
+    statement = cached[3]
+    if statement is None:
+        tenant_id, key_id, signature, _ = cached
+        tenant, signed = sql.Literal(tenant_id), sql.Literal(signature)
+        statement = b"".join(
+            (
+                _FENCE_CALL,
+                tenant.as_bytes(driver),
+                b", ",
+                signed.as_bytes(driver),
+                b")",
+            )
+        )
+        info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
+    result = driver.pgconn.exec_(_begin_command(driver) + statement)
+    if result.status != _TUPLES_OK:
+        raise _result_error(driver, result)
+    value = result.get_value(0, 0) if result.ntuples else None
+    return value.decode() if value is not None else None
+
+
+def _result_error(driver: Any, result: Any) -> Exception:
+    """The psycopg exception of a failed result, as psycopg itself would raise it."""
+    encoding = driver.info.encoding
+    message = result.get_error_message(encoding) or "the fence returned no row"
+    state = result.error_field(pq.DiagnosticField.SQLSTATE)
+    try:
+        error_class = pg_errors.lookup(state.decode()) if state else None
+    except KeyError:
+        error_class = None
+    if error_class is None:
+        error_class = psycopg.OperationalError if driver.broken else psycopg.DatabaseError
+    error: Exception = error_class(message, info=result, encoding=encoding)
+    return error
 
 
 def _connection_dead(exc: Exception, driver: Any) -> bool:

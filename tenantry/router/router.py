@@ -99,7 +99,12 @@ class RouterBase:
         configure_engine(engine, self.settings.tenant_column)
         if shard.backend == "postgresql":
             name = shard.name
-            register_keys(engine, name, lambda reload: self._fence_key(name, reload))
+            register_keys(
+                engine,
+                name,
+                lambda reload: self._fence_key(name, reload),
+                with_begin=self.settings.fence_with_begin,
+            )
             allow = self.settings.allow_unsafe_routing_role
             event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
             if self.settings.reset_connections:
@@ -220,8 +225,11 @@ class Router(RouterBase):
         """
         session, shard, lease = self._begin(tenant_id, self._open_session, kwargs)
         try:
-            with lost_midway(shard), session:
+            with session:
                 yield session
+        except DBAPIError as exc:  # plain try/except: lost_midway's work only on failure
+            _raise_if_lost(exc, shard)
+            raise
         finally:
             self._engines.release(lease)
 
@@ -234,8 +242,11 @@ class Router(RouterBase):
         """
         (conn, transaction), shard, lease = self._begin(tenant_id, _open_connection, None)
         try:
-            with lost_midway(shard), transaction:  # the COMMIT too
+            with transaction:  # the COMMIT too
                 yield conn
+        except DBAPIError as exc:
+            _raise_if_lost(exc, shard)
+            raise
         finally:
             conn.close()
             self._engines.release(lease)
@@ -253,8 +264,12 @@ class Router(RouterBase):
             try:
                 for engine in evicted:
                     engine.dispose()
-                with shard_errors(attempts.shard):
+                try:
                     begun = begin(lease.handle, tenant, attempts.shard, options)
+                except Exception:
+                    # shard_errors's translation, entered only when there is one to make
+                    with shard_errors(attempts.shard):
+                        raise
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
@@ -396,8 +411,13 @@ def lost_midway(shard: Shard) -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
+        _raise_if_lost(exc, shard)
+        raise
+
+
+def _raise_if_lost(exc: DBAPIError, shard: Shard) -> None:
+    """Raise ShardUnavailable if *exc* lost the connection (see :func:`lost_midway`)."""
+    if exc.connection_invalidated:
         raise ShardUnavailable(
             f"shard {shard.name!r}: the connection was lost during the transaction "
             f"({describe_error(exc)}); it did not commit, unless it was lost during COMMIT",

@@ -20,12 +20,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Engine, String, bindparam, event
+from sqlalchemy import Column, Engine, Select, String, Table, bindparam, event
 from sqlalchemy.orm import (
     LoaderCriteriaOption,
     Mapped,
@@ -38,7 +40,12 @@ from sqlalchemy.orm import (
 from sqlalchemy.sql.ddl import ExecutableDDLElement
 from sqlalchemy.sql.elements import ClauseElement
 
-from tenantry.router.compiler import scope_parameters, scoping_compiler, with_tenant
+from tenantry.router.compiler import (
+    scope_parameters,
+    scopes_by,
+    scoping_compiler,
+    with_tenant,
+)
 from tenantry.router.fence import FROZEN_KEY, TENANT_KEY, frozen_error, reset_connection, run_fence
 from tenantry.router.writes import DEFAULT_COLUMN, check_statement, cross_tenant
 
@@ -140,6 +147,106 @@ _SHARED_CRITERIA = with_loader_criteria(
 )
 
 
+#: Each ORM statement with :data:`_SHARED_CRITERIA` added, by the statement it was made
+#: from (weak keys: an entry lives as long as the application's statement). Adding the
+#: option makes a new statement, whose cache key SQLAlchemy computes again (it memoizes
+#: the key per statement object): a statement the application executes again (a module
+#: constant, say) reuses its scoped copy, key included.
+#:
+#: Why this can never let another tenant's criteria through: the value depends on the
+#: original statement alone. :data:`_SHARED_CRITERIA` is one object for every tenant,
+#: with no tenant in it: the tenant is the bound parameter ``tenantry_scope_tenant``,
+#: which each execution passes with its own parameters (``with_tenant``, and the
+#: engine's ``before_execute``). Statements are immutable (every change makes a new
+#: one), and keys are compared by identity only (the types below do not overload
+#: ``==``). The per-tenant criteria (INSERT ... SELECT, executemany) are never cached.
+_SCOPED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_IDENTITY_EQ: Any = object.__eq__
+
+
+def _with_shared_criteria(statement: Any) -> Any:
+    """*statement* with the shared criteria, made once per statement object."""
+    if type(statement).__eq__ is not _IDENTITY_EQ:
+        return statement.options(_SHARED_CRITERIA)
+    scoped = _SCOPED.get(statement)
+    if scoped is None:
+        scoped = statement.options(_SHARED_CRITERIA)
+        with contextlib.suppress(TypeError):  # not weakly referenceable: not cached
+            _SCOPED[statement] = scoped
+    return scoped
+
+
+def _compiler_scopes(state: ORMExecuteState, column: str) -> bool:
+    """Whether the engine's statement compiler alone scopes this ORM statement as the
+    shared criteria would, so that it need not be copied with them (that copy, its cache
+    key and SQLAlchemy's second pass over it cost about as much as the rest of the
+    statement's Python work).
+
+    Only the plainest statement: a top-level ``select(Model)`` of one
+    :class:`TenantScoped` model (not an alias, no joins, no extra FROMs, no loader
+    options, not a relationship load) whose mapper is one plain table with the tenant
+    column named as the router's setting and no eager relationships (:func:`_plain`),
+    on an engine whose compiler is the router's, scoping that column. Its SQL is
+    ``SELECT ... FROM <table> WHERE ...``; the compiler adds ``<table>.<tenant column> =
+    :tenantry_scope_tenant`` to that WHERE clause, as the criteria would, and to every
+    SELECT nested in it (subqueries of other tables too). The tenant is the same bound
+    parameter either way, passed with every execution; anything else gets the criteria.
+    """
+    statement = state.statement
+    if (
+        type(statement) is not Select
+        or statement._with_options
+        or statement._setup_joins
+        or statement._from_obj
+        or len(statement._raw_columns) != 1
+        or state.is_relationship_load
+    ):
+        return False
+    mapper = state.bind_mapper
+    if mapper is None or statement._raw_columns[0]._annotations.get("parententity") is not mapper:
+        return False  # an alias, a column, a function: the criteria
+    if not _plain(mapper, column):
+        return False
+    return scopes_by(state.session.get_bind(mapper=mapper).dialect.statement_compiler, column)
+
+
+#: mapper -> (its properties and subclasses when checked, column, whether plain). A plain
+#: dict: a weakly keyed one makes a weak reference at every lookup; mappers live as long
+#: as the application's models.
+_PLAIN: dict[Any, tuple[int, int, str, bool]] = {}
+_EAGER_SAFE = frozenset(
+    {"select", True, "raise", "raise_on_sql", "noload", "write_only", "dynamic"}
+)
+
+
+def _plain(mapper: Any, column: str) -> bool:
+    """A TenantScoped mapper of one table, no inheritance, every attribute a column of
+    that table, the tenant attribute the column *column*, no relationship loaded eagerly
+    (which would join or load other tables as part of the statement)."""
+    shape = (len(mapper._props), len(mapper._inheriting_mappers))
+    known = _PLAIN.get(mapper)
+    if known is not None and known[:3] == (*shape, column):
+        return known[3]
+    table = mapper.local_table
+    plain = (
+        issubclass(mapper.class_, TenantScoped)
+        and isinstance(table, Table)
+        and mapper.inherits is None
+        and not mapper._inheriting_mappers
+        and mapper.polymorphic_on is None
+        and mapper.columns["tenant_id"].name == column
+        and mapper.columns["tenant_id"].table is table
+        and all(
+            isinstance(c, Column) and c.table is table
+            for prop in mapper.column_attrs
+            for c in prop.columns
+        )
+        and all(rel.lazy in _EAGER_SAFE for rel in mapper.relationships)
+    )
+    _PLAIN[mapper] = (*shape, column, plain)
+    return plain
+
+
 def _scope_of(session: Session) -> TenantScope:
     scope: TenantScope | None = session.info.get(SESSION_SCOPE)
     if scope is None:  # a TenantSession not made by a router: the default column
@@ -175,7 +282,8 @@ def _scope_statement(state: ORMExecuteState) -> None:
             # less work per statement than a criteria per tenant. A load that misses the
             # parameter fails ("a value is required"), never widens.
             state.parameters = with_tenant(params or {}, tenant)
-            state.statement = state.statement.options(_SHARED_CRITERIA)
+            if not _compiler_scopes(state, _scope_of(state.session).column):
+                state.statement = _with_shared_criteria(state.statement)
         else:  # INSERT, executemany: the parameters are the rows, leave them alone
             criteria = _scope_of(state.session).criteria(tenant)
             state.statement = state.statement.options(criteria)

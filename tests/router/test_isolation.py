@@ -35,6 +35,7 @@ from tenantry.errors import (
     RoutingError,
     UnknownTenant,
 )
+from tenantry.router import scoping
 from tenantry.router.fence import TENANT_KEY
 from tenantry.shardmap.roles import check_role
 
@@ -704,3 +705,45 @@ def test_dedicated_shard_holds_no_other_tenant(fleet: Any, app: Any) -> None:
         assert session.get(app.Project, (ME, 1)) is None
     assert fleet.router.shard_for("umbrella").name == "solo"
     assert fleet.router.engine_for("umbrella") is not fleet.router.engine_for(ME)
+
+
+def test_one_statement_object_reused_by_every_tenant_stays_scoped(fleet: Any, app: Any) -> None:
+    """A plain ``select(Model)`` is scoped by the engine's compiler alone; other ORM
+    statements get the shared criteria, in a copy kept per statement object (the same
+    for every tenant: the tenant is a bound parameter). Either way a statement executed
+    again by another tenant, or in a thread of its own, sees that tenant's rows only."""
+    everything = select(app.Project).order_by(app.Project.id)
+    joined = (
+        select(app.Project)
+        .join(app.Task, app.Project.loose_tasks)
+        .where(app.Task.id == 11)
+        .options(selectinload(app.Project.tasks))
+    )
+    tasks = select(app.Task.title).where(app.Task.project_id == 1)
+    for tenant in (ME, *OTHERS, ME):
+        with fleet.router.session(tenant) as session:
+            assert [p.name for p in session.scalars(everything)] == seeded_names(tenant)
+            found = session.scalars(joined).all()
+            assert [p.name for p in found] == seeded_names(tenant)[:1]
+            assert own(tenant, [t.title for t in found[0].tasks]) == [
+                f"{tenant}-t11",
+                f"{tenant}-t12",
+            ]
+            assert own(tenant, session.scalars(tasks)) == sorted(session.scalars(tasks))
+            assert len(session.scalars(tasks).all()) == 2
+    assert everything not in scoping._SCOPED  # the compiler's
+    assert scoping._plain(sa.inspect(app.Project), "tenant_id")
+    assert not scoping._plain(sa.inspect(app.Project), "org_id")  # another column: criteria
+    scoped = scoping._SCOPED[joined]
+    assert scoping._with_shared_criteria(joined) is scoped
+
+    def names(tenant: str) -> list[str]:
+        with fleet.router.session(tenant) as session:
+            plain = [p.name for p in session.scalars(everything)]
+            assert [p.name for p in session.scalars(joined)] == plain[:1]
+            return plain
+
+    tenants = [random.choice((ME, *OTHERS)) for _ in range(40)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(names, tenants))
+    assert results == [seeded_names(t) for t in tenants]
