@@ -19,7 +19,7 @@ from sqlalchemy import select, text
 from tenantry import Router
 from tenantry.errors import InvalidName, TenantFrozen
 from tenantry.router import fence
-from tenantry.shardmap.connect import make_engine
+from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.residency import Residency
 
 ME, OTHERS = "acme", {"globex", "initech"}
