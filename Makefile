@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo example test lint bench clean
+.PHONY: demo example test lint bench clean pgbouncer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,18 @@ demo: $(VENV)/.installed
 example: $(VENV)/.installed-examples
 	$(BIN)/python -m examples.evcharge $(EXAMPLE_ARGS)
 
-test: $(VENV)/.installed-test
+# PgBouncer for the pooler tests: Debian's package when it is missing and apt-get may run;
+# otherwise one line says why, and those tests say what to install.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    { DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && \
+	        DEBIAN_FRONTEND=noninteractive apt-get install -y -q pgbouncer >/dev/null 2>&1; }; } && \
+	    echo "make: installed pgbouncer (Debian package)"; } || \
+	  echo "make: pgbouncer is missing and cannot be installed here (needs root and apt-get): the pooler tests will fail"
+
+test: $(VENV)/.installed-test pgbouncer
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
@@ -42,7 +53,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy --strict tenantry
 
 # BENCH_ARGS=--quick for a run of a few minutes; results in benchmarks/results/.
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-bench pgbouncer
 	$(BIN)/tenantry bench $(BENCH_ARGS)
 
 clean:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tenantry.testing import DatabaseFactory, NoPostgresAvailable, PostgresServers
+from tenantry.testing.pgbouncer import NoPgBouncerAvailable, TempPgBouncer
 
 #: The override of the routing-role check, on for the suite (see the module's docstring).
 UNSAFE_ROUTING_ROLE = "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE"
@@ -83,6 +84,24 @@ def pg_servers(pg_provider: PostgresServers) -> list[str]:
     tests then still get distinct databases, but not distinct servers.
     """
     return list(pg_provider.urls)
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(pg_servers: list[str]) -> Iterator[TempPgBouncer]:
+    """PgBouncer in transaction mode in front of server 0, two server connections per
+    (database, user): every tenant shares them. Admits ``postgres`` and ``app``."""
+    try:
+        bouncer = TempPgBouncer.start(pg_servers[0], users=("postgres", "app"))
+    except NoPgBouncerAvailable as exc:
+        failure = str(exc)
+    else:
+        failure = ""
+    if failure:
+        pytest.fail(f"{failure} (make test installs it where apt-get may)", pytrace=False)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest.fixture
