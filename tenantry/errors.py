@@ -5,7 +5,8 @@ name, ...) as attributes, and its message says what is wrong and what to do::
 
     TenantryError
     ├── ConfigurationError              a setting or argument is invalid
-    │   └── UnsafeRoutingRole           row-level security would not bind the routing role
+    │   ├── UnsafeRoutingRole           row-level security would not bind the routing role
+    │   └── PoolerInTheWay              an operations URL reaches the server through a pooler
     ├── InvalidName (ValueError)        a tenant id or shard name breaks the naming rule
     │   ├── InvalidTenantId
     │   └── InvalidShardName
@@ -75,6 +76,7 @@ __all__ = [
     "NoSharedShard",
     "NoTenantInContext",
     "PlacementError",
+    "PoolerInTheWay",
     "ProvisionError",
     "ReplicationFailed",
     "RoutingError",
@@ -139,6 +141,17 @@ class UnsafeRoutingRole(ConfigurationError):
         self.shard = shard
         self.role = role
         self.problems = list(problems)
+
+
+class PoolerInTheWay(ConfigurationError):
+    """An operations URL reaches its server through a connection pooler (PgBouncer, RDS
+    Proxy, ...). Moves, fleet migrations, sizes and garbage collection hold sessions
+    (replication, advisory locks, waiting out transactions) that only the server itself
+    keeps: the message says which URL to give instead."""
+
+    def __init__(self, message: str, *, shard: str | None = None) -> None:
+        super().__init__(message, field="admin_url")
+        self.shard = shard
 
 
 class InvalidName(TenantryError, ValueError):

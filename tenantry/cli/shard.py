@@ -79,6 +79,12 @@ def shard_group() -> None:
     help="Route as a role made for it through URL (or --admin-url), with only the grants "
     "routing needs (see `shard secure`); URL stays the operations role.",
 )
+@click.option(
+    "--pooled/--direct",
+    default=None,
+    help="URL goes through a connection pooler in transaction mode (PgBouncer), or not "
+    "[default: found out by connecting]; a pooled shard needs --admin-url to the server.",
+)
 @_routing_role_options
 @json_option
 @pass_state
@@ -91,6 +97,7 @@ def shard_add(
     weight: int,
     no_prepare: bool,
     secure: bool,
+    pooled: bool | None,
     role: str,
     allow_unsafe_routing_role: bool,
     as_json: bool,
@@ -98,6 +105,11 @@ def shard_add(
     """Register database URL as shard NAME."""
     if secure and no_prepare:
         raise click.UsageError("--secure connects to the database: drop --no-prepare")
+    if secure and pooled:
+        raise click.UsageError(
+            "--secure routes through the server's URL: add the shard with --secure first, "
+            "then route through the pooler by adding it as --pooled with the secured role"
+        )
     if secure:
         from tenantry.migrations.provision import add_secured_shard
 
@@ -114,11 +126,15 @@ def shard_add(
             weight=weight,
             prepare=not no_prepare,
             allow_unsafe_routing_role=allow_unsafe_routing_role or None,
+            pooled=pooled,
         )
     if as_json:
         emit_json(shard.to_record(0))
     else:
-        state.console.print(f"added {shard.tier.value} shard {shard.name} ({mask_url(shard.url)})")
+        pooled_note = ", routed through a pooler" if shard.pooled else ""
+        state.console.print(
+            f"added {shard.tier.value} shard {shard.name} ({mask_url(shard.url)}{pooled_note})"
+        )
 
 
 @shard_group.command("list")
@@ -143,7 +159,14 @@ def shard_list(state: CliState, tier: str | None, shard_state: str | None, as_js
         state.console,
         ["shard", "tier", "state", "weight", "tenants", "url"],
         (
-            [s.name, s.tier.value, s.state.value, s.weight, counts[s.name], mask_url(s.url)]
+            [
+                s.name,
+                s.tier.value,
+                s.state.value,
+                s.weight,
+                counts[s.name],
+                mask_url(s.url) + (" (pooled)" if s.pooled else ""),
+            ]
             for s in shards
         ),
         title=f"shards (map version {snapshot.version})",

@@ -89,6 +89,11 @@ class EngineRegistry:
         return size + self._settings.max_overflow
 
     def _new_engine(self, shard: Shard) -> tuple[Any, Engine]:
+        options: dict[str, Any] = {}
+        if shard.pooled and shard.backend == "postgresql":
+            # No server-side prepared statements: a pooler in transaction mode runs the
+            # next EXECUTE on another server connection, which never saw the PREPARE.
+            options["connect_args"] = {"prepare_threshold": None}
         handle = self._factory(
             shard.url,
             connect_timeout=self._settings.connect_timeout,
@@ -96,6 +101,7 @@ class EngineRegistry:
             max_overflow=self._settings.max_overflow,
             pool_timeout=self._settings.pool_timeout,
             pool_recycle=self._settings.pool_recycle,
+            **options,
         )
         engine: Engine = getattr(handle, "sync_engine", handle)
         if self._configure is not None:

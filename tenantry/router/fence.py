@@ -67,13 +67,17 @@ SQLITE_FENCE = "SELECT state FROM tenantry_residency WHERE tenant_id = ?"
 
 #: SQLSTATE of a signature the shard does not accept (invalid_authorization_specification).
 _REJECTED = "28000"
+_UNDEFINED_FUNCTION = "42883"
 
 #: For each routed engine: a function giving the shard's fence key (``reload=True``
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
-#: For each routed engine: its shard, its key source, and whether a sync psycopg
-#: connection sends BEGIN and the fence in one message (``fence_with_begin``).
-_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool]] = weakref.WeakKeyDictionary()
+#: For each routed engine: its shard, its key source, whether a sync psycopg
+#: connection sends BEGIN and the fence in one message (``fence_with_begin``), and
+#: whether the shard is reached through a pooler (the fence signed per transaction).
+_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ConnectionLost(ShardUnavailable):
@@ -88,10 +92,13 @@ class ConnectionLost(ShardUnavailable):
     """
 
 
-def register_keys(engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False) -> None:
-    """Say where the fence of *engine* (a shard's routed engine) gets its key, and
-    whether it goes in one message with BEGIN (see :func:`_fence_with_begin`)."""
-    _KEYS[engine] = (shard, keys, with_begin)
+def register_keys(
+    engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False, pooled: bool = False
+) -> None:
+    """Say where the fence of *engine* (a shard's routed engine) gets its key, whether
+    it goes in one message with BEGIN (see :func:`_fence_with_begin`), and whether the
+    shard is routed through a pooler (see :func:`_fence_pooled`)."""
+    _KEYS[engine] = (shard, keys, with_begin, pooled)
 
 
 def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
@@ -127,8 +134,13 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
         raise ConfigurationError(
             f"shard {shard!r}: this engine was not made by a router, so it has no fence key"
         )
-    _name, keys, with_begin = registered
+    _name, keys, with_begin, pooled = registered
     driver: Any = conn.connection.driver_connection
+    if pooled:
+        try:
+            return _fence_pooled(conn, driver, tenant_id, keys(False))
+        except Exception as exc:
+            _fence_failed(conn, exc, driver, tenant_id, shard, keys)
     info = conn.info
     # The signature depends only on the tenant and the server connection: keep the
     # last one per pooled connection (one HMAC saved on most transactions), with the
@@ -169,7 +181,13 @@ def _fence_failed(
             f"began ({describe_error(exc)}); nothing of it ran: retry",
             shard=shard,
         ) from None
-    if getattr(orig, "sqlstate", None) != _REJECTED:
+    state = getattr(orig, "sqlstate", None)
+    if state == _UNDEFINED_FUNCTION and "fence_pooled" in str(orig):
+        raise ConfigurationError(
+            f"shard {shard!r} is routed through a pooler, but its database predates the "
+            "pooled fence (shard revision s0005): run `tenantry migrate upgrade`"
+        ) from None
+    if state != _REJECTED:
         raise exc
     conn.info.pop(_SIGNATURE_KEY, None)
     keys(True)
@@ -243,6 +261,50 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
         )
         info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
     result = driver.pgconn.exec_(_begin_command(driver) + statement)
+    if result.status != _TUPLES_OK:
+        raise _result_error(driver, result)
+    value = result.get_value(0, 0) if result.ntuples else None
+    return value.decode() if value is not None else None
+
+
+_NONCE = b"SELECT tenantry.fence_nonce()"
+_POOLED_CALL = b"SELECT tenantry.fence_pooled("
+
+
+def _fence_pooled(conn: Connection, driver: Any, tenant_id: str, key: FenceKey) -> str | None:
+    """The fence on a shard routed through a pooler in transaction mode.
+
+    The server connection is the pooler's choice for this one transaction, and the pid
+    psycopg was told at connect is the pooler's: so first ask the server for its pid and
+    the transaction's start (``tenantry.fence_nonce()``, with BEGIN in the same message
+    on sync psycopg), then send the fence signed for exactly that transaction
+    (``tenantry.fence_pooled``, shard revision s0005). Two round trips; nothing is
+    cached, and nothing is prepared on the server.
+    """
+    if conn.dialect.is_async:
+        nonce = conn.exec_driver_sql(_NONCE.decode()).scalar()
+    else:
+        begin = _begin_command(driver) + b"; " if _idle(driver) else b""
+        result = driver.pgconn.exec_(begin + _NONCE)
+        if result.status != _TUPLES_OK:
+            raise _result_error(driver, result)
+        nonce = result.get_value(0, 0).decode()
+    pid, micros = str(nonce).split(":")
+    signature = key.sign_pooled(tenant_id, int(pid), int(micros))
+    if conn.dialect.is_async:
+        params = {"t": tenant_id, "s": signature}
+        row = conn.exec_driver_sql(_POOLED_CALL.decode() + "%(t)s, %(s)s)", params).first()
+        return row[0] if row is not None else None
+    statement = b"".join(
+        (
+            _POOLED_CALL,
+            sql.Literal(tenant_id).as_bytes(driver),
+            b", ",
+            sql.Literal(signature).as_bytes(driver),
+            b")",
+        )
+    )
+    result = driver.pgconn.exec_(statement)
     if result.status != _TUPLES_OK:
         raise _result_error(driver, result)
     value = result.get_value(0, 0) if result.ntuples else None

@@ -104,10 +104,19 @@ class RouterBase:
                 name,
                 lambda reload: self._fence_key(name, reload),
                 with_begin=self.settings.fence_with_begin,
+                pooled=shard.pooled,
             )
             allow = self.settings.allow_unsafe_routing_role
             event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
-            if self.settings.reset_connections:
+            if self.settings.reset_connections and shard.pooled:
+                # The reset would run on whichever server connection the pooler hands
+                # out next: the pooled fence closes WITH HOLD cursors instead.
+                logger.warning(
+                    "shard %s is routed through a pooler: TENANTRY_RESET_CONNECTIONS "
+                    "cannot reach its server connections and is not applied there",
+                    shard.name,
+                )
+            elif self.settings.reset_connections:
                 event.listen(engine, "checkin", _discard_session_state)
 
     def _fence_key(self, shard: str, reload: bool = False) -> FenceKey:

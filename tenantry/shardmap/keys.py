@@ -58,6 +58,21 @@ class FenceKey:
         message = tenant_id.encode() + backend_pid.to_bytes(4, "big", signed=True)
         return f"{self.key_id}:{hmac.new(self.secret, message, hashlib.sha256).hexdigest()}"
 
+    def sign_pooled(self, tenant_id: str, backend_pid: int, micros: int) -> str:
+        """The signature ``tenantry.fence_pooled`` verifies for *tenant_id* in the one
+        transaction that began at *micros* on server connection *backend_pid* (what
+        ``tenantry.fence_nonce()`` returned in it)."""
+        message = b"".join(
+            (
+                b"\0",
+                tenant_id.encode(),
+                b"\0",
+                backend_pid.to_bytes(4, "big", signed=True),
+                micros.to_bytes(8, "big", signed=True),
+            )
+        )
+        return f"{self.key_id}:{hmac.new(self.secret, message, hashlib.sha256).hexdigest()}"
+
     def pads(self) -> tuple[bytes, bytes]:
         """HMAC's inner and outer padded keys, as the shard stores them.
 

@@ -87,7 +87,9 @@ class Shard:
     """One database of the fleet.
 
     ``url`` is the routing role (what applications connect as); ``admin_url`` the
-    operations role that owns the schema and bypasses row-level security.
+    operations role that owns the schema and bypasses row-level security. ``pooled``:
+    ``url`` reaches the server through a connection pooler in transaction mode (the
+    operations URL never may).
     """
 
     name: str
@@ -96,6 +98,7 @@ class Shard:
     state: ShardState = ShardState.ACTIVE
     weight: int = 1
     admin_url: str | None = None
+    pooled: bool = False
     created_at: datetime | None = field(default=None, compare=False)
 
     @property
@@ -117,6 +120,7 @@ class Shard:
             "weight": self.weight,
             "url": mask_url(self.url),
             "admin_url": mask_url(self.admin_url) if self.admin_url else None,
+            "pooled": self.pooled,
             "created_at": self.created_at.isoformat() if self.created_at else None,
         }
         if tenant_count is not None:
@@ -126,7 +130,8 @@ class Shard:
     def __repr__(self) -> str:
         return (
             f"Shard(name={self.name!r}, url={mask_url(self.url)!r}, tier={self.tier.value!r}, "
-            f"state={self.state.value!r}, weight={self.weight})"
+            f"state={self.state.value!r}, weight={self.weight}"
+            f"{', pooled=True' if self.pooled else ''})"
         )
 
 

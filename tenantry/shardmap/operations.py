@@ -29,6 +29,7 @@ from sqlalchemy.pool import NullPool
 from tenantry.errors import ShardUnavailable, TenantryError
 from tenantry.shardmap.drivers import WRITE, make_engine, translate_errors
 from tenantry.shardmap.model import Shard
+from tenantry.shardmap.poolers import require_server
 
 __all__ = [
     "ErrorNaming",
@@ -51,10 +52,15 @@ def operations_engine(
     shard: Shard, *, connect_timeout: float = 5.0, **kwargs: Any
 ) -> Iterator[Engine]:
     """A short-lived engine (no pool) on *shard*'s operations role, disposed at the
-    end; *kwargs* go to :func:`make_engine` (``isolation_level``, say)."""
+    end; *kwargs* go to :func:`make_engine` (``isolation_level``, say).
+
+    Each of its connections is refused with :class:`~tenantry.errors.PoolerInTheWay`
+    when it reaches the server through a connection pooler (one query): operations
+    hold sessions only the server keeps."""
     engine = make_engine(
         shard.operations_url, connect_timeout=connect_timeout, poolclass=NullPool, **kwargs
     )
+    require_server(engine, shard.name, shard.operations_url)
     try:
         yield engine
     finally:

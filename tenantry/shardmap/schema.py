@@ -62,6 +62,8 @@ shards = sa.Table(
     #: The shard database's identity (``shard_identity.database_id``); NULL until known.
     sa.Column("database_id", sa.String(64), nullable=True),
     sa.Index("tenantry_shards_database_id", "database_id", unique=True),
+    #: Whether ``url`` goes through a pooler in transaction mode (catalog revision c0008).
+    sa.Column("pooled", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 #: Each shard's current fence key (tenantry.shardmap.keys); never printed.

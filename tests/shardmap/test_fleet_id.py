@@ -18,7 +18,7 @@ def test_a_catalog_upgraded_from_c0006_gets_a_fleet_id_once(db_url: str, tmp_pat
         conn.execute(sa.text("UPDATE tenantry_map SET version = 7"))
     engine.dispose()
     with Catalog(db_url, settings=load_settings(catalog_url=db_url)) as catalog:
-        assert catalog.init() == CATALOG.head == "c0007"
+        assert catalog.init() == CATALOG.head == "c0008"
         fleet_id = catalog.fleet_id()
         assert re.fullmatch(r"[0-9a-f]{8}", fleet_id)
         assert catalog.map_version() == 7  # the map is kept

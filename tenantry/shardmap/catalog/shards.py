@@ -21,6 +21,7 @@ from tenantry.errors import (
     DatabaseAlreadyRegistered,
     InvalidShardUrl,
     PlacementError,
+    PoolerInTheWay,
     ShardExists,
     UnknownShard,
 )
@@ -36,7 +37,8 @@ from tenantry.shardmap.model import (
     normalize_url,
     validate_shard_name,
 )
-from tenantry.shardmap.operations import operator_transaction
+from tenantry.shardmap.operations import operator_transaction, shard_errors
+from tenantry.shardmap.poolers import pooler_message, url_through_pooler
 from tenantry.shardmap.roles import verify_routing_role
 from tenantry.shardmap.schema import fence_keys, moves, shards, tenants
 from tenantry.shardmap.scripts import SHARD
@@ -76,8 +78,15 @@ class ShardRegistry(CatalogStore):
         weight: int = 1,
         prepare: bool = True,
         allow_unsafe_routing_role: bool | None = None,
+        pooled: bool | None = None,
     ) -> Shard:
         """Register a database as a shard.
+
+        *pooled* says that *url* reaches the server through a connection pooler in
+        transaction mode (PgBouncer, say); None (the default) finds out with *prepare*
+        (one query through *url*), else means no. Its operations URL (*admin_url*) must
+        reach the server itself: a pooler there is refused with
+        :class:`PoolerInTheWay`, and so is a pooled *url* without an *admin_url*.
 
         With *prepare* (the default) the shard is first connected to through its
         operations role and given tenantry's per-shard tables (residency, identity), so
@@ -93,6 +102,11 @@ class ShardRegistry(CatalogStore):
         setting of that name), which logs a warning.
         """
         shard = _new_shard(name, url, admin_url, tier, weight)
+        if prepare and pooled is None and shard.backend == "postgresql":
+            timeout = self.settings.connect_timeout
+            with shard_errors(shard):
+                pooled = url_through_pooler(shard.url, connect_timeout=timeout)
+        shard = _pooled_shard(shard, bool(pooled))
         with self._write() as (conn, _version):
             if conn.execute(sa.select(shards.c.name).where(shards.c.name == name)).first():
                 raise ShardExists(name)
@@ -112,9 +126,12 @@ class ShardRegistry(CatalogStore):
                     weight=shard.weight,
                     created_at=shard.created_at,
                     database_id=database_id,
+                    pooled=shard.pooled,
                 )
             )
-        logger.info("added shard %s (%s)", name, shard.tier.value)
+        logger.info(
+            "added shard %s (%s%s)", name, shard.tier.value, ", pooled" if shard.pooled else ""
+        )
         return shard
 
     def database_ids(self) -> dict[str, str | None]:
@@ -429,6 +446,21 @@ def _new_shard(name: str, url: str, admin_url: str | None, tier: Tier | str, wei
     ):
         raise PlacementError("url and admin_url must name the same kind of database", shard=name)
     return shard
+
+
+def _pooled_shard(shard: Shard, pooled: bool) -> Shard:
+    """*shard*, routed through a pooler when *pooled*: which needs PostgreSQL and an
+    operations URL of its own (the server's)."""
+    if not pooled:
+        return shard
+    if shard.backend != "postgresql":
+        raise ConfigurationError(
+            f"shard {shard.name!r}: only PostgreSQL shards can be routed through a pooler",
+            field="pooled",
+        )
+    if shard.admin_url is None or shard.admin_url == shard.url:
+        raise PoolerInTheWay(pooler_message(shard.name, shard.url), shard=shard.name)
+    return dataclasses.replace(shard, pooled=True)
 
 
 @contextmanager

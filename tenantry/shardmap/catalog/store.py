@@ -276,6 +276,7 @@ def shard_from_row(row: Any) -> Shard:
         tier=Tier(row.tier),
         state=ShardState(row.state),
         weight=row.weight,
+        pooled=row.pooled,
         created_at=as_utc(row.created_at),
     )
 
