@@ -60,6 +60,12 @@ class TenantrySettings(BaseSettings):
     poll_interval: float = Field(
         2.0, gt=0, description="Seconds between map-version polls when LISTEN is unavailable."
     )
+    catalog_listen_url: str | None = Field(
+        None,
+        description="PostgreSQL: the catalog server's own URL, for LISTEN, when catalog_url "
+        "goes through a connection pooler (where notifications never arrive); unset, such "
+        "routers poll every poll_interval.",
+    )
     move_schemas: Annotated[tuple[str, ...], NoDecode] = Field(
         (),
         description="PostgreSQL schemas whose tenant tables move with a tenant, comma "

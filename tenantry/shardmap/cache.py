@@ -9,6 +9,12 @@ since (the catalog keeps a change log), or the whole map when it is too far behi
 A lost catalog connection is retried with backoff; routing goes on from the last
 snapshot meanwhile.
 
+Behind a connection pooler in transaction mode ``LISTEN`` never delivers: the listener
+connects to ``catalog_listen_url`` when set (the catalog server's own URL), else to the
+catalog URL, and a listener that turns out to go through a pooler is closed for good:
+the cache polls. Which of the two it does is logged once, in one line, when the
+background thread starts (:attr:`MapCache.mode`).
+
 A lookup that misses (a tenant added a moment ago, or an id made up by a client)
 calls :meth:`MapCache.refresh_after_miss`: while notifications arrive, the catalog is
 read at most once per ``miss_interval`` for all misses together (a refresh in flight,
@@ -32,6 +38,8 @@ from sqlalchemy.engine import make_url
 from tenantry.errors import CatalogError
 from tenantry.shardmap.catalog import NOTIFY_CHANNEL, Catalog
 from tenantry.shardmap.model import MapSnapshot
+from tenantry.shardmap.poolers import through_pooler
+from tenantry.urls import mask_url
 
 __all__ = ["MISS_INTERVAL", "MapCache"]
 
@@ -64,6 +72,8 @@ class MapCache:
         self._catalog = catalog
         self._poll_interval = poll_interval
         self._listen = listen and catalog.dialect == "postgresql"
+        self._listen_url = catalog.settings.catalog_listen_url or catalog.url
+        self._announced = False
         self._on_change = on_change
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
@@ -85,6 +95,20 @@ class MapCache:
     def version(self) -> int:
         """The map version of the snapshot in use."""
         return self.snapshot.version
+
+    @property
+    def mode(self) -> str:
+        """How changes reach this cache: ``notify`` (LISTEN, with a poll as the
+        fallback) or ``poll``."""
+        return "notify" if self._listen else "poll"
+
+    def wait_mode(self, timeout: float | None = None) -> str | None:
+        """Wait until the background thread knows how changes reach this cache (the
+        line it logs); return :attr:`mode`, or None on timeout."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._announced, timeout):
+                return None
+        return self.mode
 
     @property
     def listening(self) -> bool:
@@ -175,6 +199,7 @@ class MapCache:
                 if self._listen:
                     self._listen_once()
                 else:
+                    self._announce()
                     self._stop.wait(self._poll_interval)
                     if not self._stop.is_set():
                         self.refresh()
@@ -192,9 +217,32 @@ class MapCache:
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF)
 
+    def _announce(self, why: str = "") -> None:
+        """Say once, in one line, how map changes reach this process."""
+        if self._announced:
+            return
+        if self._listen:
+            logger.info("map changes: notified (LISTEN on %s)", mask_url(self._listen_url))
+        else:
+            logger.info("map changes: polled every %gs%s", self._poll_interval, why)
+        with self._changed:
+            self._announced = True
+            self._changed.notify_all()
+
     def _listen_once(self) -> None:
         if self._listener is None:
             listener = self._connect_listener()
+            if through_pooler(listener):
+                with contextlib.suppress(psycopg.Error):
+                    listener.close()
+                self._listen = False
+                self._announce(
+                    f" ({mask_url(self._listen_url)} goes through a connection pooler, where "
+                    "LISTEN delivers nothing: set TENANTRY_CATALOG_LISTEN_URL to the catalog "
+                    "server's own URL to be notified)"
+                )
+                return
+            self._announce()
             try:
                 # Anything committed while we were not listening: catch up now, before
                 # misses start relying on notifications.
@@ -219,7 +267,7 @@ class MapCache:
             self.refresh()  # the poll: a missed notification costs at most one interval
 
     def _connect_listener(self) -> psycopg.Connection[tuple[object, ...]]:
-        url = make_url(self._catalog.url)
+        url = make_url(self._listen_url)
         params: dict[str, Any] = {
             "host": url.host,
             "port": url.port,

@@ -11,7 +11,9 @@ pooler. A plain TCP proxy passes the server's message on unchanged and is not on
 - :func:`through_pooler` — that check on an open psycopg connection;
 - :func:`url_through_pooler` — the same for a URL (one connection, one query);
 - :func:`require_server` — a connect listener for operations engines: refuses a
-  connection that goes through a pooler with :class:`~tenantry.errors.PoolerInTheWay`.
+  connection that goes through a pooler with :class:`~tenantry.errors.PoolerInTheWay`;
+- :func:`unprepared_through_pooler` — a connect listener for the catalog's engine: a
+  connection through a pooler prepares nothing on the server.
 """
 
 from __future__ import annotations
@@ -25,7 +27,13 @@ from sqlalchemy.engine import make_url
 from tenantry.errors import PoolerInTheWay
 from tenantry.urls import mask_url
 
-__all__ = ["pooler_message", "require_server", "through_pooler", "url_through_pooler"]
+__all__ = [
+    "pooler_message",
+    "require_server",
+    "through_pooler",
+    "unprepared_through_pooler",
+    "url_through_pooler",
+]
 
 _PID = "SELECT pg_catalog.pg_backend_pid()"
 
@@ -77,3 +85,18 @@ def require_server(engine: Engine, shard: str, url: str) -> None:
             raise PoolerInTheWay(pooler_message(shard, url), shard=shard)
 
     event.listen(engine, "connect", check, insert=True)
+
+
+def unprepared_through_pooler(engine: Engine) -> None:
+    """Make each connection of *engine* that goes through a pooler prepare nothing on
+    the server (psycopg prepares a statement run five times; a pooler in transaction
+    mode would run its next execution on another server connection). One query per new
+    connection."""
+    if engine.dialect.name != "postgresql" or engine.dialect.is_async:
+        return
+
+    def check(dbapi_connection: Any, _record: Any) -> None:
+        if through_pooler(dbapi_connection):
+            dbapi_connection.prepare_threshold = None
+
+    event.listen(engine, "connect", check)

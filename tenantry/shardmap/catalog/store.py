@@ -40,6 +40,7 @@ from tenantry.shardmap.model import (
     mask_url,
     parse_url,
 )
+from tenantry.shardmap.poolers import unprepared_through_pooler
 from tenantry.shardmap.schema import map_changes, map_table, shards, tenants
 from tenantry.shardmap.scripts import CATALOG
 
@@ -80,6 +81,7 @@ class CatalogStore:
             max_overflow=4,
             pool_pre_ping=True,
         )
+        unprepared_through_pooler(self._engine)
         self._ready = False
         self._lock = threading.Lock()
         self._fleet_id: str | None = None
