@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
+import psycopg
 import sqlalchemy as sa
 
 from tenantry import AsyncRouter
+from tenantry.shardmap.residency import Residency
 from tenantry.testing.pgbouncer import TempPgBouncer
 from tests.router.conftest import Fleet, FleetBuilder
 
@@ -57,3 +59,36 @@ def test_async_router_through_pgbouncer(
                         assert (await s.execute(QUERY)).scalars().all() == [tenant]
 
     asyncio.run(run())
+
+
+def test_routing_leaves_nothing_on_the_server_connections(
+    pg_fleet_builder: FleetBuilder, pgbouncer: TempPgBouncer
+) -> None:
+    # The fence's settings are transaction-local: after routed transactions (a frozen
+    # tenant's among them), the same server connections, taken by two plain clients at
+    # once (the pool has two), hold no tenant, no signature, no read-only default.
+    fleet = _pooled_fleet(pg_fleet_builder, pgbouncer)
+    fleet.set_residency("a2", "pooled", Residency.FROZEN)
+    router = fleet.new_router()
+    routed: set[int] = set()
+    for tenant in TENANTS * 3:
+        with router.session(tenant) as s:
+            routed.add(s.execute(sa.text("SELECT pg_backend_pid()")).scalar_one())
+            s.execute(QUERY).all()
+    url = sa.make_url(fleet.shard("pooled").url).set(drivername="postgresql")
+    conninfo = url.render_as_string(hide_password=False)
+    with psycopg.connect(conninfo) as one, psycopg.connect(conninfo) as two:
+        seen = [
+            conn.execute(
+                "SELECT pg_backend_pid(), current_setting('tenantry.tenant_id', true),"
+                " current_setting('tenantry.signature', true),"
+                " current_setting('transaction_read_only'),"
+                " (SELECT count(*) FROM pg_cursors), (SELECT count(*) FROM pg_locks"
+                "  WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
+            ).fetchone()
+            for conn in (one, two)
+        ]
+    assert routed <= {row[0] for row in seen if row}  # the very connections routing used
+    for row in seen:
+        assert row is not None and row[1] in (None, "") and row[2] in (None, "")
+        assert row[3:] == ("off", 0, 0)
