@@ -57,6 +57,19 @@ class TenantrySettings(BaseSettings):
     connection_budget: int = Field(
         400, ge=1, description="Connections at most across every engine of a router."
     )
+    routers_per_server: int = Field(
+        8,
+        ge=1,
+        description="How many routers share a PostgreSQL server: each opens at most its share "
+        "of the server's max_connections (less superuser_reserved_connections and "
+        "server_connection_reserve).",
+    )
+    server_connection_reserve: int = Field(
+        10,
+        ge=0,
+        description="Connections of each PostgreSQL server that routers leave to operators, "
+        "moves and migrations.",
+    )
     poll_interval: float = Field(
         2.0, gt=0, description="Seconds between map-version polls when LISTEN is unavailable."
     )

@@ -1,10 +1,11 @@
 """One Engine per physical database, created lazily, LRU-bounded, within a budget.
 
 All tenants of a shard share its engine (and so its pool). Dedicated shards can be
-many, so at most ``max_engines`` engines stay open, and the pools' total capacity
-(``pool_size + max_overflow`` of each open engine) never exceeds
-``connection_budget``: to open another engine, the least recently used *idle* engines
-(no lease, no connection checked out) are disposed first.
+many, so at most ``max_engines`` engines stay open: to open another, the least recently
+used *idle* engines (no lease, no connection checked out) are disposed first. An engine
+costs nothing on the server until it connects; the connections themselves are counted
+and bounded per router and per server (:mod:`tenantry.router.connections`), and a new
+engine of a server takes the dialect set-up found by the first (no queries).
 
 A shared PostgreSQL shard's engine checks its routing role once, on its first
 connection (one query, in the pool's connect event): a role that row-level security
@@ -25,6 +26,7 @@ from typing import Any
 from sqlalchemy import Engine, event
 
 from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
+from tenantry.router.connections import ConnectionBudget, DialectStates, server_of
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap import roles
 from tenantry.shardmap.drivers import make_engine
@@ -35,13 +37,18 @@ __all__ = ["EngineRegistry", "EngineStats"]
 
 @dataclass(frozen=True, slots=True)
 class EngineStats:
-    """How many engines are open and how many connections they may hold at most."""
+    """How many engines are open, how many connections their pools may hold at most
+    (``capacity``), how many are open now (``connections``) and in use
+    (``checked_out``), and how many times a connection waited for room (``waits``)."""
 
     engines: int
     capacity: int
     checked_out: int
     created: int
     disposed: int
+    connections: int = 0
+    waits: int = 0
+    dialects_initialized: int = 0
 
 
 class _Slot:
@@ -72,6 +79,8 @@ class EngineRegistry:
         self._created = 0
         self._disposed = 0
         self._closed = False
+        self._budget = ConnectionBudget(settings, self._idle_engines)
+        self._dialects = DialectStates()
         smallest = min(settings.pool_size_shared, settings.pool_size_dedicated)
         if smallest + settings.max_overflow > settings.connection_budget:
             raise ConfigurationError(
@@ -104,6 +113,9 @@ class EngineRegistry:
             **options,
         )
         engine: Engine = getattr(handle, "sync_engine", handle)
+        if engine.dialect.name == "postgresql":
+            self._dialects.share(engine, shard.url)
+        self._budget.watch(engine, shard.url, shard.name)
         if self._configure is not None:
             self._configure(engine, shard)
         if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
@@ -148,14 +160,13 @@ class EngineRegistry:
                 raise ConfigurationError("the router is closed")
             capacity = self._capacity(shard)
             deadline = time.monotonic() + self._settings.pool_timeout
-            while not self._make_room(capacity, evicted):
+            while not self._make_room(evicted):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or not self._cond.wait(remaining):
                     raise ConnectionBudgetExceeded(
-                        f"cannot open an engine for shard {shard.name!r}: "
-                        f"{len(self._slots)} engines are busy and hold the whole connection "
-                        f"budget ({self._settings.connection_budget}); raise "
-                        "TENANTRY_CONNECTION_BUDGET or TENANTRY_MAX_ENGINES, or retry",
+                        f"cannot open an engine for shard {shard.name!r}: all "
+                        f"{len(self._slots)} open engines (TENANTRY_MAX_ENGINES) are in use; "
+                        "raise TENANTRY_MAX_ENGINES, or retry",
                         shard=shard.name,
                     )
                 slot = self._slots.get(key)
@@ -169,17 +180,9 @@ class EngineRegistry:
             self._created += 1
             return slot, evicted
 
-    def _make_room(self, capacity: int, evicted: list[Any]) -> bool:
-        """Dispose idle engines, oldest first, until one more of *capacity* fits."""
-
-        def fits() -> bool:
-            used = sum(s.capacity for s in self._slots.values())
-            return (
-                len(self._slots) < self._settings.max_engines
-                and used + capacity <= self._settings.connection_budget
-            )
-
-        if fits():
+    def _make_room(self, evicted: list[Any]) -> bool:
+        """Dispose idle engines, oldest first, until one more fits in ``max_engines``."""
+        if len(self._slots) < self._settings.max_engines:
             return True
         for key in list(self._slots):
             slot = self._slots[key]
@@ -187,9 +190,27 @@ class EngineRegistry:
                 del self._slots[key]
                 evicted.append(slot.handle)
                 self._disposed += 1
-                if fits():
+                if len(self._slots) < self._settings.max_engines:
                     return True
         return False
+
+    def _idle_engines(self, server: str | None) -> list[Engine]:
+        """Engines holding idle connections and none in use, least recently used first
+        (on *server* only, when given), disposed by the connection budget to make room.
+        At most one is returned, chosen and disposed under the registry's lock, so no
+        lease can start on it meanwhile."""
+        with self._cond:
+            for key, slot in self._slots.items():
+                pool: Any = slot.engine.pool
+                if (
+                    slot.leases == 0
+                    and pool.checkedout() == 0
+                    and pool.checkedin() > 0
+                    and (server is None or server_of(key) == server)
+                ):
+                    slot.engine.dispose()
+                    return [slot.engine]
+        return []
 
     def stats(self) -> EngineStats:
         """Open engines, their total capacity and connections checked out now."""
@@ -203,6 +224,9 @@ class EngineRegistry:
                 ),
                 created=self._created,
                 disposed=self._disposed,
+                connections=self._budget.open,
+                waits=self._budget.waits,
+                dialects_initialized=self._dialects.initialized,
             )
 
     def dispose(self, url: str | None = None) -> list[Any]:

@@ -16,7 +16,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -47,9 +47,12 @@ class DedicatedFleet:
         return self.catalog.settings.model_copy(update=overrides)
 
 
-@pytest.fixture(scope="module")
-def dedicated_fleet(pg_servers: list[str], app_role: str, app: Any) -> Iterator[DedicatedFleet]:
-    servers = list(dict.fromkeys(pg_servers))
+@contextmanager
+def dedicated_databases(
+    servers: list[str], catalog_server: str, app_role: str, app: Any, count: int = SHARDS
+) -> Iterator[DedicatedFleet]:
+    """*count* dedicated shards cloned from a template per server, their catalog on
+    *catalog_server*; all dropped afterwards."""
     token = secrets.token_hex(3)
     created: list[str] = []
     try:
@@ -77,9 +80,9 @@ def dedicated_fleet(pg_servers: list[str], app_role: str, app: Any) -> Iterator[
             return url
 
         with ThreadPoolExecutor(4) as pool:
-            urls = list(pool.map(clone, range(SHARDS)))
+            urls = list(pool.map(clone, range(count)))
         created += urls
-        catalog_url = create_database(servers[0], f"cat_{token}")
+        catalog_url = create_database(catalog_server, f"cat_{token}")
         created.append(catalog_url)
         settings = load_settings(catalog_url=catalog_url, connect_timeout=2, pool_timeout=10)
         catalog = Catalog(catalog_url, settings=settings)
@@ -90,6 +93,13 @@ def dedicated_fleet(pg_servers: list[str], app_role: str, app: Any) -> Iterator[
     finally:
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(drop_database, reversed(created)))
+
+
+@pytest.fixture(scope="module")
+def dedicated_fleet(pg_servers: list[str], app_role: str, app: Any) -> Iterator[DedicatedFleet]:
+    servers = list(dict.fromkeys(pg_servers))
+    with dedicated_databases(servers, servers[0], app_role, app) as fleet:
+        yield fleet
 
 
 def register(catalog: Catalog, urls: list[str], role: str) -> dict[str, str]:
@@ -148,7 +158,7 @@ def register(catalog: Catalog, urls: list[str], role: str) -> dict[str, str]:
             ],
         )
     snapshot = catalog.snapshot()
-    assert len(snapshot.tenants) == SHARDS
+    assert len(snapshot.tenants) == len(urls)
     assert all(snapshot.shard_of(t).tier is Tier.DEDICATED for t, _, _ in entries)
     return {tenant: str(sa.make_url(url).database) for tenant, _, url in entries}
 
@@ -174,7 +184,7 @@ class Sampler:
         self.router = router
         self.names = list(fleet.databases.values())
         self.servers = [sa.create_engine(s, poolclass=NullPool) for s in fleet.servers]
-        self.max_engines = self.max_capacity = self.max_connections = self.samples = 0
+        self.max_engines = self.max_counted = self.max_connections = self.samples = 0
         self.hung_up: dict[int, float] = {}  # backend pid -> when a pool closed it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -212,7 +222,7 @@ class Sampler:
                     }
                     connections += self._alive(pids, starts, instant, hung_up)
                 self.max_engines = max(self.max_engines, stats.engines)
-                self.max_capacity = max(self.max_capacity, stats.capacity)
+                self.max_counted = max(self.max_counted, stats.connections)
                 self.max_connections = max(self.max_connections, connections)
                 self.samples += 1
                 self._stop.wait(0.002)
@@ -266,16 +276,32 @@ def test_two_hundred_shards_within_the_engine_and_connection_limits(
             time.sleep(0.05)
         assert wrong == []
         stats = router.engine_stats()
-        assert stats.engines <= limit
+        assert stats.engines <= 20
         assert stats.checked_out == 0
         assert stats.created >= SHARDS  # every shard had an engine at some point
-        assert stats.disposed >= stats.created - limit  # ... and most were disposed again
+        assert stats.disposed >= stats.created - 20  # ... and most were disposed again
+        assert stats.connections <= limit
         assert sampler.samples >= 20
-        assert 1 <= sampler.max_engines <= min(20, limit)
-        assert sampler.max_capacity <= budget
-        assert 1 <= sampler.max_connections <= limit <= budget
+        assert 1 <= sampler.max_engines <= 20
+        # the connections counted by the router and those the servers saw
+        assert 1 <= sampler.max_counted <= limit <= budget
+        assert 1 <= sampler.max_connections <= limit
     finally:
         router.close()
+
+
+def test_new_engines_of_a_server_take_its_dialect_set_up(dedicated_fleet: DedicatedFleet) -> None:
+    settings = dedicated_fleet.settings(max_engines=50)
+    with Router(catalog=dedicated_fleet.catalog, settings=settings, background=False) as router:
+        for i in range(12):
+            with router.session(f"t{i:03d}") as session:
+                # what the dialect found works on every engine: the server's version
+                assert session.get_bind().dialect.server_version_info >= (15,)
+                assert session.scalar(text("SELECT count(*) FROM projects")) == 0
+        stats = router.engine_stats()
+        # one set-up per server (and role), not one per database
+        assert stats.created == 12
+        assert stats.dialects_initialized == len(dedicated_fleet.servers)
 
 
 def test_least_recently_used_engines_are_disposed_first(dedicated_fleet: DedicatedFleet) -> None:
@@ -302,24 +328,34 @@ def test_least_recently_used_engines_are_disposed_first(dedicated_fleet: Dedicat
         assert router.engine_stats().created == 32
 
 
+@pytest.mark.parametrize(
+    ("engines", "budget", "binding"),
+    [(3, 10, "TENANTRY_MAX_ENGINES"), (10, 3, "TENANTRY_CONNECTION_BUDGET")],
+    ids=["engines-bind", "connections-bind"],
+)
 def test_busy_engines_are_never_evicted_and_the_budget_holds(
-    dedicated_fleet: DedicatedFleet,
+    dedicated_fleet: DedicatedFleet, engines: int, budget: int, binding: str
 ) -> None:
     settings = dedicated_fleet.settings(
-        max_engines=3, connection_budget=3, pool_size_dedicated=1, max_overflow=0, pool_timeout=0.5
+        max_engines=engines,
+        connection_budget=budget,
+        pool_size_dedicated=1,
+        max_overflow=0,
+        pool_timeout=0.5,
     )
     with Router(catalog=dedicated_fleet.catalog, settings=settings, background=False) as router:
         with ExitStack() as held:
             for tenant in ("t000", "t001", "t002"):
                 held.enter_context(router.session(tenant))
             started = time.monotonic()
-            with pytest.raises(ConnectionBudgetExceeded, match="budget") as info:
+            with pytest.raises(ConnectionBudgetExceeded, match=binding) as info:
                 with router.session("t003"):
                     pass  # pragma: no cover
             assert 0.4 < time.monotonic() - started < 3
             assert isinstance(info.value, RoutingError)
             assert info.value.shard == "d003"
-            assert router.engine_stats().engines == 3
+            assert router.engine_stats().engines == min(engines, 4)
+            assert router.engine_stats().connections == 3
 
             # a waiting tenant gets in as soon as one session ends
             got_in = threading.Event()
@@ -334,7 +370,7 @@ def test_busy_engines_are_never_evicted_and_the_budget_holds(
             waiter.start()
             waiter.join(10)
             assert got_in.is_set()
-        assert router.engine_stats().capacity <= 3
+        assert router.engine_stats().connections <= 3
 
 
 # -- a shard down ---------------------------------------------------------------------------

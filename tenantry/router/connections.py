@@ -1,0 +1,290 @@
+"""Connections counted as they open and close: per router and per server.
+
+A router may serve hundreds of databases on one server; each database has an engine,
+and an engine costs nothing until it connects. What a server runs out of is
+connections, so the budget counts real ones: a connection is counted from the moment
+it is about to be opened (the dialect's ``do_connect``) until it is closed (the pool's
+``close`` and ``close_detached`` events, which invalidation and disposal go through).
+
+Two limits hold at every moment:
+
+- the router's ``connection_budget``;
+- each PostgreSQL server's share: ``(max_connections - superuser_reserved_connections
+  - server_connection_reserve) // routers_per_server``, read from the server on the
+  first connection to it. Eight routers with the default settings then stay within
+  the server's ``max_connections`` together, with room left for operators.
+
+A connection that would break a limit first makes room: the least recently used
+engines with idle connections (on that server, for the server's limit) are disposed,
+which closes those connections. When every connection is in use, it waits for one to
+close, up to ``pool_timeout``, and then raises
+:class:`~tenantry.errors.ConnectionBudgetExceeded`: the transaction fails alone, rather
+than the server refusing everyone with "too many clients".
+
+:class:`DialectStates` spares each new engine of a server SQLAlchemy's first-connect
+dialect set-up (several queries): what ``initialize`` found on one database of a server
+is given to the next engine of that server and role.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.util import await_only
+
+from tenantry.errors import ConnectionBudgetExceeded
+from tenantry.settings import TenantrySettings
+from tenantry.urls import mask_url
+
+__all__ = ["ConnectionBudget", "DialectStates", "server_of"]
+
+#: The record key that says a connection was counted, and against which server.
+_COUNTED = "tenantry.counted_server"
+
+_LIMITS_SQL = (
+    "SELECT current_setting('max_connections')::int,"
+    " current_setting('superuser_reserved_connections')::int"
+)
+
+
+def server_of(url: str) -> str:
+    """The server a URL reaches (host and port; the file for SQLite)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"sqlite:{parsed.database}"
+    return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+
+
+class ConnectionBudget:
+    """Open connections of one router, in all and per server (see the module's doc)."""
+
+    def __init__(
+        self,
+        settings: TenantrySettings,
+        idle_engines: Callable[[str | None], list[Engine]],
+    ) -> None:
+        self._settings = settings
+        self._idle_engines = idle_engines
+        self._cond = threading.Condition(threading.Lock())
+        self._open = 0
+        self._per_server: defaultdict[str, int] = defaultdict(int)
+        self._server_limits: dict[str, int] = {}
+        self._queue: deque[object] = deque()
+        self._postgresql: set[str] = set()
+        self.waits = 0  # how many connections had to wait for room (for tests, stats)
+
+    @property
+    def open(self) -> int:
+        """Connections open now (or being opened)."""
+        return self._open
+
+    def server_limit(self, server: str) -> int | None:
+        """This router's share of *server*'s connections (None: not read yet)."""
+        return self._server_limits.get(server)
+
+    def per_server(self) -> dict[str, int]:
+        """Open connections by server."""
+        with self._cond:
+            return {k: v for k, v in self._per_server.items() if v}
+
+    def watch(self, engine: Engine, url: str, shard: str | None = None) -> None:
+        """Count *engine*'s connections (of *shard*) against the router's and its
+        server's limits."""
+        server = server_of(url)
+        postgresql = engine.dialect.name == "postgresql"
+        is_async = engine.dialect.is_async
+        if postgresql:
+            self._postgresql.add(server)
+
+        def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            self._reserve(server, url, shard, is_async)
+            try:
+                connection = dialect.connect(*cargs, **cparams)
+            except BaseException:
+                self._release(server)
+                raise
+            record.info[_COUNTED] = server
+            return connection
+
+        def connect(dbapi_connection: Any, _record: Any) -> None:
+            if postgresql and server not in self._server_limits:
+                self._read_limits(server, dbapi_connection)
+
+        def close(_dbapi_connection: Any, record: Any) -> None:
+            counted = record.info.pop(_COUNTED, None) if record is not None else None
+            if counted is not None:
+                self._release(counted)
+
+        def close_detached(_dbapi_connection: Any) -> None:
+            self._release(server)
+
+        def checkin(_dbapi_connection: Any, _record: Any) -> None:
+            if self._queue:  # an idle connection now: room can be made
+                with self._cond:
+                    self._cond.notify_all()
+
+        # do_connect runs after the drivers' own listeners (registered when the engine
+        # was made) and connects itself, so that a failed connect is released at once.
+        event.listen(engine, "do_connect", do_connect)
+        event.listen(engine, "connect", connect)
+        event.listen(engine, "close", close)
+        event.listen(engine, "close_detached", close_detached)
+        event.listen(engine, "checkin", checkin)
+
+    def _read_limits(self, server: str, dbapi_connection: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(_LIMITS_SQL)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+            dbapi_connection.rollback()
+        if row is None:
+            return
+        usable = int(row[0]) - int(row[1]) - self._settings.server_connection_reserve
+        share = max(1, usable // self._settings.routers_per_server)
+        with self._cond:
+            self._server_limits[server] = share
+            self._cond.notify_all()
+
+    def _fits(self, server: str) -> str | None:
+        """None when one more connection to *server* fits, else which limit binds."""
+        if self._open >= self._settings.connection_budget:
+            return "router"
+        limit = self._server_limits.get(server)
+        if limit is None and server in self._postgresql and self._per_server[server]:
+            limit = 1  # one connection first: it reads the server's limits
+        if limit is not None and self._per_server[server] >= limit:
+            return "server"
+        return None
+
+    def _reserve(self, server: str, url: str, shard: str | None, is_async: bool) -> None:
+        deadline = time.monotonic() + self._settings.pool_timeout
+        ticket = object()
+        with self._cond:
+            if not self._queue and self._fits(server) is None:
+                self._take(server)
+                return
+            self._queue.append(ticket)  # first come, first served among those who wait
+            self.waits += 1
+        try:
+            while True:
+                with self._cond:
+                    binding = self._fits(server)
+                    if self._queue[0] is ticket and binding is None:
+                        self._queue.popleft()
+                        self._take(server)
+                        self._cond.notify_all()
+                        return
+                    first = self._queue[0] is ticket
+                # The first in line makes room: it closes the idle connections of the
+                # least recently used engine (outside the lock: their close events take it).
+                if (
+                    first
+                    and binding is not None
+                    and self._free_idle(server if binding == "server" else None)
+                ):
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConnectionBudgetExceeded(
+                        _exceeded(binding or "router", server, url, self), shard=shard
+                    )
+                if is_async:
+                    # SQLAlchemy's greenlet of an asyncio connect: let the event loop run
+                    # the coroutines that will close or return connections
+                    await_only(asyncio.sleep(min(remaining, 0.005)))
+                    continue
+                with self._cond:
+                    # woken by a connection closed or returned to its pool
+                    self._cond.wait(min(remaining, 0.5))
+        finally:
+            with self._cond:
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    self._cond.notify_all()
+
+    def _take(self, server: str) -> None:
+        self._open += 1
+        self._per_server[server] += 1
+
+    def _free_idle(self, server: str | None) -> bool:
+        """Have the least recently used engine holding idle connections (on *server*,
+        when given) disposed, closing them; whether there was one."""
+        return bool(self._idle_engines(server))
+
+    def _release(self, server: str) -> None:
+        with self._cond:
+            if self._per_server[server] > 0:
+                self._per_server[server] -= 1
+                self._open -= 1
+            self._cond.notify_all()
+
+
+def _exceeded(binding: str, server: str, url: str, budget: ConnectionBudget) -> str:
+    if binding == "server":
+        return (
+            f"no connection to {mask_url(url)} within TENANTRY_POOL_TIMEOUT: this router "
+            f"holds its share of server {server} ({budget.server_limit(server)} connections, "
+            "from the server's max_connections over TENANTRY_ROUTERS_PER_SERVER) and all are "
+            "in use; retry, or raise max_connections on the server"
+        )
+    return (
+        f"no connection to {mask_url(url)} within TENANTRY_POOL_TIMEOUT: all "
+        f"{budget.open} connections of the router's budget (TENANTRY_CONNECTION_BUDGET) "
+        "are in use; retry, or raise the budget"
+    )
+
+
+class DialectStates:
+    """What SQLAlchemy's dialect learned on its first connection to a server, shared
+    with the next engines of that server and role.
+
+    ``Dialect.initialize`` runs several queries on an engine's first connection (server
+    version, default schema, isolation level, string escaping, hstore); every database
+    of a server, reached as one role, answers them alike. The first engine of a
+    (server, role, driver) runs it and its findings are kept; later engines take them
+    without a query. Assumed alike across the server's databases: its version, the
+    role's default schema and isolation level, and whether hstore is installed.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self.initialized = 0  # dialect set-ups run (the others were taken)
+
+    def share(self, engine: Engine, url: str) -> None:
+        """Make *engine*'s dialect take a kept state, or keep the one it finds."""
+        parsed = make_url(url)
+        key = (server_of(url), parsed.username, parsed.drivername)
+        dialect = engine.dialect
+        found = dialect.initialize
+
+        def initialize(connection: Any) -> None:
+            state = self._states.get(key)
+            if state is not None:
+                dialect.__dict__.update(state)
+                return
+            before = dict(vars(dialect))
+            found(connection)
+            self.initialized += 1
+            learned = {
+                name: value
+                for name, value in vars(dialect).items()
+                if name not in _NOT_SHARED and (name not in before or before[name] is not value)
+            }
+            with self._lock:
+                self._states.setdefault(key, learned)
+
+        dialect.initialize = initialize  # type: ignore[method-assign]
+
+
+#: Dialect attributes that are caches or this wrapper, not what initialize learned.
+_NOT_SHARED = frozenset({"initialize", "_type_memos", "loaded_dbapi"})
