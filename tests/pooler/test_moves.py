@@ -85,50 +85,59 @@ def database(url: str) -> str:
     return name
 
 
-@pytest.mark.parametrize("mode", ["offline", "online"])
-def test_move_with_writers_through_pgbouncer(
-    fleet: Fleet, pgbouncer: TempPgBouncer, pgbouncer_1: TempPgBouncer, mode: str
+def test_offline_then_online_move_with_writers_through_pgbouncer(
+    fleet: Fleet, pgbouncer: TempPgBouncer, pgbouncer_1: TempPgBouncer
 ) -> None:
     s1, s2 = database(fleet.urls["s1"]), database(fleet.urls["s2"])
     before = (pgbouncer_stats(pgbouncer).get(s1, 0), pgbouncer_stats(pgbouncer_1).get(s2, 0))
     writers = start_writers(fleet, ["acme", "neighbor", "other"])
     acme = writers[0]
     observer = Notes()
+    done = []
     try:
         time.sleep(0.3)
-        options = {"observer": observer, "mode": mode}
-        if mode == "online":
-            options["max_freeze"] = 1.0
-        done = moves.move(fleet.catalog, "acme", "s2", **options)  # type: ignore[arg-type]
-        moved_at = len(acme.acks)
-        time.sleep(0.3)  # writes at the new home, through the other PgBouncer
+        # Offline to s2, then online back to s1: both directions through both poolers.
+        done.append(moves.move(fleet.catalog, "acme", "s2", mode="offline", observer=observer))
+        at_s2 = len(acme.acks)
+        frozen_offline = acme.retried.count("TenantFrozen")
+        time.sleep(0.3)
+        assert len(acme.acks) > at_s2, "no write of acme at s2"
+        done.append(
+            moves.move(
+                fleet.catalog, "acme", "s1", mode="online", max_freeze=1.0, observer=observer
+            )
+        )
+        back_at_s1 = len(acme.acks)
+        time.sleep(0.3)  # writes at the old home again
     finally:
         for writer in writers:
             writer.stop()
-    assert done.succeeded, done.error
-    assert done.mode.value == mode
-    assert fleet.catalog.get_tenant("acme").shard == "s2"
+    assert [(d.succeeded, d.mode.value) for d in done] == [(True, "offline"), (True, "online")]
+    assert fleet.catalog.get_tenant("acme").shard == "s1"
+    assert len(acme.acks) > back_at_s1, "no write of acme after the online move"
     for writer in writers:
         assert writer.failed == [], (writer.tenant, writer.failed)
         assert len(writer.acks) > 20, writer.tenant
-    # Only the retries the router documents, and only for the moving tenant.
+    # Only the retries the router documents, and only for the moving tenant: frozen
+    # during each move (the online one freezes for its cut only).
     assert set(acme.retried) <= RETRYABLE, acme.retried
-    assert "TenantFrozen" in acme.retried, acme.retried
+    assert frozen_offline >= 1, acme.retried
+    assert acme.retried.count("TenantFrozen") > frozen_offline, acme.retried
     for neighbour in writers[1:]:
         assert neighbour.retried == [], (neighbour.tenant, neighbour.retried)
-    assert len(acme.acks) > moved_at, "no write of acme at its new home"
     # Every acknowledged write exactly once at its home, nothing elsewhere.
-    assert assert_one_home(fleet, "acme", acme.expected()) == "s2"
+    assert assert_one_home(fleet, "acme", acme.expected()) == "s1"
     assert assert_one_home(fleet, "neighbor", writers[1].expected()) == "s1"
     assert assert_one_home(fleet, "other", writers[2].expected()) == "s2"
-    source = fleet.engine("s1")
+    target = fleet.engine("s2")
     try:
-        assert count_rows(source, "acme") == 0
+        assert count_rows(target, "acme") == 0
     finally:
-        source.dispose()
+        target.dispose()
     assert replication_objects(fleet) == set()
-    # The writers' transactions went through the two PgBouncers.
+    # The writers' transactions went through the two PgBouncers, each carrying acme's
+    # writes for a while.
     after = (pgbouncer_stats(pgbouncer).get(s1, 0), pgbouncer_stats(pgbouncer_1).get(s2, 0))
     routed = sum(len(w.acks) for w in writers)
     assert after[0] - before[0] + after[1] - before[1] >= routed, (before, after, routed)
-    assert after[1] - before[1] > len(writers[2].acks)  # acme's writes too, after the move
+    assert after[1] - before[1] > len(writers[2].acks), (before, after)
