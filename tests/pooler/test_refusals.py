@@ -161,6 +161,50 @@ def test_the_move_command_refuses_with_one_line(move_fleet: tuple[Catalog, str, 
     assert tables(p2) == set()
 
 
+def test_a_move_refuses_a_source_behind_a_pooler(
+    move_fleet: tuple[Catalog, str, str],
+    pgbouncer: TempPgBouncer,
+    make_pg_database: DatabaseFactory,
+) -> None:
+    catalog, s1, _p2 = move_fleet
+    s3 = make_pg_database(0)
+    install_app_schema(s3, rls=False)
+    catalog.add_shard("s3", s3)
+    before = source_state(s1)
+    # No API points an existing shard's operations URL at a pooler (set_shard_urls
+    # takes the pooler's port for another database): edit the catalog row, as an
+    # operator's hand might.
+    engine = sa.create_engine(catalog_url(catalog), poolclass=NullPool)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text("UPDATE tenantry_shards SET admin_url = :u WHERE name = 's1'"),
+            {"u": pgbouncer.url(s1)},
+        )
+    engine.dispose()
+    with pytest.raises(PoolerInTheWay) as caught:
+        moves.move(catalog, "acme", "s3", mode="offline")
+    assert caught.value.shard == "s1" and ADMIN_URL_HINT in str(caught.value)
+    assert catalog.get_tenant("acme").shard == "s1"
+    assert catalog.get_tenant("acme").state.value == "active"
+    assert moves.list_moves(catalog, live=True) == []
+    assert source_state(s1) == before
+    assert tables(s3) >= {"projects"}
+    engine = sa.create_engine(s3, poolclass=NullPool)
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM projects")).scalar() == 0
+    engine.dispose()
+
+
+def test_adding_a_tenant_refuses_a_pooled_operations_url(
+    move_fleet: tuple[Catalog, str, str],
+) -> None:
+    catalog, _s1, p2 = move_fleet
+    with pytest.raises(PoolerInTheWay, match="--admin-url"):
+        catalog.add_tenant("initech", shard="p2")
+    assert [t.id for t in catalog.list_tenants()] == ["acme"]
+    assert tables(p2) == set()
+
+
 # -- shard add --------------------------------------------------------------------------------
 
 
