@@ -59,9 +59,9 @@ class Config:
     # Question 1: a shared shard, direct and through PgBouncer.
     tenants: int = 20
     rows_per_tenant: int = 50
-    rounds: int = 40
+    rounds: int = 30
     # Transactions per client thread per cell per round, by client threads.
-    batch: tuple[tuple[int, int], ...] = ((8, 8), (64, 3))
+    batch: tuple[tuple[int, int], ...] = ((8, 6), (64, 2))
     warmup_batches: int = 2
     #: PgBouncer's server connections per (database, user) in question 1. 20 (PgBouncer's
     #: own default): more than 8 clients, so only the 64-thread runs queue at the pooler,
@@ -75,7 +75,7 @@ class Config:
     databases: int = 200
     processes: int = 4
     threads_per_process: int = 2
-    window_s: float = 12.0
+    window_s: float = 10.0
     rounds_2: int = 2
     #: PgBouncer in question 2: 2 server connections per database (a dedicated tenant
     #: rarely runs more at once), at most 40 for the routing role across all databases
