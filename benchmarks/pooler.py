@@ -445,6 +445,30 @@ def render_markdown(data: dict[str, Any]) -> str:
             ["transaction", "threads", "route", "p50", "p99", "throughput"], rows, align="lrlrrr"
         )
     )
+    lines += [
+        "",
+        "What tenantry adds, direct and through the pooler: routed / bare p50 on each "
+        "path (the pooled fence is two round trips, the direct one one); their ratio is "
+        "tenantry's own extra cost behind the pooler:",
+        "",
+    ]
+    rows = []
+    for kind in KINDS:
+        for threads in cfg["threads"]:
+
+            def p50(route: str, path: str, kind: str = kind, threads: int = threads) -> float:
+                cell = _find(q1["cells"], route=route, path=path, kind=kind, threads=threads)
+                return float(cell["latency_ns"]["p50"])
+
+            direct = p50("routed", "direct") / p50("bare", "direct")
+            pooled = p50("routed", "pooled") / p50("bare", "pooled")
+            rows.append([KIND_LABELS[kind], threads, _x(direct), _x(pooled), _x(pooled / direct)])
+    lines.append(
+        markdown_table(
+            ["transaction", "threads", "routed / bare, direct", "routed / bare, pooled", "ratio"],
+            rows,
+        )
+    )
     lines += ["", "Every cell:", ""]
     rows = [
         [
