@@ -47,6 +47,7 @@ BENCHMARKS = (
     ("online_moves", "5"),
     ("fleet_migrations", "4"),
     ("rebalance", "-"),
+    ("pooler", "-"),
 )
 TIMEOUT_S = {"quick": 15 * 60, "full": 45 * 60}
 #: Options of a full run beyond each benchmark's defaults, to keep the whole run near
@@ -240,6 +241,32 @@ def fleet_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def pooler_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Through PgBouncer against direct: routed and bare p50 of a 1-select transaction,
+    and the server connections many dedicated databases hold."""
+    out = []
+    for r in data["question_1"]["ratios"]:
+        if r["kind"] == "select":
+            out.append(
+                {
+                    "figure": f"{r['route']} 1-select transaction through PgBouncer / direct, "
+                    f"p50, {r['threads']} threads",
+                    "value": r["p50"],
+                }
+            )
+    q2 = data["question_2"]
+    databases = data["config"]["databases"]
+    for path, ratio in q2["ratios"].items():
+        out.append(
+            {
+                "figure": f"server connections of 4 routers over {databases} dedicated "
+                f"databases, {path} / direct (peak)",
+                "value": ratio["held_peak"],
+            }
+        )
+    return out
+
+
 def generic_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     """A benchmark's own ``headline`` list ({figure, value or text}), if it has one."""
     found = data.get("headline")
@@ -254,6 +281,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
     "online_moves": online_moves_headline,
     "fleet_migrations": fleet_headline,
     "rebalance": rebalance_headline,
+    "pooler": pooler_headline,
 }
 
 
@@ -358,7 +386,8 @@ def render_report(outcomes: Sequence[Outcome], mode: str, seconds: float) -> str
         "other": (
             "## More figures",
             "The fleet-migration benchmark (parallel runs and provisioning; question 4 "
-            "above migrates each layout serially) and the rebalancing benchmark.",
+            "above migrates each layout serially), the rebalancing benchmark, and routing "
+            "through a connection pooler (PgBouncer in transaction mode).",
         ),
     }
     for group, (title, intro) in groups.items():
