@@ -355,6 +355,7 @@ def build_shared(
         pool_size_shared=cfg.router_pool,
         max_overflow=cfg.router_overflow,
         pool_timeout=60.0,
+        routers_per_server=1,  # the only router on this server: its share is the server
     )
     catalog = stack.enter_context(Catalog(catalog_url, settings=settings))
     catalog.init()
