@@ -4,7 +4,8 @@ A router may serve hundreds of databases on one server; each database has an eng
 and an engine costs nothing until it connects. What a server runs out of is
 connections, so the budget counts real ones: a connection is counted from the moment
 it is about to be opened (the dialect's ``do_connect``) until it is closed (the pool's
-``close`` and ``close_detached`` events, which invalidation and disposal go through).
+``close`` event, which invalidation and disposal go through), detached from its pool,
+or dropped without a close (a connect listener that raised).
 
 Two limits hold at every moment:
 
@@ -29,8 +30,10 @@ is given to the next engine of that server and role.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +63,16 @@ def server_of(url: str) -> str:
     if parsed.get_backend_name() == "sqlite":
         return f"sqlite:{parsed.database}"
     return f"{parsed.host or 'localhost'}:{parsed.port or 5432}"
+
+
+class _Counted:
+    """A connection counted against *server*, until released once."""
+
+    __slots__ = ("open", "server")
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.open = True
 
 
 class ConnectionBudget:
@@ -110,20 +123,32 @@ class ConnectionBudget:
             except BaseException:
                 self._release(server)
                 raise
-            record.info[_COUNTED] = server
+            try:
+                if postgresql and server not in self._server_limits:
+                    self._read_limits(server, connection)
+            except BaseException:
+                self._release(server)
+                connection.close()
+                raise
+            counted = _Counted(server)
+            record.info[_COUNTED] = counted
+            # A connect listener that raises (a refused routing role) leaves the
+            # connection to the garbage collector, never to the pool's close event.
+            driver = getattr(connection, "_connection", connection)  # asyncio: psycopg's
+            with contextlib.suppress(TypeError):  # sqlite3's connections take none
+                weakref.finalize(driver, self._forget, counted)
             return connection
-
-        def connect(dbapi_connection: Any, _record: Any) -> None:
-            if postgresql and server not in self._server_limits:
-                self._read_limits(server, dbapi_connection)
 
         def close(_dbapi_connection: Any, record: Any) -> None:
             counted = record.info.pop(_COUNTED, None) if record is not None else None
             if counted is not None:
-                self._release(counted)
+                self._forget(counted)
 
-        def close_detached(_dbapi_connection: Any) -> None:
-            self._release(server)
+        def detach(_dbapi_connection: Any, record: Any) -> None:
+            # no longer the pool's: its owner closes it when it will
+            counted = record.info.pop(_COUNTED, None)
+            if counted is not None:
+                self._forget(counted)
 
         def checkin(_dbapi_connection: Any, _record: Any) -> None:
             if self._queue:  # an idle connection now: room can be made
@@ -133,10 +158,17 @@ class ConnectionBudget:
         # do_connect runs after the drivers' own listeners (registered when the engine
         # was made) and connects itself, so that a failed connect is released at once.
         event.listen(engine, "do_connect", do_connect)
-        event.listen(engine, "connect", connect)
         event.listen(engine, "close", close)
-        event.listen(engine, "close_detached", close_detached)
+        event.listen(engine, "detach", detach)
         event.listen(engine, "checkin", checkin)
+
+    def _forget(self, counted: _Counted) -> None:
+        """A counted connection closed (or was dropped): release it, once."""
+        with self._cond:
+            if not counted.open:
+                return
+            counted.open = False
+        self._release(counted.server)
 
     def _read_limits(self, server: str, dbapi_connection: Any) -> None:
         cursor = dbapi_connection.cursor()
@@ -160,7 +192,7 @@ class ConnectionBudget:
             return "router"
         limit = self._server_limits.get(server)
         if limit is None and server in self._postgresql and self._per_server[server]:
-            limit = 1  # one connection first: it reads the server's limits
+            limit = 1  # the first connection reads the server's limits, then the others
         if limit is not None and self._per_server[server] >= limit:
             return "server"
         return None

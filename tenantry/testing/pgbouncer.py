@@ -30,7 +30,7 @@ from typing import Self
 import psycopg
 from sqlalchemy.engine import make_url
 
-from tenantry.testing.server import _default_base_dir, _free_port, _run_as_postgres
+from tenantry.testing.server import default_base_dir, free_port, run_as_postgres
 
 __all__ = ["NoPgBouncerAvailable", "TempPgBouncer", "find_pgbouncer"]
 
@@ -94,8 +94,8 @@ class TempPgBouncer:
                 "(apt-get install pgbouncer, or brew install pgbouncer)"
             )
         server = make_url(server_url)
-        _run_as, account = _run_as_postgres()
-        directory = Path(tempfile.mkdtemp(prefix="tenantry-pgbouncer-", dir=_default_base_dir()))
+        _run_as, account = run_as_postgres()
+        directory = Path(tempfile.mkdtemp(prefix="tenantry-pgbouncer-", dir=default_base_dir()))
         bouncer = cls(directory, server.port or 5432, users)
         atexit.register(bouncer.stop)
         try:
@@ -122,7 +122,7 @@ class TempPgBouncer:
             }
             host = server.host or "127.0.0.1"
             for attempt in range(3):
-                bouncer.port = _free_port()
+                bouncer.port = free_port()
                 bouncer._write(values | {"listen_port": str(bouncer.port)}, host, account)
                 argv = [str(binary), str(directory / "pgbouncer.ini")]
                 if bouncer._launch(argv, account, timeout):

@@ -30,7 +30,10 @@ __all__ = [
     "NoPostgresAvailable",
     "TempPostgres",
     "TempPostgresError",
+    "default_base_dir",
     "find_pg_bindir",
+    "free_port",
+    "run_as_postgres",
     "safe_url",
 ]
 
@@ -133,7 +136,7 @@ def _version_key(bindir: Path) -> tuple[int, ...]:
     return tuple(int(p) for p in re.findall(r"\d+", bindir.parent.name)) or (0,)
 
 
-def _default_base_dir() -> Path:
+def default_base_dir() -> Path:
     """``/dev/shm`` when it is writable with room to spare, else the temp directory.
 
     On a busy disk, initdb and CREATE DATABASE in RAM are about 2x and 10x faster
@@ -147,7 +150,7 @@ def _default_base_dir() -> Path:
     return Path(tempfile.gettempdir())
 
 
-def _free_port() -> int:
+def free_port() -> int:
     # The port may be taken again before the server binds it; start() retries then.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -155,7 +158,7 @@ def _free_port() -> int:
         return port
 
 
-def _run_as_postgres() -> tuple[list[str], pwd.struct_passwd | None]:
+def run_as_postgres() -> tuple[list[str], pwd.struct_passwd | None]:
     """The command prefix and account that run the server: root is refused by PostgreSQL."""
     if os.geteuid() != 0:
         return [], None
@@ -234,8 +237,8 @@ class TempPostgres:
         bindir = bindir or find_pg_bindir()
         if bindir is None:
             raise NoPostgresAvailable(["initdb: no PostgreSQL server binaries found"])
-        run_as, account = _run_as_postgres()
-        base_dir = base_dir or _default_base_dir()
+        run_as, account = run_as_postgres()
+        base_dir = base_dir or default_base_dir()
         _reap_orphans(base_dir, name, bindir, run_as)
         directory = Path(tempfile.mkdtemp(prefix=f"{name}-pg-", dir=base_dir))
         (directory / _OWNER_FILE).write_text(str(os.getpid()))
@@ -248,7 +251,7 @@ class TempPostgres:
             server._initdb(timeout)
             attempts = 1 if port is not None else 3
             for attempt in range(attempts):
-                server.port = port if port is not None else _free_port()
+                server.port = port if port is not None else free_port()
                 server._write_settings({**DEFAULT_SETTINGS, **settings}, account)
                 try:
                     server._pg_ctl(
