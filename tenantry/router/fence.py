@@ -17,6 +17,7 @@ frozen tenant; SQLite has no row-level security.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -228,29 +229,13 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
     same BEGIN (the connection's isolation level, read only, deferrable) opens the
     query, so the server runs both in order and the transaction is open for the
     statements after it, as if psycopg had begun it. The tenant and the signature are
-    quoted by psycopg (``sql.Literal``), never formatted in. An error comes back as the
+    quoted (:func:`_quoted`: psycopg's ``sql.Literal`` unless plain ASCII with no quote
+    or backslash), never formatted in. An error comes back as the
     psycopg exception its SQLSTATE names; the transaction is then failed (or the
     connection dead), and the caller's rollback ends it.
     """
-    statement = cached[3]
-    if statement is None:
-        tenant_id, key_id, signature, _ = cached
-        tenant, signed = sql.Literal(tenant_id), sql.Literal(signature)
-        statement = b"".join(
-            (
-                _FENCE_CALL,
-                tenant.as_bytes(driver),
-                b", ",
-                signed.as_bytes(driver),
-                b")",
-            )
-        )
-        info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
-    result = driver.pgconn.exec_(_begin_command(driver) + statement)
-    if result.status != _TUPLES_OK:
-        raise _result_error(driver, result)
-    value = result.get_value(0, 0) if result.ntuples else None
-    return value.decode() if value is not None else None
+    result = driver.pgconn.exec_(_begin_command(driver) + _fence_call(driver, info, cached))
+    return _fence_value(driver, result)
 
 
 def _fence_with_begin_async(
@@ -274,23 +259,32 @@ def _fence_with_begin_async(
 
 
 def _fence_call(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> bytes:
-    """``; SELECT tenantry.fence('<tenant>', '<signature>')``, quoted once per pooled
+    """``; SELECT tenantry.fence('<tenant>', '<signature>')``, made once per pooled
     connection and tenant (kept with the signature)."""
     statement: bytes | None = cached[3]
     if statement is None:
         tenant_id, key_id, signature, _ = cached
-        tenant, signed = sql.Literal(tenant_id), sql.Literal(signature)
         statement = b"".join(
-            (
-                _FENCE_CALL,
-                tenant.as_bytes(driver),
-                b", ",
-                signed.as_bytes(driver),
-                b")",
-            )
+            (_FENCE_CALL, _quoted(tenant_id, driver), b", ", _quoted(signature, driver), b")")
         )
         info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
     return statement
+
+
+#: Strings that are their own SQL literal once put in single quotes, whatever the
+#: server's ``standard_conforming_strings`` and the client encoding: ASCII letters,
+#: digits, ``_``, ``-``, ``:`` (every valid tenant id; every signature, ``<key id>:<hex>``).
+_PLAIN_LITERAL = re.compile(r"[A-Za-z0-9_:-]*")
+
+
+def _quoted(value: str, driver: Any) -> bytes:
+    """*value* as a SQL string literal: quoted as is when it is plain ASCII with no
+    quote or backslash (the usual case, without psycopg's adapter lookup), by
+    ``psycopg.sql.Literal`` otherwise."""
+    if _PLAIN_LITERAL.fullmatch(value):
+        return b"'" + value.encode("ascii") + b"'"
+    literal: bytes = sql.Literal(value).as_bytes(driver)
+    return literal
 
 
 def _fence_value(driver: Any, result: Any) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy import select, text
 
 from tenantry import AsyncRouter, Router
@@ -390,3 +391,24 @@ def test_async_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
                 assert await session.scalar(text("SELECT tenantry.tenant()")) == "globex"
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["acme", "t-1_x", "7:0123456789abcdef", "", "a'b", "x\\'y", "é", "a b", "a;b", "\u0661"],
+)
+def test_the_fence_quotes_as_psycopg_does(pg_fleet: Any, value: str) -> None:
+    """The quick quoting of plain ids and signatures gives psycopg's literal, byte for
+    byte, on a routed connection; anything else is psycopg's own."""
+    router = new_router(pg_fleet, True)
+    with router.engine_for(ME).connect() as conn:
+        driver = conn.connection.driver_connection
+        assert fence._quoted(value, driver) == sa_literal(value, driver)
+        # and the server reads back the very string
+        quoted = fence._quoted(value, driver).decode()
+        assert conn.exec_driver_sql(f"SELECT {quoted}").scalar() == value
+
+
+def sa_literal(value: str, driver: Any) -> bytes:
+    literal: bytes = sql.Literal(value).as_bytes(driver)
+    return literal
