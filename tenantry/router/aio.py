@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
 from tenantry.router.fence import run_fence
-from tenantry.router.router import Attempts, RouterBase, _raise_if_lost, lost_midway
+from tenantry.router.router import Attempts, RouterBase, lost_midway, raise_if_lost
 from tenantry.router.scoping import TenantSession
 from tenantry.shardmap.drivers import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
@@ -163,10 +163,10 @@ class _RoutedAsyncSession:
             try:
                 await self._session.__aexit__(exc_type, exc, traceback)  # closes it
             except DBAPIError as error:
-                _raise_if_lost(error, self._shard)
+                raise_if_lost(error, self._shard)
                 raise
             if isinstance(exc, DBAPIError):
-                _raise_if_lost(exc, self._shard)
+                raise_if_lost(exc, self._shard)
         finally:
             self._router._engines.release(self._lease)
 

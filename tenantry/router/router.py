@@ -47,7 +47,7 @@ from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
-__all__ = ["Attempts", "Router", "RouterBase", "lost_midway"]
+__all__ = ["Attempts", "Router", "RouterBase", "lost_midway", "raise_if_lost"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -236,7 +236,7 @@ class Router(RouterBase):
             with transaction:  # the COMMIT too
                 yield conn
         except DBAPIError as exc:
-            _raise_if_lost(exc, shard)
+            raise_if_lost(exc, shard)
             raise
         finally:
             conn.close()
@@ -319,10 +319,10 @@ class _RoutedSession:
             try:
                 self._session.__exit__(exc_type, exc, traceback)  # closes it
             except DBAPIError as error:
-                _raise_if_lost(error, self._shard)
+                raise_if_lost(error, self._shard)
                 raise
             if isinstance(exc, DBAPIError):
-                _raise_if_lost(exc, self._shard)
+                raise_if_lost(exc, self._shard)
         finally:
             self._router._engines.release(self._lease)
 
@@ -436,11 +436,11 @@ def lost_midway(shard: Shard) -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        _raise_if_lost(exc, shard)
+        raise_if_lost(exc, shard)
         raise
 
 
-def _raise_if_lost(exc: DBAPIError, shard: Shard) -> None:
+def raise_if_lost(exc: DBAPIError, shard: Shard) -> None:
     """Raise ShardUnavailable if *exc* lost the connection (see :func:`lost_midway`)."""
     if exc.connection_invalidated:
         raise ShardUnavailable(
