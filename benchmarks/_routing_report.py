@@ -671,7 +671,7 @@ def network_markdown(data: dict[str, Any]) -> list[str]:
             "Round trips per asyncio transaction (AsyncRouter; *routed (apart)*: "
             "`fence_with_begin` off, BEGIN in a message of its own):",
             "",
-            markdown_table(["route", "selects", "ending", "round trips"], async_rows, align="llr"),
+            markdown_table(["route", "selects", "ending", "round trips"], async_rows, align="lrlr"),
             "",
         ]
         if async_rows
