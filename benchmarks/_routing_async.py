@@ -49,7 +49,7 @@ TASKS = ((1, 10), (8, 3))
 AsyncTx = Callable[[str, list[int], bool], Awaitable[None]]
 
 
-def _transactions(router: AsyncRouter, engine: AsyncEngine) -> dict[str, AsyncTx]:
+def async_transactions(router: AsyncRouter, engine: AsyncEngine) -> dict[str, AsyncTx]:
     async def routed(tenant: str, rows: list[int], commit: bool) -> None:
         async with router.session(tenant) as session:
             for row in rows:
@@ -79,7 +79,7 @@ async def _measure(fleet: Fleet, cfg: Config, seed: int) -> dict[str, Any]:
     router = AsyncRouter(catalog=fleet.catalog, settings=fleet.settings)
     try:
         engine = await router.engine_for(fleet.tenants[0])
-        fns = _transactions(router, engine)
+        fns = async_transactions(router, engine)
         rng = random.Random(seed)
         rows = range(1, cfg.rows_per_tenant + 1)
         variants = [Variant(r, s, e) for s in STATEMENTS for e in ENDINGS for r in ASYNC_ROUTES]

@@ -13,6 +13,7 @@ trips x that time: what a transaction costs on a network if nothing else changes
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import random
 from collections import defaultdict
@@ -24,9 +25,12 @@ from typing import Any
 import psycopg
 from _common import percentile, progress
 from _netproxy import Proxy, count_round_trips, measured_rtt_ms
+from _routing_async import async_transactions
 from _routing_fleet import ENDINGS, STATEMENTS, Config, Variant, build_fleet
 from _routing_measure import make_work, run_batch, transactions
 from sqlalchemy.engine import make_url
+
+from tenantry import AsyncRouter
 
 #: The routes measured through the proxy: tenantry's, the hand-written pattern, none.
 NETWORK_ROUTES = ("routed", "setting", "bare")
@@ -74,6 +78,8 @@ def measure_network(
             per_tx = count_round_trips(proxy, lambda v=v: once(v, 1), COUNT_REPEAT)
             trips.append({**_cell(v), "round_trips": per_tx})
 
+        async_trips = _count_async(fleet, proxy, rng, small)
+
         ping = psycopg.connect(_libpq(fleet.shard.admin_url), autocommit=True)
         stack.callback(ping.close)
         rounds = max(6, cfg.rounds // 4)
@@ -103,7 +109,60 @@ def measure_network(
                         }
                     )
             proxy.delay_ms = 0
-    return {"round_trips": trips, "latency": latency, "rounds": rounds}
+    return {
+        "round_trips": trips,
+        "async_round_trips": async_trips,
+        "latency": latency,
+        "rounds": rounds,
+    }
+
+
+def _count_async(fleet: Any, proxy: Proxy, rng: random.Random, cfg: Config) -> list[dict[str, Any]]:
+    """Round trips per transaction of the asyncio routes through *proxy*; ``routed
+    (apart)`` is an AsyncRouter with ``fence_with_begin`` off (BEGIN on its own)."""
+
+    async def count() -> list[dict[str, Any]]:
+        apart = fleet.settings.model_copy(update={"fence_with_begin": False})
+        routers = [
+            AsyncRouter(catalog=fleet.catalog, settings=fleet.settings, background=False),
+            AsyncRouter(catalog=fleet.catalog, settings=apart, background=False),
+        ]
+        out = []
+        try:
+            engine = await routers[0].engine_for(fleet.tenants[0])
+            fns = dict(async_transactions(routers[0], engine))
+            fns["routed (apart)"] = async_transactions(routers[1], engine)["routed"]
+            rows = range(1, cfg.rows_per_tenant + 1)
+            for statements in STATEMENTS:
+                for ending in ENDINGS:
+                    for route, fn in fns.items():
+
+                        async def once(
+                            fn: Any = fn, statements: int = statements, ending: str = ending
+                        ) -> None:
+                            tenant = rng.choice(fleet.tenants)
+                            await fn(tenant, rng.sample(rows, statements), ending == "commit")
+
+                        for _ in range(COUNT_REPEAT):
+                            await once()
+                        before = proxy.round_trips
+                        for _ in range(COUNT_REPEAT):
+                            await once()
+                        per_tx = (proxy.round_trips - before) / COUNT_REPEAT
+                        out.append(
+                            {
+                                "route": route,
+                                "statements": statements,
+                                "ending": ending,
+                                "round_trips": per_tx,
+                            }
+                        )
+        finally:
+            for router in routers:
+                await router.close()
+        return out
+
+    return asyncio.run(count())
 
 
 def _cell(v: Variant) -> dict[str, Any]:

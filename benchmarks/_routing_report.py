@@ -662,6 +662,21 @@ def network_markdown(data: dict[str, Any]) -> list[str]:
                 f"{p50[(rtt, *key)]:.0f} µs",
             ]
         rows.append(row)
+    async_rows = [
+        [r["route"], r["statements"], r["ending"], f"{r['round_trips']:.2f}"]
+        for r in net.get("async_round_trips", ())
+    ]
+    async_part = (
+        [
+            "Round trips per asyncio transaction (AsyncRouter; *routed (apart)*: "
+            "`fence_with_begin` off, BEGIN in a message of its own):",
+            "",
+            markdown_table(["route", "selects", "ending", "round trips"], async_rows, align="lrlr"),
+            "",
+        ]
+        if async_rows
+        else []
+    )
     return [
         "## Round trips and the network",
         "",
@@ -677,6 +692,7 @@ def network_markdown(data: dict[str, Any]) -> list[str]:
         "",
         markdown_table(headers, rows, align="llr" + "r" * (len(headers) - 3)),
         "",
+        *async_part,
     ]
 
 

@@ -121,9 +121,9 @@ class TenantrySettings(BaseSettings):
 
     fence_with_begin: bool = Field(
         True,
-        description="PostgreSQL, sync routers: send a routed transaction's BEGIN and its "
-        "fence as one message (one round trip less per transaction); off sends BEGIN on "
-        "its own, as psycopg does. The asyncio router always sends them apart.",
+        description="PostgreSQL: send a routed transaction's BEGIN and its fence as one "
+        "message (one round trip less per transaction), on sync and asyncio routers "
+        "alike; off sends BEGIN on its own, as psycopg does.",
     )
 
     @field_validator("move_schemas", mode="before")

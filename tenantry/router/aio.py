@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
 
 from tenantry.router.fence import run_fence
-from tenantry.router.router import Attempts, RouterBase, lost_midway
+from tenantry.router.router import Attempts, RouterBase, lost_midway, raise_if_lost
 from tenantry.router.scoping import TenantSession
 from tenantry.shardmap.drivers import make_async_engine
 from tenantry.shardmap.model import Shard, mask_url
@@ -43,9 +44,9 @@ class AsyncRouter(RouterBase):
             shard = self.snapshot.shards[tenant.shard]
         else:
             shard = await asyncio.to_thread(self._lookup, tenant_id)
-        if shard.backend == "postgresql" and shard.name not in self._fence_keys:
+        if shard.name not in self._fence_keys and shard.backend == "postgresql":
             # Read the shard's fence key here, not inside the fence: no catalog query
-            # blocks the event loop.
+            # blocks the event loop. (The key asked first: ``backend`` parses the URL.)
             await asyncio.to_thread(self._fence_key, shard.name)
         return shard
 
@@ -65,18 +66,9 @@ class AsyncRouter(RouterBase):
         async with self._lease(shard) as engine:
             return engine
 
-    @asynccontextmanager
-    async def session(
-        self, tenant_id: str | None = None, **kwargs: Any
-    ) -> AsyncIterator[AsyncSession]:
+    def session(self, tenant_id: str | None = None, **kwargs: Any) -> _RoutedAsyncSession:
         """An AsyncSession scoped to the tenant; the application commits."""
-        session, shard, lease = await self._begin(tenant_id, self._open_session, kwargs)
-        try:
-            with lost_midway(shard):
-                async with session:
-                    yield session
-        finally:
-            self._engines.release(lease)
+        return _RoutedAsyncSession(self, tenant_id, kwargs)
 
     @asynccontextmanager
     async def connection(self, tenant_id: str | None = None) -> AsyncIterator[AsyncConnection]:
@@ -108,8 +100,12 @@ class AsyncRouter(RouterBase):
             try:
                 for engine in evicted:
                     await engine.dispose()
-                with shard_errors(attempts.shard):
+                try:
                     begun = await begin(lease.handle, tenant, attempts.shard, options)
+                except Exception:
+                    # shard_errors's translation, entered only when there is one to make
+                    with shard_errors(attempts.shard):
+                        raise
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
@@ -143,6 +139,36 @@ class AsyncRouter(RouterBase):
 
     def __repr__(self) -> str:
         return f"AsyncRouter({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
+
+
+class _RoutedAsyncSession:
+    """``async with router.session(t) as session``: the asyncio twin of the sync
+    router's ``_RoutedSession`` (a plain async context manager: no generator layer)."""
+
+    __slots__ = ("_kwargs", "_lease", "_router", "_session", "_shard", "_tenant")
+
+    def __init__(self, router: AsyncRouter, tenant_id: str | None, kwargs: dict[str, Any]) -> None:
+        self._router, self._tenant, self._kwargs = router, tenant_id, kwargs
+
+    async def __aenter__(self) -> AsyncSession:
+        router = self._router
+        session, self._shard, self._lease = await router._begin(
+            self._tenant, router._open_session, self._kwargs
+        )
+        self._session = session
+        return session
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        try:
+            try:
+                await self._session.__aexit__(exc_type, exc, traceback)  # closes it
+            except DBAPIError as error:
+                raise_if_lost(error, self._shard)
+                raise
+            if isinstance(exc, DBAPIError):
+                raise_if_lost(exc, self._shard)
+        finally:
+            self._router._engines.release(self._lease)
 
 
 async def _open_connection(

@@ -17,15 +17,17 @@ frozen tenant; SQLite has no row-level security.
 
 from __future__ import annotations
 
+import re
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 import psycopg
 from psycopg import errors as pg_errors
-from psycopg import pq, sql
+from psycopg import generators, pq, sql
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.util import await_only
 
 from tenantry.errors import (
     ConfigurationError,
@@ -151,11 +153,13 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
         signature = key.sign(tenant_id, _backend_pid(driver))
         cached = info[_SIGNATURE_KEY] = (tenant_id, key.key_id, signature, None)
     try:
+        if with_begin and _idle(driver):
+            if conn.dialect.is_async:
+                return _fence_with_begin_async(driver, info, cached)
+            return _fence_with_begin(driver, info, cached)
         if conn.dialect.is_async:
             params = {"t": tenant_id, "s": cached[2]}
             row = conn.exec_driver_sql(PG_FENCE, params).first()
-        elif with_begin and _idle(driver):
-            return _fence_with_begin(driver, info, cached)
         else:
             # Straight to psycopg: none of SQLAlchemy's per-statement work. Not
             # prepare=True: psycopg drops its prepared statements (DEALLOCATE ALL, one
@@ -201,6 +205,7 @@ def _fence_failed(
 
 _IDLE = pq.TransactionStatus.IDLE
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
+_COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
 
 def _idle(driver: Any) -> bool:
@@ -242,25 +247,66 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
     same BEGIN (the connection's isolation level, read only, deferrable) opens the
     query, so the server runs both in order and the transaction is open for the
     statements after it, as if psycopg had begun it. The tenant and the signature are
-    quoted by psycopg (``sql.Literal``), never formatted in. An error comes back as the
+    quoted (:func:`_quoted`: psycopg's ``sql.Literal`` unless plain ASCII with no quote
+    or backslash), never formatted in. An error comes back as the
     psycopg exception its SQLSTATE names; the transaction is then failed (or the
     connection dead), and the caller's rollback ends it.
     """
-    statement = cached[3]
+    result = driver.pgconn.exec_(_begin_command(driver) + _fence_call(driver, info, cached))
+    return _fence_value(driver, result)
+
+
+def _fence_with_begin_async(
+    driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
+) -> str | None:
+    """:func:`_fence_with_begin` on an asyncio psycopg connection (inside SQLAlchemy's
+    ``run_sync`` greenlet): the same one query, sent without blocking the event loop.
+
+    psycopg's own machinery does the waiting: the query is sent (``send_query``, the
+    simple protocol) and its results read by psycopg's ``execute`` generator under the
+    connection's ``wait``, awaited from the greenlet as SQLAlchemy awaits its driver
+    (``await_only``). A cancelled task cancels the query as psycopg does.
+    """
+    pgconn = driver.pgconn
+    pgconn.send_query(_begin_command(driver) + _fence_call(driver, info, cached))
+    results = await_only(driver.wait(generators.execute(pgconn)))
+    for result in results[:-1]:  # BEGIN's (the server stops at the first error)
+        if result.status != _COMMAND_OK:
+            raise _result_error(driver, result)
+    return _fence_value(driver, results[-1])
+
+
+def _fence_call(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> bytes:
+    """``; SELECT tenantry.fence('<tenant>', '<signature>')``, made once per pooled
+    connection and tenant (kept with the signature)."""
+    statement: bytes | None = cached[3]
     if statement is None:
         tenant_id, key_id, signature, _ = cached
-        tenant, signed = sql.Literal(tenant_id), sql.Literal(signature)
         statement = b"".join(
-            (
-                _FENCE_CALL,
-                tenant.as_bytes(driver),
-                b", ",
-                signed.as_bytes(driver),
-                b")",
-            )
+            (_FENCE_CALL, _quoted(tenant_id, driver), b", ", _quoted(signature, driver), b")")
         )
         info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
-    result = driver.pgconn.exec_(_begin_command(driver) + statement)
+    return statement
+
+
+#: Strings that are their own SQL literal once put in single quotes, whatever the
+#: server's ``standard_conforming_strings`` and the client encoding: ASCII letters,
+#: digits, ``_``, ``-``, ``:`` (every valid tenant id; every signature, ``<key id>:<hex>``).
+_PLAIN_LITERAL = re.compile(r"[A-Za-z0-9_:-]*")
+
+
+def _quoted(value: str, driver: Any) -> bytes:
+    """*value* as a SQL string literal: quoted as is when it is plain ASCII with no
+    quote or backslash (the usual case, without psycopg's adapter lookup), by
+    ``psycopg.sql.Literal`` otherwise."""
+    if _PLAIN_LITERAL.fullmatch(value):
+        return b"'" + value.encode("ascii") + b"'"
+    literal: bytes = sql.Literal(value).as_bytes(driver)
+    return literal
+
+
+def _fence_value(driver: Any, result: Any) -> str | None:
+    """The residency the fence's result holds, or raise its error."""
     if result.status != _TUPLES_OK:
         raise _result_error(driver, result)
     value = result.get_value(0, 0) if result.ntuples else None

@@ -47,7 +47,7 @@ from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
-__all__ = ["Attempts", "Router", "RouterBase", "lost_midway"]
+__all__ = ["Attempts", "Router", "RouterBase", "lost_midway", "raise_if_lost"]
 
 logger = logging.getLogger("tenantry.router")
 
@@ -226,21 +226,12 @@ class Router(RouterBase):
         """The engine of the tenant's shard (shared by all its tenants; not scoped)."""
         return self._engines.get(self.shard_for(tenant_id))
 
-    @contextmanager
-    def session(self, tenant_id: str | None = None, **kwargs: Any) -> Iterator[TenantSession]:
+    def session(self, tenant_id: str | None = None, **kwargs: Any) -> _RoutedSession:
         """A Session scoped to the tenant (the current one if not given).
 
         The application commits, as with any Session; leaving the block closes it.
         """
-        session, shard, lease = self._begin(tenant_id, self._open_session, kwargs)
-        try:
-            with session:
-                yield session
-        except DBAPIError as exc:  # plain try/except: lost_midway's work only on failure
-            _raise_if_lost(exc, shard)
-            raise
-        finally:
-            self._engines.release(lease)
+        return _RoutedSession(self, tenant_id, kwargs)
 
     @contextmanager
     def connection(self, tenant_id: str | None = None) -> Iterator[Connection]:
@@ -254,7 +245,7 @@ class Router(RouterBase):
             with transaction:  # the COMMIT too
                 yield conn
         except DBAPIError as exc:
-            _raise_if_lost(exc, shard)
+            raise_if_lost(exc, shard)
             raise
         finally:
             conn.close()
@@ -309,6 +300,40 @@ class Router(RouterBase):
 
     def __repr__(self) -> str:
         return f"Router({mask_url(self.catalog.url)!r}, map_version={self.snapshot.version})"
+
+
+class _RoutedSession:
+    """``with router.session(t) as session``: the transaction begins on entry (the
+    fence, with :class:`Attempts`'s retries); leaving closes the session, names a lost
+    connection (:func:`lost_midway`'s rule) and releases the engine's lease.
+
+    A plain context manager, not a generator one: a layer less on every transaction.
+    """
+
+    __slots__ = ("_kwargs", "_lease", "_router", "_session", "_shard", "_tenant")
+
+    def __init__(self, router: Router, tenant_id: str | None, kwargs: dict[str, Any]) -> None:
+        self._router, self._tenant, self._kwargs = router, tenant_id, kwargs
+
+    def __enter__(self) -> TenantSession:
+        router = self._router
+        session, self._shard, self._lease = router._begin(
+            self._tenant, router._open_session, self._kwargs
+        )
+        self._session = session
+        return session
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, traceback: Any) -> None:
+        try:
+            try:
+                self._session.__exit__(exc_type, exc, traceback)  # closes it
+            except DBAPIError as error:
+                raise_if_lost(error, self._shard)
+                raise
+            if isinstance(exc, DBAPIError):
+                raise_if_lost(exc, self._shard)
+        finally:
+            self._router._engines.release(self._lease)
 
 
 def _open_connection(
@@ -420,11 +445,11 @@ def lost_midway(shard: Shard) -> Iterator[None]:
     try:
         yield
     except DBAPIError as exc:
-        _raise_if_lost(exc, shard)
+        raise_if_lost(exc, shard)
         raise
 
 
-def _raise_if_lost(exc: DBAPIError, shard: Shard) -> None:
+def raise_if_lost(exc: DBAPIError, shard: Shard) -> None:
     """Raise ShardUnavailable if *exc* lost the connection (see :func:`lost_midway`)."""
     if exc.connection_invalidated:
         raise ShardUnavailable(

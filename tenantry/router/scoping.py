@@ -176,7 +176,7 @@ def _with_shared_criteria(statement: Any) -> Any:
     return scoped
 
 
-def _compiler_scopes(state: ORMExecuteState, column: str) -> bool:
+def _compiler_scopes(state: ORMExecuteState, column: str, options: Any) -> bool:
     """Whether the engine's statement compiler alone scopes this ORM statement as the
     shared criteria would, so that it need not be copied with them (that copy, its cache
     key and SQLAlchemy's second pass over it cost about as much as the rest of the
@@ -267,27 +267,41 @@ def _fence(session: Session, _transaction: Any, connection: Any) -> None:
 
 @event.listens_for(TenantSession, "do_orm_execute")
 def _scope_statement(state: ORMExecuteState) -> None:
-    tenant = state.session.info.get(TENANT_KEY)
+    session = state.session
+    tenant = session.info.get(TENANT_KEY)
     if tenant is None:
         return
-    writes = state.is_insert or state.is_update or state.is_delete
-    if writes:
-        check_statement(state.statement, state.parameters, tenant, _scope_of(state.session).column)
-    from_select = state.is_insert and getattr(state.statement, "select", None) is not None
-    if state.is_select or state.is_update or state.is_delete or from_select:
+    statement = state.statement
+    # What ORMExecuteState's is_insert, is_update, is_delete, is_select say, each read
+    # once (every property reads the statement again).
+    if statement.is_dml:
+        is_insert, is_update, is_delete = (
+            statement.is_insert,
+            statement.is_update,
+            statement.is_delete,
+        )
+    else:
+        is_insert = is_update = is_delete = False
+    # An ORM SELECT's compile options (None otherwise): is_column_load and
+    # is_relationship_load read them, each up to twice.
+    options = state._orm_compile_options()
+    scope = _scope_of(session)
+    if is_insert or is_update or is_delete:
+        check_statement(statement, state.parameters, tenant, scope.column)
+    from_select = is_insert and getattr(statement, "select", None) is not None
+    if statement.is_select or is_update or is_delete or from_select:
         # Propagates to lazy and eager relationship loads of the objects loaded here.
         params = state.parameters
-        if not state.is_insert and (params is None or isinstance(params, Mapping)):
+        if not is_insert and (params is None or isinstance(params, Mapping)):
             # One criteria object for every tenant, the tenant a bound parameter: far
             # less work per statement than a criteria per tenant. A load that misses the
             # parameter fails ("a value is required"), never widens.
             state.parameters = with_tenant(params or {}, tenant)
-            if not _compiler_scopes(state, _scope_of(state.session).column):
-                state.statement = _with_shared_criteria(state.statement)
+            if not _compiler_scopes(state, scope.column, options):
+                state.statement = _with_shared_criteria(statement)
         else:  # INSERT, executemany: the parameters are the rows, leave them alone
-            criteria = _scope_of(state.session).criteria(tenant)
-            state.statement = state.statement.options(criteria)
-    if state.is_column_load:
+            state.statement = statement.options(scope.criteria(tenant))
+    if options is not None and options._for_refresh_state:  # is_column_load
         # SQLAlchemy leaves loader criteria out of refreshes and expired-attribute loads:
         # an object with another tenant's key, attached to this session, must not load.
         mapper = state.bind_mapper

@@ -9,17 +9,19 @@ psycopg would send them, and a tenant id cannot inject SQL into the message.
 
 from __future__ import annotations
 
+import asyncio
 from functools import partial
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from psycopg import sql
 from sqlalchemy import select, text
 
-from tenantry import Router
-from tenantry.errors import InvalidName, TenantFrozen
+from tenantry import AsyncRouter, Router
+from tenantry.errors import InvalidName, StaleRoute, TenantFrozen
 from tenantry.router import fence
-from tenantry.shardmap.drivers import make_engine
+from tenantry.shardmap.drivers import make_async_engine, make_engine
 from tenantry.shardmap.residency import Residency
 
 ME, OTHERS = "acme", {"globex", "initech"}
@@ -198,3 +200,215 @@ def test_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
     monkeypatch.undo()
     with router.session("globex") as session:  # the same pooled connection
         assert session.scalar(text("SELECT tenantry.tenant()")) == "globex"
+
+
+# -- the asyncio router: the same one message, awaited through psycopg's own wait -------
+
+
+@pytest.fixture
+def async_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tenants whose fence went in one message with BEGIN on an asyncio router."""
+    seen: list[str] = []
+    original = fence._fence_with_begin_async
+
+    def spy(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> str | None:
+        seen.append(cached[0])
+        return original(driver, info, cached)
+
+    monkeypatch.setattr(fence, "_fence_with_begin_async", spy)
+    return seen
+
+
+def new_async_router(
+    fleet: Any, with_begin: bool, router_class: type[AsyncRouter] = AsyncRouter
+) -> AsyncRouter:
+    settings = fleet.settings.model_copy(update={"fence_with_begin": with_begin})
+    return router_class(catalog=fleet.catalog, settings=settings, background=False)
+
+
+def test_async_the_setting_picks_the_path_and_rls_holds(
+    pg_fleet: Any, app: Any, with_begin: bool, async_calls: list[str]
+) -> None:
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            for _ in range(2):  # a fresh connection, then a pooled one
+                async with router.session(ME) as session:
+                    raw = set(await session.scalars(text("SELECT tenant_id FROM projects")))
+                    orm = {p.tenant_id for p in await session.scalars(select(app.Project))}
+                    foreign = await session.scalars(
+                        text("SELECT title FROM tasks WHERE tenant_id <> :me"), {"me": ME}
+                    )
+                    assert (raw, orm, foreign.all()) == ({ME}, {ME}, [])
+                    assert await session.scalar(text("SELECT tenantry.tenant()")) == ME
+                    await session.commit()  # the next transaction is fenced again
+                    assert await session.scalar(text("SELECT tenantry.tenant()")) == ME
+                async with router.connection("globex") as conn:
+                    found = await conn.scalars(text("SELECT tenant_id FROM tasks"))
+                    assert set(found) == {"globex"}
+
+    asyncio.run(main())
+    assert async_calls == ([ME, ME, "globex"] * 2 if with_begin else [])
+
+
+class _AsyncSerializable(AsyncRouter):
+    engine_factory = staticmethod(partial(make_async_engine, isolation_level="SERIALIZABLE"))
+
+
+class _AsyncReadOnly(AsyncRouter):
+    engine_factory = staticmethod(
+        partial(make_async_engine, execution_options={"postgresql_readonly": True})
+    )
+
+
+@pytest.mark.parametrize(
+    ("router_class", "isolation", "read_only"),
+    [(_AsyncSerializable, "serializable", "off"), (_AsyncReadOnly, "read committed", "on")],
+    ids=["serializable", "read-only"],
+)
+def test_async_the_begin_carries_the_engines_characteristics(
+    pg_fleet: Any,
+    with_begin: bool,
+    router_class: type[AsyncRouter],
+    isolation: str,
+    read_only: str,
+) -> None:
+    async def main() -> list[tuple[Any, ...]]:
+        seen = []
+        async with new_async_router(pg_fleet, with_begin, router_class) as router:
+            for _ in range(2):
+                async with router.session(ME) as session:
+                    found = await session.execute(
+                        text(
+                            "SELECT current_setting('transaction_isolation'), "
+                            "current_setting('transaction_read_only'), tenantry.tenant()"
+                        )
+                    )
+                    seen.append(tuple(found.one()))
+        return seen
+
+    assert asyncio.run(main()) == [(isolation, read_only, ME)] * 2
+
+
+def test_async_a_frozen_tenant_is_read_only(pg_fleet: Any, app: Any, with_begin: bool) -> None:
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            pg_fleet.set_residency(ME, "shared-a", Residency.FROZEN)
+            async with router.session(ME) as session:
+                assert session.sync_session.frozen
+                setting = text("SELECT current_setting('transaction_read_only')")
+                assert await session.scalar(setting) == "on"
+                assert len((await session.scalars(select(app.Project))).all()) == 2
+                with pytest.raises(TenantFrozen):
+                    await session.execute(text("UPDATE projects SET name = 'x'"))
+            pg_fleet.set_residency(ME, "shared-a", Residency.ACTIVE)
+            async with router.session(ME) as session:
+                assert not session.sync_session.frozen
+                updated = await session.execute(text("UPDATE projects SET name = name"))
+                assert updated.rowcount == 2  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_async_a_stale_route_is_refused_and_rerouted(pg_fleet: Any, with_begin: bool) -> None:
+    """A residency row that says the tenant left: StaleRoute from the one-message
+    fence, and a router with nowhere else to go raises it."""
+
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            async with router.session(ME) as session:  # a pooled connection, fenced
+                assert await session.scalar(text("SELECT tenantry.tenant()")) == ME
+            pg_fleet.set_residency(ME, "shared-a", Residency.MOVED)
+            try:
+                with pytest.raises(StaleRoute):
+                    async with router.session(ME):
+                        pass
+            finally:
+                pg_fleet.set_residency(ME, "shared-a", Residency.ACTIVE)
+            async with router.session("globex") as session:  # the same pool, fine
+                assert await session.scalar(text("SELECT tenantry.tenant()")) == "globex"
+
+    asyncio.run(main())
+
+
+def test_async_a_rotated_key_is_learned(pg_fleet: Any, with_begin: bool) -> None:
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            async with router.connection(ME) as conn:
+                assert await conn.scalar(text("SELECT tenantry.tenant()")) == ME
+            first = router._fence_keys["shared-a"]
+            await asyncio.to_thread(
+                pg_fleet.catalog.rotate_fence_key, "shared-a", retire_previous=True
+            )
+            # the cached signature is refused, the key read again, the transaction
+            # begun again: no error shows
+            async with router.session(ME) as session:
+                found = await session.scalars(text("SELECT tenant_id FROM projects"))
+                assert set(found) == {ME}
+            assert router._fence_keys["shared-a"].key_id > first.key_id
+
+    asyncio.run(main())
+
+
+def test_async_a_terminated_backend_is_begun_again(pg_fleet: Any, with_begin: bool) -> None:
+    def terminate(pid: int) -> None:
+        admin = sa.create_engine(pg_fleet.shard("shared-a").admin_url, poolclass=sa.NullPool)
+        try:
+            with admin.connect() as conn:
+                assert conn.scalar(text("SELECT pg_terminate_backend(:p, 10000)"), {"p": pid})
+        finally:
+            admin.dispose()
+
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            async with router.connection(ME) as conn:
+                pid = await conn.scalar(text("SELECT pg_backend_pid()"))
+            await asyncio.to_thread(terminate, pid)
+            async with router.session(ME) as session:  # the dead pooled one, then a new one
+                assert await session.scalar(text("SELECT tenantry.tenant()")) == ME
+                assert await session.scalar(text("SELECT pg_backend_pid()")) != pid
+
+    asyncio.run(main())
+
+
+def test_async_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
+    pg_fleet: Any, with_begin: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            monkeypatch.setattr(fence, "PG_FENCE", "SELECT tenantry.no_such(%(t)s, %(s)s)")
+            monkeypatch.setattr(fence, "_FENCE_CALL", b"; SELECT tenantry.no_such(")
+            with pytest.raises(Exception) as info:
+                async with router.session(ME):
+                    pass
+            assert "tenantry.no_such(unknown, unknown) does not exist" in str(info.value)
+            causes, error = [], info.value
+            while error is not None:
+                causes.append(error)
+                error = error.__cause__ or error.__context__
+            assert any(type(e).__name__ == "UndefinedFunction" for e in causes), causes
+            monkeypatch.undo()
+            async with router.session("globex") as session:  # the same pooled connection
+                assert await session.scalar(text("SELECT tenantry.tenant()")) == "globex"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["acme", "t-1_x", "7:0123456789abcdef", "", "a'b", "x\\'y", "é", "a b", "a;b", "\u0661"],
+)
+def test_the_fence_quotes_as_psycopg_does(pg_fleet: Any, value: str) -> None:
+    """The quick quoting of plain ids and signatures gives psycopg's literal, byte for
+    byte, on a routed connection; anything else is psycopg's own."""
+    router = new_router(pg_fleet, True)
+    with router.engine_for(ME).connect() as conn:
+        driver = conn.connection.driver_connection
+        assert fence._quoted(value, driver) == sa_literal(value, driver)
+        # and the server reads back the very string
+        quoted = fence._quoted(value, driver).decode()
+        assert conn.exec_driver_sql(f"SELECT {quoted}").scalar() == value
+
+
+def sa_literal(value: str, driver: Any) -> bytes:
+    literal: bytes = sql.Literal(value).as_bytes(driver)
+    return literal
