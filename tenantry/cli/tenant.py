@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
 from tenantry.cli.app import (
+    TENANT_STATES,
+    TERMINAL_LIMIT,
+    TIERS,
     CliState,
     emit_json,
+    emit_json_lines,
+    emit_json_list,
+    emit_lines,
     human_size,
     json_option,
+    listing_limit,
     pass_state,
     render_table,
 )
 from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.rebalance.sizes import measure_sizes, stored_sizes
-from tenantry.shardmap import Tier
+from tenantry.shardmap import Tenant, Tier
 
-__all__ = ["COMMANDS"]
+__all__ = ["COMMANDS", "listing_options"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: What --prefix accepts: the first characters of a tenant id.
+_PREFIX = re.compile(r"[a-z0-9_-]{1,63}")
 
 
 @click.group("tenant")
@@ -43,22 +59,107 @@ def tenant_add(
         state.console.print(f"added {tenant.tier.value} tenant {tenant.id} on shard {tenant.shard}")
 
 
+def _tenant_prefix(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not _PREFIX.fullmatch(value):
+        raise click.BadParameter("a tenant id's first characters: a-z, 0-9, '_' and '-'")
+    return value
+
+
+def _plain_row(t: Tenant) -> str:
+    """A tenant as one tab-separated line (``pinned`` says yes or no: no empty field)."""
+    return f"{t.id}\t{t.shard}\t{t.tier.value}\t{'yes' if t.pinned else 'no'}\t{t.state.value}"
+
+
+def listing_options(func: F) -> F:
+    """``--after``, ``--offset``, ``--limit``, ``--jsonl`` and ``--json``: how a
+    listing of tenants is paged and printed."""
+    func = click.option(
+        "--jsonl",
+        "as_jsonl",
+        is_flag=True,
+        help="Print one JSON object per line instead of a table.",
+    )(func)
+    func = json_option(func)
+    func = click.option(
+        "--limit",
+        type=click.IntRange(min=0),
+        help=f"Show at most N [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
+    )(func)
+    func = click.option(
+        "--offset", type=click.IntRange(min=0), default=0, help="Skip the first N."
+    )(func)
+    return click.option(
+        "--after", metavar="ID", help="Start after tenant ID (the last of the previous page)."
+    )(func)
+
+
 @tenant_group.command("list")
 @click.option("--shard", metavar="NAME", help="Only tenants on this shard.")
-@json_option
+@click.option("--tier", type=TIERS, help="Only tenants of this tier.")
+@click.option("--state", "tenant_state", type=TENANT_STATES, help="Only tenants in this state.")
+@click.option("--pinned/--unpinned", default=None, help="Only pinned (or unpinned) tenants.")
+@click.option(
+    "--prefix", metavar="P", callback=_tenant_prefix, help="Only tenants whose id starts with P."
+)
+@listing_options
 @pass_state
-def tenant_list(state: CliState, shard: str | None, as_json: bool) -> None:
-    """List tenants and where they live."""
-    tenants = state.catalog().list_tenants(shard=shard)
+def tenant_list(
+    state: CliState,
+    shard: str | None,
+    tier: str | None,
+    tenant_state: str | None,
+    pinned: bool | None,
+    prefix: str | None,
+    after: str | None,
+    offset: int,
+    limit: int | None,
+    as_json: bool,
+    as_jsonl: bool,
+) -> None:
+    """List tenants and where they live, by id.
+
+    On a terminal, a table of the first 100 (--limit N for more, --after ID for the
+    next page); to a pipe or a file, every tenant, one tab-separated line each (id,
+    shard, tier, pinned, state), streamed. --json prints a JSON list, --jsonl one
+    object per line, every tenant unless --limit.
+    """
+    if as_json and as_jsonl:
+        raise click.UsageError("give --json or --jsonl, not both")
+    catalog = state.catalog()
+    filters: dict[str, Any] = {
+        "shard": shard,
+        "tier": tier,
+        "state": tenant_state,
+        "pinned": pinned,
+        "prefix": prefix,
+    }
+    table = not (as_json or as_jsonl) and state.console.is_terminal
+    shown = listing_limit(state, limit) if table else limit
+    # a table reads one more than it shows, to know whether to say that more follow
+    asked = shown + 1 if table and shown is not None else shown
+    tenants = catalog.iter_tenants(**filters, after=after, offset=offset, limit=asked)
     if as_json:
-        emit_json([t.to_record() for t in tenants])
-        return
-    render_table(
-        state.console,
-        ["tenant", "shard", "tier", "pinned", "state"],
-        ([t.id, t.shard, t.tier.value, "yes" if t.pinned else "", t.state.value] for t in tenants),
-        title="tenants",
-    )
+        emit_json_list(t.to_record() for t in tenants)
+    elif as_jsonl:
+        emit_json_lines(t.to_record() for t in tenants)
+    elif not table:
+        emit_lines(_plain_row(t) for t in tenants)
+    else:
+        rows = list(tenants)
+        more = shown is not None and len(rows) > shown
+        rows = rows[:shown]
+        render_table(
+            state.console,
+            ["tenant", "shard", "tier", "pinned", "state"],
+            ([t.id, t.shard, t.tier.value, "yes" if t.pinned else "", t.state.value] for t in rows),
+            title="tenants",
+        )
+        if more:
+            total = catalog.count_tenants(**filters)
+            state.console.print(
+                f"{len(rows)} of {total:,} shown; next page: --after {rows[-1].id}"
+                f"{'' if limit else ' (--limit N for more at once)'}"
+            )
 
 
 @tenant_group.command("show")

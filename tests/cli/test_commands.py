@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 Rows = Callable[[str], list[list[str]]]
 Header = Callable[[str], list[str]]
 
+#: What makes the commands take stdout for a terminal (rich reads it), without colour.
+TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb"}
+
 
 def test_a_whole_session_on_sqlite_and_postgresql(
     db_url: str, tmp_path: Path, make_run: type[Run], read_table: Rows, read_header: Header
@@ -64,10 +67,14 @@ def test_a_whole_session_on_sqlite_and_postgresql(
     tenants = run.json("tenant", "list")
     assert [t["id"] for t in tenants] == ["acme", "globex", "regulated"]
     assert set(tenants[0]) == {"id", "shard", "tier", "pinned", "state", "created_at"}
-    table = run("tenant", "list")
+    table = run("tenant", "list", env=TERMINAL)  # a table on a terminal
     assert read_header(table) == ["tenant", "shard", "tier", "pinned", "state"]
     assert read_table(table) == [
         [t["id"], t["shard"], t["tier"], "yes" if t["pinned"] else "", t["state"]] for t in tenants
+    ]
+    assert run("tenant", "list").splitlines() == [  # plain lines to a pipe
+        "\t".join([t["id"], t["shard"], t["tier"], "yes" if t["pinned"] else "no", t["state"]])
+        for t in tenants
     ]
     assert [t["id"] for t in run.json("tenant", "list", "--shard", "d1")] == ["regulated"]
 
@@ -118,7 +125,8 @@ def test_empty_listings_say_so(run: Run) -> None:
     assert run.json("shard", "list") == []
     assert run.json("tenant", "list") == []
     assert "none" in run("shard", "list")
-    assert run("tenant", "list") == "tenants: none\n"
+    assert run("tenant", "list", env=TERMINAL) == "tenants: none\n"
+    assert run("tenant", "list") == ""  # no line to a pipe
 
 
 def test_init_twice_is_fine(run: Run) -> None:
