@@ -29,7 +29,6 @@ __all__ = [
     "Failure",
     "cli",
     "emit_json",
-    "emit_json_lines",
     "emit_json_list",
     "emit_json_with_list",
     "emit_lines",
@@ -230,23 +229,25 @@ def _indented(data: Any, depth: int) -> str:
     return text.replace("\n", "\n" + "  " * depth)
 
 
-def _json_items(items: Iterable[Any], depth: int) -> Iterable[str]:
+def _json_items(items: Iterable[Any], depth: int, encoded: bool = False) -> Iterable[str]:
     """The lines of a JSON list's items, as ``json.dumps(..., indent=2)`` lays them
-    out *depth* levels deep, with the commas; nothing for an empty list."""
+    out *depth* levels deep, with the commas; nothing for an empty list. *encoded*:
+    the items are JSON text laid out so already."""
     pad = "  " * (depth + 1)
     previous: str | None = None
     for item in items:
         if previous is not None:
             yield previous + ","
-        previous = pad + _indented(item, depth + 1)
+        previous = pad + (item if encoded else _indented(item, depth + 1))
     if previous is not None:
         yield previous
 
 
-def emit_json_list(items: Iterable[Any]) -> None:
+def emit_json_list(items: Iterable[Any], *, encoded: bool = False) -> None:
     """Print *items* as an indented JSON list, streamed: the same text as
-    :func:`emit_json` of the list, without holding it whole."""
-    lines = iter(_json_items(items, 0))
+    :func:`emit_json` of the list, without holding it whole. With *encoded*, each item
+    is its JSON text already, laid out one level deep."""
+    lines = iter(_json_items(items, 0, encoded))
     first = next(lines, None)
     if first is None:
         click.echo("[]")
@@ -265,11 +266,6 @@ def emit_json_with_list(record: dict[str, Any], key: str, items: Iterable[Any]) 
         click.echo(f"{opening}\n  {json.dumps(key)}: []\n}}")
         return
     emit_lines(itertools.chain([f"{opening}\n  {json.dumps(key)}: [", first], lines, ["  ]\n}"]))
-
-
-def emit_json_lines(items: Iterable[Any]) -> None:
-    """Print each of *items* as compact JSON on a line of its own (JSON lines)."""
-    emit_lines(json.dumps(item, default=_plain) for item in items)
 
 
 def render_table(

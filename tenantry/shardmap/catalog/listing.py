@@ -23,7 +23,6 @@ from tenantry.shardmap.catalog.store import (
     SNAPSHOT_COLUMNS,
     CatalogStore,
     shard_from_row,
-    tenants_from_rows,
 )
 from tenantry.shardmap.model import (
     Shard,
@@ -31,6 +30,7 @@ from tenantry.shardmap.model import (
     Tenant,
     TenantState,
     Tier,
+    as_utc,
     validate_tenant_id,
 )
 from tenantry.shardmap.schema import map_table, shards, tenants
@@ -39,6 +39,9 @@ __all__ = ["DEFAULT_BATCH", "MapListing", "Route", "ShardListing"]
 
 #: Tenants read per query when streaming a listing.
 DEFAULT_BATCH = 2000
+
+_TIERS = {t.value: t for t in Tier}
+_STATES = {s.value: s for s in TenantState}
 
 #: What a tenant id may start with (the characters of the id rule).
 _PREFIX = re.compile(r"[a-z0-9_-]{0,63}")
@@ -87,38 +90,72 @@ class MapListing(CatalogStore):
         a read transaction of its own: a tenant added or removed while the listing runs
         may or may not be in it, but no tenant is listed twice or skipped.
         """
+        rows = self.iter_tenant_rows(
+            shard=shard,
+            tier=tier,
+            state=state,
+            pinned=pinned,
+            prefix=prefix,
+            after=after,
+            offset=offset,
+            limit=limit,
+            batch_size=batch_size,
+        )
+        return (Tenant(i, s, _TIERS[t], bool(p), _STATES[st], c) for i, s, t, p, st, c in rows)
+
+    def iter_tenant_rows(
+        self,
+        *,
+        shard: str | None = None,
+        tier: Tier | str | None = None,
+        state: TenantState | str | None = None,
+        pinned: bool | None = None,
+        prefix: str | None = None,
+        after: str | None = None,
+        offset: int = 0,
+        limit: int | None = None,
+        batch_size: int = DEFAULT_BATCH,
+        created: bool = True,
+    ) -> Iterator[tuple[Any, ...]]:
+        """:meth:`iter_tenants` as plain tuples, for output at scale: ``(id, shard,
+        tier, pinned, state, created_at)`` with tier and state as their values and
+        created_at an aware time (left out when not *created*, which saves parsing it).
+        """
         if offset < 0 or (limit is not None and limit < 0) or batch_size < 1:
             raise ValueError("offset and limit must be >= 0, batch_size >= 1")
         where = self._tenant_filter(shard, tier, state, pinned, prefix)
         if after is not None:
             validate_tenant_id(after)
-        query = sa.select(*SNAPSHOT_COLUMNS).order_by(tenants.c.id)
+        columns = SNAPSHOT_COLUMNS if created else SNAPSHOT_COLUMNS[:5]
+        query = sa.select(*columns).where(*where).order_by(tenants.c.id)
 
-        def page(conn: Connection, start: str | None, skip: int, count: int) -> list[Tenant]:
-            q = query.where(*where)
-            if start is not None:
-                q = q.where(tenants.c.id > start)
+        def page(conn: Connection, start: str | None, skip: int, count: int) -> list[Any]:
+            q = query if start is None else query.where(tenants.c.id > start)
             q = q.limit(count)
             if skip:
                 q = q.offset(skip)
-            return list(tenants_from_rows(conn.execute(q)).values())
+            rows = conn.execute(q).all()
+            if created and rows and self.dialect == "sqlite":
+                # SQLite hands back naive times; everything tenantry stores is UTC
+                return [(*row[:5], as_utc(row[5])) for row in rows]
+            return [tuple(row) for row in rows]
 
         first_count = batch_size if limit is None else min(batch_size, limit)
         with self._read() as conn:
             if shard is not None:
                 self._get_shard(conn, shard)
             first = page(conn, after, offset, first_count) if first_count else []
-        return self._more_tenants(page, first, first_count, limit, batch_size)
+        return self._more_rows(page, first, first_count, limit, batch_size)
 
-    def _more_tenants(
+    def _more_rows(
         self,
         page: Any,
-        batch: list[Tenant],
+        batch: list[Any],
         asked: int,
         limit: int | None,
         batch_size: int,
-    ) -> Iterator[Tenant]:
-        """The generator behind :meth:`iter_tenants`: yield a batch, read the next."""
+    ) -> Iterator[tuple[Any, ...]]:
+        """The generator behind :meth:`iter_tenant_rows`: yield a batch, read the next."""
         left = limit
         while batch:
             yield from batch
@@ -127,7 +164,7 @@ class MapListing(CatalogStore):
             if len(batch) < asked or left == 0:
                 return
             asked = batch_size if left is None else min(batch_size, left)
-            last = batch[-1].id
+            last = batch[-1][0]
             with self._read() as conn:
                 batch = page(conn, last, 0, asked)
 
