@@ -3,6 +3,7 @@ the shards of the fleet."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from tenantry.cli.app import (
     CliState,
     emit_json,
     emit_json_with_list,
+    emit_lines,
     json_option,
     listing_limit,
     pass_state,
@@ -142,30 +144,49 @@ def shard_add(
 @shard_group.command("list")
 @click.option("--tier", type=TIERS, help="Only shards of this tier.")
 @click.option("--state", "shard_state", type=STATES, help="Only shards in this state.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    help=f"Show at most N [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
+)
 @json_option
 @pass_state
-def shard_list(state: CliState, tier: str | None, shard_state: str | None, as_json: bool) -> None:
-    """List the shards with their tenant counts."""
+def shard_list(
+    state: CliState, tier: str | None, shard_state: str | None, limit: int | None, as_json: bool
+) -> None:
+    """List the shards with their tenant counts, by name.
+
+    On a terminal, a table of the first 100 (--limit N for more); to a pipe or a file,
+    every shard, one tab-separated line each (the table's columns).
+    """
     listing = state.catalog().shard_listing(tier=tier, state=shard_state)
     if as_json:
-        emit_json([s.to_record(count) for s, count in listing.shards])
+        emit_json([s.to_record(count) for s, count in listing.shards[:limit]])
         return
+    rows = (
+        [
+            s.name,
+            s.tier.value,
+            s.state.value,
+            str(s.weight),
+            str(count),
+            mask_url(s.url) + (" (pooled)" if s.pooled else ""),
+        ]
+        for s, count in listing.shards[:limit]
+    )
+    if not state.console.is_terminal:
+        emit_lines("\t".join(row) for row in rows)
+        return
+    shown = listing_limit(state, limit)
     render_table(
         state.console,
         ["shard", "tier", "state", "weight", "tenants", "url"],
-        (
-            [
-                s.name,
-                s.tier.value,
-                s.state.value,
-                s.weight,
-                count,
-                mask_url(s.url) + (" (pooled)" if s.pooled else ""),
-            ]
-            for s, count in listing.shards
-        ),
+        itertools.islice(rows, shown),
         title=f"shards (map version {listing.map_version})",
     )
+    total = len(listing.shards)
+    if shown is not None and total > shown:
+        state.console.print(f"{shown} of {total:,} shown: --limit N for more")
 
 
 @shard_group.command("show")

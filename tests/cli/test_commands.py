@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 Rows = Callable[[str], list[list[str]]]
 Header = Callable[[str], list[str]]
 
-#: What makes the commands take stdout for a terminal (rich reads it), without colour.
-TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb"}
+#: What makes the commands take stdout for a terminal (rich reads it), without colour;
+#: LINES with COLUMNS keeps rich from taking a dumb terminal for 80 columns wide.
+TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb", "LINES": "50"}
 
 
 def test_a_whole_session_on_sqlite_and_postgresql(
@@ -52,7 +53,7 @@ def test_a_whole_session_on_sqlite_and_postgresql(
     assert snap.version == 7 and set(snap.tenants) == {"acme", "globex", "regulated"}
 
     # listings: a table, and the same fields as JSON
-    table = run("shard", "list")
+    table = run("shard", "list", env=TERMINAL)
     assert f"map version {snap.version}" in table
     assert read_header(table) == ["shard", "tier", "state", "weight", "tenants", "url"]
     listed = run.json("shard", "list")
@@ -60,6 +61,9 @@ def test_a_whole_session_on_sqlite_and_postgresql(
     assert read_table(table) == [
         [r["name"], r["tier"], r["state"], str(r["weight"]), str(r["tenants"]), r["url"]]
         for r in listed
+    ]
+    assert run("shard", "list").splitlines() == [  # plain lines to a pipe
+        "\t".join(row) for row in read_table(table)
     ]
     assert sum(r["tenants"] for r in listed) == 3
     assert [r["name"] for r in run.json("shard", "list", "--tier", "dedicated")] == ["d1"]
@@ -124,7 +128,8 @@ def test_empty_listings_say_so(run: Run) -> None:
     run("init")
     assert run.json("shard", "list") == []
     assert run.json("tenant", "list") == []
-    assert "none" in run("shard", "list")
+    assert "none" in run("shard", "list", env=TERMINAL)
+    assert run("shard", "list") == ""
     assert run("tenant", "list", env=TERMINAL) == "tenants: none\n"
     assert run("tenant", "list") == ""  # no line to a pipe
 

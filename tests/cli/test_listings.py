@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 
 Rows = Callable[[str], list[list[str]]]
 
-#: What makes the commands take stdout for a terminal (rich reads it), without colour.
-TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb"}
+#: What makes the commands take stdout for a terminal (rich reads it), without colour;
+#: LINES with COLUMNS keeps rich from taking a dumb terminal for 80 columns wide.
+TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb", "LINES": "50"}
 
 
 @pytest.fixture
@@ -161,7 +162,14 @@ def test_lookups_and_shard_list_never_load_the_whole_map(
     monkeypatch.setattr(Catalog, "list_tenants", no_snapshot)
     listed = run.json("shard", "list")
     assert {s["name"]: s["tenants"] for s in listed} == counts
-    assert f"map version {version}" in run("shard", "list")
+    assert f"map version {version}" in run("shard", "list", env=TERMINAL)
+    assert run("shard", "list").splitlines()[0].split("\t")[:5] == [
+        "d1",
+        "dedicated",
+        "active",
+        "1",
+        "1",
+    ]
     assert [s["name"] for s in run.json("shard", "list", "--tier", "dedicated")] == ["d1", "d2"]
     assert run.json("route", "acme_3") == {
         "tenant": "acme_3",
@@ -174,3 +182,18 @@ def test_lookups_and_shard_list_never_load_the_whole_map(
     assert run.json("shard", "show", "s2")["tenant_ids"] == ["acme_3", "globex"]
     assert ids(run("tenant", "list", "--shard", "s2")) == ["acme_3", "globex"]
     assert "unknown tenant 'ghost'" in run.fail("route", "ghost")
+
+
+def test_shard_list_is_limited_on_a_terminal(
+    run: Run, fleet: Catalog, read_table: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = run("shard", "list", "--limit", "2", env=TERMINAL)
+    assert [row[0] for row in read_table(out)] == ["d1", "d2"]
+    assert out.splitlines()[-1] == "2 of 4 shown: --limit N for more"
+    monkeypatch.setattr(app, "TERMINAL_LIMIT", 3)
+    out = run("shard", "list", env=TERMINAL)
+    assert [row[0] for row in read_table(out)] == ["d1", "d2", "s1"]
+    assert out.splitlines()[-1] == "3 of 4 shown: --limit N for more"
+    assert "shown" not in run("shard", "list", "--tier", "shared", env=TERMINAL)
+    assert [s["name"] for s in run.json("shard", "list", "--limit", "1")] == ["d1"]
+    assert len(run("shard", "list").splitlines()) == 4  # a pipe gets every shard
