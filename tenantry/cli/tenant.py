@@ -183,9 +183,10 @@ def tenant_list(
         )
         if more:
             total = catalog.count_tenants(**filters)
+            page = f"; next page: --after {found[-1].id}" if found else ""
             state.console.print(
-                f"{len(found)} of {total:,} shown; next page: --after {found[-1].id}"
-                f"{'' if limit else ' (--limit N for more at once)'}"
+                f"{len(found)} of {total:,} shown{page}"
+                f"{'' if limit is not None else ' (--limit N for more at once)'}"
             )
 
 

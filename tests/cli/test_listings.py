@@ -104,6 +104,10 @@ def test_a_terminal_gets_a_limited_table_that_says_how_to_go_on(
     assert out.splitlines()[-1] == (
         "4 of 6 shown; next page: --after beta (--limit N for more at once)"
     )
+    assert run("tenant", "list", "--limit", "0", env=TERMINAL).splitlines() == [
+        "tenants: none",
+        "0 of 6 shown",
+    ]
     # all of it fits: no hint
     out = run("tenant", "list", "--limit", "6", env=TERMINAL)
     assert [row[0] for row in read_table(out)] == ALL and "shown" not in out
