@@ -147,6 +147,7 @@ def shard_add(
 @click.option(
     "--limit",
     type=click.IntRange(min=0),
+    metavar="N",
     help=f"Show at most N [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
 )
 @json_option
@@ -194,6 +195,7 @@ def shard_list(
 @click.option(
     "--limit",
     type=click.IntRange(min=0),
+    metavar="N",
     help=f"Name at most N of its tenants [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
 )
 @json_option

@@ -103,10 +103,11 @@ def listing_options(func: F) -> F:
     func = click.option(
         "--limit",
         type=click.IntRange(min=0),
+        metavar="N",
         help=f"Show at most N [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
     )(func)
     func = click.option(
-        "--offset", type=click.IntRange(min=0), default=0, help="Skip the first N."
+        "--offset", type=click.IntRange(min=0), default=0, metavar="N", help="Skip the first N."
     )(func)
     return click.option(
         "--after", metavar="ID", help="Start after tenant ID (the last of the previous page)."
