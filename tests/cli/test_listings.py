@@ -201,3 +201,20 @@ def test_shard_list_is_limited_on_a_terminal(
     assert "shown" not in run("shard", "list", "--tier", "shared", env=TERMINAL)
     assert [s["name"] for s in run.json("shard", "list", "--limit", "1")] == ["d1"]
     assert len(run("shard", "list").splitlines()) == 4  # a pipe gets every shard
+
+
+def test_iter_tenants_pages_across_batch_boundaries(bigger: Catalog) -> None:
+    every = [t.id for t in bigger.iter_tenants()]
+    assert every == ALL
+    for size in (1, 2, 4, 5, 6, 7):
+        assert [t.id for t in bigger.iter_tenants(batch_size=size)] == ALL
+        assert [t.id for t in bigger.iter_tenants(batch_size=size, offset=1, limit=4)] == ALL[1:5]
+        assert [t.id for t in bigger.iter_tenants(batch_size=size, after="acme-2")] == ALL[2:]
+    assert list(bigger.iter_tenants(limit=0)) == []
+    assert [t.to_record() for t in bigger.iter_tenants()] == [
+        t.to_record() for t in bigger.list_tenants()
+    ]
+    assert bigger.count_tenants(shard="s1", pinned=False) == 3
+    assert bigger.tenant_counts() == {"s1": 3, "s2": 2, "d1": 1}
+    with pytest.raises(ValueError, match="offset and limit"):
+        bigger.iter_tenants(limit=-1)
