@@ -13,6 +13,7 @@ import pytest
 
 from tenantry import Catalog, Tier
 from tenantry.cli import app
+from tenantry.shardmap.schema import shards
 
 if TYPE_CHECKING:
     from tests.cli.conftest import Run
@@ -218,3 +219,16 @@ def test_iter_tenants_pages_across_batch_boundaries(bigger: Catalog) -> None:
     assert bigger.tenant_counts() == {"s1": 3, "s2": 2, "d1": 1}
     with pytest.raises(ValueError, match="offset and limit"):
         bigger.iter_tenants(limit=-1)
+
+
+def test_shard_list_marks_a_shard_routed_through_a_pooler(
+    run: Run, fleet: Catalog, read_table: Rows
+) -> None:
+    with fleet.engine.begin() as conn:  # as `shard add --pooled` records it
+        conn.execute(shards.update().where(shards.c.name == "s2").values(pooled=True))
+    url = fleet.get_shard("s2").url
+    lines = {line.split("\t")[0]: line.split("\t") for line in run("shard", "list").splitlines()}
+    assert lines["s2"][5] == f"{url} (pooled)" and lines["s1"][5].endswith(".db")
+    table = {row[0]: row for row in read_table(run("shard", "list", env=TERMINAL))}
+    assert table["s2"][5] == f"{url} (pooled)"
+    assert {s["name"]: s["pooled"] for s in run.json("shard", "list")}["s2"] is True
