@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
@@ -16,18 +17,24 @@ from rich.table import Table
 
 from tenantry.errors import TenantryError
 from tenantry.settings import TenantrySettings, load_settings
-from tenantry.shardmap import Catalog, ShardState, Tier
+from tenantry.shardmap import Catalog, ShardState, TenantState, Tier
 
 __all__ = [
     "MODES",
     "STATES",
+    "TENANT_STATES",
+    "TERMINAL_LIMIT",
     "TIERS",
     "CliState",
     "Failure",
     "cli",
     "emit_json",
+    "emit_json_list",
+    "emit_json_with_list",
+    "emit_lines",
     "human_size",
     "json_option",
+    "listing_limit",
     "mode_options",
     "pass_state",
     "render_table",
@@ -139,6 +146,8 @@ MODES = click.Choice(["offline", "online", "auto"])
 #: A shard's tier, and its states.
 TIERS = click.Choice([t.value for t in Tier])
 STATES = click.Choice([s.value for s in ShardState])
+#: A tenant's states.
+TENANT_STATES = click.Choice([s.value for s in TenantState])
 
 
 def mode_options(func: F) -> F:
@@ -180,6 +189,83 @@ def _plain(value: Any) -> Any:
 def emit_json(data: Any) -> None:
     """Print *data* as indented JSON on stdout."""
     click.echo(json.dumps(data, indent=2, default=_plain, sort_keys=False))
+
+
+#: Lines (or JSON items) written to stdout at a time when streaming a listing.
+_CHUNK = 1000
+
+#: How many rows a listing shows on a terminal when no --limit is given.
+TERMINAL_LIMIT = 100
+
+
+def listing_limit(state: CliState, limit: int | None) -> int | None:
+    """The rows a listing shows: *limit* when given, else :data:`TERMINAL_LIMIT` on a
+    terminal and every row otherwise (pipes and files get the whole listing)."""
+    if limit is not None:
+        return limit
+    return TERMINAL_LIMIT if state.console.is_terminal else None
+
+
+def emit_lines(lines: Iterable[str]) -> int:
+    """Write *lines* to stdout as they come, a chunk at a time; return how many."""
+    count = 0
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) >= _CHUNK:
+            click.echo("\n".join(chunk))
+            count += len(chunk)
+            chunk.clear()
+    if chunk:
+        click.echo("\n".join(chunk))
+        count += len(chunk)
+    return count
+
+
+def _indented(data: Any, depth: int) -> str:
+    """*data* as indented JSON nested *depth* levels deep (JSON text has no raw
+    newlines inside strings, so indenting its lines is safe)."""
+    text = json.dumps(data, indent=2, default=_plain)
+    return text.replace("\n", "\n" + "  " * depth)
+
+
+def _json_items(items: Iterable[Any], depth: int, encoded: bool = False) -> Iterable[str]:
+    """The lines of a JSON list's items, as ``json.dumps(..., indent=2)`` lays them
+    out *depth* levels deep, with the commas; nothing for an empty list. *encoded*:
+    the items are JSON text laid out so already."""
+    pad = "  " * (depth + 1)
+    previous: str | None = None
+    for item in items:
+        if previous is not None:
+            yield previous + ","
+        previous = pad + (item if encoded else _indented(item, depth + 1))
+    if previous is not None:
+        yield previous
+
+
+def emit_json_list(items: Iterable[Any], *, encoded: bool = False) -> None:
+    """Print *items* as an indented JSON list, streamed: the same text as
+    :func:`emit_json` of the list, without holding it whole. With *encoded*, each item
+    is its JSON text already, laid out one level deep."""
+    lines = iter(_json_items(items, 0, encoded))
+    first = next(lines, None)
+    if first is None:
+        click.echo("[]")
+        return
+    emit_lines(itertools.chain(["[", first], lines, ["]"]))
+
+
+def emit_json_with_list(record: dict[str, Any], key: str, items: Iterable[Any]) -> None:
+    """Print *record* with *key* set to the list of *items*, as :func:`emit_json`
+    would, the list streamed (*key* comes last)."""
+    head = _indented({k: v for k, v in record.items() if k != key}, 0)
+    lines = iter(_json_items(items, 1))
+    first = next(lines, None)
+    opening = head[:-2] + ("," if len(head) > 2 else "")
+    if first is None:
+        click.echo(f"{opening}\n  {json.dumps(key)}: []\n}}")
+        return
+    emit_lines(itertools.chain([f"{opening}\n  {json.dumps(key)}: [", first], lines, ["  ]\n}"]))
 
 
 def render_table(

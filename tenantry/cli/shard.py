@@ -3,7 +3,7 @@ the shards of the fleet."""
 
 from __future__ import annotations
 
-from collections import Counter
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,10 +13,14 @@ import click
 from tenantry import migrations
 from tenantry.cli.app import (
     STATES,
+    TERMINAL_LIMIT,
     TIERS,
     CliState,
     emit_json,
+    emit_json_with_list,
+    emit_lines,
     json_option,
+    listing_limit,
     pass_state,
     render_table,
 )
@@ -140,54 +144,91 @@ def shard_add(
 @shard_group.command("list")
 @click.option("--tier", type=TIERS, help="Only shards of this tier.")
 @click.option("--state", "shard_state", type=STATES, help="Only shards in this state.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help=f"Show at most N [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
+)
 @json_option
 @pass_state
-def shard_list(state: CliState, tier: str | None, shard_state: str | None, as_json: bool) -> None:
-    """List the shards with their tenant counts."""
-    snapshot = state.catalog().snapshot()
-    counts = Counter(t.shard for t in snapshot.tenants.values())
-    shards = [
-        s
-        for s in sorted(snapshot.shards.values(), key=lambda s: s.name)
-        if (tier is None or s.tier.value == tier)
-        and (shard_state is None or s.state.value == shard_state)
-    ]
+def shard_list(
+    state: CliState, tier: str | None, shard_state: str | None, limit: int | None, as_json: bool
+) -> None:
+    """List the shards with their tenant counts, by name.
+
+    On a terminal, a table of the first 100 (--limit N for more); to a pipe or a file,
+    every shard, one tab-separated line each (the table's columns).
+    """
+    listing = state.catalog().shard_listing(tier=tier, state=shard_state)
     if as_json:
-        emit_json([s.to_record(counts[s.name]) for s in shards])
+        emit_json([s.to_record(count) for s, count in listing.shards[:limit]])
         return
+    rows = (
+        [
+            s.name,
+            s.tier.value,
+            s.state.value,
+            str(s.weight),
+            str(count),
+            mask_url(s.url) + (" (pooled)" if s.pooled else ""),
+        ]
+        for s, count in listing.shards[:limit]
+    )
+    if not state.console.is_terminal:
+        emit_lines("\t".join(row) for row in rows)
+        return
+    shown = listing_limit(state, limit)
     render_table(
         state.console,
         ["shard", "tier", "state", "weight", "tenants", "url"],
-        (
-            [
-                s.name,
-                s.tier.value,
-                s.state.value,
-                s.weight,
-                counts[s.name],
-                mask_url(s.url) + (" (pooled)" if s.pooled else ""),
-            ]
-            for s in shards
-        ),
-        title=f"shards (map version {snapshot.version})",
+        itertools.islice(rows, shown),
+        title=f"shards (map version {listing.map_version})",
     )
+    total = len(listing.shards)
+    if shown is not None and total > shown:
+        state.console.print(f"{shown} of {total:,} shown: --limit N for more")
 
 
 @shard_group.command("show")
 @click.argument("name")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help=f"Name at most N of its tenants [default: {TERMINAL_LIMIT} on a terminal, all otherwise].",
+)
 @json_option
 @pass_state
-def shard_show(state: CliState, name: str, as_json: bool) -> None:
-    """Show one shard and the tenants it holds."""
-    snapshot = state.catalog().snapshot()
-    shard = snapshot.shard(name)
-    tenants = snapshot.tenants_on(name)
-    record = shard.to_record(len(tenants))
+def shard_show(state: CliState, name: str, limit: int | None, as_json: bool) -> None:
+    """Show one shard and the tenants it holds (by id; `tenant list --shard NAME` pages
+    through them)."""
+    catalog = state.catalog()
+    shard, count = catalog.shard_with_count(name)
+    record = shard.to_record(count)
+    shown = limit if as_json else listing_limit(state, limit)
+    ids = (t.id for t in catalog.iter_tenants(shard=name, limit=shown))
     if as_json:
-        emit_json({**record, "tenant_ids": [t.id for t in tenants]})
+        emit_json_with_list(record, "tenant_ids", ids)
         return
     render_table(state.console, ["field", "value"], record.items(), title=f"shard {name}")
-    state.console.print("tenants: " + (", ".join(t.id for t in tenants) or "none"))
+    if count == 0 or shown == 0:
+        state.console.print("tenants: none" if count == 0 else f"tenants: {count:,}")
+        return
+    # streamed: thousands of ids go out a chunk at a time, on one line
+    click.echo("tenants: ", nl=False)
+    written = 0
+    chunk: list[str] = []
+    for tenant_id in ids:
+        chunk.append(tenant_id)
+        if len(chunk) >= 1000:
+            click.echo((", " if written else "") + ", ".join(chunk), nl=False)
+            written += len(chunk)
+            chunk.clear()
+    click.echo((", " if written and chunk else "") + ", ".join(chunk), nl=False)
+    written += len(chunk)
+    more = count - written
+    click.echo(f" (and {more:,} more: `tenantry tenant list --shard {name}`)" if more > 0 else "")
 
 
 @shard_group.command("set")

@@ -11,7 +11,7 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
-from tenantry.shardmap import mask_url, validate_tenant_id
+from tenantry.shardmap import mask_url
 
 __all__ = ["COMMANDS"]
 
@@ -38,16 +38,13 @@ def init_command(state: CliState, as_json: bool) -> None:
 @pass_state
 def route_command(state: CliState, tenant_id: str, as_json: bool) -> None:
     """Print where tenant ID lives: shard, tier and URL (password masked)."""
-    validate_tenant_id(tenant_id)
-    snapshot = state.catalog().snapshot()
-    tenant = snapshot.tenant(tenant_id)
-    shard = snapshot.shard(tenant.shard)
+    route = state.catalog().route_of(tenant_id)
     record = {
-        "tenant": tenant.id,
-        "shard": shard.name,
-        "tier": shard.tier.value,
-        "url": mask_url(shard.url),
-        "map_version": snapshot.version,
+        "tenant": route.tenant.id,
+        "shard": route.shard.name,
+        "tier": route.shard.tier.value,
+        "url": mask_url(route.shard.url),
+        "map_version": route.map_version,
     }
     if as_json:
         emit_json(record)

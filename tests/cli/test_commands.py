@@ -17,6 +17,10 @@ if TYPE_CHECKING:
 Rows = Callable[[str], list[list[str]]]
 Header = Callable[[str], list[str]]
 
+#: What makes the commands take stdout for a terminal (rich reads it), without colour;
+#: LINES with COLUMNS keeps rich from taking a dumb terminal for 80 columns wide.
+TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "dumb", "LINES": "50"}
+
 
 def test_a_whole_session_on_sqlite_and_postgresql(
     db_url: str, tmp_path: Path, make_run: type[Run], read_table: Rows, read_header: Header
@@ -49,7 +53,7 @@ def test_a_whole_session_on_sqlite_and_postgresql(
     assert snap.version == 7 and set(snap.tenants) == {"acme", "globex", "regulated"}
 
     # listings: a table, and the same fields as JSON
-    table = run("shard", "list")
+    table = run("shard", "list", env=TERMINAL)
     assert f"map version {snap.version}" in table
     assert read_header(table) == ["shard", "tier", "state", "weight", "tenants", "url"]
     listed = run.json("shard", "list")
@@ -58,16 +62,23 @@ def test_a_whole_session_on_sqlite_and_postgresql(
         [r["name"], r["tier"], r["state"], str(r["weight"]), str(r["tenants"]), r["url"]]
         for r in listed
     ]
+    assert run("shard", "list").splitlines() == [  # plain lines to a pipe
+        "\t".join(row) for row in read_table(table)
+    ]
     assert sum(r["tenants"] for r in listed) == 3
     assert [r["name"] for r in run.json("shard", "list", "--tier", "dedicated")] == ["d1"]
 
     tenants = run.json("tenant", "list")
     assert [t["id"] for t in tenants] == ["acme", "globex", "regulated"]
     assert set(tenants[0]) == {"id", "shard", "tier", "pinned", "state", "created_at"}
-    table = run("tenant", "list")
+    table = run("tenant", "list", env=TERMINAL)  # a table on a terminal
     assert read_header(table) == ["tenant", "shard", "tier", "pinned", "state"]
     assert read_table(table) == [
         [t["id"], t["shard"], t["tier"], "yes" if t["pinned"] else "", t["state"]] for t in tenants
+    ]
+    assert run("tenant", "list").splitlines() == [  # plain lines to a pipe
+        "\t".join([t["id"], t["shard"], t["tier"], "yes" if t["pinned"] else "no", t["state"]])
+        for t in tenants
     ]
     assert [t["id"] for t in run.json("tenant", "list", "--shard", "d1")] == ["regulated"]
 
@@ -117,8 +128,10 @@ def test_empty_listings_say_so(run: Run) -> None:
     run("init")
     assert run.json("shard", "list") == []
     assert run.json("tenant", "list") == []
-    assert "none" in run("shard", "list")
-    assert run("tenant", "list") == "tenants: none\n"
+    assert "none" in run("shard", "list", env=TERMINAL)
+    assert run("shard", "list") == ""
+    assert run("tenant", "list", env=TERMINAL) == "tenants: none\n"
+    assert run("tenant", "list") == ""  # no line to a pipe
 
 
 def test_init_twice_is_fine(run: Run) -> None:

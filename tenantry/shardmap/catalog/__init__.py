@@ -3,11 +3,13 @@
 :class:`Catalog` is assembled from one part per job, each a module of its own:
 ``store`` (engine, schema revision, transactions that bump and announce the map
 version), ``reads`` (snapshots and changes for routers), ``shards``
-(shard registration, fence keys) and ``tenants`` (the tenant directory).
+(shard registration, fence keys), ``tenants`` (the tenant directory) and ``listing``
+(targeted reads for listings and look-ups of one tenant or shard).
 """
 
 from __future__ import annotations
 
+from tenantry.shardmap.catalog.listing import MapListing
 from tenantry.shardmap.catalog.reads import MapReads
 from tenantry.shardmap.catalog.shards import ShardRegistry, prepare_shard
 from tenantry.shardmap.catalog.store import NOTIFY_CHANNEL
@@ -16,7 +18,7 @@ from tenantry.shardmap.catalog.tenants import TenantDirectory, set_residency
 __all__ = ["NOTIFY_CHANNEL", "Catalog", "catalog_of", "prepare_shard", "set_residency"]
 
 
-class Catalog(MapReads, ShardRegistry, TenantDirectory):
+class Catalog(MapReads, MapListing, ShardRegistry, TenantDirectory):
     """The shard map's store.
 
     ``Catalog()`` opens the catalog named by the settings (``TENANTRY_CATALOG_URL``,
