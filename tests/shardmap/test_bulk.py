@@ -18,11 +18,13 @@ from tenantry.errors import (
     PlacementError,
     ShardNotActive,
     ShardOccupied,
+    ShardUnavailable,
     TenantExists,
     TenantryError,
     TierMismatch,
     UnknownShard,
 )
+from tenantry.shardmap.catalog import bulk
 from tenantry.shardmap.catalog.bulk import BulkImportFailed, TenantRecord, read_records
 from tenantry.shardmap.model import Tier
 
@@ -149,6 +151,30 @@ def test_the_same_refusals_as_tenant_add(
         assert str(bulk.value).startswith("line 2: a dedicated tenant needs its own shard")
     else:
         assert str(bulk.value).startswith(f"line 2: {one.value}")
+    assert state(fleet, read_residency) == before
+
+
+def test_a_shard_failing_mid_batch_takes_back_the_rows_written(
+    fleet: Catalog, read_residency: Residency, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = bulk._write_residency
+    calls: list[list[str]] = []
+
+    def second_shard_down(engine: Any, ids: list[str], version: int) -> None:
+        calls.append(ids)
+        if len(calls) == 2:
+            raise ShardUnavailable("cannot reach shard 's2' (test)", shard="s2")
+        real(engine, ids, version)
+
+    monkeypatch.setattr(bulk, "_write_residency", second_shard_down)
+    before = state(fleet, read_residency)
+    with pytest.raises(BulkImportFailed) as caught:
+        fleet.add_tenants([{"id": f"t{i}"} for i in range(1, 51)])
+    assert len(calls) == 2 and calls[0]  # one shard had its rows written, then taken back
+    assert isinstance(caught.value.cause, ShardUnavailable) and caught.value.added == 0
+    assert str(caught.value).startswith(
+        "cannot reach shard 's2' (test); nothing from line 1 on was added, nothing was added"
+    )
     assert state(fleet, read_residency) == before
 
 

@@ -69,6 +69,7 @@ __all__ = [
 DEFAULT_BATCH_SIZE = 1_000
 #: The fields of a record: ``id`` required, the others optional.
 FIELDS = ("id", "shard", "tier", "pinned")
+_IN_CHUNK = 5_000
 _TRUE = {"true", "yes", "y", "1", "on"}
 _FALSE = {"false", "no", "n", "0", "off", ""}
 
@@ -300,7 +301,7 @@ def add_tenants(
                 raise
             except TenantryError as exc:  # a shard or the catalog failed: no line to blame
                 line = batch[0].line or position
-                raise _stopped(line, str(exc), exc, added, batch) from None
+                raise _stopped(line, str(exc), exc, added, batch, blame=False) from None
             for name in placed:
                 per_shard[name] += 1
             added += len(batch)
@@ -351,13 +352,20 @@ def _check_record(record: TenantRecord, seen: dict[str, int]) -> None:
 
 
 def _stopped(
-    line: int, reason: str, cause: TenantryError | None, added: int, batch: list[TenantRecord]
+    line: int,
+    reason: str,
+    cause: TenantryError | None,
+    added: int,
+    batch: list[TenantRecord],
+    *,
+    blame: bool = True,
 ) -> BulkImportFailed:
     start = min([r.line for r in batch if r.line is not None] + [line])
     before = f"the {added:,} tenant(s) before it were added" if added else "nothing was added"
+    what, fix = (f"line {line}: {reason}", "fix the line and") if blame else (reason, "then")
     return BulkImportFailed(
-        f"line {line}: {reason}; nothing from line {start} on was added, {before}: fix the "
-        f"line and import again from line {start}",
+        f"{what}; nothing from line {start} on was added, {before}: {fix} import again "
+        f"from line {start}",
         line=line,
         cause=cause,
         added=added,
@@ -413,9 +421,15 @@ def _place(conn: Connection, batch: list[TenantRecord]) -> list[Shard]:
     """Each record's home, checked as ``add_tenant`` checks one."""
     ids = [r.id for r in batch]
     line_of = {r.id: r.line or 0 for r in batch}
-    existing = conn.execute(
-        sa.select(tenants.c.id, tenants.c.shard).where(tenants.c.id.in_(ids))
-    ).all()
+    existing = [
+        row
+        for start in range(0, len(ids), _IN_CHUNK)  # a server takes so many parameters
+        for row in conn.execute(
+            sa.select(tenants.c.id, tenants.c.shard).where(
+                tenants.c.id.in_(ids[start : start + _IN_CHUNK])
+            )
+        )
+    ]
     if existing:
         tenant_id, shard = min(existing, key=lambda row: line_of[row[0]])
         error = TenantExists(tenant_id, shard)
@@ -503,4 +517,6 @@ def _drop_residency(engine: Engine, ids: list[str]) -> None:
     with engine.connect() as conn:
         conn = conn.execution_options(**WRITE)
         with conn.begin():
-            conn.execute(residency.delete().where(residency.c.tenant_id.in_(ids)))
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                conn.execute(residency.delete().where(residency.c.tenant_id.in_(chunk)))
