@@ -23,6 +23,7 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
+from tenantry.cli.tenant_import import import_command
 from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.rebalance.sizes import measure_sizes, stored_sizes
 from tenantry.shardmap import Tier
@@ -300,4 +301,5 @@ def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
     )
 
 
+tenant_group.add_command(import_command)
 COMMANDS = [tenant_group]

@@ -153,26 +153,29 @@ class MapCache:
         with self._refresh_lock:  # waits for a refresh in flight
             if time.monotonic() - self._checked < self._miss_interval:
                 return self.snapshot
-            return self._refresh_locked(None)
+            return self._refresh_locked()
 
     def refresh(self, *, min_version: int | None = None) -> MapSnapshot:
-        """Reload the snapshot if the catalog's version moved (or is below *min_version*).
+        """Bring the snapshot up to the catalog's version, if it moved.
 
-        Cheap when nothing changed: one query of the version. Otherwise it reads only
-        the tenants changed since its version (the catalog's change log), or the whole
-        map when the log does not reach back that far.
+        One statement, whether anything changed or not: the version and the tenants
+        changed since this snapshot's (the catalog's change log), applied at a cost in
+        proportion to the change; or the whole map when the log does not reach back
+        that far. *min_version* (a version the caller knows exists) changes nothing: the
+        catalog is read either way; it stays for callers that pass it.
         """
         with self._refresh_lock:
-            return self._refresh_locked(min_version)
+            return self._refresh_locked()
 
-    def _refresh_locked(self, min_version: int | None) -> MapSnapshot:
+    def _refresh_locked(self) -> MapSnapshot:
         current = self.snapshot
         checked = time.monotonic()
-        version = self._catalog.map_version()
-        self._checked = checked
-        if version == current.version and (min_version is None or version >= min_version):
-            return current
+        # One statement: the version and the tenants changed since ours (nothing when
+        # the map did not move), or None when the change log does not reach back.
         delta = self._catalog.map_delta(current.version)
+        self._checked = checked
+        if delta is not None and delta.version == current.version:
+            return current
         fresh = current.apply(delta) if delta is not None else self._catalog.snapshot()
         if fresh.version > current.version:
             with self._changed:

@@ -4,8 +4,10 @@ tenants, with the residency rows on their shards written alongside."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -19,6 +21,15 @@ from tenantry.errors import (
     TierMismatch,
 )
 from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog import bulk
+from tenantry.shardmap.catalog.bulk import (
+    DEFAULT_BATCH_SIZE,
+    BulkImportFailed,
+    BulkProgress,
+    BulkSummary,
+    TenantRecord,
+    read_records,
+)
 from tenantry.shardmap.catalog.store import CatalogStore, shard_from_row, tenant_from_row
 from tenantry.shardmap.model import (
     Shard,
@@ -33,7 +44,16 @@ from tenantry.shardmap.residency import Residency, clear_residency, commit_resid
 from tenantry.shardmap.ring import PlacementRing
 from tenantry.shardmap.schema import map_table, moves, shards, tenants
 
-__all__ = ["TenantDirectory", "drop_residency", "set_residency"]
+__all__ = [
+    "BulkImportFailed",
+    "BulkProgress",
+    "BulkSummary",
+    "TenantDirectory",
+    "TenantRecord",
+    "drop_residency",
+    "read_records",
+    "set_residency",
+]
 
 logger = logging.getLogger("tenantry.catalog")
 
@@ -103,6 +123,25 @@ class TenantDirectory(CatalogStore):
             raise
         logger.info("added tenant %s on shard %s", tenant_id, target.name)
         return tenant
+
+    def add_tenants(
+        self,
+        records: Iterable[TenantRecord | Mapping[str, Any]],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        on_batch: Callable[[BulkProgress], None] | None = None,
+    ) -> BulkSummary:
+        """Register many tenants: :meth:`add_tenant` for each record, in batches.
+
+        *records* are :class:`TenantRecord`\\ s or mappings with the keys ``id`` and,
+        optionally, ``shard``, ``tier`` and ``pinned`` (what :func:`read_records` reads
+        from CSV or JSON Lines). Each batch of *batch_size* is one catalog transaction and
+        one map version; its residency rows are written per shard, one transaction each,
+        before the catalog commits. A record ``add_tenant`` would refuse (or an id given
+        twice) raises :class:`BulkImportFailed` naming its line, with its batch left
+        unwritten; the batches before it stay. *on_batch* is called after each batch.
+        """
+        return bulk.add_tenants(self, records, batch_size=batch_size, on_batch=on_batch)
 
     def _new_home(self, conn: Connection, tenant_id: str, tier: Tier, shard: str | None) -> Shard:
         """Where a new tenant goes: *shard*, or the ring's choice; checked to take it."""
