@@ -11,9 +11,10 @@ Two limits hold at every moment:
 
 - the router's ``connection_budget``;
 - each PostgreSQL server's share: ``(max_connections - superuser_reserved_connections
-  - server_connection_reserve) // routers_per_server``, read from the server on the
-  first connection to it. Eight routers with the default settings then stay within
-  the server's ``max_connections`` together, with room left for operators.
+  - server_connection_reserve) // routers_per_server``, read from the server on a
+  connection of its own before the first counted one. Eight routers with the default
+  settings then stay within the server's ``max_connections`` together, with room left
+  for operators.
 
 A connection that would break a limit first makes room: the least recently used
 engines with idle connections (on that server, for the server's limit) are disposed,
@@ -90,7 +91,7 @@ class ConnectionBudget:
         self._per_server: defaultdict[str, int] = defaultdict(int)
         self._server_limits: dict[str, int] = {}
         self._queue: deque[object] = deque()
-        self._postgresql: set[str] = set()
+        self._readers: dict[str, threading.Lock] = {}
         self.waits = 0  # how many connections had to wait for room (for tests, stats)
 
     @property
@@ -113,22 +114,15 @@ class ConnectionBudget:
         server = server_of(url)
         postgresql = engine.dialect.name == "postgresql"
         is_async = engine.dialect.is_async
-        if postgresql:
-            self._postgresql.add(server)
 
         def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+            if postgresql and server not in self._server_limits:
+                self._learn_limits(server, is_async, lambda: dialect.connect(*cargs, **cparams))
             self._reserve(server, url, shard, is_async)
             try:
                 connection = dialect.connect(*cargs, **cparams)
             except BaseException:
                 self._release(server)
-                raise
-            try:
-                if postgresql and server not in self._server_limits:
-                    self._read_limits(server, connection)
-            except BaseException:
-                self._release(server)
-                connection.close()
                 raise
             counted = _Counted(server)
             record.info[_COUNTED] = counted
@@ -170,6 +164,28 @@ class ConnectionBudget:
             counted.open = False
         self._release(counted.server)
 
+    def _learn_limits(self, server: str, is_async: bool, connect: Callable[[], Any]) -> None:
+        """Read *server*'s limits once, on a connection of its own, before the first
+        connection to it is counted; one reader per server, the others wait for it. A
+        server that cannot be reached raises here what the connection would have."""
+        lock = self._readers.setdefault(server, threading.Lock())
+        while not lock.acquire(blocking=False):
+            if is_async:
+                await_only(asyncio.sleep(0.005))  # let the reader's coroutine run
+            else:
+                lock.acquire()
+                break
+        try:
+            if server in self._server_limits:
+                return
+            dbapi_connection = connect()
+            try:
+                self._read_limits(server, dbapi_connection)
+            finally:
+                dbapi_connection.close()
+        finally:
+            lock.release()
+
     def _read_limits(self, server: str, dbapi_connection: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -177,7 +193,6 @@ class ConnectionBudget:
             row = cursor.fetchone()
         finally:
             cursor.close()
-            dbapi_connection.rollback()
         if row is None:
             return
         usable = int(row[0]) - int(row[1]) - self._settings.server_connection_reserve
@@ -191,8 +206,6 @@ class ConnectionBudget:
         if self._open >= self._settings.connection_budget:
             return "router"
         limit = self._server_limits.get(server)
-        if limit is None and server in self._postgresql and self._per_server[server]:
-            limit = 1  # the first connection reads the server's limits, then the others
         if limit is not None and self._per_server[server] >= limit:
             return "server"
         return None

@@ -118,4 +118,7 @@ def test_eight_routers_never_exhaust_a_server(
     peaks = [r["peak"] for r in results]
     assert all(1 <= peak <= SHARE for peak in peaks), peaks  # each router within its share
     assert sum(r["waits"] for r in results) > 0  # the share bound: threads waited
-    assert len(seen) > 10 and 1 <= max(seen) <= ROUTERS * SHARE < MAX_CONNECTIONS - 3, max(seen)
+    # each router: its share, and once the connection that read the server's limits (a
+    # backend also lingers in pg_stat_activity a moment after its client hung up)
+    assert len(seen) > 10 and 1 <= max(seen) <= ROUTERS * (SHARE + 1), max(seen)
+    assert ROUTERS * (SHARE + 1) < MAX_CONNECTIONS - 3  # never "too many clients"
