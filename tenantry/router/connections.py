@@ -108,15 +108,18 @@ class ConnectionBudget:
         with self._cond:
             return {k: v for k, v in self._per_server.items() if v}
 
-    def watch(self, engine: Engine, url: str, shard: str | None = None) -> None:
+    def watch(
+        self, engine: Engine, url: str, shard: str | None = None, *, pooled: bool = False
+    ) -> None:
         """Count *engine*'s connections (of *shard*) against the router's and its
-        server's limits."""
+        server's limits. Through a pooler (*pooled*) the pooler guards the server: only
+        the router's limit applies."""
         server = server_of(url)
-        postgresql = engine.dialect.name == "postgresql"
+        shares_server = engine.dialect.name == "postgresql" and not pooled
         is_async = engine.dialect.is_async
 
         def do_connect(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
-            if postgresql and server not in self._server_limits:
+            if shares_server and server not in self._server_limits:
                 self._learn_limits(server, is_async, lambda: dialect.connect(*cargs, **cparams))
             self._reserve(server, url, shard, is_async)
             try:

@@ -115,7 +115,7 @@ class EngineRegistry:
         engine: Engine = getattr(handle, "sync_engine", handle)
         if engine.dialect.name == "postgresql":
             self._dialects.share(engine, shard.url)
-        self._budget.watch(engine, shard.url, shard.name)
+        self._budget.watch(engine, shard.url, shard.name, pooled=shard.pooled)
         if self._configure is not None:
             self._configure(engine, shard)
         if shard.tier is Tier.SHARED and engine.dialect.name == "postgresql":
