@@ -14,7 +14,8 @@ Two limits hold at every moment:
   - server_connection_reserve) // routers_per_server``, read from the server on a
   connection of its own before the first counted one. Eight routers with the default
   settings then stay within the server's ``max_connections`` together, with room left
-  for operators.
+  for operators. On the catalog's server, the router's catalog connections come out of
+  its share.
 
 A connection that would break a limit first makes room: the least recently used
 engines with idle connections (on that server, for the server's limit) are disposed,
@@ -45,6 +46,7 @@ from sqlalchemy.util import await_only
 
 from tenantry.errors import ConnectionBudgetExceeded
 from tenantry.settings import TenantrySettings
+from tenantry.shardmap.catalog.store import CATALOG_CONNECTIONS
 from tenantry.urls import mask_url
 
 __all__ = ["ConnectionBudget", "DialectStates", "server_of"]
@@ -83,8 +85,12 @@ class ConnectionBudget:
         self,
         settings: TenantrySettings,
         idle_engines: Callable[[str | None], list[Engine]],
+        *,
+        catalog_url: str | None = None,
     ) -> None:
         self._settings = settings
+        # the router's own catalog connections, when the catalog lives on a shard server
+        self._catalog_server = server_of(catalog_url) if catalog_url else None
         self._idle_engines = idle_engines
         self._cond = threading.Condition(threading.Lock())
         self._open = 0
@@ -172,12 +178,7 @@ class ConnectionBudget:
         connection to it is counted; one reader per server, the others wait for it. A
         server that cannot be reached raises here what the connection would have."""
         lock = self._readers.setdefault(server, threading.Lock())
-        while not lock.acquire(blocking=False):
-            if is_async:
-                await_only(asyncio.sleep(0.005))  # let the reader's coroutine run
-            else:
-                lock.acquire()
-                break
+        _acquire(lock, is_async)
         try:
             if server in self._server_limits:
                 return
@@ -199,7 +200,10 @@ class ConnectionBudget:
         if row is None:
             return
         usable = int(row[0]) - int(row[1]) - self._settings.server_connection_reserve
-        share = max(1, usable // self._settings.routers_per_server)
+        share = usable // self._settings.routers_per_server
+        if server == self._catalog_server:
+            share -= CATALOG_CONNECTIONS  # the catalog's connections are the router's too
+        share = max(1, share)
         with self._cond:
             self._server_limits[server] = share
             self._cond.notify_all()
@@ -305,7 +309,7 @@ class DialectStates:
 
     def __init__(self) -> None:
         self._states: dict[tuple[str, str | None, str], dict[str, Any]] = {}
-        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str | None, str], threading.Lock] = {}
         self.initialized = 0  # dialect set-ups run (the others were taken)
 
     def share(self, engine: Engine, url: str) -> None:
@@ -317,21 +321,38 @@ class DialectStates:
 
         def initialize(connection: Any) -> None:
             state = self._states.get(key)
-            if state is not None:
-                dialect.__dict__.update(state)
-                return
-            before = dict(vars(dialect))
-            found(connection)
-            self.initialized += 1
-            learned = {
-                name: value
-                for name, value in vars(dialect).items()
-                if name not in _NOT_SHARED and (name not in before or before[name] is not value)
-            }
-            with self._lock:
-                self._states.setdefault(key, learned)
+            if state is None:
+                # one set-up per key: engines connecting at once wait for the first
+                lock = self._key_locks.setdefault(key, threading.Lock())
+                _acquire(lock, dialect.is_async)
+                try:
+                    state = self._states.get(key)
+                    if state is None:
+                        before = dict(vars(dialect))
+                        found(connection)
+                        self._states[key] = {
+                            name: value
+                            for name, value in vars(dialect).items()
+                            if name not in _NOT_SHARED
+                            and (name not in before or before[name] is not value)
+                        }
+                        self.initialized += 1
+                        return
+                finally:
+                    lock.release()
+            dialect.__dict__.update(state)
 
         dialect.initialize = initialize  # type: ignore[method-assign]
+
+
+def _acquire(lock: threading.Lock, is_async: bool) -> None:
+    """Take *lock*; in SQLAlchemy's greenlet of an asyncio connect, without blocking the
+    event loop (the holder may be another coroutine on it)."""
+    if not is_async:
+        lock.acquire()
+        return
+    while not lock.acquire(blocking=False):
+        await_only(asyncio.sleep(0.005))
 
 
 #: Dialect attributes that are caches or this wrapper, not what initialize learned.

@@ -70,6 +70,7 @@ class EngineRegistry:
         *,
         configure: Callable[[Engine, Shard], None] | None = None,
         factory: Callable[..., Any] = make_engine,
+        catalog_url: str | None = None,
     ) -> None:
         self._settings = settings
         self._configure = configure
@@ -79,7 +80,7 @@ class EngineRegistry:
         self._created = 0
         self._disposed = 0
         self._closed = False
-        self._budget = ConnectionBudget(settings, self._idle_engines)
+        self._budget = ConnectionBudget(settings, self._idle_engines, catalog_url=catalog_url)
         self._dialects = DialectStates()
         smallest = min(settings.pool_size_shared, settings.pool_size_dedicated)
         if smallest + settings.max_overflow > settings.connection_budget:

@@ -90,6 +90,7 @@ class RouterBase:
                 settings,
                 configure=self._configure_engine,
                 factory=type(self).engine_factory,
+                catalog_url=self.catalog.url,
             )
         except BaseException:
             self._close_cache()  # else its thread and LISTEN connection outlive us

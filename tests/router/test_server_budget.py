@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 from tenantry import Router, load_settings
+from tenantry.router.connections import server_of
+from tenantry.shardmap.catalog.store import CATALOG_CONNECTIONS
 from tenantry.testing import TempPostgres
 from tests.router.conftest import ensure_app_role
 from tests.router.test_engines import DedicatedFleet, dedicated_databases
@@ -122,3 +124,32 @@ def test_eight_routers_never_exhaust_a_server(
     # backend also lingers in pg_stat_activity a moment after its client hung up)
     assert len(seen) > 10 and 1 <= max(seen) <= ROUTERS * (SHARE + 1), max(seen)
     assert ROUTERS * (SHARE + 1) < MAX_CONNECTIONS - 3  # never "too many clients"
+
+
+def test_the_catalogs_connections_come_out_of_its_servers_share(pg_fleet_builder: Any) -> None:
+    # the test fleet's catalog lives on server 0: a router's share there is smaller by
+    # what its catalog may hold
+    fleet = pg_fleet_builder()
+    fleet.add_shard("near", server=0)
+    fleet.add_shard("far", server=1)
+    fleet.add_tenant("t-near", "near")
+    fleet.add_tenant("t-far", "far")
+    router = fleet.new_router()
+    for tenant in ("t-near", "t-far"):
+        with router.session(tenant) as session:
+            session.execute(sa.text("SELECT 1"))
+    budget = router._engines._budget
+    near, far = (server_of(fleet.shard(name).url) for name in ("near", "far"))
+    if near == far:  # one server given for both (TENANTRY_TEST_PG_URLS): nothing to compare
+        assert budget.server_limit(near) is not None
+        return
+    with router.session("t-near") as session:
+        limits = session.execute(
+            sa.text(
+                "SELECT current_setting('max_connections')::int"
+                " - current_setting('superuser_reserved_connections')::int"
+            )
+        ).scalar_one()
+    share = (limits - 10) // 8
+    assert budget.server_limit(far) == share
+    assert budget.server_limit(near) == share - CATALOG_CONNECTIONS

@@ -67,6 +67,12 @@ _PRUNE_EVERY = 100
 INIT_LOCK_KEY = 0x7E4A7C01
 
 
+#: Connections one process's catalog may hold on the catalog's server at most: its
+#: engine (2 + 4 overflow), the map reads' engine (1 + 1) and the map listener (1).
+#: Routers leave them out of their share of that server (tenantry.router.connections).
+CATALOG_CONNECTIONS = 9
+
+
 class CatalogStore:
     """The catalog's connection and transactions, which the catalog's parts share
     (:class:`tenantry.shardmap.catalog.Catalog` is the whole catalog)."""
