@@ -37,9 +37,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing
 import os
 import random
+import re
 import secrets
 import subprocess
 import sys
@@ -79,7 +81,7 @@ from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.shardmap.catalog.shards import prepare_shard
 from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.schema import shards, tenants
-from tenantry.testing import create_database
+from tenantry.testing import create_database, drop_database
 
 NAME = "fleet_scale"
 MAX_CONNECTIONS = 500
@@ -160,6 +162,8 @@ class Fleet:
     dedicated: list[str]
     shared: list[str]
     figures: dict[str, Any]
+    databases: list[str]  # every URL made here, the catalog last
+    role: str
 
 
 def _role(server: str) -> tuple[str, str]:
@@ -284,7 +288,16 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
         with catalog.read_transaction() as conn:
             conn.execute(sa.text("ANALYZE"))
     catalog.close()
-    return Fleet(server, catalog_url, dedicated, shared, figures)
+    databases = [template, *urls, catalog_url]
+    return Fleet(server, catalog_url, dedicated, shared, figures, databases, role[0])
+
+
+def drop(fleet: Fleet) -> None:
+    """Drop every database and the role made here (on a server given with --pg-url)."""
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(drop_database, reversed(fleet.databases)))
+    with psycopg.connect(conninfo(fleet.server), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(fleet.role)))
 
 
 # -- question 1: one router ------------------------------------------------------------------
@@ -348,10 +361,6 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
         )
         for kind, pool in CELLS
     }
-    routers = {
-        name: Router(settings=load_settings(catalog_url=fleet.catalog_url, **extra))
-        for name, extra in VARIANTS.items()
-    }
     stats_conn = psycopg.connect(conninfo(fleet.server), autocommit=True)
     cells: dict[tuple[str, str, str], dict[str, Any]] = {
         (v, k, p): {
@@ -366,38 +375,46 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
         for k, p in CELLS
     }
     rng = random.Random(11)
+    variants = list(VARIANTS)
     try:
         with phase("question 1: one router, dedicated vs shared"):
-            for router in routers.values():
-                for pool in ("dedicated", "shared"):
-                    run_window(router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1)
             for round_ in range(cfg.rounds):
-                order = [(v, k, p) for v in VARIANTS for k, p in CELLS]
-                rng.shuffle(order)
-                for n, (v, k, p) in enumerate(order):
-                    router = routers[v]
-                    before = router.engine_stats()
-                    sessions = _sessions(stats_conn)
-                    lat, wall, failed = run_window(
-                        router, choosers[(k, p)], cfg.threads, cfg.window_s, round_ * 100 + n
-                    )
-                    after = router.engine_stats()
-                    cell = cells[(v, k, p)]
-                    cell["latencies"] += lat
-                    cell["wall"] += wall
-                    cell["failures"] += failed
-                    cell["created"] += after.created - before.created
-                    cell["disposed"] += after.disposed - before.disposed
-                    cell["sessions"] += _sessions(stats_conn) - sessions - 1
-                    cell["engine_stats"] = asdict(after)
-                    console.print(
-                        f"  round {round_ + 1} {v:>16} {k:>7} {p:>9}: "
-                        f"{len(lat) / wall:7.0f}/s p50 {fmt_ns(_p(lat, 50))}"
-                    )
+                # One router at a time (each has the server to itself, as its settings
+                # say), in the other order the next round; its cells interleaved.
+                for v in variants if round_ % 2 == 0 else variants[::-1]:
+                    settings = load_settings(catalog_url=fleet.catalog_url, **VARIANTS[v])
+                    with Router(settings=settings) as router:
+                        for pool in ("dedicated", "shared"):
+                            run_window(
+                                router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1
+                            )
+                        order = list(CELLS)
+                        rng.shuffle(order)
+                        for n, (k, p) in enumerate(order):
+                            before = router.engine_stats()
+                            sessions = _sessions(stats_conn)
+                            lat, wall, failed = run_window(
+                                router,
+                                choosers[(k, p)],
+                                cfg.threads,
+                                cfg.window_s,
+                                round_ * 100 + n,
+                            )
+                            after = router.engine_stats()
+                            cell = cells[(v, k, p)]
+                            cell["latencies"] += lat
+                            cell["wall"] += wall
+                            cell["failures"] += failed
+                            cell["created"] += after.created - before.created
+                            cell["disposed"] += after.disposed - before.disposed
+                            cell["sessions"] += _sessions(stats_conn) - sessions - 1
+                            cell["engine_stats"] = asdict(after)
+                            console.print(
+                                f"  round {round_ + 1} {v:>16} {k:>7} {p:>9}: "
+                                f"{len(lat) / wall:7.0f}/s p50 {fmt_ns(_p(lat, 50))}"
+                            )
     finally:
         stats_conn.close()
-        for router in routers.values():
-            router.close()
     out: dict[str, Any] = {"cells": [], "ratios": []}
     for (v, k, p), cell in cells.items():
         lat = cell["latencies"]
@@ -414,7 +431,9 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
                 "engines_created": cell["created"],
                 "engines_disposed": cell["disposed"],
                 "new_engine_share": cell["created"] / tx if tx else None,
-                "sessions_per_s": cell["sessions"] / cell["wall"] if cell["wall"] else 0.0,
+                "sessions_per_s": max(0.0, cell["sessions"] / cell["wall"])
+                if cell["wall"]
+                else 0.0,
                 "engine_stats": cell["engine_stats"],
             }
         )
@@ -478,6 +497,8 @@ def question_2(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
         for proc in procs:
             proc.start()
         with psycopg.connect(conninfo(fleet.server), autocommit=True) as conn:
+            row = conn.execute("SHOW max_connections").fetchone()
+            max_connections = int(row[0]) if row is not None else MAX_CONNECTIONS
 
             def sample() -> None:
                 while not stop.is_set():
@@ -510,7 +531,7 @@ def question_2(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
         "processes": cfg.processes,
         "threads_per_process": cfg.threads_per_process,
         "window_s": cfg.load_window_s,
-        "max_connections": MAX_CONNECTIONS,
+        "max_connections": max_connections,
         "peak_client_backends": max((a for a, _b in samples), default=0),
         "peak_router_backends": max((b for _a, b in samples), default=0),
         "samples": len(samples),
@@ -686,7 +707,8 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Mode **{cfg['mode']}**: {cfg['databases']:,} dedicated databases and "
         f"{cfg['shared_shards']} shared shards copied from one template on one server "
-        f"(max_connections {MAX_CONNECTIONS}), {cfg['tenants']:,} tenants. Load average "
+        f"(max_connections {data['question_2']['max_connections']}), {cfg['tenants']:,} "
+        f"tenants. Load average "
         f"{data['load_start']} at the start, {data['load_end']} at the end; "
         f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`.",
         "",
@@ -806,8 +828,12 @@ def markdown(data: dict[str, Any]) -> str:
         "",
     ]
     if q2["errors"]:
-        lines += ["Failures by message:", ""]
-        lines += [f"- {count} x `{msg}`" for msg, count in q2["errors"].items()]
+        lines += ["Failures by message (shard names and the port left out):", ""]
+        grouped: dict[str, int] = {}
+        for msg, count in q2["errors"].items():
+            key = re.sub(r"port \d+", "port N", re.sub(r"shard '[^']+'", "shard '...'", msg))
+            grouped[key] = grouped.get(key, 0) + count
+        lines += [f"- {count} x `{msg}`" for msg, count in grouped.items()]
         lines += [""]
     q3 = data["question_3"]
     prop = q3["propagation_ms"]
@@ -872,6 +898,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["question_2"] = question_2(fleet, cfg, phase)
         data["question_3"] = question_3(fleet, cfg, phase)
         data["question_4"] = question_4(fleet, phase)
+        if args.pg_url:
+            with phase("drop the databases"):
+                drop(fleet)
     data["phases_s"] = phase.seconds
     data["load_end"] = load_average()
     data["headline"] = headline(data)
@@ -882,7 +911,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 databases, 10,000 tenants")
     add_server_options(parser, default="start a throwaway one with max_connections=500")
+    parser.add_argument(
+        "--from-json", type=Path, help="only write the Markdown again from this results JSON"
+    )
     args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        finish(NAME, data, markdown(data), args.out, summary)
+        return
     data = timed(run, args)
     finish(NAME, data, markdown(data), args.out, summary)
 
