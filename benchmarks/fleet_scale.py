@@ -471,19 +471,27 @@ SAMPLE = (
 )
 
 
-def question_2(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+#: Question 2's second run: a reserve that also leaves room for the routers' own catalog
+#: connections (the catalog is on this server; each router holds about 3: its map read,
+#: its LISTEN and its catalog pool), which the per-server budget does not count.
+RESERVE_2B = 40
+
+
+def question_2(
+    fleet: Fleet, cfg: Config, phase: Phases, settings: dict[str, Any]
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")
     barrier = ctx.Barrier(cfg.processes + 1)
     results = ctx.Queue()
     samples: list[tuple[int, int]] = []
     stop = threading.Event()
-    with phase(f"question 2: {cfg.processes} router processes"):
+    with phase(f"question 2: {cfg.processes} router processes {settings or 'default'}"):
         procs = [
             ctx.Process(
                 target=load_process,
                 args=(
                     fleet.catalog_url,
-                    {},
+                    settings,
                     fleet.dedicated,
                     cfg.threads_per_process,
                     cfg.load_window_s,
@@ -528,6 +536,7 @@ def question_2(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
             errors[msg] = errors.get(msg, 0) + count
     too_many = sum(c for m, c in errors.items() if any(f in m for f in SERVER_FULL))
     return {
+        "settings": settings,
         "processes": cfg.processes,
         "threads_per_process": cfg.threads_per_process,
         "window_s": cfg.load_window_s,
@@ -682,6 +691,13 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(
         {"figure": "failures of a full server (too many clients)", "value": q2["too_many_clients"]}
     )
+    if "question_2b" in data:
+        out.append(
+            {
+                "figure": f"failures of a full server, server_connection_reserve={RESERVE_2B}",
+                "value": data["question_2b"]["too_many_clients"],
+            }
+        )
     q3 = data["question_3"]
     out.append(
         {
@@ -711,6 +727,10 @@ def markdown(data: dict[str, Any]) -> str:
         f"tenants. Load average "
         f"{data['load_start']} at the start, {data['load_end']} at the end; "
         f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`.",
+        "",
+        "## Goals of issue 19",
+        "",
+        markdown_table(["goal", "measured", "met"], goals(data), align="llc"),
         "",
         "## Build",
         "",
@@ -799,42 +819,9 @@ def markdown(data: dict[str, Any]) -> str:
         ),
         "",
     ]
-    q2 = data["question_2"]
-    lines += [
-        f"## 2. {q2['processes']} router processes, default settings, "
-        f"{q2['threads_per_process']} threads each, uniform over the dedicated tenants",
-        "",
-        markdown_table(
-            ["figure", "value"],
-            [
-                [
-                    "peak client backends (all) / max_connections",
-                    f"{q2['peak_client_backends']} / {q2['max_connections']}",
-                ],
-                ["peak client backends of the routers' roles", q2["peak_router_backends"]],
-                ["transactions, tx/s", f"{q2['transactions']:,}, {q2['tps']:,.0f}"],
-                [
-                    "p50 / p99 ms",
-                    f"{q2['latency_ms'].get('p50', 0):.2f} / {q2['latency_ms'].get('p99', 0):.2f}",
-                ],
-                ["failed transactions", q2["failed"]],
-                [
-                    "of which the server was full ('too many clients', 'remaining connection slots "
-                    "are reserved')",
-                    q2["too_many_clients"],
-                ],
-            ],
-        ),
-        "",
-    ]
-    if q2["errors"]:
-        lines += ["Failures by message (shard names and the port left out):", ""]
-        grouped: dict[str, int] = {}
-        for msg, count in q2["errors"].items():
-            key = re.sub(r"port \d+", "port N", re.sub(r"shard '[^']+'", "shard '...'", msg))
-            grouped[key] = grouped.get(key, 0) + count
-        lines += [f"- {count} x `{msg}`" for msg, count in grouped.items()]
-        lines += [""]
+    lines += _q2_lines(data["question_2"], "2")
+    if "question_2b" in data:
+        lines += _q2_lines(data["question_2b"], "2b")
     q3 = data["question_3"]
     prop = q3["propagation_ms"]
     rc = q3["refresh_cpu"]
@@ -880,6 +867,113 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def goals(data: dict[str, Any]) -> list[list[str]]:
+    """The issue's goals against this run's figures: (goal, measured, yes/no)."""
+    rows = []
+    for r in data["question_1"]["ratios"]:
+        rows.append(
+            [
+                f"one router, {r['choice']}, {r['variant']}: dedicated p50 <= {r['goal_p50']:g}x "
+                f"shared, throughput >= {r['goal_tps']:g}x",
+                f"{r['p50']:.2f}x, {r['tps']:.2f}x",
+                "yes" if r["met"] else "**no**",
+            ]
+        )
+    for key in ("question_2", "question_2b"):
+        if key in data:
+            q2 = data[key]
+            rows.append(
+                [
+                    f"{q2['processes']} routers ({_settings_text(q2.get('settings') or {})}) "
+                    "never fill the server",
+                    f"peak {q2['peak_client_backends']}/{q2['max_connections']}, "
+                    f"{q2['too_many_clients']} refused",
+                    "yes" if q2["too_many_clients"] == 0 else "**no**",
+                ]
+            )
+    q3 = data["question_3"]
+    p99 = q3["propagation_ms"].get("p99", float("nan"))
+    rows.append(
+        ["map propagation p99 <= 100 ms", f"{p99:.1f} ms", "yes" if p99 <= 100 else "**no**"]
+    )
+    cpu = q3["refresh_cpu"]["total_ms"]
+    rows.append(
+        [
+            "a change costs a router <= 1 ms of CPU (refresh)",
+            f"{cpu:.3f} ms",
+            "yes" if cpu <= 1 else "**no**",
+        ]
+    )
+    at = data["build"]["add_tenants"]
+    projected = 100_000 / at["rate"] if at["rate"] else float("nan")
+    rows.append(
+        [
+            "bulk registration of 100,000 tenants <= 60 s",
+            f"{at['added']:,} in {at['seconds']:.1f} s ({projected:.0f} s per 100,000)",
+            "yes" if projected <= 60 else "**no**",
+        ]
+    )
+    for c in data["question_4"]["commands"]:
+        limit = 3.0 if "list" in c["command"] and "shard" not in c["command"] else 1.0
+        if c["command"].startswith("tenantry --version"):
+            continue
+        rows.append(
+            [
+                f"`{c['command']}` <= {limit:g} s",
+                f"{c['seconds']:.2f} s",
+                "yes" if c["seconds"] <= limit and c["returncode"] == 0 else "**no**",
+            ]
+        )
+    return rows
+
+
+def _q2_lines(q2: dict[str, Any], number: str) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        f"## {number}. {q2['processes']} router processes, "
+        f"{_settings_text(q2.get('settings') or {})}, "
+        f"{q2['threads_per_process']} threads each, uniform over the dedicated tenants",
+        "",
+        markdown_table(
+            ["figure", "value"],
+            [
+                [
+                    "peak client backends (all) / max_connections",
+                    f"{q2['peak_client_backends']} / {q2['max_connections']}",
+                ],
+                ["peak client backends of the routers' roles", q2["peak_router_backends"]],
+                ["transactions, tx/s", f"{q2['transactions']:,}, {q2['tps']:,.0f}"],
+                [
+                    "p50 / p99 ms",
+                    f"{q2['latency_ms'].get('p50', 0):.2f} / {q2['latency_ms'].get('p99', 0):.2f}",
+                ],
+                ["failed transactions", q2["failed"]],
+                [
+                    "of which the server was full ('too many clients', 'remaining connection slots "
+                    "are reserved')",
+                    q2["too_many_clients"],
+                ],
+            ],
+        ),
+        "",
+    ]
+    if q2["errors"]:
+        lines += ["Failures by message (shard names and the port left out):", ""]
+        grouped: dict[str, int] = {}
+        for msg, count in q2["errors"].items():
+            key = re.sub(r"port \d+", "port N", re.sub(r"shard '[^']+'", "shard '...'", msg))
+            grouped[key] = grouped.get(key, 0) + count
+        lines += [f"- {count} x `{msg}`" for msg, count in grouped.items()]
+        lines += [""]
+    return lines
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "default settings"
+    return "default settings but " + ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
 def summary(data: dict[str, Any]) -> None:
     for h in data["headline"]:
         console.print(f"  {h['figure']}: {h['value']}")
@@ -895,7 +989,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
         data["question_1"] = question_1(fleet, cfg, phase)
-        data["question_2"] = question_2(fleet, cfg, phase)
+        data["question_2"] = question_2(fleet, cfg, phase, {})
+        data["question_2b"] = question_2(
+            fleet, cfg, phase, {"server_connection_reserve": RESERVE_2B}
+        )
         data["question_3"] = question_3(fleet, cfg, phase)
         data["question_4"] = question_4(fleet, phase)
         if args.pg_url:
