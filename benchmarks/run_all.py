@@ -48,6 +48,7 @@ BENCHMARKS = (
     ("fleet_migrations", "4"),
     ("rebalance", "-"),
     ("pooler", "-"),
+    ("fleet_scale", "-"),
 )
 TIMEOUT_S = {"quick": 15 * 60, "full": 45 * 60}
 #: Options of a full run beyond each benchmark's defaults, to keep the whole run near
@@ -267,6 +268,38 @@ def pooler_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def fleet_scale_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """Dedicated against shared through one router (default settings), the server
+    connections of 8 routers, map propagation and bulk registration at fleet scale."""
+    out = []
+    for r in data["question_1"]["ratios"]:
+        if r["variant"] == "default":
+            out.append(
+                {
+                    "figure": f"{r['choice']} dedicated / shared p50 over "
+                    f"{data['config']['databases']} databases, one router",
+                    "value": r["p50"],
+                }
+            )
+    q2 = data["question_2"]
+    out.append(
+        {
+            "figure": f"peak client backends of {q2['processes']} routers / max_connections",
+            "value": q2["peak_client_backends"] / q2["max_connections"],
+        }
+    )
+    out.append(
+        {
+            "figure": f"map propagation p99 to {data['question_3']['routers']} routers, ms",
+            "value": data["question_3"]["propagation_ms"].get("p99"),
+        }
+    )
+    out.append(
+        {"figure": "add_tenants, tenants per second", "value": data["build"]["add_tenants"]["rate"]}
+    )
+    return out
+
+
 def generic_headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     """A benchmark's own ``headline`` list ({figure, value or text}), if it has one."""
     found = data.get("headline")
@@ -282,6 +315,7 @@ EXTRACTORS: dict[str, Callable[[dict[str, Any]], list[dict[str, Any]]]] = {
     "fleet_migrations": fleet_headline,
     "rebalance": rebalance_headline,
     "pooler": pooler_headline,
+    "fleet_scale": fleet_scale_headline,
 }
 
 

@@ -1,0 +1,1024 @@
+"""Fleet scale (issue 19): 1,000 dedicated databases and 100,000 tenants on one server,
+one router and many.
+
+    python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
+
+One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
+template database is migrated once (tenantry's shard schema and a 10-row-key table
+``fleet_items`` under row-level security, granted to a NOSUPERUSER NOBYPASSRLS routing
+role); the dedicated databases (1,000) and a few shared shards (4) are copies of it.
+The dedicated shards and their tenants are written into the catalog in one
+transaction (their residency rows first); the rest of the 100,000 tenants are
+registered on the shared shards with :meth:`Catalog.add_tenants` (the ring places
+them), timed.
+
+1. **One router, dedicated against shared.** 8 threads route 1-select transactions
+   (rolled back) for a fixed window, to a tenant chosen uniformly or Zipf-skewed
+   (s=1.1, hot tenants in a random order), among the dedicated tenants or among the
+   shared ones; the four cells and the settings variants (defaults; ``max_engines``
+   1000) are interleaved in windows, in a random order each round. Per window: the
+   router's engines created and disposed, the server's sessions opened per second
+   (``pg_stat_database.sessions``), and ``router.engine_stats()`` at its end.
+2. **8 router processes, default settings,** each routing to uniformly chosen
+   dedicated tenants from 2 threads: the server's client backends sampled every 0.1 s
+   against ``max_connections``, and every failure counted by its message.
+3. **Map propagation.** 8 router processes with the background refresh (LISTEN) on the
+   catalog of 100,000 tenants; a writer pins or unpins a random tenant 20 times a
+   second; each router notes when each version arrives. Propagation is from the
+   writer's commit returning to a router seeing the version; refresh CPU per change is
+   the routers' process CPU over the writer's run divided by the changes, and
+   ``_map_refresh.refresh_cpu`` measures one refresh's CPU in this process.
+4. **The CLI at 100,000 tenants:** each command as a real process, timed.
+
+The load average at the start and the end is recorded: the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import multiprocessing
+import os
+import random
+import re
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from _common import (
+    Phases,
+    add_server_options,
+    console,
+    finish,
+    fmt_ns,
+    load_average,
+    machine_info,
+    machine_markdown,
+    markdown_table,
+    summarize,
+    timed,
+)
+from _fleet_scale_workers import TABLE, load_process, one, watch_process
+from _map_refresh import refresh_cpu
+from psycopg import sql
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+from tenantry import Catalog, Router, Shard, load_settings
+from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
+from tenantry.shardmap.catalog.shards import prepare_shard
+from tenantry.shardmap.drivers import make_engine
+from tenantry.shardmap.schema import shards, tenants
+from tenantry.testing import create_database, drop_database
+
+NAME = "fleet_scale"
+MAX_CONNECTIONS = 500
+#: Settings variants of question 1 (beyond the defaults).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "max_engines=1000": {"max_engines": 1000},
+    # The only router on the server: its share is the whole server (less the reserve).
+    "max_engines=1000, routers_per_server=1": {"max_engines": 1000, "routers_per_server": 1},
+}
+#: What a client is told when the server has no connection slot left for it.
+SERVER_FULL = ("too many clients", "remaining connection slots are reserved")
+CELLS = tuple(itertools.product(("zipf", "uniform"), ("dedicated", "shared")))
+#: Goals of issue 19: dedicated p50 / shared p50 at most, throughput ratio at least.
+GOALS = {"zipf": (2.0, 0.5), "uniform": (3.0, 0.33)}
+
+
+@dataclass(frozen=True)
+class Config:
+    """How much of everything to run."""
+
+    mode: str
+    databases: int = 1000
+    tenants: int = 100_000
+    shared_shards: int = 4
+    batch_size: int = 1000
+    threads: int = 8
+    window_s: float = 6.0
+    warmup_s: float = 2.0
+    rounds: int = 2
+    zipf_s: float = 1.1
+    processes: int = 8
+    threads_per_process: int = 2
+    load_window_s: float = 10.0
+    changes_per_s: float = 20.0
+    writer_s: float = 20.0
+    refresh_changes: int = 100
+
+
+FULL = Config(mode="full")
+QUICK = Config(
+    mode="quick",
+    databases=100,
+    tenants=10_000,
+    window_s=2.0,
+    warmup_s=1.0,
+    rounds=1,
+    load_window_s=4.0,
+    writer_s=5.0,
+    refresh_changes=40,
+)
+
+
+def conninfo(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextmanager
+def bench_server(urls: Sequence[str] | None) -> Any:
+    """A superuser URL: the given server's, or a throwaway one with max_connections=500."""
+    if urls:
+        yield urls[0]
+        return
+    from tenantry.testing import PostgresServers
+
+    settings = {"max_connections": str(MAX_CONNECTIONS)}
+    with PostgresServers(count=1, name="tenantry-bench", settings=settings) as servers:
+        yield servers.urls[0]
+
+
+# -- the fleet ---------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    server: str
+    catalog_url: str
+    dedicated: list[str]
+    shared: list[str]
+    figures: dict[str, Any]
+    databases: list[str]  # every URL made here, the catalog last
+    role: str
+
+
+def _role(server: str) -> tuple[str, str]:
+    name, password = f"fleet_{secrets.token_hex(3)}", secrets.token_hex(12)
+    with psycopg.connect(conninfo(server), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "CREATE ROLE {} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB NOCREATEROLE"
+                " NOINHERIT PASSWORD {}"
+            ).format(sql.Identifier(name), sql.Literal(password))
+        )
+    return name, password
+
+
+def _as_role(url: str, role: tuple[str, str]) -> str:
+    return (
+        make_url(url).set(username=role[0], password=role[1]).render_as_string(hide_password=False)
+    )
+
+
+def build(server: str, cfg: Config, phase: Phases) -> Fleet:
+    """The template, its copies, the catalog, and every tenant (see the docstring)."""
+    figures: dict[str, Any] = {}
+    role = _role(server)
+    token = secrets.token_hex(2)
+    with phase("template and copies"):
+        template = create_database(server, f"fs_tpl_{token}")
+        prepare_shard(Shard(name="template", url=template, admin_url=template))
+        engine = make_engine(template, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.exec_driver_sql(
+                    f"CREATE TABLE {TABLE} (tenant_id varchar(63) NOT NULL, id int NOT NULL,"
+                    " n int NOT NULL, PRIMARY KEY (tenant_id, id))"
+                )
+                tables = [RlsTable("public", TABLE)]
+                install_rls(conn, tables)
+                grant_routing_role(conn, role[0], tables)
+        finally:
+            engine.dispose()
+        template_name = make_url(template).database or ""
+        names = [f"fs_{token}_d{i:04d}" for i in range(cfg.databases)]
+        names += [f"fs_{token}_s{i}" for i in range(cfg.shared_shards)]
+        started = time.monotonic()
+
+        def clone(name: str) -> str:
+            url = create_database(server, name, template=template_name)
+            with psycopg.connect(conninfo(server), autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(
+                        sql.Identifier(name)
+                    )
+                )
+            return url
+
+        with ThreadPoolExecutor(4) as pool:
+            urls = list(pool.map(clone, names))
+        figures["clone_s"] = round(time.monotonic() - started, 1)
+        figures["databases"] = len(urls)
+        console.print(f"  {len(urls)} databases in {figures['clone_s']} s")
+    catalog_url = create_database(server, f"fs_{token}_catalog")
+    dedicated = [f"d{i:04d}" for i in range(cfg.databases)]
+    with phase("register dedicated"):
+        catalog = Catalog(catalog_url, settings=load_settings(catalog_url=catalog_url))
+        catalog.init()
+        version = catalog.map_version() + 1
+
+        def residency(entry: tuple[str, str]) -> None:
+            with psycopg.connect(conninfo(entry[1])) as conn:
+                conn.execute(
+                    "INSERT INTO tenantry_residency (tenant_id, state, map_version, updated_at)"
+                    " VALUES (%s, 'active', %s, now())",
+                    (entry[0], version),
+                )
+
+        ded_urls = urls[: cfg.databases]
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(residency, zip(dedicated, ded_urls, strict=True)))
+        now = datetime.now(UTC)
+        with catalog.transaction() as (conn, written):
+            assert written == version, (written, version)
+            conn.execute(
+                shards.insert(),
+                [
+                    {
+                        "name": f"ded-{t}",
+                        "url": _as_role(url, role),
+                        "admin_url": url,
+                        "tier": "dedicated",
+                        "state": "active",
+                        "weight": 1,
+                        "created_at": now,
+                    }
+                    for t, url in zip(dedicated, ded_urls, strict=True)
+                ],
+            )
+            conn.execute(
+                tenants.insert(),
+                [
+                    {
+                        "id": t,
+                        "shard": f"ded-{t}",
+                        "tier": "dedicated",
+                        "pinned": False,
+                        "state": "active",
+                        "created_at": now,
+                    }
+                    for t in dedicated
+                ],
+            )
+        for i, url in enumerate(urls[cfg.databases :]):
+            catalog.add_shard(f"pool-{i}", _as_role(url, role), admin_url=url, prepare=False)
+    shared = [f"s{i:06d}" for i in range(cfg.tenants - cfg.databases)]
+    with phase(f"add_tenants ({len(shared):,} shared tenants)"):
+        summary = catalog.add_tenants(({"id": t} for t in shared), batch_size=cfg.batch_size)
+        figures["add_tenants"] = {
+            k: v for k, v in summary.to_record().items() if k != "per_shard"
+        } | {"batch_size": cfg.batch_size, "per_shard": summary.to_record()["per_shard"]}
+        console.print(
+            f"  {summary.added:,} tenants in {summary.seconds:.1f} s ({summary.rate:,.0f}/s)"
+        )
+        with catalog.read_transaction() as conn:
+            conn.execute(sa.text("ANALYZE"))
+    catalog.close()
+    databases = [template, *urls, catalog_url]
+    return Fleet(server, catalog_url, dedicated, shared, figures, databases, role[0])
+
+
+def drop(fleet: Fleet) -> None:
+    """Drop every database and the role made here (on a server given with --pg-url)."""
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(drop_database, reversed(fleet.databases)))
+    with psycopg.connect(conninfo(fleet.server), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(fleet.role)))
+
+
+# -- question 1: one router ------------------------------------------------------------------
+
+
+class Chooser:
+    """Uniform or Zipf-skewed picks from *ids* (the hot ones in a random order)."""
+
+    def __init__(self, ids: Sequence[str], kind: str, s: float, seed: int) -> None:
+        self.ids = list(ids)
+        random.Random(seed).shuffle(self.ids)
+        self.kind = kind
+        self.cum = list(itertools.accumulate(1.0 / (k**s) for k in range(1, len(self.ids) + 1)))
+
+    def pick(self, rng: random.Random) -> str:
+        if self.kind == "uniform":
+            return rng.choice(self.ids)
+        return rng.choices(self.ids, cum_weights=self.cum)[0]
+
+
+def _sessions(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT sum(sessions) FROM pg_stat_database").fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
+def run_window(
+    router: Router, chooser: Chooser, threads: int, seconds: float, seed: int
+) -> tuple[list[int], float, int]:
+    """Latencies (ns), wall seconds and failures of *threads* threads for *seconds*."""
+    deadline = time.monotonic() + seconds
+    failures = [0]
+    lock = threading.Lock()
+
+    def worker(n: int) -> list[int]:
+        rng = random.Random(seed * 1000 + n)
+        out = []
+        while time.monotonic() < deadline:
+            tenant = chooser.pick(rng)
+            t0 = time.perf_counter_ns()
+            try:
+                one(router, tenant, rng.randint(1, 10))
+            except Exception as exc:  # counted, and the first few said
+                with lock:
+                    failures[0] += 1
+                    if failures[0] <= 3:
+                        console.print(f"[yellow]  {type(exc).__name__}: {exc}")
+                continue
+            out.append(time.perf_counter_ns() - t0)
+        return out
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        latencies = [x for part in pool.map(worker, range(threads)) for x in part]
+    return latencies, time.monotonic() - started, failures[0]
+
+
+def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+    choosers = {
+        (kind, pool): Chooser(
+            fleet.dedicated if pool == "dedicated" else fleet.shared, kind, cfg.zipf_s, 7
+        )
+        for kind, pool in CELLS
+    }
+    stats_conn = psycopg.connect(conninfo(fleet.server), autocommit=True)
+    cells: dict[tuple[str, str, str], dict[str, Any]] = {
+        (v, k, p): {
+            "latencies": [],
+            "wall": 0.0,
+            "failures": 0,
+            "created": 0,
+            "disposed": 0,
+            "sessions": 0,
+        }
+        for v in VARIANTS
+        for k, p in CELLS
+    }
+    rng = random.Random(11)
+    variants = list(VARIANTS)
+    try:
+        with phase("question 1: one router, dedicated vs shared"):
+            for round_ in range(cfg.rounds):
+                # One router at a time (each has the server to itself, as its settings
+                # say), in the other order the next round; its cells interleaved.
+                for v in variants if round_ % 2 == 0 else variants[::-1]:
+                    settings = load_settings(catalog_url=fleet.catalog_url, **VARIANTS[v])
+                    with Router(settings=settings) as router:
+                        for pool in ("dedicated", "shared"):
+                            run_window(
+                                router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1
+                            )
+                        order = list(CELLS)
+                        rng.shuffle(order)
+                        for n, (k, p) in enumerate(order):
+                            before = router.engine_stats()
+                            sessions = _sessions(stats_conn)
+                            lat, wall, failed = run_window(
+                                router,
+                                choosers[(k, p)],
+                                cfg.threads,
+                                cfg.window_s,
+                                round_ * 100 + n,
+                            )
+                            after = router.engine_stats()
+                            cell = cells[(v, k, p)]
+                            cell["latencies"] += lat
+                            cell["wall"] += wall
+                            cell["failures"] += failed
+                            cell["created"] += after.created - before.created
+                            cell["disposed"] += after.disposed - before.disposed
+                            cell["sessions"] += _sessions(stats_conn) - sessions - 1
+                            cell["engine_stats"] = asdict(after)
+                            console.print(
+                                f"  round {round_ + 1} {v:>16} {k:>7} {p:>9}: "
+                                f"{len(lat) / wall:7.0f}/s p50 {fmt_ns(_p(lat, 50))}"
+                            )
+    finally:
+        stats_conn.close()
+    out: dict[str, Any] = {"cells": [], "ratios": []}
+    for (v, k, p), cell in cells.items():
+        lat = cell["latencies"]
+        tx = len(lat)
+        out["cells"].append(
+            {
+                "variant": v,
+                "choice": k,
+                "pool": p,
+                "transactions": tx,
+                "failures": cell["failures"],
+                "tps": tx / cell["wall"] if cell["wall"] else 0.0,
+                "latency_ms": summarize(lat, scale=1e6, stats=("p50", "p90", "p99", "mean")),
+                "engines_created": cell["created"],
+                "engines_disposed": cell["disposed"],
+                "new_engine_share": cell["created"] / tx if tx else None,
+                "sessions_per_s": max(0.0, cell["sessions"] / cell["wall"])
+                if cell["wall"]
+                else 0.0,
+                "engine_stats": cell["engine_stats"],
+            }
+        )
+    by = {(c["variant"], c["choice"], c["pool"]): c for c in out["cells"]}
+    for v in VARIANTS:
+        for k in ("zipf", "uniform"):
+            ded, sh = by[(v, k, "dedicated")], by[(v, k, "shared")]
+            p50 = ded["latency_ms"]["p50"] / sh["latency_ms"]["p50"]
+            tps = ded["tps"] / sh["tps"]
+            max_p50, min_tps = GOALS[k]
+            out["ratios"].append(
+                {
+                    "variant": v,
+                    "choice": k,
+                    "p50": p50,
+                    "p99": ded["latency_ms"]["p99"] / sh["latency_ms"]["p99"],
+                    "tps": tps,
+                    "goal_p50": max_p50,
+                    "goal_tps": min_tps,
+                    "met": p50 <= max_p50 and tps >= min_tps,
+                }
+            )
+    return out
+
+
+def _p(values: Sequence[int], q: float) -> float:
+    return summarize(values, stats=(f"p{q:g}",)).get(f"p{q:g}", float("nan"))
+
+
+# -- question 2: 8 router processes ----------------------------------------------------------
+
+SAMPLE = (
+    "SELECT count(*), count(*) FILTER (WHERE usename <> current_user)"
+    " FROM pg_stat_activity WHERE backend_type = 'client backend'"
+)
+
+
+#: Question 2's second run: a reserve that also leaves room for the routers' own catalog
+#: connections (the catalog is on this server; each router holds about 3: its map read,
+#: its LISTEN and its catalog pool), which the per-server budget does not count.
+RESERVE_2B = 40
+
+
+def question_2(
+    fleet: Fleet, cfg: Config, phase: Phases, settings: dict[str, Any]
+) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(cfg.processes + 1)
+    results = ctx.Queue()
+    samples: list[tuple[int, int]] = []
+    stop = threading.Event()
+    with phase(f"question 2: {cfg.processes} router processes {settings or 'default'}"):
+        procs = [
+            ctx.Process(
+                target=load_process,
+                args=(
+                    fleet.catalog_url,
+                    settings,
+                    fleet.dedicated,
+                    cfg.threads_per_process,
+                    cfg.load_window_s,
+                    n + 1,
+                    barrier,
+                    results,
+                ),
+            )
+            for n in range(cfg.processes)
+        ]
+        for proc in procs:
+            proc.start()
+        with psycopg.connect(conninfo(fleet.server), autocommit=True) as conn:
+            row = conn.execute("SHOW max_connections").fetchone()
+            max_connections = int(row[0]) if row is not None else MAX_CONNECTIONS
+
+            def sample() -> None:
+                while not stop.is_set():
+                    row = conn.execute(SAMPLE).fetchone()
+                    if row is not None:
+                        samples.append((int(row[0]), int(row[1])))
+                    stop.wait(0.1)
+
+            barrier.wait(timeout=300)
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            got = [results.get(timeout=cfg.load_window_s + 300) for _ in procs]
+            stop.set()
+            sampler.join()
+        for proc in procs:
+            proc.join(timeout=60)
+    errors: dict[str, int] = {}
+    latencies: list[int] = []
+    stats = []
+    for r in got:
+        if "error" in r:
+            errors[r["error"]] = errors.get(r["error"], 0) + 1
+            continue
+        latencies += r["latencies_ns"]
+        stats.append(r["engine_stats"])
+        for msg, count in r["errors"].items():
+            errors[msg] = errors.get(msg, 0) + count
+    too_many = sum(c for m, c in errors.items() if any(f in m for f in SERVER_FULL))
+    return {
+        "settings": settings,
+        "processes": cfg.processes,
+        "threads_per_process": cfg.threads_per_process,
+        "window_s": cfg.load_window_s,
+        "max_connections": max_connections,
+        "peak_client_backends": max((a for a, _b in samples), default=0),
+        "peak_router_backends": max((b for _a, b in samples), default=0),
+        "samples": len(samples),
+        "transactions": len(latencies),
+        "tps": len(latencies) / cfg.load_window_s,
+        "latency_ms": summarize(latencies, scale=1e6, stats=("p50", "p99")),
+        "errors": errors,
+        "failed": sum(errors.values()),
+        "too_many_clients": too_many,
+        "engine_stats": stats,
+    }
+
+
+# -- question 3: map propagation ---------------------------------------------------------------
+
+
+def question_3(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(cfg.processes + 1)
+    stop = ctx.Event()
+    results = ctx.Queue()
+    commits: dict[int, float] = {}
+    with phase(f"question 3: map propagation to {cfg.processes} routers"):
+        procs = [
+            ctx.Process(target=watch_process, args=(fleet.catalog_url, barrier, stop, results))
+            for _ in range(cfg.processes)
+        ]
+        for proc in procs:
+            proc.start()
+        catalog = Catalog(fleet.catalog_url, settings=load_settings(catalog_url=fleet.catalog_url))
+        try:
+            barrier.wait(timeout=300)
+            rng = random.Random(3)
+            pinned: dict[str, bool] = {}
+            changes = int(cfg.changes_per_s * cfg.writer_s)
+            started = time.monotonic()
+            for i in range(changes):
+                delay = started + i / cfg.changes_per_s - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                tenant = rng.choice(fleet.shared)
+                pinned[tenant] = not pinned.get(tenant, False)
+                catalog.set_pinned(tenant, pinned[tenant])
+                done = time.time()
+                commits[catalog.map_version()] = done
+            writer_s = time.monotonic() - started
+            time.sleep(1.0)  # the last change's notifications
+            stop.set()
+            got = [results.get(timeout=120) for _ in procs]
+            for proc in procs:
+                proc.join(timeout=60)
+            refresh = refresh_cpu(catalog, cfg.refresh_changes)
+        finally:
+            catalog.close()
+    delays: list[float] = []
+    missed = 0
+    cpu = []
+    for r in got:
+        if "error" in r:
+            raise RuntimeError(f"a watching router failed: {r['error']}")
+        seen = sorted(r["seen"])
+        cpu.append(r["cpu_s"])
+        for version, at in commits.items():
+            first = next((t for v, t in seen if v >= version), None)
+            if first is None:
+                missed += 1
+            else:
+                delays.append(max(0.0, first - at))
+    n = len(commits)
+    return {
+        "routers": cfg.processes,
+        "changes": n,
+        "changes_per_s": n / writer_s,
+        "tenants": len(fleet.shared) + len(fleet.dedicated),
+        "propagation_ms": summarize(
+            [d * 1000 for d in delays], stats=("n", "p50", "p90", "p99", "max")
+        ),
+        "missed": missed,
+        "router_cpu_ms_per_change": (sum(cpu) / len(cpu)) / n * 1000 if cpu and n else None,
+        "refresh_cpu": refresh,
+    }
+
+
+# -- question 4: the CLI ---------------------------------------------------------------------
+
+
+def question_4(fleet: Fleet, phase: Phases) -> dict[str, Any]:
+    exe = Path(sys.executable).parent / "tenantry"
+    env = {**os.environ, "TENANTRY_CATALOG_URL": fleet.catalog_url}
+    tenant = fleet.shared[len(fleet.shared) // 2]
+    commands = {
+        "tenantry --version": ["--version"],
+        "tenant list > /dev/null": ["tenant", "list"],
+        f"route {tenant}": ["route", tenant],
+        f"tenant show {tenant}": ["tenant", "show", tenant],
+        "shard list": ["shard", "list"],
+        "shard show pool-0": ["shard", "show", "pool-0"],
+    }
+    out = []
+    with phase("question 4: the CLI"):
+        for label, args in commands.items():
+            times = []
+            for _ in range(2):  # best of two: the first may read cold files
+                t0 = time.monotonic()
+                done = subprocess.run(
+                    [str(exe), *args],
+                    check=False,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    timeout=600,
+                )
+                times.append(time.monotonic() - t0)
+            seconds = min(times)
+            out.append({"command": label, "seconds": seconds, "returncode": done.returncode})
+            if done.returncode:
+                console.print(f"[yellow]  {label}: exit {done.returncode}: {done.stderr[-300:]}")
+    return {"commands": out}
+
+
+# -- report -------------------------------------------------------------------------------------
+
+
+def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for r in data["question_1"]["ratios"]:
+        out.append(
+            {
+                "figure": f"{r['choice']} dedicated / shared p50, one router ({r['variant']})",
+                "value": round(r["p50"], 2),
+            }
+        )
+        out.append(
+            {
+                "figure": f"{r['choice']} dedicated / shared throughput ({r['variant']})",
+                "value": round(r["tps"], 2),
+            }
+        )
+    q2 = data["question_2"]
+    out.append(
+        {
+            "figure": f"peak client backends of {q2['processes']} routers "
+            f"(max_connections {q2['max_connections']})",
+            "value": q2["peak_client_backends"],
+        }
+    )
+    out.append(
+        {"figure": "failures of a full server (too many clients)", "value": q2["too_many_clients"]}
+    )
+    if "question_2b" in data:
+        out.append(
+            {
+                "figure": f"failures of a full server, server_connection_reserve={RESERVE_2B}",
+                "value": data["question_2b"]["too_many_clients"],
+            }
+        )
+    q3 = data["question_3"]
+    out.append(
+        {
+            "figure": "map propagation p99 (ms)",
+            "value": round(q3["propagation_ms"].get("p99", 0), 1),
+        }
+    )
+    out.append(
+        {
+            "figure": "add_tenants rate (tenants/s)",
+            "value": round(data["build"]["add_tenants"]["rate"]),
+        }
+    )
+    return out
+
+
+def markdown(data: dict[str, Any]) -> str:
+    cfg = data["config"]
+    build_f = data["build"]
+    at = build_f["add_tenants"]
+    lines = [
+        "# Fleet scale (issue 19)",
+        "",
+        f"Mode **{cfg['mode']}**: {cfg['databases']:,} dedicated databases and "
+        f"{cfg['shared_shards']} shared shards copied from one template on one server "
+        f"(max_connections {data['question_2']['max_connections']}), {cfg['tenants']:,} "
+        f"tenants. Load average "
+        f"{data['load_start']} at the start, {data['load_end']} at the end; "
+        f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`.",
+        "",
+        "## Goals of issue 19",
+        "",
+        markdown_table(["goal", "measured", "met"], goals(data), align="llc"),
+        "",
+        "## Build",
+        "",
+        markdown_table(
+            ["step", "figure"],
+            [
+                [
+                    "databases copied from the template",
+                    f"{build_f['databases']:,} in {build_f['clone_s']} s",
+                ],
+                [
+                    f"Catalog.add_tenants, batches of {at['batch_size']}",
+                    f"{at['added']:,} tenants in {at['seconds']:.1f} s = {at['rate']:,.0f}/s "
+                    f"({at['batches']} map versions)",
+                ],
+            ],
+        ),
+        "",
+        "## 1. One router, 8 threads: dedicated against shared",
+        "",
+    ]
+    rows = []
+    for c in data["question_1"]["cells"]:
+        es = c["engine_stats"]
+        rows.append(
+            [
+                c["variant"],
+                c["choice"],
+                c["pool"],
+                f"{c['transactions']:,}",
+                f"{c['tps']:,.0f}",
+                f"{c['latency_ms']['p50']:.2f}",
+                f"{c['latency_ms']['p99']:.2f}",
+                c["engines_created"],
+                c["engines_disposed"],
+                f"{100 * (c['new_engine_share'] or 0):.1f}%",
+                f"{c['sessions_per_s']:.0f}",
+                f"{es['engines']}/{es['connections']}/{es['waits']}/{es['dialects_initialized']}",
+                c["failures"],
+            ]
+        )
+    lines += [
+        markdown_table(
+            [
+                "settings",
+                "choice",
+                "tenants",
+                "tx",
+                "tx/s",
+                "p50 ms",
+                "p99 ms",
+                "engines created",
+                "disposed",
+                "tx opening an engine",
+                "sessions/s",
+                "engines/conns/waits/dialects at end",
+                "failed",
+            ],
+            rows,
+            align="lllrrrrrrrrrr",
+        ),
+        "",
+        markdown_table(
+            [
+                "settings",
+                "choice",
+                "p50 ded/shared",
+                "p99 ded/shared",
+                "tx/s ded/shared",
+                "goal",
+                "met",
+            ],
+            [
+                [
+                    r["variant"],
+                    r["choice"],
+                    f"{r['p50']:.2f}x",
+                    f"{r['p99']:.2f}x",
+                    f"{r['tps']:.2f}x",
+                    f"≤ {r['goal_p50']:g}x / ≥ {r['goal_tps']:g}x",
+                    "yes" if r["met"] else "**no**",
+                ]
+                for r in data["question_1"]["ratios"]
+            ],
+            align="lllrrrl",
+        ),
+        "",
+    ]
+    lines += _q2_lines(data["question_2"], "2")
+    if "question_2b" in data:
+        lines += _q2_lines(data["question_2b"], "2b")
+    q3 = data["question_3"]
+    prop = q3["propagation_ms"]
+    rc = q3["refresh_cpu"]
+    lines += [
+        f"## 3. Map propagation: {q3['routers']} routers, {q3['tenants']:,} tenants, "
+        f"{q3['changes_per_s']:.1f} changes/s",
+        "",
+        markdown_table(
+            ["figure", "value"],
+            [
+                ["changes", q3["changes"]],
+                [
+                    "propagation p50 / p90 / p99 / max ms",
+                    " / ".join(f"{prop.get(k, 0):.1f}" for k in ("p50", "p90", "p99"))
+                    + " / "
+                    + f"{prop.get('max', 0):.1f} (goal p99 ≤ 100)",
+                ],
+                ["versions a router never saw", q3["missed"]],
+                ["router process CPU per change (ms)", f"{q3['router_cpu_ms_per_change']:.3f}"],
+                [
+                    "one refresh's CPU (refresh_cpu: total / delta / apply / idle poll, ms)",
+                    " / ".join(
+                        f"{rc[k]:.3f}" for k in ("total_ms", "delta_ms", "apply_ms", "idle_ms")
+                    ),
+                ],
+            ],
+        ),
+        "",
+        "## 4. The CLI at this map's size (real processes, best of two)",
+        "",
+        markdown_table(
+            ["command", "seconds", "exit"],
+            [
+                [c["command"], f"{c['seconds']:.2f}", c["returncode"]]
+                for c in data["question_4"]["commands"]
+            ],
+        ),
+        "",
+        "## Machine",
+        "",
+        machine_markdown(data["machine"]),
+    ]
+    return "\n".join(lines)
+
+
+def goals(data: dict[str, Any]) -> list[list[str]]:
+    """The issue's goals against this run's figures: (goal, measured, yes/no)."""
+    rows = []
+    for r in data["question_1"]["ratios"]:
+        rows.append(
+            [
+                f"one router, {r['choice']}, {r['variant']}: dedicated p50 <= {r['goal_p50']:g}x "
+                f"shared, throughput >= {r['goal_tps']:g}x",
+                f"{r['p50']:.2f}x, {r['tps']:.2f}x",
+                "yes" if r["met"] else "**no**",
+            ]
+        )
+    for key in ("question_2", "question_2b"):
+        if key in data:
+            q2 = data[key]
+            rows.append(
+                [
+                    f"{q2['processes']} routers ({_settings_text(q2.get('settings') or {})}) "
+                    "never fill the server",
+                    f"peak {q2['peak_client_backends']}/{q2['max_connections']}, "
+                    f"{q2['too_many_clients']} refused",
+                    "yes" if q2["too_many_clients"] == 0 else "**no**",
+                ]
+            )
+    q3 = data["question_3"]
+    p99 = q3["propagation_ms"].get("p99", float("nan"))
+    rows.append(
+        ["map propagation p99 <= 100 ms", f"{p99:.1f} ms", "yes" if p99 <= 100 else "**no**"]
+    )
+    cpu = q3["refresh_cpu"]["total_ms"]
+    rows.append(
+        [
+            "a change costs a router <= 1 ms of CPU (refresh)",
+            f"{cpu:.3f} ms",
+            "yes" if cpu <= 1 else "**no**",
+        ]
+    )
+    at = data["build"]["add_tenants"]
+    projected = 100_000 / at["rate"] if at["rate"] else float("nan")
+    rows.append(
+        [
+            "bulk registration of 100,000 tenants <= 60 s",
+            f"{at['added']:,} in {at['seconds']:.1f} s ({projected:.0f} s per 100,000)",
+            "yes" if projected <= 60 else "**no**",
+        ]
+    )
+    for c in data["question_4"]["commands"]:
+        limit = 3.0 if "list" in c["command"] and "shard" not in c["command"] else 1.0
+        if c["command"].startswith("tenantry --version"):
+            continue
+        rows.append(
+            [
+                f"`{c['command']}` <= {limit:g} s",
+                f"{c['seconds']:.2f} s",
+                "yes" if c["seconds"] <= limit and c["returncode"] == 0 else "**no**",
+            ]
+        )
+    return rows
+
+
+def _q2_lines(q2: dict[str, Any], number: str) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        f"## {number}. {q2['processes']} router processes, "
+        f"{_settings_text(q2.get('settings') or {})}, "
+        f"{q2['threads_per_process']} threads each, uniform over the dedicated tenants",
+        "",
+        markdown_table(
+            ["figure", "value"],
+            [
+                [
+                    "peak client backends (all) / max_connections",
+                    f"{q2['peak_client_backends']} / {q2['max_connections']}",
+                ],
+                ["peak client backends of the routers' roles", q2["peak_router_backends"]],
+                ["transactions, tx/s", f"{q2['transactions']:,}, {q2['tps']:,.0f}"],
+                [
+                    "p50 / p99 ms",
+                    f"{q2['latency_ms'].get('p50', 0):.2f} / {q2['latency_ms'].get('p99', 0):.2f}",
+                ],
+                ["failed transactions", q2["failed"]],
+                [
+                    "of which the server was full ('too many clients', 'remaining connection slots "
+                    "are reserved')",
+                    q2["too_many_clients"],
+                ],
+            ],
+        ),
+        "",
+    ]
+    if q2["errors"]:
+        lines += ["Failures by message (shard names and the port left out):", ""]
+        grouped: dict[str, int] = {}
+        for msg, count in q2["errors"].items():
+            key = re.sub(r"port \d+", "port N", re.sub(r"shard '[^']+'", "shard '...'", msg))
+            grouped[key] = grouped.get(key, 0) + count
+        lines += [f"- {count} x `{msg}`" for msg, count in grouped.items()]
+        lines += [""]
+    return lines
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "default settings"
+    return "default settings but " + ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def summary(data: dict[str, Any]) -> None:
+    for h in data["headline"]:
+        console.print(f"  {h['figure']}: {h['value']}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    cfg = QUICK if args.quick else FULL
+    data: dict[str, Any] = {"config": asdict(cfg), "load_start": load_average()}
+    phase = Phases()
+    with ExitStack() as stack:
+        server = stack.enter_context(bench_server(args.pg_url))
+        data["machine"] = machine_info([server])
+        fleet = build(server, cfg, phase)
+        data["build"] = fleet.figures
+        data["question_1"] = question_1(fleet, cfg, phase)
+        data["question_2"] = question_2(fleet, cfg, phase, {})
+        data["question_2b"] = question_2(
+            fleet, cfg, phase, {"server_connection_reserve": RESERVE_2B}
+        )
+        data["question_3"] = question_3(fleet, cfg, phase)
+        data["question_4"] = question_4(fleet, phase)
+        if args.pg_url:
+            with phase("drop the databases"):
+                drop(fleet)
+    data["phases_s"] = phase.seconds
+    data["load_end"] = load_average()
+    data["headline"] = headline(data)
+    return data
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 databases, 10,000 tenants")
+    add_server_options(parser, default="start a throwaway one with max_connections=500")
+    parser.add_argument(
+        "--from-json", type=Path, help="only write the Markdown again from this results JSON"
+    )
+    args = parser.parse_args(argv)
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        finish(NAME, data, markdown(data), args.out, summary)
+        return
+    data = timed(run, args)
+    finish(NAME, data, markdown(data), args.out, summary)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
