@@ -84,14 +84,14 @@ class ConnectionBudget:
     def __init__(
         self,
         settings: TenantrySettings,
-        idle_engines: Callable[[str | None], list[Engine]],
+        dispose_idle: Callable[[str | None], bool],
         *,
         catalog_url: str | None = None,
     ) -> None:
         self._settings = settings
         # the router's own catalog connections, when the catalog lives on a shard server
         self._catalog_server = server_of(catalog_url) if catalog_url else None
-        self._idle_engines = idle_engines
+        self._dispose_idle = dispose_idle
         self._cond = threading.Condition(threading.Lock())
         self._open = 0
         self._per_server: defaultdict[str, int] = defaultdict(int)
@@ -241,7 +241,7 @@ class ConnectionBudget:
                 if (
                     first
                     and binding is not None
-                    and self._free_idle(server if binding == "server" else None)
+                    and self._dispose_idle(server if binding == "server" else None)
                 ):
                     continue
                 remaining = deadline - time.monotonic()
@@ -266,11 +266,6 @@ class ConnectionBudget:
     def _take(self, server: str) -> None:
         self._open += 1
         self._per_server[server] += 1
-
-    def _free_idle(self, server: str | None) -> bool:
-        """Have the least recently used engine holding idle connections (on *server*,
-        when given) disposed, closing them; whether there was one."""
-        return bool(self._idle_engines(server))
 
     def _release(self, server: str) -> None:
         with self._cond:

@@ -80,7 +80,7 @@ class EngineRegistry:
         self._created = 0
         self._disposed = 0
         self._closed = False
-        self._budget = ConnectionBudget(settings, self._idle_engines, catalog_url=catalog_url)
+        self._budget = ConnectionBudget(settings, self._dispose_idle, catalog_url=catalog_url)
         self._dialects = DialectStates()
         smallest = min(settings.pool_size_shared, settings.pool_size_dedicated)
         if smallest + settings.max_overflow > settings.connection_budget:
@@ -195,11 +195,11 @@ class EngineRegistry:
                     return True
         return False
 
-    def _idle_engines(self, server: str | None) -> list[Engine]:
-        """Engines holding idle connections and none in use, least recently used first
-        (on *server* only, when given), disposed by the connection budget to make room.
-        At most one is returned, chosen and disposed under the registry's lock, so no
-        lease can start on it meanwhile."""
+    def _dispose_idle(self, server: str | None) -> bool:
+        """For the connection budget, to make room: dispose the least recently used
+        engine holding idle connections and none in use (on *server* only, when given),
+        closing them; whether there was one. Chosen and disposed under the registry's
+        lock, so no lease can start on it meanwhile."""
         with self._cond:
             for key, slot in self._slots.items():
                 pool: Any = slot.engine.pool
@@ -210,8 +210,8 @@ class EngineRegistry:
                     and (server is None or server_of(key) == server)
                 ):
                     slot.engine.dispose()
-                    return [slot.engine]
-        return []
+                    return True
+        return False
 
     def stats(self) -> EngineStats:
         """Open engines, their total capacity and connections checked out now."""

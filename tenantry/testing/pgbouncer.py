@@ -30,7 +30,7 @@ from typing import Self
 import psycopg
 from sqlalchemy.engine import make_url
 
-from tenantry.testing.server import default_base_dir, free_port, run_as_postgres
+from tenantry.testing.server import default_base_dir, free_port, log_tail, run_as_postgres
 
 __all__ = ["NoPgBouncerAvailable", "TempPgBouncer", "find_pgbouncer"]
 
@@ -94,7 +94,7 @@ class TempPgBouncer:
                 "(apt-get install pgbouncer, or brew install pgbouncer)"
             )
         server = make_url(server_url)
-        _run_as, account = run_as_postgres()
+        _, account = run_as_postgres()
         directory = Path(tempfile.mkdtemp(prefix="tenantry-pgbouncer-", dir=default_base_dir()))
         bouncer = cls(directory, server.port or 5432, users)
         atexit.register(bouncer.stop)
@@ -128,7 +128,7 @@ class TempPgBouncer:
                 if bouncer._launch(argv, account, timeout):
                     break
                 if attempt == 2:
-                    raise RuntimeError(f"pgbouncer did not start:\n{bouncer._log_tail()}")
+                    raise RuntimeError(f"pgbouncer did not start:\n{log_tail(bouncer.log_file)}")
         except BaseException:
             bouncer.stop()
             raise
@@ -202,12 +202,6 @@ class TempPgBouncer:
         self._process.kill()
         self._process = None
         return False
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "".join(self.log_file.read_text().splitlines(keepends=True)[-lines:])
-        except OSError:
-            return ""
 
     def stop(self) -> None:
         """Stop PgBouncer at once and remove its directory; idempotent."""

@@ -33,6 +33,7 @@ __all__ = [
     "default_base_dir",
     "find_pg_bindir",
     "free_port",
+    "log_tail",
     "run_as_postgres",
     "safe_url",
 ]
@@ -322,11 +323,8 @@ class TempPostgres:
                 f"{Path(argv[0]).name} timed out after {timeout:.0f}s", self._log_tail()
             ) from exc
 
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            return "".join(self.log_file.read_text().splitlines(keepends=True)[-lines:])
-        except OSError:
-            return ""
+    def _log_tail(self) -> str:
+        return log_tail(self.log_file)
 
     def stop(self) -> None:
         """Stop the server at once (no checkpoint) and remove its directory; idempotent."""
@@ -376,6 +374,14 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The last *lines* lines of a server's log file ("" when it cannot be read)."""
+    try:
+        return "".join(path.read_text().splitlines(keepends=True)[-lines:])
+    except OSError:
+        return ""
 
 
 def safe_url(url: str | URL) -> str:
