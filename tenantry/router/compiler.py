@@ -1,7 +1,7 @@
 """Tenant criteria in routed Core statements, added when they are compiled.
 
 A routed connection passes the tenant as one bound parameter (:data:`TENANT_PARAM`)
-with every statement (:func:`scope_parameters`, from ``before_execute``); the compiler
+with every statement (:func:`scope_parameters`, from the router's Connection); the compiler
 of a router's engines (:func:`scoping_compiler`) then limits every tenant table to it:
 in the WHERE clause for each tenant table (or alias of one) in a FROM list, in the ON
 clause for one joined to the right of a join (so outer joins keep their meaning), in
@@ -156,7 +156,7 @@ class _ScopingCompiler(SQLCompiler):
     """The statement compiler of a router's engines: tenant criteria for routed statements.
 
     A routed connection passes the tenant as the parameter :data:`TENANT_PARAM`
-    with every statement (``before_execute``), so the parameter's name is among the
+    with every statement (``scoping._RoutedConnection``), so the parameter's name is among the
     compiled statement's ``column_keys``, which are part of SQLAlchemy's compiled-cache
     key: routed statements are compiled (once) with the criteria, statements on the
     same engine without a tenant (``router.engine_for(t)``) without them, and a cached
@@ -292,7 +292,7 @@ def scope_parameters(
 ) -> tuple[Any, Any]:
     """Check a routed Core statement and add the tenant to its parameters.
 
-    ``(multiparams, params)`` as ``before_execute`` takes them back.
+    ``(multiparams, params)`` as SQLAlchemy's ``before_execute`` event takes them back.
     """
     if statement.is_dml:  # lambda statements say what they resolve to
         check_statement(statement, [*multiparams, params], tenant, column)

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import Column, Engine, Select, String, Table, bindparam, event
+from sqlalchemy import Column, Connection, Engine, Select, String, Table, bindparam, event
 from sqlalchemy.orm import (
     LoaderCriteriaOption,
     Mapped,
@@ -37,8 +37,6 @@ from sqlalchemy.orm import (
     mapped_column,
     with_loader_criteria,
 )
-from sqlalchemy.sql.ddl import ExecutableDDLElement
-from sqlalchemy.sql.elements import ClauseElement
 
 from tenantry.router.compiler import (
     scope_parameters,
@@ -157,7 +155,7 @@ _SHARED_CRITERIA = with_loader_criteria(
 #: original statement alone. :data:`_SHARED_CRITERIA` is one object for every tenant,
 #: with no tenant in it: the tenant is the bound parameter ``tenantry_scope_tenant``,
 #: which each execution passes with its own parameters (``with_tenant``, and the
-#: engine's ``before_execute``). Statements are immutable (every change makes a new
+#: router's Connection, ``_RoutedConnection``). Statements are immutable (every change makes a new
 #: one), and keys are compared by identity only (the types below do not overload
 #: ``==``). The per-tenant criteria (INSERT ... SELECT, executemany) are never cached.
 _SCOPED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
@@ -280,6 +278,8 @@ def _scope_statement(state: ORMExecuteState) -> None:
             statement.is_update,
             statement.is_delete,
         )
+    elif not statement.is_select:
+        return  # text(), a function...: nothing to scope here (the shard's policies do)
     else:
         is_insert = is_update = is_delete = False
     # An ORM SELECT's compile options (None otherwise): is_column_load and
@@ -329,6 +329,55 @@ def _stamp(session: Session, _flush: UOWTransaction, _instances: Any) -> None:
             raise cross_tenant(tenant, obj.tenant_id, type(obj).__name__)
 
 
+class _RoutedConnection(Connection):
+    """The Connection of a router's engines: every ClauseElement a routed transaction
+    executes (ORM statements too) gets the tenant as the parameter
+    ``tenantry_scope_tenant``, and an INSERT, UPDATE or DELETE is checked first
+    (:func:`~tenantry.router.compiler.scope_parameters`).
+
+    A ``before_execute`` listener would do the same, but any listener of the engine's
+    connection events makes SQLAlchemy dispatch every such event of every transaction
+    (engine_connect, begin, before and after execute, before and after cursor execute,
+    commit, rollback) through a dispatcher joined per connection: about 50 Python calls
+    per one-statement transaction, for one listener. This overrides
+    ``Connection._execute_clauseelement``, where SQLAlchemy 2.1 invokes
+    ``before_execute`` for a ClauseElement (DDL and ``exec_driver_sql`` never get the
+    tenant; compiled objects neither, as before): ``tests/router/test_core_scoping.py``
+    is the check to run after upgrading SQLAlchemy.
+    """
+
+    #: The tenant column's name (the router's ``settings.tenant_column``).
+    tenant_column = DEFAULT_COLUMN
+
+    def _execute_clauseelement(
+        self, elem: Any, distilled_parameters: Any, execution_options: Any
+    ) -> Any:
+        tenant = self.info.get(TENANT_KEY)
+        if tenant is not None:
+            if len(distilled_parameters) == 1:
+                multiparams, params = [], distilled_parameters[0]
+            else:
+                multiparams, params = distilled_parameters, {}
+            multiparams, params = scope_parameters(
+                elem, multiparams, params, tenant, self.tenant_column
+            )
+            distilled_parameters = list(multiparams) if multiparams else [params]
+        return super()._execute_clauseelement(elem, distilled_parameters, execution_options)
+
+
+_CONNECTIONS: dict[str, type[_RoutedConnection]] = {DEFAULT_COLUMN: _RoutedConnection}
+
+
+def _routed_connection(column: str) -> type[_RoutedConnection]:
+    """:class:`_RoutedConnection` scoping by the tenant column *column*."""
+    found = _CONNECTIONS.get(column)
+    if found is None:
+        found = _CONNECTIONS[column] = type(
+            "_RoutedConnection", (_RoutedConnection,), {"tenant_column": column}
+        )
+    return found
+
+
 def configure_engine(engine: Engine, column: str = DEFAULT_COLUMN) -> None:
     """Install tenantry's per-connection events on an engine the router made, scoping
     Core statements by the tenant column *column*."""
@@ -340,22 +389,9 @@ def configure_engine(engine: Engine, column: str = DEFAULT_COLUMN) -> None:
 
     dialect = engine.dialect
     dialect.statement_compiler = scoping_compiler(dialect.statement_compiler, column)
-
-    @event.listens_for(engine, "before_execute", retval=True)
-    def _scope_core(
-        conn: Any, clauseelement: Any, multiparams: Any, params: Any, _options: Any
-    ) -> tuple[Any, Any, Any]:
-        tenant = conn.info.get(TENANT_KEY)
-        if (
-            tenant is not None
-            and isinstance(clauseelement, ClauseElement)
-            and not isinstance(clauseelement, ExecutableDDLElement)
-        ):
-            multiparams, params = scope_parameters(
-                clauseelement, multiparams, params, tenant, column
-            )
-        return clauseelement, multiparams, params
-
+    # Not a before_execute listener: see _RoutedConnection. (handle_error is a dialect
+    # event: it costs nothing until a statement fails.)
+    engine._connection_cls = _routed_connection(column)
     event.listen(engine, "handle_error", _frozen)
 
 

@@ -24,9 +24,9 @@ from ``repr``.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -52,11 +52,27 @@ class FenceKey:
 
     key_id: int
     secret: bytes = field(repr=False)
+    #: SHA-256 with HMAC's inner and outer padded keys already absorbed (RFC 2104): a
+    #: signature copies them instead of deriving the pads from the secret each time.
+    _inner: Any = field(init=False, repr=False, compare=False)
+    _outer: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ipad, opad = self.pads()
+        object.__setattr__(self, "_inner", hashlib.sha256(ipad))
+        object.__setattr__(self, "_outer", hashlib.sha256(opad))
+
+    def _mac(self, message: bytes) -> str:
+        """``<key id>:`` and the hex HMAC-SHA256 of *message* under this key."""
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return f"{self.key_id}:{outer.hexdigest()}"
 
     def sign(self, tenant_id: str, backend_pid: int) -> str:
         """The signature the fence verifies for *tenant_id* on this server connection."""
-        message = tenant_id.encode() + backend_pid.to_bytes(4, "big", signed=True)
-        return f"{self.key_id}:{hmac.new(self.secret, message, hashlib.sha256).hexdigest()}"
+        return self._mac(tenant_id.encode() + backend_pid.to_bytes(4, "big", signed=True))
 
     def sign_pooled(self, tenant_id: str, backend_pid: int, micros: int) -> str:
         """The signature ``tenantry.fence_pooled`` verifies for *tenant_id* in the one
@@ -71,7 +87,7 @@ class FenceKey:
                 micros.to_bytes(8, "big", signed=True),
             )
         )
-        return f"{self.key_id}:{hmac.new(self.secret, message, hashlib.sha256).hexdigest()}"
+        return self._mac(message)
 
     def pads(self) -> tuple[bytes, bytes]:
         """HMAC's inner and outer padded keys, as the shard stores them.
