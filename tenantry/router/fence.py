@@ -7,7 +7,8 @@ sets the tenant for row-level security, reads the tenant's residency row, and â€
 the tenant is frozen by a move â€” makes the transaction read-only. The policies admit a
 row only while that signature verifies, so no other statement of the transaction can
 change which tenant it acts for
-(``tenantry/shardmap/alembic_shard/versions/0004_fence.py``).
+(``tenantry/shardmap/alembic_shard/versions/0004_fence.py``; its body now
+``0006_fence_cost.py``'s).
 No row lock: the mover waits out older transactions instead (DESIGN.md, "hot-path
 facts").
 
