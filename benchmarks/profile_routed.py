@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import os
 import pstats
 import random
 import statistics
@@ -74,9 +73,8 @@ def main() -> None:
             _profile(name, fn, fleet.tenants, cfg.rows_per_tenant, args.count, args.seed, args.dump)
             for name, fn in (("routed", routed), ("hand-written", hand), ("bare", bare))
         ]
-    report = (
-        f"load average {load} at the start, {load_average()} at the end; "
-        f"pid {os.getpid()}\n\n" + "\n\n".join(text for text, _calls in sections)
+    report = f"load average {load} at the start, {load_average()} at the end\n\n" + "\n\n".join(
+        text for text, _calls in sections
     )
     calls = ", ".join(
         f"{name}: {c:.0f}"
