@@ -25,6 +25,7 @@ from tenantry.moves.context import MoveContext
 from tenantry.moves.freeze import SNAPSHOT_APPLICATION
 from tenantry.moves.journal import Move
 from tenantry.moves.watch import Watch
+from tenantry.observability.moves import lagging
 from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.residency import Residency, commit_residency
 
@@ -70,6 +71,7 @@ def catch_up(
         lag = repl.lag_bytes(src, slot)
         if lag is not None:
             ctx.observer.note(f"replication lag: {lag:,} bytes")
+            lagging(ctx.observer, lag)
         if lag is None or lag <= _CAUGHT_UP_BYTES or time.monotonic() > deadline:
             return
         time.sleep(0.1)

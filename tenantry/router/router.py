@@ -29,6 +29,7 @@ from tenantry.errors import (
     ShardUnavailable,
     StaleRoute,
 )
+from tenantry.observability.hooks import detach_router, observe_router
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
 from tenantry.router.fence import TENANT_KEY, ConnectionLost, register_keys, run_fence
@@ -68,6 +69,9 @@ class RouterBase:
         catalog: Catalog | None = None,
         listen: bool = True,
         background: bool = True,
+        metrics: Any = None,
+        traces: bool | None = None,
+        statement_comments: bool | None = None,
     ) -> None:
         if catalog is not None and catalog_url is not None:
             raise ValueError("pass catalog_url or catalog, not both")
@@ -95,9 +99,17 @@ class RouterBase:
         except BaseException:
             self._close_cache()  # else its thread and LISTEN connection outlive us
             raise
+        # Metrics, traces, statement comments (README, "Observing the fleet"): None when
+        # all are off. The settings' values unless given here; metrics= may be a Metrics.
+        self._observer = observe_router(
+            self, self._cache, self._engines, settings, tenant_key=TENANT_KEY,
+            metrics=metrics, traces=traces, statement_comments=statement_comments,
+        )  # fmt: skip
 
     def _configure_engine(self, engine: Engine, shard: Shard) -> None:
         configure_engine(engine, self.settings.tenant_column)
+        if self._observer is not None:
+            self._observer.configure_engine(engine)
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(
@@ -211,6 +223,7 @@ class RouterBase:
         return shard
 
     def _close_cache(self) -> None:
+        detach_router(self, getattr(self, "_observer", None))
         self._cache.close()
         if self._owns_catalog:
             self.catalog.close()
@@ -274,6 +287,8 @@ class Router(RouterBase):
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
+                if self._observer is not None:  # only when a beginning failed
+                    self._observer.attempt_failed(attempts.shard, exc)
                 if attempts.stale(exc):
                     attempts.shard = self._rerouted(tenant, attempts.shard, exc)
 
