@@ -70,8 +70,8 @@ def catch_up(
             watch.check(syncing=False)  # the source first: its failure names it
         lag = repl.lag_bytes(src, slot)
         if lag is not None:
-            ctx.observer.note(f"replication lag: {lag:,} bytes")
             lagging(ctx.observer, lag)
+            ctx.observer.note(f"replication lag: {lag:,} bytes")
         if lag is None or lag <= _CAUGHT_UP_BYTES or time.monotonic() > deadline:
             return
         time.sleep(0.1)
