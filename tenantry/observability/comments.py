@@ -75,13 +75,13 @@ def install_comments(engine: Engine, tenant_key: str) -> None:
     percent = engine.dialect.paramstyle in ("format", "pyformat")
 
     def comment(
-        conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any, _many: bool
+        conn: Any, _cursor: Any, statement: str, parameters: Any, context: Any, _many: bool
     ) -> tuple[str, Any]:
         tenant = conn.info.get(tenant_key)
         if tenant is None:
             return statement, parameters
         text = sqlcomment(route=_route.get(), tenant=tenant)
-        if percent and parameters is not None:
+        if percent and parameters is not None and not getattr(context, "no_parameters", False):
             text = text.replace("%", "%%")  # psycopg reads "%%" back as "%"
         return with_comment(statement, text), parameters
 

@@ -75,6 +75,12 @@ class RouterObserver:
         self.tenant_key = tenant_key
         self.shard_for = shard_for
         self.map_version = map_version
+        self.otel_context: Any = None
+        self.otel_trace: Any = None
+        if tracer is not None:
+            from opentelemetry import context, trace
+
+            self.otel_context, self.otel_trace = context, trace
 
     def attempt_failed(self, shard: Shard, exc: BaseException) -> None:
         """An attempt to begin a transaction on *shard* raised *exc* (the router retries
@@ -110,12 +116,13 @@ class _Observed:
         self._token: Any = None
 
     def _start(self) -> None:
-        tracer = self._observer.tracer
+        observer = self._observer
+        tracer = observer.tracer
         if tracer is not None:
-            from opentelemetry import context, trace
-
             self._span = span = tracer.start_span("tenantry.transaction")
-            self._token = context.attach(trace.set_span_in_context(span))
+            self._token = observer.otel_context.attach(
+                observer.otel_trace.set_span_in_context(span)
+            )
         self._started = time.perf_counter()
 
     def _began(self, entered: Any) -> None:
@@ -148,8 +155,6 @@ class _Observed:
             metrics.finished(self._tenant, shard.name, outcome, seconds)
         span = self._span
         if span is not None:
-            from opentelemetry import context
-
             if self._tenant is not None and not began:
                 span.set_attribute("tenantry.tenant", self._tenant)
             span.set_attribute("tenantry.outcome", outcome)
@@ -158,7 +163,7 @@ class _Observed:
 
                 span_failed(span, exc)
             span.end()
-            context.detach(self._token)
+            self._observer.otel_context.detach(self._token)
             self._span = self._token = None
 
 

@@ -55,6 +55,11 @@ def test_routed_statements_commented_in_pg_stat_activity(fleet: ObsFleet) -> Non
         seen = activity(fleet, "s1", pid)
         assert seen.startswith("SELECT users.tenant_id, users.id")
         assert seen.endswith(f" {COMMENT}")
+    with statement_route("/charges"), router.connection("acme") as conn:
+        # no parameters at all (psycopg then reads no placeholders): "%" stays single
+        raw = conn.execution_options(no_parameters=True)
+        pid = raw.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        assert activity(fleet, "s1", pid) == f"SELECT pg_backend_pid() {COMMENT}"
     with router.connection("acme") as conn:  # no route set: the tenant only
         pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         assert activity(fleet, "s1", pid) == "SELECT pg_backend_pid() /*tenant='acme'*/"
