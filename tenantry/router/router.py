@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
@@ -48,6 +48,9 @@ from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
+if TYPE_CHECKING:
+    from tenantry.observability.metrics import Metrics
+
 __all__ = ["Attempts", "Router", "RouterBase", "lost_midway", "raise_if_lost"]
 
 logger = logging.getLogger("tenantry.router")
@@ -69,7 +72,7 @@ class RouterBase:
         catalog: Catalog | None = None,
         listen: bool = True,
         background: bool = True,
-        metrics: Any = None,
+        metrics: bool | Metrics | None = None,
         traces: bool | None = None,
         statement_comments: bool | None = None,
     ) -> None:
@@ -234,6 +237,9 @@ class Router(RouterBase):
 
     ``Router()`` uses the settings' catalog; ``Router(url)`` names one. Close it (or
     use it as a context manager) to stop its map listener and dispose its engines.
+    ``metrics=`` (True, or a ``Metrics`` of your own registry), ``traces=`` and
+    ``statement_comments=`` override the settings of the same names (README,
+    "Observing the fleet").
     """
 
     def engine_for(self, tenant_id: str | None = None) -> Engine:
