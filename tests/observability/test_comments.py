@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ObsFleet
+from obshelpers import ObsFleet
 
 from tenantry.demo.models import User
 from tenantry.migrations import upgrade

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import Scrape, value
+from obshelpers import Scrape, value
 
 from tenantry.demo import MIGRATIONS
 from tenantry.migrations import upgrade

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import ObsFleet, Scrape, series, value
+from obshelpers import ObsFleet, Scrape, series, value
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from tenantry import AsyncRouter

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import sqlalchemy as sa
-from conftest import ObsFleet, parse, series, value
+from obshelpers import ObsFleet, parse, series, value
 from prometheus_client import CollectorRegistry
 
 from tenantry.observability import TopTenants, metrics_text
