@@ -99,15 +99,15 @@ class RouterBase:
                 factory=type(self).engine_factory,
                 catalog_url=self.catalog.url,
             )
+            # Metrics, traces, statement comments (README, "Observing the fleet"): None
+            # when all are off. The settings' unless given here; metrics= may be a Metrics.
+            self._observer = observe_router(
+                self, self._cache, self._engines, settings, tenant_key=TENANT_KEY,
+                metrics=metrics, traces=traces, statement_comments=statement_comments,
+            )  # fmt: skip
         except BaseException:
             self._close_cache()  # else its thread and LISTEN connection outlive us
             raise
-        # Metrics, traces, statement comments (README, "Observing the fleet"): None when
-        # all are off. The settings' values unless given here; metrics= may be a Metrics.
-        self._observer = observe_router(
-            self, self._cache, self._engines, settings, tenant_key=TENANT_KEY,
-            metrics=metrics, traces=traces, statement_comments=statement_comments,
-        )  # fmt: skip
 
     def _configure_engine(self, engine: Engine, shard: Shard) -> None:
         configure_engine(engine, self.settings.tenant_column)

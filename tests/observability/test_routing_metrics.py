@@ -203,14 +203,18 @@ def test_off_by_default_nothing_imported_nothing_wrapped(fleet: ObsFleet, tmp_pa
 
 
 def test_metrics_on_without_the_package_is_one_clear_error(fleet: ObsFleet) -> None:
-    from tenantry.observability.hooks import resolve_metrics
+    import threading
+
+    from tenantry import Router
 
     saved = sys.modules.get("prometheus_client")
     saved_metrics = sys.modules.pop("tenantry.observability.metrics", None)
     sys.modules["prometheus_client"] = None  # type: ignore[assignment]
     try:
+        threads = threading.active_count()
         with pytest.raises(ConfigurationError, match=r"pip install 'tenantry\[observability\]'"):
-            resolve_metrics(fleet.catalog.settings, True)
+            Router(catalog=fleet.catalog, metrics=True)  # its map thread is stopped again
+        assert threading.active_count() == threads
     finally:
         if saved is not None:
             sys.modules["prometheus_client"] = saved
