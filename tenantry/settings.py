@@ -126,6 +126,31 @@ class TenantrySettings(BaseSettings):
         "alike; off sends BEGIN on its own, as psycopg does.",
     )
 
+    metrics: bool = Field(
+        False,
+        description="Prometheus metrics of routers, movers and fleet migrations (needs the "
+        "`observability` extra): README, 'Observing the fleet'.",
+    )
+    metrics_top_tenants: int = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description="Per-tenant metrics for this many of the busiest tenants only (0: none).",
+    )
+    metrics_tenant_half_life: float = Field(
+        60.0, gt=0, description="Seconds in which a tenant's load score halves."
+    )
+    traces: bool = Field(
+        False,
+        description="OpenTelemetry spans for routed transactions, move states and migrated "
+        "databases (needs opentelemetry-api; exported by whatever SDK the application set up).",
+    )
+    statement_comments: bool = Field(
+        False,
+        description="Add a sqlcommenter comment (tenant, and the route set by "
+        "tenantry.observability.statement_route) to every routed statement.",
+    )
+
     @field_validator("move_schemas", mode="before")
     @classmethod
     def _split_schemas(cls, value: Any) -> Any:

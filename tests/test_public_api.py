@@ -91,6 +91,7 @@ LAYERS: dict[str, int] = {
     "tenantry.urls": 0,
     "tenantry.shardmap": 1,  # with tenantry's own Alembic scripts and the role check
     "tenantry.router": 2,
+    "tenantry.observability": 2,  # metrics, traces, comments: routers, moves, migrations use it
     "tenantry.migrations": 3,
     "tenantry.moves": 4,
     "tenantry.rebalance": 5,  # rebalancing runs moves; no move needs it

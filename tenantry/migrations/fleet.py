@@ -37,6 +37,7 @@ from tenantry.errors import (
     UnknownShard,
 )
 from tenantry.migrations.rls import grant_routing_role, install_rls
+from tenantry.observability.moves import watch_migrations
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.drivers import WRITE, describe_error
@@ -362,9 +363,12 @@ def _run(
     chosen = select_shards(catalog, shards, tier)
 
     results: dict[str, ShardMigration] = {}
+    telemetry = watch_migrations(settings)  # metrics and traces; None when off
 
     def report(outcome: ShardMigration) -> None:
         results[outcome.shard] = outcome
+        if telemetry is not None:
+            telemetry.migrated(outcome, direction)
         if on_result is not None:
             on_result(outcome)
 

@@ -25,6 +25,7 @@ from tenantry.moves.context import MoveContext
 from tenantry.moves.freeze import SNAPSHOT_APPLICATION
 from tenantry.moves.journal import Move
 from tenantry.moves.watch import Watch
+from tenantry.observability.moves import lagging
 from tenantry.shardmap.drivers import WRITE
 from tenantry.shardmap.residency import Residency, commit_residency
 
@@ -69,6 +70,7 @@ def catch_up(
             watch.check(syncing=False)  # the source first: its failure names it
         lag = repl.lag_bytes(src, slot)
         if lag is not None:
+            lagging(ctx.observer, lag)
             ctx.observer.note(f"replication lag: {lag:,} bytes")
         if lag is None or lag <= _CAUGHT_UP_BYTES or time.monotonic() > deadline:
             return

@@ -43,6 +43,7 @@ from tenantry.moves.online import OnlineSteps
 from tenantry.moves.planning import Planning
 from tenantry.moves.rollback import describe, roll_back_failed, rollback
 from tenantry.moves.tables import table_shapes
+from tenantry.observability.moves import moving, watch_moves
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.model import Shard
 from tenantry.shardmap.operations import operations_engine, shard_errors
@@ -67,7 +68,9 @@ class Mover:
         observer: MoveObserver | None = None,
         hooks: Checkpoints | None = None,
     ) -> None:
-        self.ctx = MoveContext(catalog, observer or NullObserver(), hooks or EnvHooks())
+        # Metrics and traces (README, "Observing the fleet") watch the observer's calls.
+        watched = watch_moves(observer or NullObserver(), catalog.settings)
+        self.ctx = MoveContext(catalog, watched, hooks or EnvHooks())
         self.catalog = catalog
         self.journal = self.ctx.journal
         self.observer = self.ctx.observer
@@ -86,7 +89,7 @@ class Mover:
             move = self.journal.get(move_id)
             if not move.live:
                 return move
-            with self._no_migration(move):
+            with self._no_migration(move), moving(self.observer, move, self.journal.get):
                 return self._run(move)
 
     def _run(self, move: Move) -> Move:
@@ -235,7 +238,8 @@ class Mover:
                     f"can only be completed: run `tenantry moves resume {move_id}`",
                     move_id=move_id,
                 )
-            return rollback(self.ctx, move)
+            with moving(self.observer, move, self.journal.get):
+                return rollback(self.ctx, move)
 
     def rollback(self, move: Move) -> Move:
         """Roll *move* back (see :func:`tenantry.moves.rollback.rollback`)."""

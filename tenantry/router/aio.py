@@ -109,6 +109,8 @@ class AsyncRouter(RouterBase):
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
+                if self._observer is not None:  # only when a beginning failed
+                    self._observer.attempt_failed(attempts.shard, exc)
                 if attempts.stale(exc):
                     stale = attempts.shard
                     attempts.shard = await asyncio.to_thread(self._rerouted, tenant, stale, exc)

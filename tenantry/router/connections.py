@@ -99,6 +99,7 @@ class ConnectionBudget:
         self._queue: deque[object] = deque()
         self._readers: dict[str, threading.Lock] = {}
         self.waits = 0  # how many connections had to wait for room (for tests, stats)
+        self._server_waits: defaultdict[str, int] = defaultdict(int)
 
     @property
     def open(self) -> int:
@@ -113,6 +114,16 @@ class ConnectionBudget:
         """Open connections by server."""
         with self._cond:
             return {k: v for k, v in self._per_server.items() if v}
+
+    def server_limits(self) -> dict[str, int]:
+        """This router's share of each server read so far."""
+        with self._cond:
+            return dict(self._server_limits)
+
+    def server_waits(self) -> dict[str, int]:
+        """How many connections to each server waited for room."""
+        with self._cond:
+            return dict(self._server_waits)
 
     def watch(
         self, engine: Engine, url: str, shard: str | None = None, *, pooled: bool = False
@@ -226,6 +237,7 @@ class ConnectionBudget:
                 return
             self._queue.append(ticket)  # first come, first served among those who wait
             self.waits += 1
+            self._server_waits[server] += 1
         try:
             while True:
                 with self._cond:

@@ -39,7 +39,9 @@ __all__ = ["EngineRegistry", "EngineStats"]
 class EngineStats:
     """How many engines are open, how many connections their pools may hold at most
     (``capacity``), how many are open now (``connections``) and in use
-    (``checked_out``), and how many times a connection waited for room (``waits``)."""
+    (``checked_out``), how many times a connection waited for room (``waits``), and
+    how many engines were disposed to make room (``evicted``: for ``max_engines``, or
+    their idle connections closed for the connection budget)."""
 
     engines: int
     capacity: int
@@ -49,6 +51,7 @@ class EngineStats:
     connections: int = 0
     waits: int = 0
     dialects_initialized: int = 0
+    evicted: int = 0
 
 
 class _Slot:
@@ -79,6 +82,7 @@ class EngineRegistry:
         self._cond = threading.Condition(threading.Lock())
         self._created = 0
         self._disposed = 0
+        self._evicted = 0
         self._closed = False
         self._budget = ConnectionBudget(settings, self._dispose_idle, catalog_url=catalog_url)
         self._dialects = DialectStates()
@@ -191,6 +195,7 @@ class EngineRegistry:
                 del self._slots[key]
                 evicted.append(slot.handle)
                 self._disposed += 1
+                self._evicted += 1
                 if len(self._slots) < self._settings.max_engines:
                     return True
         return False
@@ -210,6 +215,7 @@ class EngineRegistry:
                     and (server is None or server_of(key) == server)
                 ):
                     slot.engine.dispose()
+                    self._evicted += 1
                     return True
         return False
 
@@ -228,7 +234,18 @@ class EngineRegistry:
                 connections=self._budget.open,
                 waits=self._budget.waits,
                 dialects_initialized=self._dialects.initialized,
+                evicted=self._evicted,
             )
+
+    def connections(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+        """Per server: connections open now, this router's share of the server (the
+        connection budget where no share was read), and connections that waited."""
+        budget = self._budget
+        opened = budget.per_server()
+        limits = budget.server_limits()
+        shares = {s: limits.get(s, self._settings.connection_budget) for s in opened}
+        shares.update(limits)
+        return opened, shares, budget.server_waits()
 
     def dispose(self, url: str | None = None) -> list[Any]:
         """Forget one engine (by URL) or all of them; dispose sync engines, and return

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from sqlalchemy import Connection, Engine, RootTransaction, event
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +29,7 @@ from tenantry.errors import (
     ShardUnavailable,
     StaleRoute,
 )
+from tenantry.observability.hooks import detach_router, observe_router
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
 from tenantry.router.fence import TENANT_KEY, ConnectionLost, register_keys, run_fence
@@ -46,6 +47,9 @@ from tenantry.shardmap.drivers import describe_error, make_engine
 from tenantry.shardmap.keys import FenceKey
 from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
+
+if TYPE_CHECKING:
+    from tenantry.observability.metrics import Metrics
 
 __all__ = ["Attempts", "Router", "RouterBase", "lost_midway", "raise_if_lost"]
 
@@ -68,6 +72,9 @@ class RouterBase:
         catalog: Catalog | None = None,
         listen: bool = True,
         background: bool = True,
+        metrics: bool | Metrics | None = None,
+        traces: bool | None = None,
+        statement_comments: bool | None = None,
     ) -> None:
         if catalog is not None and catalog_url is not None:
             raise ValueError("pass catalog_url or catalog, not both")
@@ -92,12 +99,20 @@ class RouterBase:
                 factory=type(self).engine_factory,
                 catalog_url=self.catalog.url,
             )
+            # Metrics, traces, statement comments (README, "Observing the fleet"): None
+            # when all are off. The settings' unless given here; metrics= may be a Metrics.
+            self._observer = observe_router(
+                self, self._cache, self._engines, settings, tenant_key=TENANT_KEY,
+                metrics=metrics, traces=traces, statement_comments=statement_comments,
+            )  # fmt: skip
         except BaseException:
             self._close_cache()  # else its thread and LISTEN connection outlive us
             raise
 
     def _configure_engine(self, engine: Engine, shard: Shard) -> None:
         configure_engine(engine, self.settings.tenant_column)
+        if self._observer is not None:
+            self._observer.configure_engine(engine)
         if shard.backend == "postgresql":
             name = shard.name
             register_keys(
@@ -211,6 +226,7 @@ class RouterBase:
         return shard
 
     def _close_cache(self) -> None:
+        detach_router(self, getattr(self, "_observer", None))
         self._cache.close()
         if self._owns_catalog:
             self.catalog.close()
@@ -221,6 +237,9 @@ class Router(RouterBase):
 
     ``Router()`` uses the settings' catalog; ``Router(url)`` names one. Close it (or
     use it as a context manager) to stop its map listener and dispose its engines.
+    ``metrics=`` (True, or a ``Metrics`` of your own registry), ``traces=`` and
+    ``statement_comments=`` override the settings of the same names (README,
+    "Observing the fleet").
     """
 
     def engine_for(self, tenant_id: str | None = None) -> Engine:
@@ -274,6 +293,8 @@ class Router(RouterBase):
                 return begun, attempts.shard, lease
             except BaseException as exc:
                 self._engines.release(lease)
+                if self._observer is not None:  # only when a beginning failed
+                    self._observer.attempt_failed(attempts.shard, exc)
                 if attempts.stale(exc):
                     attempts.shard = self._rerouted(tenant, attempts.shard, exc)
 

@@ -75,6 +75,8 @@ class MapCache:
         self._listen_url = catalog.settings.catalog_listen_url or catalog.url
         self._announced = False
         self._on_change = on_change
+        #: Called with the seconds each refresh took (the routers' metrics set it).
+        self.on_refresh: Callable[[float], None] | None = None
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
         self._listener: psycopg.Connection[tuple[object, ...]] | None = None
@@ -168,6 +170,16 @@ class MapCache:
             return self._refresh_locked()
 
     def _refresh_locked(self) -> MapSnapshot:
+        on_refresh = self.on_refresh
+        if on_refresh is None:
+            return self._read_changes()
+        started = time.perf_counter()
+        try:
+            return self._read_changes()
+        finally:
+            on_refresh(time.perf_counter() - started)
+
+    def _read_changes(self) -> MapSnapshot:
         current = self.snapshot
         checked = time.monotonic()
         # One statement: the version and the tenants changed since ours (nothing when
