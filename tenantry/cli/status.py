@@ -52,11 +52,12 @@ def _render(state: CliState, fleet: FleetStatus) -> None:
         return text
 
     def slots(s: ShardStatus) -> str:
-        found = s.slots
         return ", ".join(
-            f"{x.name}{' [move ' + str(x.move) + ']' if x.move else ''}"
-            f"{' [red]leftover[/]' if x.leftover else ''}: {_size(x.lag_bytes)} behind"
-            for x in found
+            escape(x.name)
+            + (f" (move {x.move})" if x.move else "")
+            + (" [red](leftover)[/]" if x.leftover else "")
+            + f": {_size(x.lag_bytes)} behind"
+            for x in s.slots
         )
 
     render_table(
