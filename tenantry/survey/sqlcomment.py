@@ -33,6 +33,8 @@ def comment_fields(statement: str) -> dict[str, str]:
     if found is None:
         return {}
     body = found.group(1).strip()
+    if body.endswith(","):
+        return {}
     fields: dict[str, str] = {}
     position = 0
     while position < len(body):
