@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.markup import escape
 
 from tenantry.cli.app import CliState, emit_json, human_size, json_option, pass_state, render_table
 from tenantry.survey.status import FleetStatus, ShardStatus, fleet_status
 
-__all__ = ["ATTENTION", "COMMANDS"]
+__all__ = ["ATTENTION", "COMMANDS", "render_status"]
 
 #: The exit status when something needs an operator's attention.
 ATTENTION = 3
@@ -35,14 +36,16 @@ def _seconds(s: float | None) -> str:
     return f"{s / 3600:.1f}h"
 
 
-def _render(state: CliState, fleet: FleetStatus) -> None:
-    console = state.console
+def render_status(console: Console, fleet: FleetStatus) -> None:
+    """Print *fleet* as ``tenantry status`` shows it: a header, shards, servers, moves
+    in flight, and what needs attention."""
     reachable = sum(1 for s in fleet.shards if s.reachable)
     console.print(
         f"[bold]fleet[/] {escape(fleet.catalog)}  map version {fleet.map_version}  "
         f"app head {fleet.app_head or '(unknown: set TENANTRY_ALEMBIC_CONFIG)'}  "
         f"tenantry {fleet.tenantry_head}  "
-        f"{reachable} of {len(fleet.shards)} shard(s) reachable ({fleet.seconds:.1f}s)"
+        f"{reachable} of {len(fleet.shards)} shard(s) reachable ({fleet.seconds:.1f}s)",
+        highlight=False,
     )
 
     def schema(app: str | None, verdict: str | None) -> str:
@@ -173,7 +176,7 @@ def status_command(
     if as_json:
         emit_json(fleet.to_record())
     else:
-        _render(state, fleet)
+        render_status(state.console, fleet)
     if not fleet.ok:
         raise SystemExit(ATTENTION)
 

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -171,7 +171,6 @@ class _Server:
     key: str
     shard: Shard  # the shard whose operations URL it connects with
     databases: dict[str, Shard]  # database name -> shard
-    engine: sa.Engine | None = None
     conn: Connection | None = None
     error: str | None = None
 
@@ -215,6 +214,8 @@ class Top:
             key = make_url(shard.operations_url).set(database="").render_as_string(False)
             server = servers.setdefault(key, _Server(server_of(shard.operations_url), shard, {}))
             server.databases[_database(shard)] = shard
+            if shard.tier is Tier.SHARED and server.shard.tier is not Tier.SHARED:
+                server.shard = shard  # the fallback connection's database: a shared one
         self._servers = list(servers.values())
         self._xacts: dict[str, float] | None = None
         self._counters: RouterCounters | None = None
@@ -236,20 +237,30 @@ class Top:
 
     # -- reading the servers ------------------------------------------------------------
 
+    def _open(self, shard: Shard) -> Connection:
+        engine = self._stack.enter_context(
+            operations_engine(shard, connect_timeout=self.timeout, isolation_level="AUTOCOMMIT")
+        )
+        return self._stack.enter_context(engine.connect())
+
     def _connect(self, server: _Server) -> Connection | None:
+        """The server's connection: to its ``postgres`` database, so that top's own
+        queries count in no shard's ``pg_stat_database``; where that is refused, to one
+        of its shared shards' databases (whose rate is then a little high)."""
         if server.conn is not None and not server.conn.closed:
             return server.conn
-        try:
-            if server.engine is None:
-                server.engine = self._stack.enter_context(
-                    operations_engine(
-                        server.shard, connect_timeout=self.timeout, isolation_level="AUTOCOMMIT"
-                    )
-                )
-            server.conn = self._stack.enter_context(server.engine.connect())
-            server.error = None
-        except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
-            server.conn, server.error = None, describe_error(exc)
+        maintenance = make_url(server.shard.operations_url).set(database="postgres")
+        candidates = [
+            replace(server.shard, admin_url=maintenance.render_as_string(False)),
+            server.shard,
+        ]
+        for shard in candidates:
+            try:
+                server.conn = self._open(shard)
+                server.error = None
+                break
+            except (sa.exc.SQLAlchemyError, TenantryError, OSError) as exc:
+                server.conn, server.error = None, describe_error(exc)
         return server.conn
 
     def _read(self, server: _Server, query: sa.TextClause) -> list[Any]:
