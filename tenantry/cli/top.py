@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
+import contextlib
 from datetime import datetime
 
 import click
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
@@ -15,7 +15,7 @@ from rich.text import Text
 from tenantry.cli.app import CliState, emit_json, json_option, pass_state
 from tenantry.survey.top import Top, TopReport
 
-__all__ = ["COMMANDS", "render_report"]
+__all__ = ["COMMANDS", "live_view", "render_report"]
 
 
 def _number(value: float | None, digits: int = 1) -> str:
@@ -80,6 +80,16 @@ def render_report(report: TopReport) -> RenderableType:
         parts.append(Text("no active statements and no routed transactions seen"))
     parts.extend(Text(f"warning: {e}", style="yellow") for e in report.errors)
     return Group(*parts)
+
+
+def live_view(console: Console, top: Top, interval: float, windows: int | None = None) -> None:
+    """Redraw the busiest tenants every *interval* seconds, *windows* times (None: until
+    interrupted)."""
+    with Live(Text("sampling..."), console=console, auto_refresh=False) as live:
+        count = 0
+        while windows is None or count < windows:
+            live.update(render_report(top.window(interval)), refresh=True)
+            count += 1
 
 
 @click.command("top")
@@ -147,13 +157,8 @@ def top_command(
             else:
                 console.print(render_report(report))
             return
-        stop = threading.Event()
-        with Live(Text("sampling..."), console=console, auto_refresh=False) as live:
-            try:
-                while True:
-                    live.update(render_report(top.window(interval, stop)), refresh=True)
-            except KeyboardInterrupt:
-                stop.set()
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the view
+            live_view(console, top, interval)
 
 
 COMMANDS = [top_command]

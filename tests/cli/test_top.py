@@ -4,7 +4,9 @@ served over HTTP."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import sys
 import threading
 import time
@@ -14,15 +16,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
+from rich.console import Console
 from sqlalchemy.pool import NullPool
 from surveyfleet import SurveyFleet, build_survey_fleet, closed_port
 
 from tenantry.cli import cli
+from tenantry.cli.top import live_view
 from tenantry.errors import ConfigurationError
 from tenantry.survey.scrape import scrape_routers
 from tenantry.survey.top import Top
 
 LOAD = "tenantry-top-test-load"
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 @pytest.fixture
@@ -147,6 +152,24 @@ def test_top_finds_tenants_on_dedicated_and_shared_shards(pg_fleet):
     assert "acme" in text.stdout and "regulated" in text.stdout and "neighbor" in text.stdout
     assert "(no tenant comment)" in text.stdout
     assert "pg_sleep" not in text.stdout and "pg_sleep" not in result.stdout
+
+
+def test_the_live_view_redraws_each_window(pg_fleet):
+    fleet = pg_fleet
+    sessions = Sessions(fleet)
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=200)
+    try:
+        sessions.run("s1", "SELECT pg_sleep(60) /*tenant='acme'*/")
+        sessions.wait_running(1)
+        with Top(fleet.catalog) as top:
+            top.start()
+            live_view(console, top, 0.3, windows=2)
+    finally:
+        sessions.stop()
+    text = ANSI.sub("", out.getvalue())
+    assert text.count("busiest tenants per shard") >= 2  # drawn again for the second window
+    assert "acme" in text and "1.00" in text
 
 
 def test_dedicated_tenants_transactions_per_second(pg_fleet):
