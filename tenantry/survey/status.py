@@ -280,7 +280,9 @@ _PG_FACTS = sa.text(
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS server_conns,
            (SELECT count(*) FROM pg_stat_activity
              WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
-               AND datname = current_database()) AS conns
+               AND datname = current_database()) AS conns,
+           to_regclass('alembic_version') IS NOT NULL AS app_versioned,
+           to_regclass('tenantry_shard_version') IS NOT NULL AS shard_versioned
     """
 )
 
@@ -330,6 +332,28 @@ def _revisions(conn: Connection, script: ScriptDirectory | None, heads: set[str]
     }
 
 
+def _pg_revisions(
+    conn: Connection, facts: Any, script: ScriptDirectory | None, heads: set[str]
+) -> dict[str, Any]:
+    """:func:`_revisions` in one query at most: the version tables' existence came with
+    the facts (Alembic's own reading costs a few catalog queries per table)."""
+    parts = []
+    if facts.app_versioned:
+        parts.append("SELECT 'app', version_num FROM alembic_version")
+    if facts.shard_versioned:
+        parts.append("SELECT 'shard', version_num FROM tenantry_shard_version")
+    found: dict[str, set[str]] = {"app": set(), "shard": set()}
+    if parts:
+        for which, revision in conn.exec_driver_sql(" UNION ALL ".join(parts)):
+            found[which].add(revision)
+    current = found["app"]
+    return {
+        "app_revision": format_heads(current),
+        "app_verdict": classify(script, current, heads) if script is not None else None,
+        "tenantry_revision": format_heads(found["shard"]),
+    }
+
+
 def _probe_postgres(
     shard: Shard, base: ShardStatus, timeout: float, script: ScriptDirectory | None, heads: set[str]
 ) -> _Probe:
@@ -346,7 +370,7 @@ def _probe_postgres(
     ):
         facts = conn.execute(_PG_FACTS).one()
         slots = [(bool(r.physical), _slot(r)) for r in conn.execute(_PG_SLOTS)]
-        revisions = _revisions(conn, script, heads)
+        revisions = _pg_revisions(conn, facts, script, heads)
     server = server_of(shard.operations_url)
     status = replace(
         base,
