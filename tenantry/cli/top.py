@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import datetime
+from urllib.parse import urlsplit
 
 import click
 from rich.console import Console, Group, RenderableType
@@ -13,6 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tenantry.cli.app import CliState, emit_json, json_option, pass_state
+from tenantry.survey.scrape import masked
 from tenantry.survey.top import Top, TopReport
 
 __all__ = ["COMMANDS", "live_view", "render_report"]
@@ -92,6 +94,19 @@ def live_view(console: Console, top: Top, interval: float, windows: int | None =
             count += 1
 
 
+def _endpoints(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    for url in value:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(
+                f"{masked(url)!r} is not an http(s) URL of a router's Prometheus endpoint "
+                "(for example http://router-1:9100/metrics)"
+            )
+    return value
+
+
 @click.command("top")
 @click.option(
     "--interval",
@@ -118,6 +133,7 @@ def live_view(console: Console, top: Top, interval: float, windows: int | None =
     "metrics",
     multiple=True,
     metavar="URL",
+    callback=_endpoints,
     help="A router's Prometheus endpoint to read per-tenant counters from (repeatable; "
     "needs tenantry[observability]).",
 )

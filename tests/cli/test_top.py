@@ -283,3 +283,10 @@ def test_an_unreachable_server_is_reported(run, fleet):
     assert "refused" in gone["error"].lower()
     (error,) = doc["errors"]
     assert error.startswith("server 127.0.0.1:") and "pw" not in error
+
+
+def test_a_bad_metrics_url_is_refused(run, fleet):
+    err = run.fail("top", "--once", "--metrics", "router-1:9100", status=2)
+    assert "'router-1:9100' is not an http(s) URL of a router's Prometheus endpoint" in err
+    err = run.fail("top", "--once", "--metrics", "ftp://u:secret@h/metrics", status=2)
+    assert "secret" not in err and "ftp://u:***@h/metrics" in err
