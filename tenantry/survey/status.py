@@ -42,6 +42,7 @@ from tenantry.shardmap.scripts import SHARD
 from tenantry.urls import mask_url
 
 __all__ = [
+    "APPLICATION_NAME",
     "CONNECTIONS_WARN",
     "FleetStatus",
     "MoveProgress",
@@ -54,6 +55,9 @@ __all__ = [
 
 #: A server with this share of its usable connections in use needs attention.
 CONNECTIONS_WARN = 0.9
+#: The application_name of status' connections (which it leaves out of the counts: a
+#: fleet's shards checked at once would otherwise count each other).
+APPLICATION_NAME = "tenantry-status"
 
 #: The steps of each mode, in order (the move protocol in DESIGN.md).
 _STEPS = {
@@ -149,7 +153,8 @@ class ShardStatus:
     app_verdict: str | None = None
     tenantry_revision: str | None = None
     bytes: int | None = None
-    #: Client connections open to its database (PostgreSQL; status' own left out).
+    #: Client connections open to its database (PostgreSQL; status' own left out, by
+    #: their application_name).
     connections: int | None = None
     slots: tuple[SlotStatus, ...] = ()
     #: Seconds its check took.
@@ -277,9 +282,11 @@ _PG_FACTS = sa.text(
            current_setting('superuser_reserved_connections')::int AS reserved,
            current_setting('server_version') AS version,
            (SELECT count(*) FROM pg_stat_activity
-             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()) AS server_conns,
+             WHERE backend_type = 'client backend'
+               AND application_name IS DISTINCT FROM :me) AS server_conns,
            (SELECT count(*) FROM pg_stat_activity
-             WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+             WHERE backend_type = 'client backend'
+               AND application_name IS DISTINCT FROM :me
                AND datname = current_database()) AS conns,
            to_regclass('alembic_version') IS NOT NULL AS app_versioned,
            to_regclass('tenantry_shard_version') IS NOT NULL AS shard_versioned
@@ -364,11 +371,14 @@ def _probe_postgres(
             connect_timeout=timeout,
             isolation_level="AUTOCOMMIT",
             # A server that accepts the connection and then hangs is bounded too.
-            connect_args={"options": f"-c statement_timeout={millis}"},
+            connect_args={
+                "options": f"-c statement_timeout={millis}",
+                "application_name": APPLICATION_NAME,
+            },
         ) as engine,
         engine.connect() as conn,
     ):
-        facts = conn.execute(_PG_FACTS).one()
+        facts = conn.execute(_PG_FACTS, {"me": APPLICATION_NAME}).one()
         slots = [(bool(r.physical), _slot(r)) for r in conn.execute(_PG_SLOTS)]
         revisions = _pg_revisions(conn, facts, script, heads)
     server = server_of(shard.operations_url)
@@ -522,7 +532,8 @@ def _attention(
     found: list[str] = []
     for s in shards:
         if not s.reachable:
-            found.append(f"shard {s.name} cannot be reached: {s.error}")
+            if s.state != "retired" or s.tenants:  # a retired, empty shard may be gone
+                found.append(f"shard {s.name} cannot be reached: {s.error}")
             continue
         if s.app_verdict not in (None, "ok"):
             found.append(

@@ -307,6 +307,13 @@ def test_status_of_a_sqlite_fleet(run, fleet, tmp_path: Path):
     assert result.exit_code == 3
     assert "s2 cannot be reached: no such database file" in result.stdout
     assert not (tmp_path / "s2.db").exists()
+    # A retired shard that holds no tenant may be gone: shown, but nothing to do.
+    run("shard", "set", "d2", "--state", "retired")
+    (tmp_path / "d2.db").unlink()
+    doc = json.loads(run.invoke("status", "--json").stdout)
+    d2 = next(s for s in doc["shards"] if s["name"] == "d2")
+    assert (d2["state"], d2["reachable"]) == ("retired", False)
+    assert [line.split(" cannot")[0] for line in doc["attention"]] == ["shard s2"]
 
 
 def test_many_shards_are_checked_at_once(run):
