@@ -239,7 +239,12 @@ class Top:
 
     def _open(self, shard: Shard) -> Connection:
         engine = self._stack.enter_context(
-            operations_engine(shard, connect_timeout=self.timeout, isolation_level="AUTOCOMMIT")
+            operations_engine(
+                shard,
+                connect_timeout=self.timeout,
+                isolation_level="AUTOCOMMIT",
+                connect_args={"application_name": "tenantry-top"},
+            )
         )
         return self._stack.enter_context(engine.connect())
 
