@@ -127,8 +127,9 @@ class Display:
         self.progress.update(task, detail=detail)
 
     def counter(self, description: str, total: float, unit: str) -> Counted:
-        """A counted task of *total* *unit* (shards, moves, ...)."""
-        if not self.enabled:
+        """A counted task of *total* *unit* (shards, moves, ...); nothing is drawn for
+        none."""
+        if not self.enabled or total <= 0:
             return Counted(self, None)
         self._start()
         return Counted(self, self.progress.add_task(description, detail="", total=total, unit=unit))
