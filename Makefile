@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo example test lint bench clean pgbouncer
+.PHONY: demo example test lint bench clean pgbouncer screenshots
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(VENV)/.installed $(VENV)/.installed-test $@
+
+$(VENV)/.installed-screenshots: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[screenshots]'
+	touch $(VENV)/.installed $@
 
 $(VENV)/.installed-examples: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[examples]'
@@ -55,6 +59,11 @@ lint: $(VENV)/.installed-test
 # BENCH_ARGS=--quick for a run of a few minutes; results in benchmarks/results/.
 bench: $(VENV)/.installed-bench pgbouncer
 	$(BIN)/tenantry bench $(BENCH_ARGS)
+
+# The README's PNGs of `tenantry status` and `tenantry top` in docs/, drawn on a small fleet
+# of throwaway servers (SCREENSHOT_ARGS="--pg-url URL URL" for running ones).
+screenshots: $(VENV)/.installed-screenshots
+	$(BIN)/python benchmarks/screenshots.py $(SCREENSHOT_ARGS)
 
 clean:
 	rm -rf $(VENV) .tenantry .tenantry-demo .evcharge-demo .pytest_cache .mypy_cache .ruff_cache

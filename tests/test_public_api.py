@@ -95,6 +95,7 @@ LAYERS: dict[str, int] = {
     "tenantry.migrations": 3,
     "tenantry.moves": 4,
     "tenantry.rebalance": 5,  # rebalancing runs moves; no move needs it
+    "tenantry.survey": 5,  # status and top read the catalog, the journal, the shards
     "tenantry.demo": 5,  # the sample app uses the library, nothing uses it
     "tenantry": 5,  # the package's public face re-exports the library, never the CLI
     "tenantry.cli": 6,

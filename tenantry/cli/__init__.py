@@ -5,12 +5,23 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tenantry.cli import bench, demo, migrate, moves, rebalance, shard, shardmap, tenant
+from tenantry.cli import (
+    bench,
+    demo,
+    migrate,
+    moves,
+    rebalance,
+    shard,
+    shardmap,
+    status,
+    tenant,
+    top,
+)
 from tenantry.cli.app import cli
 
 __all__ = ["cli", "main"]
 
-for module in (shardmap, shard, tenant, migrate, moves, rebalance, bench, demo):
+for module in (shardmap, shard, tenant, migrate, moves, rebalance, status, top, bench, demo):
     for command in module.COMMANDS:
         cli.add_command(command)
 

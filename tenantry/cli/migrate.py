@@ -8,7 +8,6 @@ from typing import Any
 
 import click
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tenantry import migrations
 from tenantry.cli.app import (
@@ -19,6 +18,7 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
+from tenantry.cli.progress import Display, shows_progress
 from tenantry.migrations import FleetStatus
 from tenantry.migrations.fleet import FleetRun, ShardMigration, select_shards
 
@@ -80,23 +80,11 @@ def _run(
     catalog = state.catalog()
     count = len(select_shards(catalog, shards or None, tier))
     call = migrations.upgrade if direction == "upgrade" else migrations.downgrade
-    progress = Progress(
-        TextColumn(f"{direction} to {revision}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=state.console,
-        transient=True,
-        # Off a terminal the bar is never drawn, yet stopping it printed a blank line:
-        # on stdout before an error, and ahead of the table in a pipe.
-        disable=as_json or not state.console.is_terminal,
-    )
-    with progress:
-        task = progress.add_task("", total=count)
+    with Display(state.console, shows_progress(state.console, as_json)) as display:
+        counted = display.counter(f"{direction} to {revision}", count, "shards")
 
         def advance(result: ShardMigration) -> None:
-            progress.update(task, advance=1, description=f"{result.shard}: {result.result}")
+            counted.advance(detail=f"{result.shard}: {result.result}")
 
         run: FleetRun = call(
             catalog,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import TaskID
 
 from tenantry import moves
 from tenantry.cli.app import (
@@ -21,68 +21,53 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
+from tenantry.cli.progress import Display
 from tenantry.moves import Move
 
 __all__ = ["COMMANDS", "RichObserver"]
 
 
 class RichObserver:
-    """Shows a move's steps and a line per table (rows, bytes, rate)."""
+    """Shows a move's steps and a line per table (rows, bytes, rate) on a terminal
+    (:mod:`tenantry.cli.progress`); its notes are printed unless *enabled* is False
+    (``--json``)."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
         self.console = console
-        self.progress = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TextColumn("{task.fields[detail]}"),
-            TimeElapsedColumn(),
-            console=console,
-            disable=not enabled,
-        )
         self.enabled = enabled
+        self.display = Display(console, enabled and console.is_terminal)
         self._tables: dict[str, tuple[TaskID, float]] = {}
         self._step: TaskID | None = None
-        self._started = False
 
     def __enter__(self) -> RichObserver:
+        self.display.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._started:
-            self.progress.__exit__(None, None, None)
-
-    def _start(self) -> None:
-        # Only once there is something to show: a command refused before any step
-        # prints its one error line, not an empty progress display first.
-        if not self._started:
-            self._started = True
-            self.progress.__enter__()
+        self.display.__exit__(*exc)
 
     def step(self, move_id: int, state: str) -> None:
         """Show that move *move_id* entered *state*."""
-        self._start()
         if self._step is not None:
-            self.progress.update(self._step, completed=1, total=1)
-        self._step = self.progress.add_task(f"move {move_id}: {state}", detail="", total=None)
+            self.display.finish(self._step)
+        self._step = self.display.line(f"move {move_id}: {state}")
 
     def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
         """Show a table's progress: rows and bytes so far, and the rate."""
-        self._start()
         task, started = self._tables.get(table, (None, time.monotonic()))
         if task is None:
-            task = self.progress.add_task(f"  {table}", detail="", total=None)
+            task = self.display.line(f"  {table}")
             self._tables[table] = (task, started)
         elapsed = max(time.monotonic() - started, 1e-6)
         detail = f"{rows:,} rows"
         if size:
             detail += f", {human_size(size)} ({human_size(size / elapsed)}/s)"
-        self.progress.update(task, detail=detail)
+        self.display.update(task, detail)
 
     def note(self, message: str) -> None:
         """Show a note of the mover (a wait, a warning, a choice it made)."""
         if self.enabled:
-            self._start()
-            self.progress.console.print(f"[yellow]{message}[/]")
+            self.display.note(f"[yellow]{message}[/]")
 
 
 def _summary(console: Console, move: Move) -> None:

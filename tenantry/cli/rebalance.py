@@ -118,7 +118,20 @@ def _apply(state: CliState, plan: Plan, as_json: bool, **running: Any) -> list[A
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
         with RichObserver(state.console, not as_json) as observer:
-            results = apply_plan(state.catalog(), plan, stop=stop, observer=observer, **running)
+            counted = observer.display.counter("moves", len(plan.moves), "moves")
+            moved = [0]
+
+            def done(result: AppliedMove) -> None:
+                moved[0] += result.planned.bytes if result.ok else 0
+                outcome = "done" if result.ok else "failed"
+                counted.advance(
+                    detail=f"{result.planned.tenant_id}: {outcome}; "
+                    f"{human_size(moved[0])} of {human_size(plan.bytes)} moved"
+                )
+
+            results = apply_plan(
+                state.catalog(), plan, stop=stop, observer=observer, on_done=done, **running
+            )
     finally:
         signal.signal(signal.SIGINT, previous)
     return results

@@ -23,6 +23,7 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
+from tenantry.cli.progress import Counted, Display, shows_progress
 from tenantry.cli.tenant_import import import_command
 from tenantry.moves.removal import RowsPolicy, remove_tenant
 from tenantry.rebalance.sizes import measure_sizes, stored_sizes
@@ -267,7 +268,16 @@ def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
     """Per-tenant rows and bytes on the shared shards, as stored or measured now."""
     catalog = state.catalog()
     if refresh:
-        measure_sizes(catalog)
+        with Display(state.console, shows_progress(state.console, as_json)) as display:
+            counted: Counted | None = None
+
+            def measured(shard: str, done: int, total: int) -> None:
+                nonlocal counted
+                if counted is None:
+                    counted = display.counter("measuring", total, "shards")
+                counted.advance(detail=shard)
+
+            measure_sizes(catalog, on_shard=measured)
     stored = stored_sizes(catalog)
     rows = sorted(stored.items(), key=lambda item: (-item[1][0].bytes, item[0]))
     if as_json:

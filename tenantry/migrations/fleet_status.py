@@ -31,7 +31,7 @@ from tenantry.shardmap.operations import operations_engine
 from tenantry.shardmap.roles import check_role
 from tenantry.shardmap.scripts import SHARD
 
-__all__ = ["FleetStatus", "ShardStatus", "status"]
+__all__ = ["FleetStatus", "ShardStatus", "classify", "status"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,9 @@ class FleetStatus:
         return [w for s in self.shards for w in s.warnings]
 
 
-def _classify(script: ScriptDirectory, current: set[str], heads: set[str]) -> Verdict:
+def classify(script: ScriptDirectory, current: set[str], heads: set[str]) -> Verdict:
+    """A database's revisions *current* against the scripts' *heads*: ok, behind, ahead
+    (a revision the scripts do not know) or unknown (none)."""
     if not current:
         return "unknown"
     if current == heads:
@@ -117,7 +119,7 @@ def _shard_status(
         shard.name,
         shard.tier,
         format_heads(current),
-        _classify(script, current, heads),
+        classify(script, current, heads),
         tenantry_revision=ours,
         warnings=tuple(warnings),
     )

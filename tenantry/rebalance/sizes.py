@@ -5,7 +5,7 @@ itself: :func:`tenantry.shardmap.sizes.follow_move`.)"""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import sqlalchemy as sa
@@ -56,9 +56,16 @@ def measure_shard(
 
 
 def measure_sizes(
-    catalog: Catalog, *, shards: Sequence[str] | None = None, tier: Tier | None = Tier.SHARED
+    catalog: Catalog,
+    *,
+    shards: Sequence[str] | None = None,
+    tier: Tier | None = Tier.SHARED,
+    on_shard: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, TenantSize]:
-    """Measure the tenants of the shared shards (or the named ones) and store the sizes."""
+    """Measure the tenants of the shared shards (or the named ones) and store the sizes.
+
+    *on_shard* is called with (shard, shards measured, shards to measure) as each shard
+    is done (the CLI's progress)."""
     snapshot = catalog.snapshot()
     chosen = [
         s
@@ -68,7 +75,7 @@ def measure_sizes(
     found: dict[str, TenantSize] = {}
     now = datetime.now(UTC)
     rows = []
-    for shard in chosen:
+    for done, shard in enumerate(chosen, 1):
         measured = measure_shard(
             shard,
             column=catalog.settings.tenant_column,
@@ -87,6 +94,8 @@ def measure_sizes(
                     "measured_at": now,
                 }
             )
+        if on_shard is not None:
+            on_shard(shard.name, done, len(chosen))
     with catalog.journal_transaction() as conn:
         if rows:
             conn.execute(

@@ -1,0 +1,18 @@
+"""Surveying the fleet: its status (``tenantry status``) and its busiest tenants
+(``tenantry top``).
+
+- :mod:`~tenantry.survey.status` — every shard checked at once: reachability, schema
+  revisions, tenants, bytes, connections, replication slots; live moves' progress;
+- :mod:`~tenantry.survey.top` — load per tenant and shard, sampled from the servers'
+  ``pg_stat_activity`` and ``pg_stat_database`` and, optionally, read from the routers'
+  Prometheus counters (:mod:`~tenantry.survey.scrape`);
+- :mod:`~tenantry.survey.sqlcomment` — the sqlcommenter comment that names a
+  statement's tenant.
+"""
+
+from __future__ import annotations
+
+from tenantry.survey.status import FleetStatus, fleet_status
+from tenantry.survey.top import Top, TopReport
+
+__all__ = ["FleetStatus", "Top", "TopReport", "fleet_status"]
