@@ -160,7 +160,7 @@ def top_command(
 
     Dedicated shards: the database's sessions and transactions are its tenant's.
     Shared shards: active statements are attributed by their sqlcommenter comment
-    (tenant='...'), which routers add when statement comments are on. --json prints
+    (tenant='...'), which routers add when statement comments are on (TENANTRY_STATEMENT_COMMENTS=1). --json prints
     one window (implies --once).
     """
     console = state.console
