@@ -157,3 +157,63 @@ def test_s0006_goes_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
         assert SHARD.current(conn) == "s0006"
         assert "!~" not in _fence_source(conn)
     assert routed_rows() == [("acme",)]
+
+
+def _definer_path(conn: sa.Connection) -> Any:
+    return conn.exec_driver_sql(
+        "SELECT proconfig FROM pg_proc"
+        " WHERE oid = 'tenantry.writable_tenant()'::regprocedure"
+    ).scalar_one()
+
+
+def test_writable_tenant_runs_no_operator_of_the_callers(
+    pg_fleet_builder: Any, app_role: str
+) -> None:
+    """A routing role that may create objects somewhere (a careless grant) puts an ``=``
+    of its own first in its search_path: ``tenantry.writable_tenant()`` runs as its
+    owner, so such an operator would run as the owner too. s0006 pins its search_path;
+    at s0005 the hijack works, which proves the probe can see it."""
+    fleet = pg_fleet_builder()
+    shard = fleet.add_shard("s", server=0)
+    fleet.add_tenant("acme", "s")
+    key = fleet.catalog.fence_key("s")
+    with operator_transaction(shard) as conn:
+        conn.exec_driver_sql("CREATE SCHEMA careless")
+        conn.exec_driver_sql(f'GRANT USAGE, CREATE ON SCHEMA careless TO "{app_role}"')
+
+    def hijacked() -> set[str]:
+        """The users the routing role's ``=`` ran as while writable_tenant ran."""
+        with psycopg.connect(_libpq(shard.url)) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS careless.ran_as (who text)")
+            conn.execute(
+                "CREATE OR REPLACE FUNCTION careless.eq(text, text) RETURNS boolean"
+                " LANGUAGE plpgsql AS $$BEGIN"
+                " INSERT INTO careless.ran_as VALUES (current_user);"
+                " RETURN pg_catalog.texteq($1, $2); END$$"
+            )
+            if not conn.execute("SELECT to_regoperator('careless.=(text,text)')").fetchone()[0]:
+                conn.execute(
+                    "CREATE OPERATOR careless.= (LEFTARG = text, RIGHTARG = text,"
+                    " FUNCTION = careless.eq)"
+                )
+            conn.execute("DELETE FROM careless.ran_as")
+            conn.commit()
+            signature = key.sign("acme", conn.info.backend_pid)
+            assert conn.execute("SELECT tenantry.fence('acme', %s)", (signature,)).fetchone()
+            conn.execute("SET LOCAL search_path = careless, pg_catalog")
+            assert conn.execute("SELECT tenantry.writable_tenant()").fetchone() == ("acme",)
+            ran_as = {who for (who,) in conn.execute("SELECT who FROM careless.ran_as")}
+            conn.rollback()
+            return ran_as
+
+    with operator_transaction(shard) as conn:
+        assert _definer_path(conn) == ["search_path=pg_catalog, pg_temp"]
+    assert hijacked() == set()
+    with operator_transaction(shard) as conn, ALEMBIC_LOCK:
+        command.downgrade(SHARD.config(conn), "s0005")
+    with operator_transaction(shard) as conn:
+        assert _definer_path(conn) is None
+    assert hijacked() - {app_role}, "the probe no longer reaches writable_tenant's operator"
+    with operator_transaction(shard) as conn:
+        SHARD.upgrade(conn)
+    assert hijacked() == set()

@@ -25,6 +25,13 @@ The stamp, the residency read, the read-only transaction of a frozen tenant, the
 ``SECURITY DEFINER`` with ``search_path = pg_catalog, pg_temp``, the errors and their
 SQLSTATEs are s0004's. ``tenantry.fence_pooled`` (s0005) calls this function by name,
 so it uses the new body too. The downgrade puts s0004's body back.
+
+Also: ``tenantry.writable_tenant()`` (s0004) is ``SECURITY DEFINER`` but ran with the
+caller's ``search_path``, and ``IS NOT DISTINCT FROM`` looks its ``=`` operator up
+through it: a routing role allowed to create objects in any schema could put a
+``=`` of its own first (``SET search_path = mine, pg_catalog``) and have it run as
+the function's owner. It now runs with ``search_path = pg_catalog, pg_temp`` like the
+fence (the downgrade resets it).
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from alembic import op
 
 revision = "s0006"
 down_revision = "s0005"
+
+_WRITABLE = "tenantry.writable_tenant()"
 
 #: The stamp of the current transaction for p_tenant (an int8), as s0004 computes it.
 _STAMP = (
@@ -125,9 +134,11 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     _replace_fence(_FENCE_BODY)
+    op.execute(f"ALTER FUNCTION {_WRITABLE} SET search_path = pg_catalog, pg_temp")
 
 
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     _replace_fence(_s0004()._FENCE_BODY)  # type: ignore[attr-defined]
+    op.execute(f"ALTER FUNCTION {_WRITABLE} RESET search_path")
