@@ -3,11 +3,13 @@ one router and many.
 
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
         [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
+        [--max-connections N]
 
 ``--only`` runs some parts (``dedicated``: 1, ``budget``: 2 and 2b, ``refresh``: 3,
 ``cli``: 4; the build always runs); ``--databases``/``--tenants`` change the fleet's
 size; ``--variant`` runs some of question 1's settings variants; ``--keep`` (with
-``--pg-url``) leaves the fleet in place and prints its catalog URL.
+``--pg-url``) leaves the fleet in place and prints its catalog URL;
+``--max-connections`` is the throwaway server's (500).
 
 One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
 template database is migrated once (tenantry's shard schema and a 10-row-key table
@@ -96,8 +98,14 @@ MAX_CONNECTIONS = 500
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "max_engines=1000": {"max_engines": 1000},
-    # The only router on the server: its share is the whole server (less the reserve).
-    "max_engines=1000, routers_per_server=1": {"max_engines": 1000, "routers_per_server": 1},
+    # What this router is: the only one on its server. Its share is then the whole
+    # server less the reserves (routers_per_server=1), and its own budget and engine
+    # count do not bind below that share.
+    "routers_per_server=1, connection_budget=1000, max_engines=1000": {
+        "routers_per_server": 1,
+        "connection_budget": 1000,
+        "max_engines": 1000,
+    },
 }
 #: What a client is told when the server has no connection slot left for it.
 SERVER_FULL = ("too many clients", "remaining connection slots are reserved")
@@ -147,14 +155,14 @@ def conninfo(url: str) -> str:
 
 
 @contextmanager
-def bench_server(urls: Sequence[str] | None) -> Any:
-    """A superuser URL: the given server's, or a throwaway one with max_connections=500."""
+def bench_server(urls: Sequence[str] | None, max_connections: int = MAX_CONNECTIONS) -> Any:
+    """A superuser URL: the given server's, or a throwaway one with *max_connections*."""
     if urls:
         yield urls[0]
         return
     from tenantry.testing import PostgresServers
 
-    settings = {"max_connections": str(MAX_CONNECTIONS)}
+    settings = {"max_connections": str(max_connections)}
     with PostgresServers(count=1, name="tenantry-bench", settings=settings) as servers:
         yield servers.urls[0]
 
@@ -1047,7 +1055,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     phase = Phases()
     with ExitStack() as stack:
-        server = stack.enter_context(bench_server(args.pg_url))
+        server = stack.enter_context(bench_server(args.pg_url, args.max_connections))
         data["machine"] = machine_info([server])
         data["max_connections"] = _max_connections(server)
         fleet = build(server, cfg, phase)
@@ -1097,6 +1105,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--keep", action="store_true", help="with --pg-url: leave the fleet in place"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help=f"the throwaway server's max_connections (default {MAX_CONNECTIONS})",
     )
     args = parser.parse_args(argv)
     if args.from_json:

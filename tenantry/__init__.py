@@ -1,15 +1,12 @@
 """tenantry: multi-tenant routing, fleet migrations and tenant moves across a fleet of
 shared and dedicated databases."""
 
-from __future__ import annotations
+import typing
 
-from typing import TYPE_CHECKING
-
-from tenantry import errors
-from tenantry._lazy import exports, lazy_module
+from tenantry import errors, lazy
 from tenantry.errors import *  # noqa: F403 (the names of errors.__all__)
 
-if TYPE_CHECKING:
+if typing.TYPE_CHECKING:
     from tenantry.moves import Move, MoveKind, MoveMode, MoveState
     from tenantry.router import (
         AsyncRouter,
@@ -63,11 +60,11 @@ __all__ = [
 __all__ += errors.__all__
 __all__.sort()
 
-#: Imported on first use (see tenantry._lazy): ``import tenantry``, and the CLI's
+#: Imported on first use (see tenantry.lazy): ``import tenantry``, and the CLI's
 #: start-up, load neither the router, nor the movers, nor SQLAlchemy's ORM or Alembic.
-__getattr__, __dir__ = lazy_module(
+__getattr__, __dir__ = lazy.lazy_module(
     __name__,
-    exports(
+    lazy.exports(
         ("tenantry.moves", ("Move", "MoveKind", "MoveMode", "MoveState")),
         (
             "tenantry.router",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tenantry._lazy import exports, lazy_module
+from tenantry.lazy import exports, lazy_module
 
 if TYPE_CHECKING:
     from tenantry.migrations.fleet import FleetRun, ShardMigration, downgrade, upgrade
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-#: Imported on first use (see tenantry._lazy).
+#: Imported on first use (see tenantry.lazy).
 __getattr__, __dir__ = lazy_module(
     __name__,
     exports(

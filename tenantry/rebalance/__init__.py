@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tenantry._lazy import exports, lazy_module
+from tenantry.lazy import exports, lazy_module
 
 if TYPE_CHECKING:
     from tenantry.rebalance.apply import AppliedMove, apply_plan, plan_for, start_drain
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 
-#: Imported on first use (see tenantry._lazy).
+#: Imported on first use (see tenantry.lazy).
 __getattr__, __dir__ = lazy_module(
     __name__,
     exports(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from tenantry._lazy import exports, lazy_module
+from tenantry.lazy import exports, lazy_module
 from tenantry.shardmap.model import (
     MapDelta,
     MapSnapshot,
@@ -40,7 +40,7 @@ __all__ = [
     "validate_tenant_id",
 ]
 
-#: Imported on first use (see tenantry._lazy): the model alone loads no catalog.
+#: Imported on first use (see tenantry.lazy): the model alone loads no catalog.
 __getattr__, __dir__ = lazy_module(
     __name__,
     exports(
