@@ -23,8 +23,11 @@ them), timed.
 1. **One router, dedicated against shared.** 8 threads route 1-select transactions
    (rolled back) for a fixed window, to a tenant chosen uniformly or Zipf-skewed
    (s=1.1, hot tenants in a random order), among the dedicated tenants or among the
-   shared ones; the four cells and the settings variants (defaults; ``max_engines``
-   1000) are interleaved in windows, in a random order each round. Per window: the
+   shared ones, after each router has routed one transaction to every dedicated
+   tenant (a router that has run a while, not one just started; the time it took is
+   recorded; ``--cold`` leaves this out); the four cells and the settings variants
+   (defaults; ``max_engines`` 1000; the only router on its server) are interleaved in
+   windows, in a random order each round. Per window: the
    router's engines created and disposed, the server's sessions opened per second
    (``pg_stat_database.sessions``), and ``router.engine_stats()`` at its end.
 2. **8 router processes, default settings,** each routing to uniformly chosen
@@ -126,6 +129,7 @@ class Config:
     threads: int = 8
     window_s: float = 6.0
     warmup_s: float = 2.0
+    touch_all: bool = True
     rounds: int = 2
     zipf_s: float = 1.1
     processes: int = 8
@@ -354,6 +358,15 @@ def _sessions(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def touch_all(router: Router, tenants: Sequence[str], threads: int) -> float:
+    """Route one transaction to each of *tenants* (*threads* at a time): a router that
+    has run for a while, not one that has just started; return the seconds it took."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: one(router, t, 1), tenants))
+    return time.monotonic() - started
+
+
 def run_window(
     router: Router, chooser: Chooser, threads: int, seconds: float, seed: int
 ) -> tuple[list[int], float, int]:
@@ -409,6 +422,7 @@ def question_1(
     }
     rng = random.Random(11)
     order_v = list(variants)
+    warm: dict[str, list[float]] = {v: [] for v in variants}
     try:
         with phase("question 1: one router, dedicated vs shared"):
             for round_ in range(cfg.rounds):
@@ -417,6 +431,8 @@ def question_1(
                 for v in order_v if round_ % 2 == 0 else order_v[::-1]:
                     settings = load_settings(catalog_url=fleet.catalog_url, **variants[v])
                     with Router(settings=settings) as router:
+                        if cfg.touch_all:
+                            warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
                         for pool in ("dedicated", "shared"):
                             run_window(
                                 router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1
@@ -448,7 +464,11 @@ def question_1(
                             )
     finally:
         stats_conn.close()
-    out: dict[str, Any] = {"cells": [], "ratios": []}
+    out: dict[str, Any] = {
+        "cells": [],
+        "ratios": [],
+        "touch_all_s": {v: [round(x, 1) for x in w] for v, w in warm.items()},
+    }
     for (v, k, p), cell in cells.items():
         lat = cell["latencies"]
         tx = len(lat)
@@ -824,6 +844,14 @@ def _max_conn(data: dict[str, Any]) -> Any:
 
 def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     lines = [f"## 1. One router, {cfg['threads']} threads: dedicated against shared", ""]
+    if q1.get("touch_all_s"):
+        times = "; ".join(f"{v}: {w} s" for v, w in q1["touch_all_s"].items() if w)
+        if times:
+            lines += [
+                "Each router first routed one transaction to every dedicated tenant "
+                f"({cfg['threads']} threads; seconds per round: {times}).",
+                "",
+            ]
     rows = []
     for c in q1["cells"]:
         es = c["engine_stats"]
@@ -1046,6 +1074,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sizes = {k: v for k, v in (("databases", args.databases), ("tenants", args.tenants)) if v}
     if sizes:
         cfg = replace(cfg, **sizes)
+    if args.cold:
+        cfg = replace(cfg, touch_all=False)
     parts = set(args.only or PARTS)
     variants = {v: VARIANTS[v] for v in args.variant} if args.variant else VARIANTS
     data: dict[str, Any] = {
@@ -1105,6 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--keep", action="store_true", help="with --pg-url: leave the fleet in place"
+    )
+    parser.add_argument(
+        "--cold", action="store_true", help="question 1 without touching every database first"
     )
     parser.add_argument(
         "--max-connections",
