@@ -102,12 +102,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "max_engines=1000": {"max_engines": 1000},
     # What this router is: the only one on its server. Its share is then the whole
-    # server less the reserves (routers_per_server=1), and its own budget and engine
-    # count do not bind below that share.
-    "routers_per_server=1, connection_budget=1000, max_engines=1000": {
+    # server less the reserves (routers_per_server=1); its own budget and engine count
+    # do not bind below that share; a dedicated database keeps as many idle connections
+    # as it has transactions at once (overflow connections close when returned, so a
+    # hot database with a smaller pool reconnects on every burst).
+    "lone router": {
         "routers_per_server": 1,
         "connection_budget": 1000,
-        "max_engines": 1000,
+        "max_engines": 2000,
+        "pool_size_dedicated": 8,
     },
 }
 #: What a client is told when the server has no connection slot left for it.
@@ -468,6 +471,7 @@ def question_1(
         "cells": [],
         "ratios": [],
         "touch_all_s": {v: [round(x, 1) for x in w] for v, w in warm.items()},
+        "settings": variants,
     }
     for (v, k, p), cell in cells.items():
         lat = cell["latencies"]
@@ -844,6 +848,16 @@ def _max_conn(data: dict[str, Any]) -> Any:
 
 def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
     lines = [f"## 1. One router, {cfg['threads']} threads: dedicated against shared", ""]
+    if q1.get("settings"):
+        lines += [
+            "Settings: "
+            + "; ".join(
+                f"{v}: {', '.join(f'{k}={x}' for k, x in st.items()) or 'the defaults'}"
+                for v, st in q1["settings"].items()
+            )
+            + ".",
+            "",
+        ]
     if q1.get("touch_all_s"):
         times = "; ".join(f"{v}: {w} s" for v, w in q1["touch_all_s"].items() if w)
         if times:
