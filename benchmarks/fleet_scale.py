@@ -2,6 +2,14 @@
 one router and many.
 
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
+        [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
+        [--max-connections N]
+
+``--only`` runs some parts (``dedicated``: 1, ``budget``: 2 and 2b, ``refresh``: 3,
+``cli``: 4; the build always runs); ``--databases``/``--tenants`` change the fleet's
+size; ``--variant`` runs some of question 1's settings variants; ``--keep`` (with
+``--pg-url``) leaves the fleet in place and prints its catalog URL;
+``--max-connections`` is the throwaway server's (500).
 
 One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
 template database is migrated once (tenantry's shard schema and a 10-row-key table
@@ -15,8 +23,11 @@ them), timed.
 1. **One router, dedicated against shared.** 8 threads route 1-select transactions
    (rolled back) for a fixed window, to a tenant chosen uniformly or Zipf-skewed
    (s=1.1, hot tenants in a random order), among the dedicated tenants or among the
-   shared ones; the four cells and the settings variants (defaults; ``max_engines``
-   1000) are interleaved in windows, in a random order each round. Per window: the
+   shared ones, after each router has routed one transaction to every dedicated
+   tenant (a router that has run a while, not one just started; the time it took is
+   recorded; ``--cold`` leaves this out); the four cells and the settings variants
+   (defaults; ``max_engines`` 1000; the only router on its server) are interleaved in
+   windows, in a random order each round. Per window: the
    router's engines created and disposed, the server's sessions opened per second
    (``pg_stat_database.sessions``), and ``router.engine_stats()`` at its end.
 2. **8 router processes, default settings,** each routing to uniformly chosen
@@ -50,7 +61,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -80,7 +91,8 @@ from tenantry import Catalog, Router, Shard, load_settings
 from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.shardmap.catalog.shards import prepare_shard
 from tenantry.shardmap.drivers import make_engine
-from tenantry.shardmap.schema import shards, tenants
+from tenantry.shardmap.keys import current_key
+from tenantry.shardmap.schema import fence_keys, shards, tenants
 from tenantry.testing import create_database, drop_database
 
 NAME = "fleet_scale"
@@ -89,8 +101,17 @@ MAX_CONNECTIONS = 500
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     "max_engines=1000": {"max_engines": 1000},
-    # The only router on the server: its share is the whole server (less the reserve).
-    "max_engines=1000, routers_per_server=1": {"max_engines": 1000, "routers_per_server": 1},
+    # What this router is: the only one on its server. Its share is then the whole
+    # server less the reserves (routers_per_server=1); its own budget and engine count
+    # do not bind below that share; a dedicated database keeps as many idle connections
+    # as it has transactions at once (overflow connections close when returned, so a
+    # hot database with a smaller pool reconnects on every burst).
+    "lone router": {
+        "routers_per_server": 1,
+        "connection_budget": 1000,
+        "max_engines": 2000,
+        "pool_size_dedicated": 8,
+    },
 }
 #: What a client is told when the server has no connection slot left for it.
 SERVER_FULL = ("too many clients", "remaining connection slots are reserved")
@@ -111,6 +132,7 @@ class Config:
     threads: int = 8
     window_s: float = 6.0
     warmup_s: float = 2.0
+    touch_all: bool = True
     rounds: int = 2
     zipf_s: float = 1.1
     processes: int = 8
@@ -140,14 +162,14 @@ def conninfo(url: str) -> str:
 
 
 @contextmanager
-def bench_server(urls: Sequence[str] | None) -> Any:
-    """A superuser URL: the given server's, or a throwaway one with max_connections=500."""
+def bench_server(urls: Sequence[str] | None, max_connections: int = MAX_CONNECTIONS) -> Any:
+    """A superuser URL: the given server's, or a throwaway one with *max_connections*."""
     if urls:
         yield urls[0]
         return
     from tenantry.testing import PostgresServers
 
-    settings = {"max_connections": str(MAX_CONNECTIONS)}
+    settings = {"max_connections": str(max_connections)}
     with PostgresServers(count=1, name="tenantry-bench", settings=settings) as servers:
         yield servers.urls[0]
 
@@ -202,6 +224,9 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
                 tables = [RlsTable("public", TABLE)]
                 install_rls(conn, tables)
                 grant_routing_role(conn, role[0], tables)
+            with engine.connect() as conn:
+                key = current_key(conn)
+            assert key is not None, "the template has no fence key"
         finally:
             engine.dispose()
         template_name = make_url(template).database or ""
@@ -276,6 +301,19 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
             )
         for i, url in enumerate(urls[cfg.databases :]):
             catalog.add_shard(f"pool-{i}", _as_role(url, role), admin_url=url, prepare=False)
+        # Every copy has the template's fence key: the catalog learns it as `shard add`
+        # (which prepares the shard) would, rather than each router reading it from each
+        # shard on its first transaction there.
+        with catalog.journal_transaction() as conn:
+            names = [f"ded-{t}" for t in dedicated]
+            names += [f"pool-{i}" for i in range(cfg.shared_shards)]
+            conn.execute(
+                fence_keys.insert(),
+                [
+                    {"shard": n, "key_id": key.key_id, "secret": key.secret, "updated_at": now}
+                    for n in names
+                ],
+            )
     shared = [f"s{i:06d}" for i in range(cfg.tenants - cfg.databases)]
     with phase(f"add_tenants ({len(shared):,} shared tenants)"):
         summary = catalog.add_tenants(({"id": t} for t in shared), batch_size=cfg.batch_size)
@@ -323,6 +361,15 @@ def _sessions(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
+def touch_all(router: Router, tenants: Sequence[str], threads: int) -> float:
+    """Route one transaction to each of *tenants* (*threads* at a time): a router that
+    has run for a while, not one that has just started; return the seconds it took."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda t: one(router, t, 1), tenants))
+    return time.monotonic() - started
+
+
 def run_window(
     router: Router, chooser: Chooser, threads: int, seconds: float, seed: int
 ) -> tuple[list[int], float, int]:
@@ -354,7 +401,9 @@ def run_window(
     return latencies, time.monotonic() - started, failures[0]
 
 
-def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+def question_1(
+    fleet: Fleet, cfg: Config, phase: Phases, variants: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
     choosers = {
         (kind, pool): Chooser(
             fleet.dedicated if pool == "dedicated" else fleet.shared, kind, cfg.zipf_s, 7
@@ -371,19 +420,22 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
             "disposed": 0,
             "sessions": 0,
         }
-        for v in VARIANTS
+        for v in variants
         for k, p in CELLS
     }
     rng = random.Random(11)
-    variants = list(VARIANTS)
+    order_v = list(variants)
+    warm: dict[str, list[float]] = {v: [] for v in variants}
     try:
         with phase("question 1: one router, dedicated vs shared"):
             for round_ in range(cfg.rounds):
                 # One router at a time (each has the server to itself, as its settings
                 # say), in the other order the next round; its cells interleaved.
-                for v in variants if round_ % 2 == 0 else variants[::-1]:
-                    settings = load_settings(catalog_url=fleet.catalog_url, **VARIANTS[v])
+                for v in order_v if round_ % 2 == 0 else order_v[::-1]:
+                    settings = load_settings(catalog_url=fleet.catalog_url, **variants[v])
                     with Router(settings=settings) as router:
+                        if cfg.touch_all:
+                            warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
                         for pool in ("dedicated", "shared"):
                             run_window(
                                 router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1
@@ -415,7 +467,12 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
                             )
     finally:
         stats_conn.close()
-    out: dict[str, Any] = {"cells": [], "ratios": []}
+    out: dict[str, Any] = {
+        "cells": [],
+        "ratios": [],
+        "touch_all_s": {v: [round(x, 1) for x in w] for v, w in warm.items()},
+        "settings": variants,
+    }
     for (v, k, p), cell in cells.items():
         lat = cell["latencies"]
         tx = len(lat)
@@ -438,7 +495,7 @@ def question_1(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
             }
         )
     by = {(c["variant"], c["choice"], c["pool"]): c for c in out["cells"]}
-    for v in VARIANTS:
+    for v in variants:
         for k in ("zipf", "uniform"):
             ded, sh = by[(v, k, "dedicated")], by[(v, k, "shared")]
             p50 = ded["latency_ms"]["p50"] / sh["latency_ms"]["p50"]
@@ -667,7 +724,7 @@ def question_4(fleet: Fleet, phase: Phases) -> dict[str, Any]:
 
 def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
-    for r in data["question_1"]["ratios"]:
+    for r in data.get("question_1", {}).get("ratios", []):
         out.append(
             {
                 "figure": f"{r['choice']} dedicated / shared p50, one router ({r['variant']})",
@@ -680,17 +737,21 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": round(r["tps"], 2),
             }
         )
-    q2 = data["question_2"]
-    out.append(
-        {
-            "figure": f"peak client backends of {q2['processes']} routers "
-            f"(max_connections {q2['max_connections']})",
-            "value": q2["peak_client_backends"],
-        }
-    )
-    out.append(
-        {"figure": "failures of a full server (too many clients)", "value": q2["too_many_clients"]}
-    )
+    q2 = data.get("question_2")
+    if q2 is not None:
+        out.append(
+            {
+                "figure": f"peak client backends of {q2['processes']} routers "
+                f"(max_connections {q2['max_connections']})",
+                "value": q2["peak_client_backends"],
+            }
+        )
+        out.append(
+            {
+                "figure": "failures of a full server (too many clients)",
+                "value": q2["too_many_clients"],
+            }
+        )
     if "question_2b" in data:
         out.append(
             {
@@ -698,13 +759,16 @@ def headline(data: dict[str, Any]) -> list[dict[str, Any]]:
                 "value": data["question_2b"]["too_many_clients"],
             }
         )
-    q3 = data["question_3"]
-    out.append(
-        {
-            "figure": "map propagation p99 (ms)",
-            "value": round(q3["propagation_ms"].get("p99", 0), 1),
-        }
-    )
+    q3 = data.get("question_3")
+    if q3 is not None:
+        out.append(
+            {
+                "figure": "map propagation p99 (ms)",
+                "value": round(q3["propagation_ms"].get("p99", 0), 1),
+            }
+        )
+    for c in data.get("question_4", {}).get("commands", []):
+        out.append({"figure": f"{c['command']} (s)", "value": round(c["seconds"], 2)})
     out.append(
         {
             "figure": "add_tenants rate (tenants/s)",
@@ -723,10 +787,11 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Mode **{cfg['mode']}**: {cfg['databases']:,} dedicated databases and "
         f"{cfg['shared_shards']} shared shards copied from one template on one server "
-        f"(max_connections {data['question_2']['max_connections']}), {cfg['tenants']:,} "
+        f"(max_connections {_max_conn(data)}), {cfg['tenants']:,} "
         f"tenants. Load average "
         f"{data['load_start']} at the start, {data['load_end']} at the end; "
-        f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`.",
+        f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`."
+        + (f" Parts run: {', '.join(data['parts'])}." if "parts" in data else ""),
         "",
         "## Goals of issue 19",
         "",
@@ -749,11 +814,60 @@ def markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
-        "## 1. One router, 8 threads: dedicated against shared",
-        "",
     ]
+    if "question_1" in data:
+        lines += _q1_lines(data["question_1"], cfg)
+    if "question_2" in data:
+        lines += _q2_lines(data["question_2"], "2")
+    if "question_2b" in data:
+        lines += _q2_lines(data["question_2b"], "2b")
+    if "question_3" in data:
+        lines += _q3_lines(data["question_3"])
+    if "question_4" in data:
+        lines += [
+            "## 4. The CLI at this map's size (real processes, best of two)",
+            "",
+            markdown_table(
+                ["command", "seconds", "exit"],
+                [
+                    [c["command"], f"{c['seconds']:.2f}", c["returncode"]]
+                    for c in data["question_4"]["commands"]
+                ],
+            ),
+            "",
+        ]
+    lines += ["## Machine", "", machine_markdown(data["machine"])]
+    return "\n".join(lines)
+
+
+def _max_conn(data: dict[str, Any]) -> Any:
+    if "max_connections" in data:
+        return data["max_connections"]
+    return data.get("question_2", {}).get("max_connections", MAX_CONNECTIONS)
+
+
+def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    lines = [f"## 1. One router, {cfg['threads']} threads: dedicated against shared", ""]
+    if q1.get("settings"):
+        lines += [
+            "Settings: "
+            + "; ".join(
+                f"{v}: {', '.join(f'{k}={x}' for k, x in st.items()) or 'the defaults'}"
+                for v, st in q1["settings"].items()
+            )
+            + ".",
+            "",
+        ]
+    if q1.get("touch_all_s"):
+        times = "; ".join(f"{v}: {w} s" for v, w in q1["touch_all_s"].items() if w)
+        if times:
+            lines += [
+                "Each router first routed one transaction to every dedicated tenant "
+                f"({cfg['threads']} threads; seconds per round: {times}).",
+                "",
+            ]
     rows = []
-    for c in data["question_1"]["cells"]:
+    for c in q1["cells"]:
         es = c["engine_stats"]
         rows.append(
             [
@@ -813,19 +927,19 @@ def markdown(data: dict[str, Any]) -> str:
                     f"≤ {r['goal_p50']:g}x / ≥ {r['goal_tps']:g}x",
                     "yes" if r["met"] else "**no**",
                 ]
-                for r in data["question_1"]["ratios"]
+                for r in q1["ratios"]
             ],
             align="lllrrrl",
         ),
         "",
     ]
-    lines += _q2_lines(data["question_2"], "2")
-    if "question_2b" in data:
-        lines += _q2_lines(data["question_2b"], "2b")
-    q3 = data["question_3"]
+    return lines
+
+
+def _q3_lines(q3: dict[str, Any]) -> list[str]:
     prop = q3["propagation_ms"]
     rc = q3["refresh_cpu"]
-    lines += [
+    return [
         f"## 3. Map propagation: {q3['routers']} routers, {q3['tenants']:,} tenants, "
         f"{q3['changes_per_s']:.1f} changes/s",
         "",
@@ -850,27 +964,13 @@ def markdown(data: dict[str, Any]) -> str:
             ],
         ),
         "",
-        "## 4. The CLI at this map's size (real processes, best of two)",
-        "",
-        markdown_table(
-            ["command", "seconds", "exit"],
-            [
-                [c["command"], f"{c['seconds']:.2f}", c["returncode"]]
-                for c in data["question_4"]["commands"]
-            ],
-        ),
-        "",
-        "## Machine",
-        "",
-        machine_markdown(data["machine"]),
     ]
-    return "\n".join(lines)
 
 
 def goals(data: dict[str, Any]) -> list[list[str]]:
     """The issue's goals against this run's figures: (goal, measured, yes/no)."""
     rows = []
-    for r in data["question_1"]["ratios"]:
+    for r in data.get("question_1", {}).get("ratios", []):
         rows.append(
             [
                 f"one router, {r['choice']}, {r['variant']}: dedicated p50 <= {r['goal_p50']:g}x "
@@ -891,19 +991,20 @@ def goals(data: dict[str, Any]) -> list[list[str]]:
                     "yes" if q2["too_many_clients"] == 0 else "**no**",
                 ]
             )
-    q3 = data["question_3"]
-    p99 = q3["propagation_ms"].get("p99", float("nan"))
-    rows.append(
-        ["map propagation p99 <= 100 ms", f"{p99:.1f} ms", "yes" if p99 <= 100 else "**no**"]
-    )
-    cpu = q3["refresh_cpu"]["total_ms"]
-    rows.append(
-        [
-            "a change costs a router <= 1 ms of CPU (refresh)",
-            f"{cpu:.3f} ms",
-            "yes" if cpu <= 1 else "**no**",
-        ]
-    )
+    q3 = data.get("question_3")
+    if q3 is not None:
+        p99 = q3["propagation_ms"].get("p99", float("nan"))
+        rows.append(
+            ["map propagation p99 <= 100 ms", f"{p99:.1f} ms", "yes" if p99 <= 100 else "**no**"]
+        )
+        cpu = q3["refresh_cpu"]["total_ms"]
+        rows.append(
+            [
+                "a change costs a router <= 1 ms of CPU (refresh)",
+                f"{cpu:.3f} ms",
+                "yes" if cpu <= 1 else "**no**",
+            ]
+        )
     at = data["build"]["add_tenants"]
     projected = 100_000 / at["rate"] if at["rate"] else float("nan")
     rows.append(
@@ -913,7 +1014,7 @@ def goals(data: dict[str, Any]) -> list[list[str]]:
             "yes" if projected <= 60 else "**no**",
         ]
     )
-    for c in data["question_4"]["commands"]:
+    for c in data.get("question_4", {}).get("commands", []):
         limit = 3.0 if "list" in c["command"] and "shard" not in c["command"] else 1.0
         if c["command"].startswith("tenantry --version"):
             continue
@@ -979,23 +1080,44 @@ def summary(data: dict[str, Any]) -> None:
         console.print(f"  {h['figure']}: {h['value']}")
 
 
+PARTS = ("dedicated", "budget", "refresh", "cli")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cfg = QUICK if args.quick else FULL
-    data: dict[str, Any] = {"config": asdict(cfg), "load_start": load_average()}
+    sizes = {k: v for k, v in (("databases", args.databases), ("tenants", args.tenants)) if v}
+    if sizes:
+        cfg = replace(cfg, **sizes)
+    if args.cold:
+        cfg = replace(cfg, touch_all=False)
+    parts = set(args.only or PARTS)
+    variants = {v: VARIANTS[v] for v in args.variant} if args.variant else VARIANTS
+    data: dict[str, Any] = {
+        "config": asdict(cfg),
+        "parts": sorted(parts),
+        "load_start": load_average(),
+    }
     phase = Phases()
     with ExitStack() as stack:
-        server = stack.enter_context(bench_server(args.pg_url))
+        server = stack.enter_context(bench_server(args.pg_url, args.max_connections))
         data["machine"] = machine_info([server])
+        data["max_connections"] = _max_connections(server)
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
-        data["question_1"] = question_1(fleet, cfg, phase)
-        data["question_2"] = question_2(fleet, cfg, phase, {})
-        data["question_2b"] = question_2(
-            fleet, cfg, phase, {"server_connection_reserve": RESERVE_2B}
-        )
-        data["question_3"] = question_3(fleet, cfg, phase)
-        data["question_4"] = question_4(fleet, phase)
-        if args.pg_url:
+        if "dedicated" in parts:
+            data["question_1"] = question_1(fleet, cfg, phase, variants)
+        if "budget" in parts:
+            data["question_2"] = question_2(fleet, cfg, phase, {})
+            data["question_2b"] = question_2(
+                fleet, cfg, phase, {"server_connection_reserve": RESERVE_2B}
+            )
+        if "refresh" in parts:
+            data["question_3"] = question_3(fleet, cfg, phase)
+        if "cli" in parts:
+            data["question_4"] = question_4(fleet, phase)
+        if args.pg_url and args.keep:
+            console.print(f"  kept: catalog {fleet.catalog_url}")
+        elif args.pg_url:
             with phase("drop the databases"):
                 drop(fleet)
     data["phases_s"] = phase.seconds
@@ -1004,12 +1126,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
+def _max_connections(server: str) -> int:
+    with psycopg.connect(conninfo(server), autocommit=True) as conn:
+        row = conn.execute("SHOW max_connections").fetchone()
+    return int(row[0]) if row is not None else MAX_CONNECTIONS
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="100 databases, 10,000 tenants")
     add_server_options(parser, default="start a throwaway one with max_connections=500")
     parser.add_argument(
         "--from-json", type=Path, help="only write the Markdown again from this results JSON"
+    )
+    parser.add_argument(
+        "--only", nargs="+", choices=PARTS, help="run these parts only (the build always runs)"
+    )
+    parser.add_argument("--databases", type=int, help="dedicated databases (default: the mode's)")
+    parser.add_argument("--tenants", type=int, help="tenants in all (default: the mode's)")
+    parser.add_argument(
+        "--variant", nargs="+", choices=list(VARIANTS), help="question 1's settings variants"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="with --pg-url: leave the fleet in place"
+    )
+    parser.add_argument(
+        "--cold", action="store_true", help="question 1 without touching every database first"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        help=f"the throwaway server's max_connections (default {MAX_CONNECTIONS})",
     )
     args = parser.parse_args(argv)
     if args.from_json:

@@ -89,6 +89,7 @@ LAYERS: dict[str, int] = {
     "tenantry.errors": 0,
     "tenantry.settings": 0,
     "tenantry.urls": 0,
+    "tenantry.lazy": 0,  # packages that export their names on first use
     "tenantry.shardmap": 1,  # with tenantry's own Alembic scripts and the role check
     "tenantry.router": 2,
     "tenantry.observability": 2,  # metrics, traces, comments: routers, moves, migrations use it

@@ -1,29 +1,16 @@
-"""The ``tenantry`` command line: a thin layer that parses, calls the library, renders."""
+"""The ``tenantry`` command line: a thin layer that parses, calls the library, renders.
+
+Commands are registered in :data:`tenantry.cli.app.COMMANDS` and imported when they run.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from tenantry.cli import (
-    bench,
-    demo,
-    migrate,
-    moves,
-    rebalance,
-    shard,
-    shardmap,
-    status,
-    tenant,
-    top,
-)
 from tenantry.cli.app import cli
 
 __all__ = ["cli", "main"]
-
-for module in (shardmap, shard, tenant, migrate, moves, rebalance, status, top, bench, demo):
-    for command in module.COMMANDS:
-        cli.add_command(command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

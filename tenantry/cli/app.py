@@ -1,25 +1,44 @@
-"""The ``tenantry`` click group: global options, error rendering, shared helpers."""
+"""The ``tenantry`` click group: global options, error rendering, shared helpers.
+
+**Commands load lazily.** :data:`COMMANDS` names each top-level command and where it
+is defined (``"module:attribute"``); a command's module is imported only when that
+command runs (or when ``--help`` lists the commands), so ``tenantry route T`` does not
+import the movers, the fleet migrations or the router. To add a command, define it
+(a ``click.Command`` or ``click.Group``) in a module of ``tenantry.cli`` and add one
+line to :data:`COMMANDS`::
+
+    "status": "tenantry.cli.status:status_command",
+
+Keep the imports a command's module makes at its top to what every one of its
+subcommands needs; a subcommand that needs a heavy module (Alembic, the router, the
+movers, ``rich.progress``) imports it in its body.
+"""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import json
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from tenantry.errors import TenantryError
-from tenantry.settings import TenantrySettings, load_settings
-from tenantry.shardmap import Catalog, ShardState, TenantState, Tier
+from tenantry.shardmap.model import ShardState, TenantState, Tier
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tenantry.settings import TenantrySettings
+    from tenantry.shardmap.catalog import Catalog
 
 __all__ = [
+    "COMMANDS",
     "MODES",
     "STATES",
     "TENANT_STATES",
@@ -59,12 +78,23 @@ class CliState:
     traceback: bool = False
     _settings: TenantrySettings | None = None
     _catalog: Catalog | None = None
-    console: Console = field(default_factory=lambda: Console(soft_wrap=True))
+    _console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        """A rich console on stdout (rich is imported on first use)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(soft_wrap=True)
+        return self._console
 
     @property
     def settings(self) -> TenantrySettings:
         """The settings, with ``--catalog`` applied when given."""
         if self._settings is None:
+            from tenantry.settings import load_settings
+
             overrides = {"catalog_url": self.catalog_url} if self.catalog_url else {}
             self._settings = load_settings(**overrides)
         return self._settings
@@ -72,6 +102,8 @@ class CliState:
     def catalog(self) -> Catalog:
         """The catalog, opened on first use and closed with the command."""
         if self._catalog is None:
+            from tenantry.shardmap.catalog import Catalog
+
             self._catalog = Catalog(settings=self.settings)
         return self._catalog
 
@@ -99,8 +131,49 @@ class WarningPrinter(logging.Handler):
         click.secho(f"warning: {record.getMessage()}", fg="yellow", err=True)
 
 
+#: Every top-level command: its name and where it is defined (``"module:attribute"``),
+#: imported only when it runs. One line per command (see the module's docstring).
+COMMANDS: dict[str, str] = {
+    "init": "tenantry.cli.shardmap:init_command",
+    "route": "tenantry.cli.shardmap:route_command",
+    "shard": "tenantry.cli.shard:shard_group",
+    "tenant": "tenantry.cli.tenant:tenant_group",
+    "migrate": "tenantry.cli.migrate:migrate_group",
+    "move": "tenantry.cli.moves:move_command",
+    "promote": "tenantry.cli.moves:promote_command",
+    "demote": "tenantry.cli.moves:demote_command",
+    "moves": "tenantry.cli.moves:moves_group",
+    "rebalance": "tenantry.cli.rebalance:rebalance_command",
+    "status": "tenantry.cli.status:status_command",
+    "top": "tenantry.cli.top:top_command",
+    "bench": "tenantry.cli.bench:bench_command",
+    "demo": "tenantry.cli.demo:demo_command",
+}
+
+
+def load_command(name: str) -> click.Command:
+    """The command :data:`COMMANDS` registers as *name*, its module imported now."""
+    module, _, attribute = COMMANDS[name].partition(":")
+    command = getattr(importlib.import_module(module), attribute)
+    if not isinstance(command, click.Command):
+        raise TypeError(f"{COMMANDS[name]} is not a click command")
+    return command
+
+
 class TenantryGroup(click.Group):
-    """Turns TenantryError into one clear line (the traceback only with --traceback)."""
+    """Turns TenantryError into one clear line (the traceback only with --traceback);
+    loads the commands of :data:`COMMANDS` when they are asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The commands added to the group and those registered lazily, sorted."""
+        return sorted(set(super().list_commands(ctx)) | set(COMMANDS))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """A command added to the group, else a registered one (imported now)."""
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in COMMANDS:
+            command = load_command(cmd_name)
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         """Run the command; a TenantryError becomes one ``error:`` line."""
@@ -276,6 +349,8 @@ def render_table(
     title: str | None = None,
 ) -> None:
     """Print an aligned table; empty tables say so."""
+    from rich.table import Table
+
     table = Table(*columns, title=title, title_justify="left", header_style="bold")
     count = 0
     for row in rows:

@@ -6,7 +6,7 @@ import signal
 import threading
 from collections.abc import Sequence
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,9 +19,10 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
-from tenantry.cli.moves import RichObserver
-from tenantry.rebalance.apply import AppliedMove, apply_plan, plan_for
 from tenantry.rebalance.planner import STRATEGIES, Plan
+
+if TYPE_CHECKING:
+    from tenantry.rebalance.apply import AppliedMove
 
 __all__ = ["COMMANDS", "plan_options", "run_plan"]
 
@@ -104,6 +105,9 @@ def _show_plan(state: CliState, plan: Plan) -> None:
 def _apply(state: CliState, plan: Plan, as_json: bool, **running: Any) -> list[AppliedMove]:
     """Apply *plan* (*running*: apply_plan's parallel and mode), its moves shown (not
     with --json); the first Ctrl-C stops starting moves, the second interrupts them."""
+    from tenantry.cli.moves import RichObserver
+    from tenantry.rebalance.apply import apply_plan
+
     stop = threading.Event()
 
     def interrupted(_signum: int, _frame: FrameType | None) -> None:
@@ -150,6 +154,8 @@ def run_plan(
     """Plan (draining *drain*, with :func:`plan_for`'s *planning* options: refresh,
     strategy, threshold, max_moves, max_bytes), then print the plan or apply it and
     print what happened."""
+    from tenantry.rebalance.apply import plan_for
+
     plan = plan_for(state.catalog(), drain=drain, **planning)
     if as_json:
         for warning in plan.warnings:

@@ -6,11 +6,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from tenantry import migrations
 from tenantry.cli.app import (
     STATES,
     TERMINAL_LIMIT,
@@ -25,10 +24,11 @@ from tenantry.cli.app import (
     render_table,
 )
 from tenantry.cli.rebalance import plan_options, run_plan
-from tenantry.migrations.provision import SecuredShard
 from tenantry.migrations.rls import DEFAULT_ROUTING_ROLE
-from tenantry.rebalance.apply import start_drain
 from tenantry.shardmap import Catalog, ShardState, mask_url
+
+if TYPE_CHECKING:
+    from tenantry.migrations.provision import SecuredShard
 
 __all__ = ["COMMANDS"]
 
@@ -207,7 +207,7 @@ def shard_show(state: CliState, name: str, limit: int | None, as_json: bool) -> 
     shard, count = catalog.shard_with_count(name)
     record = shard.to_record(count)
     shown = limit if as_json else listing_limit(state, limit)
-    ids = (t.id for t in catalog.iter_tenants(shard=name, limit=shown))
+    ids = catalog.iter_tenant_ids(shard=name, limit=shown)
     if as_json:
         emit_json_with_list(record, "tenant_ids", ids)
         return
@@ -340,6 +340,8 @@ def shard_create(
     (dedicated unless --tier shared)."""
     if secure and routing_url:
         raise click.UsageError("give --secure or --routing-url, not both")
+    from tenantry import migrations
+
     shard = migrations.provision(
         state.catalog(),
         name,
@@ -401,6 +403,8 @@ def shard_secure(
     names = _chosen(catalog, names, every, "secure", retired=False)
 
     def secure(name: str) -> tuple[dict[str, Any], str]:
+        from tenantry import migrations
+
         secured = migrations.secure_shard(catalog, name, role=role)
         how = "already" if not secured.changed else "now"
         made = "made" if secured.role_created else "reused"
@@ -422,6 +426,8 @@ def drain_command(state: CliState, /, name: str, **options: Any) -> None:
     """Mark shard NAME draining and plan moving all its tenants to the rest."""
     catalog = state.catalog()
     was = catalog.get_shard(name).state
+    from tenantry.rebalance.apply import start_drain
+
     shard = start_drain(catalog, name)
     if was is not shard.state and not options["as_json"]:
         state.console.print(f"shard {name} is draining: it takes no new tenants")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -25,9 +25,10 @@ from tenantry.cli.app import (
 )
 from tenantry.cli.progress import Counted, Display, shows_progress
 from tenantry.cli.tenant_import import import_command
-from tenantry.moves.removal import RowsPolicy, remove_tenant
-from tenantry.rebalance.sizes import measure_sizes, stored_sizes
 from tenantry.shardmap import Tier
+
+if TYPE_CHECKING:
+    from tenantry.moves.removal import RowsPolicy
 
 __all__ = ["COMMANDS", "listing_options"]
 
@@ -223,6 +224,8 @@ def tenant_remove(
     --keep-rows."""
     if purge and keep_rows:
         raise click.UsageError("give --purge or --keep-rows, not both")
+    from tenantry.moves.removal import remove_tenant
+
     policy: RowsPolicy = "purge" if purge else "keep" if keep_rows else "refuse"
     done = remove_tenant(state.catalog(), tenant_id, rows=policy)
     tenant, total = done.tenant, sum(done.rows.values())
@@ -266,6 +269,8 @@ def tenant_pin(state: CliState, tenant_id: str, off: bool) -> None:
 @pass_state
 def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
     """Per-tenant rows and bytes on the shared shards, as stored or measured now."""
+    from tenantry.rebalance.sizes import measure_sizes, stored_sizes
+
     catalog = state.catalog()
     if refresh:
         with Display(state.console, shows_progress(state.console, as_json)) as display:

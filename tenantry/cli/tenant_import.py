@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import IO
 
 import click
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from tenantry.cli.app import CliState, emit_json, json_option, pass_state
 from tenantry.shardmap.catalog.bulk import (
@@ -58,6 +57,8 @@ def import_command(
     if as_json or not console.is_terminal:
         summary = catalog.add_tenants(records, batch_size=batch_size)
     else:
+        from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
         with Progress(
             TextColumn("importing"),
             BarColumn(bar_width=None),

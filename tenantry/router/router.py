@@ -92,6 +92,7 @@ class RouterBase:
         self._scope = TenantScope(settings.tenant_column)
         self._fence_keys: dict[str, FenceKey] = {}
         self._keys_lock = threading.Lock()
+        self._fence_keys_read = False  # whether every key of the catalog was read once
         try:
             self._engines = EngineRegistry(
                 settings,
@@ -141,6 +142,14 @@ class RouterBase:
         if key is not None and not reload:
             return key
         with self._keys_lock:
+            if not reload and not self._fence_keys_read:
+                # the first shard met: every key the catalog has, in one query
+                for name, found in self.catalog.fence_keys().items():
+                    self._fence_keys.setdefault(name, found)
+                self._fence_keys_read = True
+            key = self._fence_keys.get(shard)
+            if key is not None and not reload:
+                return key
             fresh = self.catalog.fence_key(shard)
             if reload and key is not None and fresh.key_id == key.key_id:
                 # The catalog has the key the shard just refused: learn it from the shard.

@@ -13,15 +13,17 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from tenantry.errors import CatalogError, ConfigurationError, TenantryError
 from tenantry.shardmap.model import parse_url
+
+if TYPE_CHECKING:  # the asyncio extension (and SQLAlchemy's ORM) only when asked for
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "WRITE",
@@ -96,6 +98,8 @@ def _mark_errors(engine: Engine) -> None:
 
 def make_async_engine(url: str, *, connect_timeout: float = 5.0, **kwargs: Any) -> AsyncEngine:
     """The asyncio twin of :func:`make_engine`: psycopg's async driver, or aiosqlite."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
     parsed = parse_url(url, error=ConfigurationError)
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = kwargs.pop("connect_args", {})

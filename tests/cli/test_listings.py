@@ -13,6 +13,7 @@ import pytest
 
 from tenantry import Catalog, Tier
 from tenantry.cli import app
+from tenantry.errors import UnknownShard
 from tenantry.shardmap.schema import shards
 
 if TYPE_CHECKING:
@@ -232,3 +233,21 @@ def test_shard_list_marks_a_shard_routed_through_a_pooler(
     table = {row[0]: row for row in read_table(run("shard", "list", env=TERMINAL))}
     assert table["s2"][5] == f"{url} (pooled)"
     assert {s["name"]: s["pooled"] for s in run.json("shard", "list")}["s2"] is True
+
+
+def test_iter_tenant_ids_reads_the_ids_alone(bigger: Catalog) -> None:
+    assert list(bigger.iter_tenant_ids()) == ALL
+    for size in (1, 2, 3):
+        assert list(bigger.iter_tenant_ids(shard="s1", batch_size=size)) == [
+            "acme",
+            "acme-2",
+            "beta",
+        ]
+        assert list(bigger.iter_tenant_ids(shard="s1", limit=2, batch_size=size)) == [
+            "acme",
+            "acme-2",
+        ]
+    assert list(bigger.iter_tenant_ids(prefix="acme")) == ["acme", "acme-2", "acme_3"]
+    assert list(bigger.iter_tenant_ids(shard="d2")) == []
+    with pytest.raises(UnknownShard):
+        bigger.iter_tenant_ids(shard="nope")

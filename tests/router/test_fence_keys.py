@@ -144,3 +144,28 @@ def test_sqlite_shards_have_no_fence_key(fleet_builder: Any) -> None:
     fleet.add_shard("lite")
     with pytest.raises(ConfigurationError, match="SQLite shards have no"):
         fleet.catalog.rotate_fence_key("lite")
+
+
+def test_a_router_reads_every_fence_key_in_one_query(
+    pg_fleet: Any, app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = pg_fleet.catalog.fence_keys()
+    assert keys["shared-a"] == pg_fleet.catalog.fence_key("shared-a")
+    assert set(keys) >= {"shared-a", "solo"}
+    router = pg_fleet.new_router()
+    reads: list[str] = []
+    real = type(router.catalog).fence_keys
+
+    def counted(self: Any) -> Any:
+        reads.append("all")
+        return real(self)
+
+    def one_by_one(self: Any, name: str, *, resync: bool = False) -> Any:
+        raise AssertionError(f"the key of {name} was read on its own")
+
+    monkeypatch.setattr(type(router.catalog), "fence_keys", counted)
+    monkeypatch.setattr(type(router.catalog), "fence_key", one_by_one)
+    assert projects_seen(router, "acme", app) == {"acme"}
+    assert projects_seen(router, "umbrella", app) == {"umbrella"}
+    assert reads == ["all"]
+    assert router._fence_keys["solo"] == keys["solo"]
