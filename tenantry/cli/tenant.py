@@ -23,7 +23,6 @@ from tenantry.cli.app import (
     pass_state,
     render_table,
 )
-from tenantry.cli.progress import Counted, Display, shows_progress
 from tenantry.cli.tenant_import import import_command
 from tenantry.shardmap import Tier
 
@@ -269,6 +268,7 @@ def tenant_pin(state: CliState, tenant_id: str, off: bool) -> None:
 @pass_state
 def sizes_command(state: CliState, refresh: bool, as_json: bool) -> None:
     """Per-tenant rows and bytes on the shared shards, as stored or measured now."""
+    from tenantry.cli.progress import Counted, Display, shows_progress
     from tenantry.rebalance.sizes import measure_sizes, stored_sizes
 
     catalog = state.catalog()

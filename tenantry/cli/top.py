@@ -160,8 +160,8 @@ def top_command(
 
     Dedicated shards: the database's sessions and transactions are its tenant's.
     Shared shards: active statements are attributed by their sqlcommenter comment
-    (tenant='...'), which routers add when statement comments are on (TENANTRY_STATEMENT_COMMENTS=1). --json prints
-    one window (implies --once).
+    (tenant='...'), which routers add when statement comments are on
+    (TENANTRY_STATEMENT_COMMENTS=1). --json prints one window (implies --once).
     """
     console = state.console
     with Top(state.catalog(), metrics=metrics, limit=limit, timeout=timeout, step=step) as top:
