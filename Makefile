@@ -52,7 +52,7 @@ pgbouncer:
 # PYTEST_ARGS="tests/router -x", say.
 PYTEST_WORKERS ?= $(if $(TENANTRY_TEST_PG_URLS),0,auto)
 test: $(VENV)/.installed-test pgbouncer
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tenantry tests benchmarks examples

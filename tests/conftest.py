@@ -28,15 +28,18 @@ UNSAFE_ROUTING_ROLE = "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE"
 
 #: Test modules that take the longest (tens of seconds each, measured with
 #: ``--durations``), run first when pytest-xdist spreads modules over workers
-#: (``make test``): one started last would leave the other workers idle while it runs.
+#: (``make test``, whose ``--no-loadscope-reorder`` keeps this order): one started
+#: last would leave the other workers idle while it runs.
 LONG_MODULES = (
-    "router/test_server_budget.py",
-    "test_readme.py",
     "moves/test_crash.py",
-    "moves/test_whole_database.py",
     "moves/test_online.py",
+    "router/test_server_budget.py",
+    "moves/test_whole_database.py",
+    "test_readme.py",
+    "moves/test_generated_schemas.py",
     "router/test_frozen_enforced.py",
     "router/test_engines.py",
+    "moves/test_mover.py",
     "moves/test_rebalance.py",
 )
 
