@@ -49,8 +49,14 @@ pgbouncer:
 	    echo "make: installed pgbouncer (Debian package)"; } || \
 	  echo "make: pgbouncer is missing and cannot be installed here (needs root and apt-get): the pooler tests will fail"
 
+# pytest-xdist: PYTEST_WORKERS processes (default: one per CPU; 0 runs serially), each
+# with its own throwaway PostgreSQL servers and PgBouncer; a test module stays on one
+# worker (its module-scoped fixtures are built once). Servers named in
+# TENANTRY_TEST_PG_URLS would be shared by the workers: serial then, unless asked.
+# PYTEST_ARGS="tests/router -x", say.
+PYTEST_WORKERS ?= $(if $(TENANTRY_TEST_PG_URLS),0,auto)
 test: $(VENV)/.installed-test pgbouncer
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check tenantry tests benchmarks examples

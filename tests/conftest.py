@@ -26,12 +26,41 @@ from tenantry.testing.pgbouncer import NoPgBouncerAvailable, TempPgBouncer
 UNSAFE_ROUTING_ROLE = "TENANTRY_ALLOW_UNSAFE_ROUTING_ROLE"
 
 
+#: Test modules that take the longest (tens of seconds each, measured with
+#: ``--durations``), run first when pytest-xdist spreads modules over workers
+#: (``make test``, whose ``--no-loadscope-reorder`` keeps this order): one started
+#: last would leave the other workers idle while it runs.
+LONG_MODULES = (
+    "moves/test_crash.py",
+    "moves/test_online.py",
+    "router/test_server_budget.py",
+    "moves/test_whole_database.py",
+    "test_readme.py",
+    "moves/test_generated_schemas.py",
+    "router/test_frozen_enforced.py",
+    "router/test_engines.py",
+    "moves/test_mover.py",
+    "moves/test_rebalance.py",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "strict_routing_role: the unsafe-routing-role override is off (refusals are tested)",
     )
     os.environ[UNSAFE_ROUTING_ROLE] = "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a pytest-xdist worker, the :data:`LONG_MODULES` first (a stable sort: the
+    order within a module and among the others stays); a serial run keeps the usual
+    order. Every worker sorts alike, as xdist requires."""
+    if not hasattr(config, "workerinput"):
+        return
+    tests = Path(__file__).parent
+    rank = {str(tests / name): n for n, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
 
 
 @pytest.fixture
