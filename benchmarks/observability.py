@@ -79,7 +79,7 @@ class Run:
     hook_calls: int
 
 
-FULL = Run("full", rounds=120, batch=20, warmup=50, hook_calls=200_000)
+FULL = Run("full", rounds=400, batch=20, warmup=50, hook_calls=200_000)
 QUICK = Run("quick", rounds=15, batch=10, warmup=10, hook_calls=50_000)
 FLEET = Config(mode="observability", tenants=1000, rows_per_tenant=20)
 
