@@ -24,9 +24,9 @@ from ``repr``.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
@@ -52,23 +52,18 @@ class FenceKey:
 
     key_id: int
     secret: bytes = field(repr=False)
-    #: SHA-256 with HMAC's inner and outer padded keys already absorbed (RFC 2104): a
-    #: signature copies them instead of deriving the pads from the secret each time.
-    _inner: Any = field(init=False, repr=False, compare=False)
-    _outer: Any = field(init=False, repr=False, compare=False)
+    #: HMAC-SHA256 keyed with the secret, not yet fed: a signature copies it instead of
+    #: deriving the padded keys from the secret each time.
+    _keyed: hmac.HMAC = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        ipad, opad = self.pads()
-        object.__setattr__(self, "_inner", hashlib.sha256(ipad))
-        object.__setattr__(self, "_outer", hashlib.sha256(opad))
+        object.__setattr__(self, "_keyed", hmac.new(self.secret, digestmod=hashlib.sha256))
 
     def _mac(self, message: bytes) -> str:
         """``<key id>:`` and the hex HMAC-SHA256 of *message* under this key."""
-        inner = self._inner.copy()
-        inner.update(message)
-        outer = self._outer.copy()
-        outer.update(inner.digest())
-        return f"{self.key_id}:{outer.hexdigest()}"
+        mac = self._keyed.copy()
+        mac.update(message)
+        return f"{self.key_id}:{mac.hexdigest()}"
 
     def sign(self, tenant_id: str, backend_pid: int) -> str:
         """The signature the fence verifies for *tenant_id* on this server connection."""
