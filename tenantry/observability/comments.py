@@ -20,19 +20,36 @@ first ``track_activity_query_size`` bytes (1024 by default) of a statement in
 fence (the transaction's first statement) is sent without one (it names the tenant
 already); and each tenant's statements are different texts to psycopg's prepared
 statements (prepared after 5 runs of one text, 100 kept per connection).
+
+Read back (``tenantry top`` reads the tenant from ``pg_stat_activity``) by
+:func:`comment_fields` and :func:`tenant_of`, strict in what they accept: only the last
+comment, at the very end of the text (a trailing ``;`` and white space allowed), and
+only when every pair in it is well formed (a quote or backslash in a value escaped with
+a backslash, as the specification allows); anything else reads as no comment, never as
+a guess.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from sqlalchemy import Engine, event
 
-__all__ = ["current_route", "install_comments", "sqlcomment", "statement_route"]
+from tenantry.shardmap.model import NAME_PATTERN
+
+__all__ = [
+    "comment_fields",
+    "current_route",
+    "install_comments",
+    "sqlcomment",
+    "statement_route",
+    "tenant_of",
+]
 
 # A ContextVar: the route follows the request's code (threads, asyncio tasks).
 _route: ContextVar[str | None] = ContextVar("tenantry_statement_route", default=None)
@@ -100,3 +117,38 @@ def with_comment(statement: str, comment: str) -> str:
         body, end = body[:-1].rstrip(), ";"
     separator = "\n" if "--" in body.rpartition("\n")[2] else " "
     return f"{body}{separator}{comment}{end}"
+
+
+#: The final comment of a statement: ``/* ... */`` then only white space or ``;``.
+_TRAILING = re.compile(r"/\*((?:(?!\*/).)*)\*/[\s;]*\Z", re.DOTALL)
+#: One ``key='value'`` pair, the value's quotes and backslashes escaped.
+_PAIR = re.compile(r"\s*([^\s=',]+)='((?:[^'\\]|\\.)*)'\s*(?:,|\Z)", re.DOTALL)
+_ESCAPED = re.compile(r"\\(.)", re.DOTALL)
+
+
+def comment_fields(statement: str) -> dict[str, str]:
+    """The key-value pairs of *statement*'s trailing sqlcommenter comment, unquoted;
+    empty when it has none or the comment is not in that format."""
+    found = _TRAILING.search(statement)
+    if found is None:
+        return {}
+    body = found.group(1).strip()
+    if body.endswith(","):
+        return {}
+    fields: dict[str, str] = {}
+    position = 0
+    while position < len(body):
+        pair = _PAIR.match(body, position)
+        if pair is None:
+            return {}  # not sqlcommenter: a comment of the application's own
+        key = unquote(pair.group(1))
+        value = unquote(_ESCAPED.sub(r"\1", pair.group(2)))
+        fields[key] = value
+        position = pair.end()
+    return fields
+
+
+def tenant_of(statement: str) -> str | None:
+    """The tenant a statement's trailing comment names, when it is a valid tenant id."""
+    tenant = comment_fields(statement).get("tenant")
+    return tenant if tenant is not None and NAME_PATTERN.fullmatch(tenant) else None

@@ -5,9 +5,9 @@
   revisions, tenants, bytes, connections, replication slots; live moves' progress;
 - :mod:`~tenantry.survey.top` — load per tenant and shard, sampled from the servers'
   ``pg_stat_activity`` and ``pg_stat_database`` and, optionally, read from the routers'
-  Prometheus counters (:mod:`~tenantry.survey.scrape`);
-- :mod:`~tenantry.survey.sqlcomment` — the sqlcommenter comment that names a
-  statement's tenant.
+  Prometheus counters (:mod:`~tenantry.survey.scrape`); a shared shard's statements
+  are attributed by the sqlcommenter comment routers write
+  (:mod:`tenantry.observability.comments`, which reads it back too).
 """
 
 from __future__ import annotations

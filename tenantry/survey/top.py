@@ -42,12 +42,12 @@ from sqlalchemy import Connection
 from sqlalchemy.engine import make_url
 
 from tenantry.errors import TenantryError
+from tenantry.observability.comments import tenant_of
 from tenantry.shardmap.catalog import Catalog, catalog_of
 from tenantry.shardmap.drivers import describe_error
 from tenantry.shardmap.model import Shard, Tier
 from tenantry.shardmap.operations import operations_engine
 from tenantry.survey.scrape import RouterCounters, scrape_routers
-from tenantry.survey.sqlcomment import tenant_of
 from tenantry.survey.status import server_of
 
 __all__ = ["ShardLoad", "TenantLoad", "Top", "TopReport"]

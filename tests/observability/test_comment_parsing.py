@@ -1,24 +1,12 @@
-"""The sqlcommenter parser: what routers write is read back exactly; anything else is
-no comment, never a guess."""
+"""The sqlcommenter comment read back: what routers write (``sqlcomment``) is read back
+exactly; anything else is no comment, never a guess."""
 
 from __future__ import annotations
-
-from urllib.parse import quote
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tenantry.survey.sqlcomment import comment_fields, tenant_of
-
-
-def _comment(fields: dict[str, str]) -> str:
-    """A comment as the sqlcommenter specification serialises it: keys sorted, key and
-    value URL-quoted, quotes in the value escaped, the value in single quotes."""
-    pairs = []
-    for key in sorted(fields):
-        value = quote(fields[key], safe="").replace("'", "\\'")
-        pairs.append(f"{quote(key, safe='')}='{value}'")
-    return "/*" + ",".join(pairs) + "*/"
+from tenantry.observability.comments import comment_fields, sqlcomment, tenant_of
 
 
 @given(
@@ -26,7 +14,7 @@ def _comment(fields: dict[str, str]) -> str:
     st.sampled_from(["", ";", " ", "\n;  "]),
 )
 def test_what_is_written_is_read_back(fields, tail):
-    assert comment_fields(f"SELECT * FROM t WHERE a = $1 {_comment(fields)}{tail}") == fields
+    assert comment_fields(f"SELECT * FROM t WHERE a = $1 {sqlcomment(**fields)}{tail}") == fields
 
 
 def test_the_tenant_of_a_routed_statement():
