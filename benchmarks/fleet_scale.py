@@ -81,6 +81,7 @@ from _common import (
     summarize,
     timed,
 )
+from _fleet_scale_miss import miss_cost
 from _fleet_scale_workers import TABLE, load_process, one, watch_process
 from _map_refresh import refresh_cpu
 from psycopg import sql
@@ -105,10 +106,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # server less the reserves (routers_per_server=1); its own budget and engine count
     # do not bind below that share; a dedicated database keeps as many idle connections
     # as it has transactions at once (overflow connections close when returned, so a
-    # hot database with a smaller pool reconnects on every burst).
+    # hot database with a smaller pool reconnects on every burst). The budget is above
+    # any server's share here, --roomy's included (1,100 connections).
     "lone router": {
         "routers_per_server": 1,
-        "connection_budget": 1000,
+        "connection_budget": 2000,
         "max_engines": 2000,
         "pool_size_dedicated": 8,
     },
@@ -336,6 +338,29 @@ def drop(fleet: Fleet) -> None:
         list(pool.map(drop_database, reversed(fleet.databases)))
     with psycopg.connect(conninfo(fleet.server), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(fleet.role)))
+
+
+# -- question 0: what a miss costs ----------------------------------------------------------
+
+#: Connections question 0 opens one at a time (half raw, half through a router).
+MISS_SAMPLE = 80
+
+
+def question_0(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+    """What a transaction to a database with no open connection costs, step by step
+    (``_fleet_scale_miss``), on dedicated databases the other parts have not touched."""
+    catalog = Catalog(fleet.catalog_url, settings=load_settings(catalog_url=fleet.catalog_url))
+    try:
+        snapshot = catalog.snapshot()
+    finally:
+        catalog.close()
+    picked = fleet.dedicated[-min(MISS_SAMPLE, len(fleet.dedicated)) :]
+    shards = []
+    for t in picked:
+        shard = snapshot.shards[snapshot.tenants[t].shard]
+        shards.append((t, shard.name, conninfo(shard.url)))
+    with phase("question 0: what a miss costs"):
+        return miss_cost(fleet.catalog_url, shards, VARIANTS["lone router"])
 
 
 # -- question 1: one router ------------------------------------------------------------------
@@ -815,8 +840,15 @@ def markdown(data: dict[str, Any]) -> str:
         ),
         "",
     ]
+    if "question_0" in data:
+        lines += _q0_lines(data["question_0"])
     if "question_1" in data:
         lines += _q1_lines(data["question_1"], cfg)
+    if "question_1_roomy" in data:
+        roomy = data["question_1_roomy"]
+        lines += _q1_lines(
+            roomy, cfg, f"1b. The same on a server with max_connections {roomy['max_connections']}"
+        )
     if "question_2" in data:
         lines += _q2_lines(data["question_2"], "2")
     if "question_2b" in data:
@@ -846,8 +878,42 @@ def _max_conn(data: dict[str, Any]) -> Any:
     return data.get("question_2", {}).get("max_connections", MAX_CONNECTIONS)
 
 
-def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    lines = [f"## 1. One router, {cfg['threads']} threads: dedicated against shared", ""]
+def _q0_lines(q0: dict[str, Any]) -> list[str]:
+    raw, bare, rt = q0["raw"], q0["raw_no_stamp"], q0["router"]
+
+    def row(name: str, step: dict[str, Any]) -> list[str]:
+        return [name, *(f"{step[k]:.2f}" for k in ("wall_ms", "client_ms", "server_ms"))]
+
+    rows = [
+        row("connect (TCP, fork, authentication, backend start)", raw["connect"]),
+        ["postmaster's fork", "", "", f"{raw['postmaster_fork_ms']:.2f}"],
+        row("the stamp: tenantry.open_session(false), autocommit", raw["stamp"]),
+        row("first transaction on the new backend (fence, select)", raw["first tx"]),
+        row("the same transaction again (warm)", raw["warm tx"]),
+        row("close (client)", raw["close"]),
+        ["backend exit, with the stamp (temporary namespace dropped)", "", "",
+         f"{raw['backend_exit_ms']:.2f}"],
+        ["backend exit, without a stamp", "", "", f"{bare['backend_exit_ms']:.2f}"],
+        row("router: a miss (engine kept, no connection)", rt["miss"]),
+        row("router: a hit", rt["hit"]),
+        row("router: a new engine's first transaction", rt["new engine"]),
+        row("router: closing an engine's idle connection", rt["dispose"]),
+    ]  # fmt: skip
+    return [
+        "## 0. What a miss costs (one connection at a time, medians)",
+        "",
+        f"{q0['connections']} connections each way; client CPU is the calling thread's, server "
+        "CPU the backend's (`/proc/<pid>/schedstat`), the exit's from the postmaster's reaped "
+        f"children. Dialect set-ups run by the router: {rt['dialects_initialized']}.",
+        "",
+        markdown_table(["step", "wall ms", "client CPU ms", "server CPU ms"], rows, align="lrrr"),
+        "",
+    ]
+
+
+def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any], title: str | None = None) -> list[str]:
+    title = title or f"1. One router, {cfg['threads']} threads: dedicated against shared"
+    lines = [f"## {title}", ""]
     if q1.get("settings"):
         lines += [
             "Settings: "
@@ -970,15 +1036,20 @@ def _q3_lines(q3: dict[str, Any]) -> list[str]:
 def goals(data: dict[str, Any]) -> list[list[str]]:
     """The issue's goals against this run's figures: (goal, measured, yes/no)."""
     rows = []
-    for r in data.get("question_1", {}).get("ratios", []):
-        rows.append(
-            [
-                f"one router, {r['choice']}, {r['variant']}: dedicated p50 <= {r['goal_p50']:g}x "
-                f"shared, throughput >= {r['goal_tps']:g}x",
-                f"{r['p50']:.2f}x, {r['tps']:.2f}x",
-                "yes" if r["met"] else "**no**",
-            ]
-        )
+    roomy = data.get("question_1_roomy", {})
+    for q1, where in (
+        (data.get("question_1", {}), f"max_connections {_max_conn(data)}"),
+        (roomy, f"max_connections {roomy.get('max_connections')}"),
+    ):
+        for r in q1.get("ratios", []):
+            rows.append(
+                [
+                    f"one router, {r['choice']}, {r['variant']} ({where}): dedicated p50 <= "
+                    f"{r['goal_p50']:g}x shared, throughput >= {r['goal_tps']:g}x",
+                    f"{r['p50']:.2f}x, {r['tps']:.2f}x",
+                    "yes" if r["met"] else "**no**",
+                ]
+            )
     for key in ("question_2", "question_2b"):
         if key in data:
             q2 = data[key]
@@ -1080,7 +1151,7 @@ def summary(data: dict[str, Any]) -> None:
         console.print(f"  {h['figure']}: {h['value']}")
 
 
-PARTS = ("dedicated", "budget", "refresh", "cli")
+PARTS = ("miss", "dedicated", "budget", "refresh", "cli")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -1104,6 +1175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["max_connections"] = _max_connections(server)
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
+        if "miss" in parts:
+            data["question_0"] = question_0(fleet, cfg, phase)
         if "dedicated" in parts:
             data["question_1"] = question_1(fleet, cfg, phase, variants)
         if "budget" in parts:
@@ -1120,6 +1193,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         elif args.pg_url:
             with phase("drop the databases"):
                 drop(fleet)
+    if args.roomy and "dedicated" in parts:
+        # Part 1 again, the lone router only, on a server that has a connection for
+        # every database (built the same way, after the first server has stopped).
+        with bench_server(None, args.roomy) as roomy:
+            data["question_1_roomy"] = {
+                "max_connections": _max_connections(roomy),
+                **question_1(
+                    build(roomy, cfg, phase), cfg, phase, {"lone router": VARIANTS["lone router"]}
+                ),
+            }
     data["phases_s"] = phase.seconds
     data["load_end"] = load_average()
     data["headline"] = headline(data)
@@ -1159,7 +1242,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=MAX_CONNECTIONS,
         help=f"the throwaway server's max_connections (default {MAX_CONNECTIONS})",
     )
+    parser.add_argument(
+        "--roomy",
+        type=int,
+        metavar="N",
+        help="also run part 1 (the lone router) on a second throwaway server with "
+        "max_connections N, e.g. 1100: a connection for every database",
+    )
     args = parser.parse_args(argv)
+    if args.roomy is not None and (args.pg_url or args.roomy < 10):
+        parser.error("--roomy starts a throwaway server of its own: not with --pg-url, N >= 10")
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         finish(NAME, data, markdown(data), args.out, summary)
