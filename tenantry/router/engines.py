@@ -7,6 +7,18 @@ costs nothing on the server until it connects; the connections themselves are co
 and bounded per router and per server (:mod:`tenantry.router.connections`), and a new
 engine of a server takes the dialect set-up found by the first (no queries).
 
+When the connection budget needs room, the idle connections of the engine *least
+frequently* used lately are closed (not the least recently used): each lease adds a
+weight that grows by 2^(1/``USES_HALF_LIFE``) per lease of the router (forward decay,
+as :mod:`tenantry.observability.topn` does with time), so an engine's score is its
+lease count decayed by the router's leases since. A new connection to a database
+costs its server ~15 ms of CPU (DESIGN.md, "What a miss costs") against ~0.5 ms for a
+transaction on a kept one, so which databases keep their connections matters: over
+Zipf-skewed traffic the hot databases keep theirs while the rarely used ones take
+turns. The victim is the lowest score of a random sample of the engines that hold
+connections (``EVICTION_SAMPLE``; all of them when fewer), as Redis approximates LFU:
+no scan of every engine under the lock.
+
 A shared PostgreSQL shard's engine checks its routing role once, on its first
 connection (one query, in the pool's connect event): a role that row-level security
 would not bind is refused with :class:`~tenantry.errors.UnsafeRoutingRole`, unless the
@@ -15,12 +27,14 @@ would not bind is refused with :class:`~tenantry.errors.UnsafeRoutingRole`, unle
 
 from __future__ import annotations
 
+import random
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine, event
@@ -32,7 +46,14 @@ from tenantry.shardmap import roles
 from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.model import Shard, Tier
 
-__all__ = ["EngineRegistry", "EngineStats"]
+__all__ = ["EVICTION_SAMPLE", "USES_HALF_LIFE", "EngineRegistry", "EngineStats"]
+
+#: Leases of the router over which an engine's score halves (see the module's doc).
+USES_HALF_LIFE = 10_000
+#: Engines holding connections compared to choose the one whose connections close.
+EVICTION_SAMPLE = 16
+_GROWTH = 2.0 ** (1.0 / USES_HALF_LIFE)
+_RESCALE_AT = 2.0**60
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +76,17 @@ class EngineStats:
 
 
 class _Slot:
-    __slots__ = ("capacity", "engine", "handle", "leases")
+    __slots__ = ("capacity", "engine", "handle", "holding", "key", "leases", "score", "server")
 
-    def __init__(self, handle: Any, engine: Engine, capacity: int) -> None:
+    def __init__(self, handle: Any, engine: Engine, capacity: int, key: str) -> None:
         self.handle = handle  # what callers use: an Engine, or an AsyncEngine
         self.engine = engine  # its sync Engine: pool statistics
         self.capacity = capacity
+        self.key = key  # the shard's URL
+        self.server = server_of(key)
         self.leases = 0
+        self.score = 0.0  # leases, forward-decayed (see the module's doc)
+        self.holding = -1  # its index in EngineRegistry._holding, or -1
 
 
 class EngineRegistry:
@@ -79,6 +104,12 @@ class EngineRegistry:
         self._configure = configure
         self._factory = factory
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        # engines that opened a connection since they were made or last emptied: the
+        # candidates whose idle connections the budget may close
+        self._holding: list[_Slot] = []
+        self._connected_slots: deque[_Slot] = deque()  # to join _holding
+        self._weight = 1.0  # what the next lease adds to its engine's score
+        self._random = random.Random()
         self._cond = threading.Condition(threading.Lock())
         self._created = 0
         self._disposed = 0
@@ -160,6 +191,10 @@ class EngineRegistry:
             if slot is not None:
                 self._slots.move_to_end(key)
                 slot.leases += 1
+                slot.score += self._weight
+                self._weight *= _GROWTH
+                if self._weight > _RESCALE_AT:
+                    self._rescale()
                 return slot, evicted
             if self._closed:
                 raise ConfigurationError("the router is closed")
@@ -178,12 +213,49 @@ class EngineRegistry:
                 if slot is not None:  # another thread opened it meanwhile
                     self._slots.move_to_end(key)
                     slot.leases += 1
+                    slot.score += self._weight
                     return slot, evicted
-            slot = _Slot(*self._new_engine(shard), capacity)
+            slot = _Slot(*self._new_engine(shard), capacity, key)
+            event.listen(slot.engine, "connect", partial(self._connected, slot))
             slot.leases = 1
+            slot.score = self._weight
+            self._weight *= _GROWTH
+            if self._weight > _RESCALE_AT:
+                self._rescale()
             self._slots[key] = slot
             self._created += 1
             return slot, evicted
+
+    def _rescale(self) -> None:
+        """Divide every score and the next weight by the weight (under the lock): the
+        order of scores stays, the numbers stay finite."""
+        weight = self._weight
+        for slot in self._slots.values():
+            slot.score /= weight
+        self._weight = 1.0
+
+    def _connected(self, slot: _Slot, _dbapi_connection: Any, _record: Any) -> None:
+        """The pool's connect event: *slot*'s engine holds a connection now. Noted
+        without the lock (a deque's append is atomic; in an asyncio router this runs in
+        a connect's greenlet), and taken into the candidates when room is next made."""
+        if slot.holding < 0:
+            self._connected_slots.append(slot)
+
+    def _hold(self, slot: _Slot) -> None:
+        if slot.holding < 0:
+            slot.holding = len(self._holding)
+            self._holding.append(slot)
+
+    def _unhold(self, slot: _Slot) -> None:
+        """Take *slot* out of the candidates (swap with the last: O(1)); under the lock."""
+        index = slot.holding
+        if index < 0:
+            return
+        last = self._holding.pop()
+        if last is not slot:
+            self._holding[index] = last
+            last.holding = index
+        slot.holding = -1
 
     def _make_room(self, evicted: list[Any]) -> bool:
         """Dispose idle engines, oldest first, until one more fits in ``max_engines``."""
@@ -193,6 +265,7 @@ class EngineRegistry:
             slot = self._slots[key]
             if slot.leases == 0 and slot.engine.pool.checkedout() == 0:  # type: ignore[attr-defined]
                 del self._slots[key]
+                self._unhold(slot)
                 evicted.append(slot.handle)
                 self._disposed += 1
                 self._evicted += 1
@@ -201,23 +274,51 @@ class EngineRegistry:
         return False
 
     def _dispose_idle(self, server: str | None) -> bool:
-        """For the connection budget, to make room: dispose the least recently used
-        engine holding idle connections and none in use (on *server* only, when given),
-        closing them; whether there was one. Chosen and disposed under the registry's
-        lock, so no lease can start on it meanwhile."""
+        """For the connection budget, to make room: close the idle connections of the
+        engine least frequently used lately (see the module's doc) that holds some and
+        has none in use (on *server* only, when given); whether there was one. Chosen
+        and disposed under the registry's lock, so no lease can start on it meanwhile."""
         with self._cond:
-            for key, slot in self._slots.items():
-                pool: Any = slot.engine.pool
-                if (
-                    slot.leases == 0
-                    and pool.checkedout() == 0
-                    and pool.checkedin() > 0
-                    and (server is None or server_of(key) == server)
-                ):
-                    slot.engine.dispose()
-                    self._evicted += 1
-                    return True
-        return False
+            while self._connected_slots:
+                slot = self._connected_slots.popleft()
+                if self._slots.get(slot.key) is slot:  # not disposed meanwhile
+                    self._hold(slot)
+            holding = self._holding
+            if len(holding) > 2 * EVICTION_SAMPLE:
+                sample = self._random.sample(holding, EVICTION_SAMPLE)
+                victim = self._least_used(sample, server)
+                if victim is None:  # none in the sample could go: look at them all
+                    victim = self._least_used(list(holding), server)
+            else:
+                victim = self._least_used(list(holding), server)
+            if victim is None:
+                return False
+            self._unhold(victim)
+            victim.engine.dispose()
+            self._evicted += 1
+            return True
+
+    def _least_used(self, candidates: list[_Slot], server: str | None) -> _Slot | None:
+        """The lowest-scored of *candidates* whose connections may close; candidates
+        found holding no connection at all leave the list (under the lock)."""
+        best: _Slot | None = None
+        for slot in candidates:
+            if slot.holding < 0:  # left the list already (a duplicate of the full scan)
+                continue
+            pool: Any = slot.engine.pool
+            idle = pool.checkedin()
+            if idle == 0 and pool.checkedout() == 0:
+                self._unhold(slot)  # its connections closed otherwise (invalidated)
+                continue
+            if (
+                idle > 0
+                and slot.leases == 0
+                and pool.checkedout() == 0
+                and (server is None or slot.server == server)
+                and (best is None or slot.score < best.score)
+            ):
+                best = slot
+        return best
 
     def stats(self) -> EngineStats:
         """Open engines, their total capacity and connections checked out now."""
@@ -252,7 +353,10 @@ class EngineRegistry:
         every handle removed (async engines are left for the caller to await)."""
         with self._cond:
             keys = [url] if url is not None else list(self._slots)
-            removed = [slot.handle for key in keys if (slot := self._slots.pop(key, None))]
+            slots = [slot for key in keys if (slot := self._slots.pop(key, None))]
+            for slot in slots:
+                self._unhold(slot)
+            removed = [slot.handle for slot in slots]
             self._disposed += len(removed)
             self._cond.notify_all()
         for handle in removed:

@@ -11,6 +11,7 @@ rule, for the sync and async routers, for sessions and connections).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -388,13 +389,29 @@ def _stamp_connection(dbapi_connection: Any, _record: Any, allow_temporary: bool
     rather than in a transaction that most often ends in a rollback. The shard refuses a
     routing role that may create temporary objects, unless *allow_temporary* (the
     ``allow_unsafe_routing_role`` override).
+
+    One statement in autocommit, so one round trip (BEGIN, the call and COMMIT were
+    three): the server commits it by itself, as it would the explicit transaction.
     """
-    cursor = dbapi_connection.cursor()
+    previous = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True  # no round trip: the new connection is idle
     try:
-        cursor.execute("SELECT tenantry.open_session(%s)", (allow_temporary,))
-    finally:
-        cursor.close()
-    dbapi_connection.commit()
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(_OPEN_SESSION[allow_temporary])
+        finally:
+            cursor.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a broken connection: it is dropped anyway
+            dbapi_connection.autocommit = previous
+        raise
+    dbapi_connection.autocommit = previous
+
+
+_OPEN_SESSION = {
+    False: "SELECT tenantry.open_session(false)",
+    True: "SELECT tenantry.open_session(true)",
+}
 
 
 #: What ``reset_connections`` runs: DISCARD ALL but for temporary objects and sequence

@@ -1,0 +1,137 @@
+"""Which connections the connection budget closes: those of the engine least
+frequently used lately (forward-decayed lease counts), not the least recently used.
+
+SQLite shards (files): the policy is the registry's, whatever the database; the
+PostgreSQL case, with the budget binding over many dedicated databases, is in
+test_engines.py.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tenantry import Shard, Tier, load_settings
+from tenantry.router import engines
+from tenantry.router.connections import server_of
+from tenantry.router.engines import EngineRegistry
+
+
+def _registry(tmp_path: Path, count: int) -> tuple[EngineRegistry, list[Shard]]:
+    settings = load_settings(
+        catalog_url=f"sqlite:///{tmp_path / 'catalog.db'}",
+        max_engines=count + 10,
+        connection_budget=count + 10,
+        pool_size_dedicated=1,
+        max_overflow=0,
+    )
+    shards = [
+        Shard(f"d{i:03d}", f"sqlite:///{tmp_path / f'd{i:03d}.db'}", tier=Tier.DEDICATED)
+        for i in range(count)
+    ]
+    return EngineRegistry(settings), shards
+
+
+def _use(registry: EngineRegistry, shard: Shard, times: int = 1) -> None:
+    """*times* leases of the shard's engine, each with a connection checked out and in."""
+    for _ in range(times):
+        with registry.lease(shard) as engine, engine.connect():
+            pass
+
+
+def _holds(registry: EngineRegistry, shard: Shard) -> bool:
+    """Whether the shard's engine holds an idle connection (without leasing it)."""
+    slot = registry._slots.get(shard.url)
+    return slot is not None and slot.engine.pool.checkedin() > 0  # type: ignore[attr-defined]
+
+
+def test_the_least_used_engine_closes_its_connections_not_the_least_recent(
+    tmp_path: Path,
+) -> None:
+    registry, (hot, cold, newer) = _registry(tmp_path, 3)
+    try:
+        _use(registry, hot, 10)  # used most, but longest ago
+        _use(registry, cold)
+        _use(registry, newer)
+        assert registry._dispose_idle(None)
+        # least recently used: hot; least used lately: cold (one lease, before newer's)
+        assert [_holds(registry, s) for s in (hot, cold, newer)] == [True, False, True]
+        assert registry._dispose_idle(None)
+        assert [_holds(registry, s) for s in (hot, cold, newer)] == [True, False, False]
+        assert registry._dispose_idle(None)
+        assert not _holds(registry, hot)
+        assert not registry._dispose_idle(None)  # nothing idle is left to close
+        assert registry.stats().evicted == 3
+        _use(registry, cold)  # connects again: a candidate again
+        assert _holds(registry, cold)
+        assert registry._dispose_idle(None)
+        assert not _holds(registry, cold)
+    finally:
+        registry.close()
+
+
+def test_an_engine_in_use_keeps_its_connections(tmp_path: Path) -> None:
+    registry, (busy, idle) = _registry(tmp_path, 2)
+    try:
+        _use(registry, busy)
+        _use(registry, idle, 5)
+        with registry.lease(busy):  # leased, no connection checked out: still kept
+            assert registry._dispose_idle(None)
+            assert _holds(registry, busy) and not _holds(registry, idle)
+            assert not registry._dispose_idle(None)
+    finally:
+        registry.close()
+
+
+def test_hot_engines_keep_their_connections_among_many_sampled(tmp_path: Path) -> None:
+    """More holders than twice the sample: the victim is the least used of a random
+    sample; the few hot engines are never it while colder ones hold connections."""
+    count = 3 * engines.EVICTION_SAMPLE + 8
+    registry, shards = _registry(tmp_path, count)
+    hot, cold = shards[:4], shards[4:]
+    try:
+        for shard in hot:
+            _use(registry, shard, 20)
+        for shard in cold:
+            _use(registry, shard)
+        for n in range(len(cold)):
+            assert registry._dispose_idle(None)
+            assert all(_holds(registry, s) for s in hot), n
+        assert sum(_holds(registry, s) for s in cold) == 0
+    finally:
+        registry.close()
+
+
+def test_scores_are_rescaled_before_they_overflow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # each lease doubles the next one's weight: a rescale every ~10 leases here
+    monkeypatch.setattr(engines, "_GROWTH", 2.0)
+    monkeypatch.setattr(engines, "_RESCALE_AT", 2.0**10)
+    registry, (a, b) = _registry(tmp_path, 2)
+    try:
+        _use(registry, a, 3)
+        for _ in range(200):  # far past 2**60 without rescaling
+            _use(registry, b)
+        scores = [registry._slots[s.url].score for s in (a, b)]
+        assert all(math.isfinite(x) and x > 0 for x in scores)
+        assert registry._weight <= 2.0**10
+        assert scores[0] < scores[1]
+        assert registry._dispose_idle(None)
+        assert not _holds(registry, a) and _holds(registry, b)
+    finally:
+        registry.close()
+
+
+def test_a_servers_share_closes_connections_of_that_server_only(tmp_path: Path) -> None:
+    registry, (busy_server, quiet_server) = _registry(tmp_path, 2)  # a server per file
+    try:
+        _use(registry, busy_server, 10)
+        _use(registry, quiet_server)
+        assert registry._dispose_idle(server_of(busy_server.url))
+        assert not _holds(registry, busy_server) and _holds(registry, quiet_server)
+        assert not registry._dispose_idle(server_of(busy_server.url))
+    finally:
+        registry.close()
