@@ -22,6 +22,10 @@ Steps, with psycopg directly (as the routing role, over TCP like the router):
 4. ``close``; the backend's exit with the stamp (its temporary namespace dropped) and
    without one (a batch of plain connect/close).
 
+Steps 1-4 run over databases no router has used, then again over the same ones: the
+first stamp in a database for a backend slot (``pg_temp_<slot>``) creates that
+temporary namespace, a later one reuses it.
+
 Then the router: a miss through ``router.session`` (engine kept, its connections
 closed: the lone router's case), a hit, and a new engine's first transaction; client
 CPU and wall; a profile of the misses by function.
@@ -213,5 +217,8 @@ def miss_cost(
         "connections": half,
         "raw": raw_steps(catalog_url, shards[:half]),
         "raw_no_stamp": raw_steps(catalog_url, shards[:half], stamp=False),
+        # the same databases again: each has a temporary namespace for this backend
+        # slot now (made by the first pass), which the stamp then reuses
+        "raw_again": raw_steps(catalog_url, shards[:half]),
         "router": router_misses(catalog_url, [t for t, _s, _u in shards[half:]], settings),
     }

@@ -880,6 +880,7 @@ def _max_conn(data: dict[str, Any]) -> Any:
 
 def _q0_lines(q0: dict[str, Any]) -> list[str]:
     raw, bare, rt = q0["raw"], q0["raw_no_stamp"], q0["router"]
+    q0 = {"raw_again": raw} | q0  # (results written before the second pass had none)
 
     def row(name: str, step: dict[str, Any]) -> list[str]:
         return [name, *(f"{step[k]:.2f}" for k in ("wall_ms", "client_ms", "server_ms"))]
@@ -888,7 +889,10 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
         row("connect (TCP, fork, authentication, backend start)", raw["connect"]),
         ["postmaster's fork", "", "", f"{raw['postmaster_fork_ms']:.2f}"],
         row("the stamp: tenantry.open_session(false), autocommit", raw["stamp"]),
+        row("... when the database has that backend slot's temporary namespace already",
+            q0["raw_again"]["stamp"]),
         row("first transaction on the new backend (fence, select)", raw["first tx"]),
+        row("... in the second pass", q0["raw_again"]["first tx"]),
         row("the same transaction again (warm)", raw["warm tx"]),
         row("close (client)", raw["close"]),
         ["backend exit, with the stamp (temporary namespace dropped)", "", "",
