@@ -3,13 +3,20 @@ one router and many.
 
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
         [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
-        [--max-connections N]
+        [--max-connections N] [--roomy N]
 
-``--only`` runs some parts (``dedicated``: 1, ``budget``: 2 and 2b, ``refresh``: 3,
-``cli``: 4; the build always runs); ``--databases``/``--tenants`` change the fleet's
-size; ``--variant`` runs some of question 1's settings variants; ``--keep`` (with
-``--pg-url``) leaves the fleet in place and prints its catalog URL;
-``--max-connections`` is the throwaway server's (500).
+``--only`` runs some parts (``miss``: 0, ``dedicated``: 1, ``budget``: 2 and 2b,
+``refresh``: 3, ``cli``: 4; the build always runs); ``--databases``/``--tenants``
+change the fleet's size; ``--variant`` runs some of question 1's settings variants;
+``--keep`` (with ``--pg-url``) leaves the fleet in place and prints its catalog URL;
+``--max-connections`` is the throwaway server's (500); ``--roomy N`` runs question 1's
+lone router once more, on a second throwaway server with ``max_connections`` N (1100:
+a connection for every one of 1,000 databases), built the same way (1b).
+
+0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
+   open connection, step by step, one connection at a time — connect, the fence's
+   stamp, the first and a warm transaction, close, the backend's exit — in wall time,
+   client CPU and the server backend's CPU; then a router's miss, hit and new engine.
 
 One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
 template database is migrated once (tenantry's shard schema and a 10-row-key table
