@@ -328,6 +328,35 @@ def test_least_recently_used_engines_are_disposed_first(dedicated_fleet: Dedicat
         assert router.engine_stats().created == 32
 
 
+def test_a_binding_budget_keeps_the_connections_of_the_most_used_databases(
+    dedicated_fleet: DedicatedFleet,
+) -> None:
+    """Two hot tenants keep their server connections (the same backends throughout)
+    while 90 others, used once each, take turns in the rest of a 10-connection budget,
+    though the hot ones were each time used longer ago than 10 others (the least
+    recently used, which the budget closed before)."""
+    settings = dedicated_fleet.settings(
+        max_engines=250, connection_budget=10, pool_size_dedicated=1, max_overflow=0
+    )
+    hot = ["t000", "t001"]
+    with Router(catalog=dedicated_fleet.catalog, settings=settings, background=False) as router:
+
+        def backend(tenant: str) -> int:
+            with router.session(tenant) as session:
+                return int(session.scalar(text("SELECT pg_backend_pid()")))
+
+        for _ in range(10):
+            pids = {t: backend(t) for t in hot}
+        for n, i in enumerate(range(10, 100)):
+            assert backend(f"t{i:03d}") not in pids.values()
+            if n % 15 == 14:  # more than the budget's worth of other databases since
+                assert {t: backend(t) for t in hot} == pids, n
+        assert {t: backend(t) for t in hot} == pids
+        stats = router.engine_stats()
+        assert stats.connections <= 10
+        assert stats.evicted >= 80  # the others took turns
+
+
 @pytest.mark.parametrize(
     ("engines", "budget", "binding"),
     [(3, 10, "TENANTRY_MAX_ENGINES"), (10, 3, "TENANTRY_CONNECTION_BUDGET")],
