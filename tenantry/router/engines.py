@@ -17,7 +17,10 @@ transaction on a kept one, so which databases keep their connections matters: ov
 Zipf-skewed traffic the hot databases keep theirs while the rarely used ones take
 turns. The victim is the lowest score of a random sample of the engines that hold
 connections (``EVICTION_SAMPLE``; all of them when fewer), as Redis approximates LFU:
-no scan of every engine under the lock.
+no scan of every engine under the lock. The scores decide only which *idle*
+connections close: never a route, a tenant, or a connection in use (a leased engine, or
+one with a connection checked out, is never a victim), so they cannot let a stale
+route or another tenant's data through.
 
 A shared PostgreSQL shard's engine checks its routing role once, on its first
 connection (one query, in the pool's connect event): a role that row-level security
