@@ -345,20 +345,37 @@ def policy_variants(
         ),
     }
     table: dict[str, tuple[Any, Callable[..., None]]] = {}
-    for name, (relation, extra) in forms.items():
+    for number, (name, (relation, extra)) in enumerate(forms.items()):
         sql = SELECT.replace(b"{table}", relation) + extra
-
-        def tx(t: str, i: int, sql: bytes = sql) -> None:
-            fence = b"BEGIN; SELECT tenantry.fence(%s, %s)" % (_quote(t), _quote(signatures[t]))
-            if _check(routing.exec_(fence)).get_value(0, 0) != b"active":
-                raise RuntimeError("the fence did not answer active")
-            for _ in range(5):
-                if _check(routing.exec_params(sql, [t.encode(), str(i).encode()])).ntuples != 1:
-                    raise RuntimeError("the point select found no row")
-            _check(routing.exec_(b"ROLLBACK"))
-
-        table[name] = (routing, tx)
+        table[name] = (routing, _five(routing, signatures, sql, None))
+        if not extra:  # the same, a statement prepared on the server once (a generic plan)
+            prepared = b"wire_%d" % number
+            _check(routing.prepare(prepared, sql))
+            table[f"{name}, prepared"] = (routing, _five(routing, signatures, sql, prepared))
     return table
+
+
+def _five(
+    routing: Any, signatures: dict[str, str], sql: bytes, prepared: bytes | None
+) -> Callable[[str, int], None]:
+    """A routed transaction of five point selects *sql* (by the prepared statement
+    *prepared* if given)."""
+
+    def tx(t: str, i: int) -> None:
+        fence = b"BEGIN; SELECT tenantry.fence(%s, %s)" % (_quote(t), _quote(signatures[t]))
+        if _check(routing.exec_(fence)).get_value(0, 0) != b"active":
+            raise RuntimeError("the fence did not answer active")
+        params = [t.encode(), str(i).encode()]
+        for _ in range(5):
+            if prepared is None:
+                result = routing.exec_params(sql, params)
+            else:
+                result = routing.exec_prepared(prepared, params)
+            if _check(result).ntuples != 1:
+                raise RuntimeError("the point select found no row")
+        _check(routing.exec_(b"ROLLBACK"))
+
+    return tx
 
 
 # -- running ----------------------------------------------------------------------------
@@ -473,11 +490,11 @@ def render(parts: list[dict[str, dict[str, float]]], load: Any, rounds: int) -> 
         [name, f"{m['server_cpu']:.1f}", f"{m['server_cpu'] - base:+.1f}", f"{m['p50']:.0f}"]
         for name, m in fence.items()
     ]
-    none = policy["no policy"]["server_cpu"]
-    policy_rows = [
-        [name, f"{m['server_cpu']:.0f}", f"{(m['server_cpu'] - none) / 5:+.1f}", f"{m['p50']:.0f}"]
-        for name, m in policy.items()
-    ]
+    policy_rows = []
+    for name, m in policy.items():
+        none = policy["no policy, prepared" if name.endswith("prepared") else "no policy"]
+        per = (m["server_cpu"] - none["server_cpu"]) / 5
+        policy_rows.append([name, f"{m['server_cpu']:.0f}", f"{per:+.1f}", f"{m['p50']:.0f}"])
     return (
         "# Where a routed transaction's time goes: the wire and the server\n\n"
         "`python benchmarks/_routing_wire.py` (see its docstring). Load average "
@@ -503,7 +520,7 @@ def render(parts: list[dict[str, dict[str, float]]], load: Any, rounds: int) -> 
         + markdown_table(["call", "server CPU µs", "over SELECT 1", "wall p50 µs"], fence_rows)
         + "\n\n## The policy's predicate, per statement (the fence with BEGIN, five point "
         "selects, ROLLBACK)\n\nServer CPU per transaction, and per statement over the "
-        "table without a policy.\n\n"
+        "table without a policy (the prepared ones over the prepared one's).\n\n"
         + markdown_table(
             ["point selects of", "server CPU µs", "per statement", "wall p50 µs"], policy_rows
         )
