@@ -15,6 +15,9 @@ then, one thread, tenants drawn at random:
 - ``bare``: ``Session`` on the plain engine, the same SELECT on the table without a
   policy.
 
+With ``--asyncio``, the same three on the event loop: ``AsyncRouter.session(t)``
+against ``AsyncSession``s on the router's own async engine (as ``_routing_async.py``).
+
 Each is timed unprofiled first (median of 5 batches of *count* / 5), then profiled
 over *count* transactions after 500 of warm-up; the table is the top 40 by cumulative
 time. Function calls per transaction are the profile's count divided by *count*.
@@ -24,22 +27,29 @@ Without ``--pg-url`` throwaway PostgreSQL servers are started.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import cProfile
 import io
 import pstats
 import random
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from _common import load_average, pg_servers
 from _routing_fleet import QUICK, SET_TENANT, ClassicReading, OpenReading, build_fleet, point
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from tenantry import AsyncRouter
+
 Tx = Callable[[str, int], None]
+#: Runs a list of (tenant, row) transactions.
+Run = Callable[[list[tuple[str, int]]], None]
 
 
 def main() -> None:
@@ -49,6 +59,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the report here (else stdout)")
     parser.add_argument("--dump", type=Path, help="also save each raw profile in this folder")
+    parser.add_argument("--asyncio", action="store_true", help="AsyncRouter and AsyncSession")
     args = parser.parse_args()
     cfg = replace(QUICK, tenants=1000)
     with pg_servers([args.pg_url] if args.pg_url else None, count=2) as urls, ExitStack() as st:
@@ -69,16 +80,26 @@ def main() -> None:
                 session.execute(point(tenant, row, OpenReading)).scalar_one()
 
         load = load_average()
+        paths: list[tuple[str, Run]] = [
+            ("routed", _sync(routed)),
+            ("hand-written", _sync(hand)),
+            ("bare", _sync(bare)),
+        ]
+        loop = asyncio.new_event_loop()
+        st.callback(loop.close)
+        if args.asyncio:
+            paths = _async_paths(fleet, loop, st)
         sections = [
-            _profile(name, fn, fleet.tenants, cfg.rows_per_tenant, args.count, args.seed, args.dump)
-            for name, fn in (("routed", routed), ("hand-written", hand), ("bare", bare))
+            _profile(
+                name, run, fleet.tenants, cfg.rows_per_tenant, args.count, args.seed, args.dump
+            )
+            for name, run in paths
         ]
     report = f"load average {load} at the start, {load_average()} at the end\n\n" + "\n\n".join(
         text for text, _calls in sections
     )
     calls = ", ".join(
-        f"{name}: {c:.0f}"
-        for name, (_t, c) in zip(("routed", "hand-written", "bare"), sections, strict=True)
+        f"{name}: {c:.0f}" for (name, _run), (_t, c) in zip(paths, sections, strict=True)
     )
     report = f"Function calls per transaction: {calls}.\n{report}"
     if args.out:
@@ -86,25 +107,70 @@ def main() -> None:
     print(report)
 
 
+def _sync(fn: Tx) -> Run:
+    def run(work: list[tuple[str, int]]) -> None:
+        for tenant, row in work:
+            fn(tenant, row)
+
+    return run
+
+
+def _async_paths(
+    fleet: Any, loop: asyncio.AbstractEventLoop, st: ExitStack
+) -> list[tuple[str, Run]]:
+    """The three paths on the event loop *loop* (each run of work one coroutine)."""
+    router = AsyncRouter(catalog=fleet.catalog, settings=fleet.settings)
+    st.callback(loop.run_until_complete, router.close())
+    engine = loop.run_until_complete(router.engine_for(fleet.tenants[0]))
+
+    async def routed(tenant: str, row: int) -> None:
+        async with router.session(tenant) as session:
+            (await session.execute(point(tenant, row))).scalar_one()
+
+    async def hand(tenant: str, row: int) -> None:
+        async with AsyncSession(engine) as session:
+            await session.execute(SET_TENANT, {"t": tenant})
+            (await session.execute(point(tenant, row, ClassicReading))).scalar_one()
+
+    async def bare(tenant: str, row: int) -> None:
+        async with AsyncSession(engine) as session:
+            (await session.execute(point(tenant, row, OpenReading))).scalar_one()
+
+    def on_loop(fn: Callable[[str, int], Awaitable[None]]) -> Run:
+        async def all_of(work: list[tuple[str, int]]) -> None:
+            for tenant, row in work:
+                await fn(tenant, row)
+
+        def run(work: list[tuple[str, int]]) -> None:
+            loop.run_until_complete(all_of(work))
+
+        return run
+
+    return [
+        ("async routed", on_loop(routed)),
+        ("async hand-written", on_loop(hand)),
+        ("async bare", on_loop(bare)),
+    ]
+
+
 def _profile(
-    name: str, fn: Tx, tenants: list[str], rows: int, count: int, seed: int, dump: Path | None
+    name: str, run: Run, tenants: list[str], rows: int, count: int, seed: int, dump: Path | None
 ) -> tuple[str, float]:
     rng = random.Random(seed)
     work = [(rng.choice(tenants), rng.randint(1, rows)) for _ in range(count + 500)]
-    for tenant, row in work[:500]:
-        fn(tenant, row)
+    run(work[:500])
     work = work[500:]
     batch = max(1, count // 5)
     times = []
+    cpu = []
     for start in range(0, count, batch):
-        began = time.perf_counter_ns()
-        for tenant, row in work[start : start + batch]:
-            fn(tenant, row)
+        began, cpu_began = time.perf_counter_ns(), time.thread_time_ns()
+        run(work[start : start + batch])
+        cpu.append((time.thread_time_ns() - cpu_began) / batch / 1000)
         times.append((time.perf_counter_ns() - began) / batch / 1000)
     profiler = cProfile.Profile()
     profiler.enable()
-    for tenant, row in work:
-        fn(tenant, row)
+    run(work)
     profiler.disable()
     if dump is not None:
         dump.mkdir(parents=True, exist_ok=True)
@@ -114,7 +180,8 @@ def _profile(
     stats.sort_stats("cumulative").print_stats(40)
     header = (
         f"=== {name}: {count} transactions, {statistics.median(times):.1f} us each "
-        f"unprofiled ({batch:,}; a shared, loaded machine) ==="
+        f"unprofiled, {statistics.median(cpu):.1f} us of client CPU (median of 5 batches "
+        f"of {batch:,}) ==="
     )
     calls: float = stats.total_calls / count  # type: ignore[attr-defined]
     return f"{header}\n{buffer.getvalue()}", calls

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, AsyncTransaction
+from sqlalchemy.util import greenlet_spawn
 
 from tenantry.router.fence import run_fence
 from tenantry.router.router import Attempts, RouterBase, lost_midway, raise_if_lost
@@ -39,9 +40,10 @@ class AsyncRouter(RouterBase):
         return await asyncio.to_thread(self.has_tenant, tenant_id)
 
     async def _shard(self, tenant_id: str) -> Shard:
-        tenant = self.snapshot.tenants.get(tenant_id)
+        snapshot = self._cache.snapshot  # one snapshot for the tenant and its shard
+        tenant = snapshot.tenants.get(tenant_id)
         if tenant is not None:
-            shard = self.snapshot.shards[tenant.shard]
+            shard = snapshot.shards[tenant.shard]
         else:
             shard = await asyncio.to_thread(self._lookup, tenant_id)
         if shard.name not in self._fence_keys and shard.backend == "postgresql":
@@ -121,7 +123,11 @@ class AsyncRouter(RouterBase):
         info = self._session_info(tenant, shard)
         session = AsyncSession(bind=engine, sync_session_class=TenantSession, info=info, **kwargs)
         try:
-            await session.connection()  # begins the transaction: the fence runs now
+            # Begins the transaction: the fence runs now. The sync session's connection()
+            # in SQLAlchemy's greenlet, as AsyncSession.connection() does, without making
+            # the AsyncConnection proxy it returns (a weakly registered object per
+            # transaction, unused here).
+            await greenlet_spawn(session.sync_session.connection)
         except BaseException:
             await session.close()
             raise

@@ -50,6 +50,8 @@ __all__ = [
     "frozen_error",
     "register_keys",
     "reset_connection",
+    "rollback_keeping_prepared",
+    "rollback_keeping_prepared_async",
     "run_fence",
 ]
 
@@ -373,9 +375,71 @@ def _result_error(driver: Any, result: Any) -> Exception:
     except KeyError:
         error_class = None
     if error_class is None:
-        error_class = psycopg.OperationalError if driver.broken else psycopg.DatabaseError
+        dead = driver.broken or driver.closed
+        error_class = psycopg.OperationalError if dead else psycopg.DatabaseError
     error: Exception = error_class(message, info=result, encoding=encoding)
     return error
+
+
+_ROLLBACK = b"ROLLBACK"
+
+
+def rollback_keeping_prepared(dbapi_connection: Any) -> None:
+    """``ROLLBACK`` on a routed psycopg connection (sync), keeping psycopg's prepared
+    statements: a routed engine's ``dialect.do_rollback``.
+
+    psycopg forgets every statement it prepared at each ``rollback()`` (and sends
+    ``DEALLOCATE ALL`` when it had any), and its count of executions towards
+    ``prepare_threshold`` starts again: so on a connection whose transactions end in a
+    rollback, which is how read-only sessions end, nothing is ever prepared, and each
+    statement is parsed and planned again in every transaction (under row-level
+    security, its policy's sub-select too). After a ``COMMIT`` psycopg keeps them. This
+    sends the ``ROLLBACK`` itself, as psycopg would, so that a rollback keeps them as a
+    commit does. Why that is safe: a prepared statement holds a query and its plan, no
+    tenant: the tenant is a bound parameter of each execution, and the policies call
+    ``tenantry.tenant()`` when the statement runs; the server re-plans a prepared
+    statement whose tables changed. (psycopg's own reason to forget them, DDL undone
+    by the rollback, would at worst make a later statement fail with "cached plan must
+    not change result type"; psycopg still forgets them when it runs a ``DROP``, an
+    ``ALTER`` or a ``DEALLOCATE ALL``.) Anything unusual (two-phase, pipeline, an idle,
+    closed or broken connection) goes to psycopg's own ``rollback()``.
+    """
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if _unusual(driver):
+        dbapi_connection.rollback()
+        return
+    result = driver.pgconn.exec_(_ROLLBACK)
+    if result.status != _COMMAND_OK:
+        raise _result_error(driver, result)
+
+
+def rollback_keeping_prepared_async(dbapi_connection: Any) -> None:
+    """:func:`rollback_keeping_prepared` on an asyncio psycopg connection, inside
+    SQLAlchemy's greenlet (as the fence: ``send_query``, psycopg's ``execute``
+    generator under the connection's ``wait``, awaited with ``await_only``)."""
+    driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    if _unusual(driver):
+        dbapi_connection.rollback()
+        return
+    pgconn = driver.pgconn
+    pgconn.send_query(_ROLLBACK)
+    results = await_only(driver.wait(generators.execute(pgconn)))
+    if results[-1].status != _COMMAND_OK:
+        raise _result_error(driver, results[-1])
+
+
+def _unusual(driver: Any) -> bool:
+    """Whether psycopg's own rollback() must end *driver*'s transaction: no transaction,
+    a closed or broken connection, two-phase, pipeline mode, a psycopg ``transaction()``
+    block (which refuses a rollback)."""
+    return bool(
+        driver.pgconn.transaction_status == _IDLE
+        or driver.closed
+        or driver.broken
+        or getattr(driver, "_tpc", None)
+        or getattr(driver, "_pipeline", None)
+        or getattr(driver, "_num_transactions", 0)
+    )
 
 
 def _connection_dead(exc: Exception, driver: Any) -> bool:

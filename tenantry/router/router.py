@@ -33,7 +33,14 @@ from tenantry.errors import (
 from tenantry.observability.hooks import detach_router, observe_router
 from tenantry.router.context import current_tenant_or_none
 from tenantry.router.engines import EngineRegistry, EngineStats
-from tenantry.router.fence import TENANT_KEY, ConnectionLost, register_keys, run_fence
+from tenantry.router.fence import (
+    TENANT_KEY,
+    ConnectionLost,
+    register_keys,
+    rollback_keeping_prepared,
+    rollback_keeping_prepared_async,
+    run_fence,
+)
 from tenantry.router.scoping import (
     SESSION_SCOPE,
     SESSION_SHARD,
@@ -126,6 +133,16 @@ class RouterBase:
             )
             allow = self.settings.allow_unsafe_routing_role
             event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
+            if not shard.pooled and engine.dialect.driver == "psycopg":
+                # A rollback keeps psycopg's prepared statements, as a commit does (why
+                # that is safe: rollback_keeping_prepared). Behind a pooler nothing is
+                # prepared. An instance attribute: this engine's dialect only.
+                dialect: Any = engine.dialect
+                dialect.do_rollback = (
+                    rollback_keeping_prepared_async
+                    if dialect.is_async
+                    else rollback_keeping_prepared
+                )
             if self.settings.reset_connections and shard.pooled:
                 # The reset would run on whichever server connection the pooler hands
                 # out next: the pooled fence closes WITH HOLD cursors instead.

@@ -161,8 +161,7 @@ def test_s0006_goes_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
 
 def _definer_path(conn: sa.Connection) -> Any:
     return conn.exec_driver_sql(
-        "SELECT proconfig FROM pg_proc"
-        " WHERE oid = 'tenantry.writable_tenant()'::regprocedure"
+        "SELECT proconfig FROM pg_proc WHERE oid = 'tenantry.writable_tenant()'::regprocedure"
     ).scalar_one()
 
 

@@ -1,0 +1,133 @@
+"""A routed transaction's ROLLBACK keeps psycopg's prepared statements (issue 17).
+
+psycopg forgets the statements it prepared at every ``rollback()`` (``DEALLOCATE
+ALL``) and counts executions towards ``prepare_threshold`` from zero again, so on a
+connection whose transactions end in a rollback nothing is ever prepared. A router's
+engines send the ROLLBACK themselves (``fence.rollback_keeping_prepared``): the
+statements stay prepared, as after a COMMIT. What must hold: each tenant still sees
+its own rows only through a prepared statement (its plan, custom or generic, holds no
+tenant), and a connection lost before the ROLLBACK is ``ShardUnavailable`` with the
+router going on, as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+from tenantry import AsyncRouter
+from tenantry.errors import ShardUnavailable
+from tenantry.shardmap.drivers import make_engine
+
+SHARD = "own"
+TENANTS = ("acme", "globex")
+#: More than psycopg's prepare_threshold (5) and the server's five custom plans, so the
+#: last executions run a prepared statement's generic plan.
+ROUNDS = 16
+PREPARED = "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
+PROJECTS = sa.table("projects", sa.column("tenant_id"), sa.column("id"))
+
+
+@pytest.fixture
+def own_fleet(pg_fleet_builder: Any, own_pg_server: Any) -> Any:
+    fleet = pg_fleet_builder(pool_size_shared=2, max_overflow=0)
+    fleet.add_shard(SHARD, admin_url=own_pg_server.new_database())
+    for tenant in TENANTS:
+        fleet.add_tenant(tenant, SHARD)
+    fleet.server = own_pg_server
+    fleet.database = fleet.location(SHARD)
+    return fleet
+
+
+def _seen(rows: list[Any]) -> set[str]:
+    return {row.tenant_id for row in rows}
+
+
+def test_a_rollback_keeps_prepared_statements_and_each_tenant_its_rows(
+    own_fleet: Any, app: Any
+) -> None:
+    router = own_fleet.new_router()
+    for n in range(ROUNDS):
+        tenant = TENANTS[n % 2]
+        with router.session(tenant) as session:  # leaving the block rolls back
+            orm = session.scalars(select(app.Project).order_by(app.Project.id)).all()
+            core = session.execute(select(PROJECTS.c.tenant_id, PROJECTS.c.id)).all()
+            raw = session.execute(text("SELECT tenant_id FROM tasks")).all()
+            assert [p.id for p in orm] == [1, 2], n
+            assert (_seen(orm), _seen(core), _seen(raw)) == ({tenant}, {tenant}, {tenant}), n
+    with router.session(TENANTS[0]) as session:
+        kept = session.scalar(text(PREPARED))
+    # One connection served every session (one thread), and its statements stayed
+    # prepared across the rollbacks: the ORM's, Core's and the raw one.
+    assert kept is not None and kept >= 3
+
+    # psycopg's own rollback, for contrast: a plain engine (no fence, so no rows).
+    plain = make_engine(own_fleet.shard(SHARD).url, pool_size=1)
+    try:
+        for _ in range(ROUNDS):
+            with Session(plain) as session:
+                session.execute(select(PROJECTS.c.id)).all()
+        with Session(plain) as session:
+            assert session.scalar(text(PREPARED)) == 0
+    finally:
+        plain.dispose()
+
+
+def test_the_async_router_keeps_them_too(own_fleet: Any, app: Any) -> None:
+    async def run() -> int | None:
+        router = AsyncRouter(catalog=own_fleet.catalog, background=False)
+        try:
+            for n in range(ROUNDS):
+                tenant = TENANTS[n % 2]
+                async with router.session(tenant) as session:
+                    result = await session.scalars(select(app.Project).order_by(app.Project.id))
+                    orm = result.all()
+                    raw = (await session.execute(text("SELECT tenant_id FROM tasks"))).all()
+                    assert [p.id for p in orm] == [1, 2], n
+                    assert (_seen(orm), _seen(raw)) == ({tenant}, {tenant}), n
+            async with router.session(TENANTS[0]) as session:
+                kept: int | None = await session.scalar(text(PREPARED))
+                return kept
+        finally:
+            await router.close()
+
+    kept = asyncio.run(run())
+    assert kept is not None and kept >= 2
+
+
+def test_a_connection_lost_before_the_rollback_is_shard_unavailable(own_fleet: Any) -> None:
+    """The backend is terminated after the block's last statement: the ROLLBACK on
+    leaving meets the dead connection. ShardUnavailable naming the shard, the
+    connection invalidated, and the next transaction works (sync and asyncio)."""
+    server, database = own_fleet.server, own_fleet.database
+    router = own_fleet.new_router()
+
+    with pytest.raises(ShardUnavailable) as info:
+        with router.session("acme") as session:
+            assert session.execute(select(PROJECTS.c.id)).all()
+            server.terminate(database)
+    assert info.value.shard == SHARD  # type: ignore[attr-defined]
+    assert "lost during the transaction" in str(info.value)
+    with router.session("globex") as session:
+        assert _seen(session.execute(select(PROJECTS.c.tenant_id)).all()) == {"globex"}
+
+    async def run() -> None:
+        router = AsyncRouter(catalog=own_fleet.catalog, background=False)
+        try:
+            with pytest.raises(ShardUnavailable) as info:
+                async with router.session("acme") as session:
+                    assert (await session.execute(select(PROJECTS.c.id))).all()
+                    await asyncio.to_thread(server.terminate, database)
+            assert info.value.shard == SHARD  # type: ignore[attr-defined]
+            async with router.session("globex") as session:
+                rows = (await session.execute(select(PROJECTS.c.tenant_id))).all()
+                assert _seen(rows) == {"globex"}
+        finally:
+            await router.close()
+
+    asyncio.run(run())
