@@ -212,6 +212,7 @@ def _fence_failed(
 
 
 _IDLE = pq.TransactionStatus.IDLE
+_INERROR = pq.TransactionStatus.INERROR
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
@@ -430,10 +431,14 @@ def rollback_keeping_prepared_async(dbapi_connection: Any) -> None:
 
 def _unusual(driver: Any) -> bool:
     """Whether psycopg's own rollback() must end *driver*'s transaction: no transaction,
-    a closed or broken connection, two-phase, pipeline mode, a psycopg ``transaction()``
-    block (which refuses a rollback)."""
+    a failed one (a statement's error may be a prepared plan gone stale, "cached plan
+    must not change result type" after a migration altered a column: psycopg's
+    rollback forgets the prepared statements, so the next transaction plans afresh
+    instead of failing the same way on this connection for ever), a closed or broken
+    connection, two-phase, pipeline mode, a psycopg ``transaction()`` block (which
+    refuses a rollback)."""
     return bool(
-        driver.pgconn.transaction_status == _IDLE
+        driver.pgconn.transaction_status in (_IDLE, _INERROR)
         or driver.closed
         or driver.broken
         or getattr(driver, "_tpc", None)

@@ -131,3 +131,31 @@ def test_a_connection_lost_before_the_rollback_is_shard_unavailable(own_fleet: A
             await router.close()
 
     asyncio.run(run())
+
+
+def test_a_plan_gone_stale_fails_once_not_for_ever(own_fleet: Any) -> None:
+    """A migration changes a column's type under a prepared statement: its next run on
+    that connection fails ("cached plan must not change result type"). The failed
+    transaction's rollback is psycopg's own, which forgets the prepared statements, so
+    the next transaction on the same connection plans afresh and works, rather than
+    failing the same way for as long as the connection lives."""
+    from tenantry.shardmap.operations import operator_transaction
+
+    projects = sa.table("projects", sa.column("tenant_id"), sa.column("id"), sa.column("name"))
+    names = select(projects.c.tenant_id, projects.c.name)
+    router = own_fleet.new_router()
+    for n in range(ROUNDS):
+        with router.session(TENANTS[n % 2]) as session:
+            assert _seen(session.execute(names).all()) == {TENANTS[n % 2]}
+    with router.session("acme") as session:
+        assert (session.scalar(text(PREPARED)) or 0) >= 1
+    with operator_transaction(own_fleet.shard(SHARD)) as conn:
+        conn.exec_driver_sql("ALTER TABLE projects ALTER COLUMN name TYPE text")
+    with pytest.raises(sa.exc.DBAPIError) as info:
+        with router.session("acme") as session:
+            session.execute(names).all()
+    assert "cached plan must not change result type" in str(info.value)
+    for n in range(ROUNDS):  # the same connection (one thread), prepared again on the way
+        tenant = TENANTS[n % 2]
+        with router.session(tenant) as session:
+            assert _seen(session.execute(names).all()) == {tenant}, n
