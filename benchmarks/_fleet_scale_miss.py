@@ -42,18 +42,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
+from _procfs import schedstat_ns
 
 from tenantry import Router, load_settings
 from tenantry.shardmap.catalog import Catalog
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
 QUERY = "SELECT n FROM fleet_items WHERE tenant_id = %s AND id = 1"
-
-
-def _schedstat(pid: int) -> int:
-    """CPU ns the process has run (all its threads; a backend has one)."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        return int(f.read().split()[0])
 
 
 def _reaped_ns(pid: int) -> float:
@@ -91,11 +86,11 @@ class _Step:
 
 
 def _timed(step: _Step, backend: int | None, fn: Callable[[], Any]) -> Any:
-    s0 = _schedstat(backend) if backend else 0
+    s0 = schedstat_ns(backend) if backend else 0
     c0, w0 = time.thread_time_ns(), time.perf_counter_ns()
     out = fn()
     w1, c1 = time.perf_counter_ns(), time.thread_time_ns()
-    s1 = _schedstat(backend) if backend else 0
+    s1 = schedstat_ns(backend) if backend else 0
     step.add(w1 - w0, c1 - c0, s1 - s0)
     return out
 
@@ -117,9 +112,9 @@ def raw_steps(
         pid = conn.info.backend_pid
         if postmaster is None:
             postmaster = _ppid(pid)
-            fork0, reaped0 = _schedstat(postmaster), _reaped_ns(postmaster)
+            fork0, reaped0 = schedstat_ns(postmaster), _reaped_ns(postmaster)
         # the backend's CPU from its fork to now: start-up and authentication
-        steps["connect"].server[-1] = _schedstat(pid)
+        steps["connect"].server[-1] = schedstat_ns(pid)
 
         def open_session(conn: psycopg.Connection[Any] = conn) -> None:
             conn.autocommit = True  # one statement, committed by itself, as the router
@@ -143,11 +138,11 @@ def raw_steps(
         if stamp:
             _timed(steps["first tx"], pid, tx)
             _timed(steps["warm tx"], pid, tx)
-        before_close += _schedstat(pid)
+        before_close += schedstat_ns(pid)
         _timed(steps["close"], None, conn.close)
     assert postmaster is not None
     time.sleep(0.5)  # the last backends exit and are reaped
-    fork_ns = _schedstat(postmaster) - fork0
+    fork_ns = schedstat_ns(postmaster) - fork0
     reaped = _reaped_ns(postmaster) - reaped0
     n = len(shards)
     out = {name: step.record() for name, step in steps.items() if step.wall}

@@ -17,6 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 
+def schedstat_ns(pid: int) -> int:
+    """CPU nanoseconds process *pid* has run (``/proc/<pid>/schedstat``; all its
+    threads: a PostgreSQL backend has one). Waiting for a core does not count."""
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
 def proc_stat(pid: int) -> list[str] | None:
     """/proc/PID/stat from the state field on (the name may hold spaces)."""
     try:

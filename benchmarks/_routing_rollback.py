@@ -31,16 +31,13 @@ from pathlib import Path
 from typing import Any
 
 from _common import load_average, markdown_table, pg_servers
+from _procfs import schedstat_ns
 from _routing_fleet import QUICK, OpenReading, build_fleet, point
 from sqlalchemy.orm import Session
 
 from tenantry.router import fence
 
 BATCH = 20
-
-
-def _schedstat(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def main() -> None:
@@ -102,13 +99,13 @@ def main() -> None:
                     for _ in range(BATCH + 1)
                 ]
                 tx(*work[0])  # the mode switched to takes effect
-                s0, c0 = _schedstat(pid), time.thread_time_ns()
+                s0, c0 = schedstat_ns(pid), time.thread_time_ns()
                 laps = []
                 for tenant, row in work[1:]:
                     began = time.perf_counter_ns()
                     tx(tenant, row)
                     laps.append(time.perf_counter_ns() - began)
-                c1, s1 = time.thread_time_ns(), _schedstat(pid)
+                c1, s1 = time.thread_time_ns(), schedstat_ns(pid)
                 if round_no >= 2:
                     walls[key] += laps
                     cpu[key].append((c1 - c0) / BATCH / 1000)

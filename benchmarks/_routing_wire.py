@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import load_average, markdown_table, pg_servers
+from _procfs import schedstat_ns
 from _routing_fleet import QUICK, SHARD_NAME, build_fleet
 from psycopg import pq
 from sqlalchemy.pool import NullPool
@@ -63,10 +64,6 @@ def _check(result: Any) -> Any:
     if result.status not in OK:
         raise RuntimeError(result.get_error_message("utf8") or str(result.status))
     return result
-
-
-def _schedstat(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
 
 
 def _quote(value: str) -> bytes:
@@ -400,13 +397,13 @@ def measure(
         for name in order:
             conn, tx = table[name]
             work = [(rng.choice(tenants), rng.randint(1, rows)) for _ in range(BATCH)]
-            s0, c0 = _schedstat(conn.backend_pid), time.thread_time_ns()
+            s0, c0 = schedstat_ns(conn.backend_pid), time.thread_time_ns()
             laps = []
             for t, i in work:
                 start = time.perf_counter_ns()
                 tx(t, i)
                 laps.append(time.perf_counter_ns() - start)
-            c1, s1 = time.thread_time_ns(), _schedstat(conn.backend_pid)
+            c1, s1 = time.thread_time_ns(), schedstat_ns(conn.backend_pid)
             if round_no >= 2:
                 walls[name] += laps
                 cpu[name].append((c1 - c0) // BATCH)
