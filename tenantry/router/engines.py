@@ -192,12 +192,7 @@ class EngineRegistry:
         with self._cond:
             slot = self._slots.get(key)
             if slot is not None:
-                self._slots.move_to_end(key)
-                slot.leases += 1
-                slot.score += self._weight
-                self._weight *= _GROWTH
-                if self._weight > _RESCALE_AT:
-                    self._rescale()
+                self._lease(slot)
                 return slot, evicted
             if self._closed:
                 raise ConfigurationError("the router is closed")
@@ -214,20 +209,25 @@ class EngineRegistry:
                     )
                 slot = self._slots.get(key)
                 if slot is not None:  # another thread opened it meanwhile
-                    self._slots.move_to_end(key)
-                    slot.leases += 1
-                    slot.score += self._weight
+                    self._lease(slot)
                     return slot, evicted
             slot = _Slot(*self._new_engine(shard), capacity, key)
             event.listen(slot.engine, "connect", partial(self._connected, slot))
-            slot.leases = 1
-            slot.score = self._weight
-            self._weight *= _GROWTH
-            if self._weight > _RESCALE_AT:
-                self._rescale()
             self._slots[key] = slot
+            self._lease(slot)
             self._created += 1
             return slot, evicted
+
+    def _lease(self, slot: _Slot) -> None:
+        """One more lease of *slot* (under the lock): the most recently used, its score
+        up by the current weight, which then grows (scores rescaled when it gets large;
+        *slot* is in ``_slots`` already, so it is rescaled with the others)."""
+        self._slots.move_to_end(slot.key)
+        slot.leases += 1
+        slot.score += self._weight
+        self._weight *= _GROWTH
+        if self._weight > _RESCALE_AT:
+            self._rescale()
 
     def _rescale(self) -> None:
         """Divide every score and the next weight by the weight (under the lock): the

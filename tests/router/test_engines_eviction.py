@@ -125,6 +125,24 @@ def test_scores_are_rescaled_before_they_overflow(
         registry.close()
 
 
+def test_a_new_engine_whose_first_lease_rescales_is_rescaled_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engines, "_GROWTH", 2.0)
+    monkeypatch.setattr(engines, "_RESCALE_AT", 2.0**10)
+    registry, (old, new) = _registry(tmp_path, 2)
+    try:
+        _use(registry, old, 10)  # the next weight is 2**10: the next lease rescales
+        _use(registry, new)  # a new engine's first lease
+        assert registry._weight == 1.0
+        assert registry._slots[new.url].score <= 1.0  # rescaled with the others
+        _use(registry, old, 5)  # old is used more lately
+        assert registry._dispose_idle(None)
+        assert _holds(registry, old) and not _holds(registry, new)
+    finally:
+        registry.close()
+
+
 def test_a_servers_share_closes_connections_of_that_server_only(tmp_path: Path) -> None:
     registry, (busy_server, quiet_server) = _registry(tmp_path, 2)  # a server per file
     try:
