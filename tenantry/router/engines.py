@@ -15,12 +15,22 @@ lease count decayed by the router's leases since. A new connection to a database
 costs its server ~15 ms of CPU (DESIGN.md, "What a miss costs") against ~0.5 ms for a
 transaction on a kept one, so which databases keep their connections matters: over
 Zipf-skewed traffic the hot databases keep theirs while the rarely used ones take
-turns. The victim is the lowest score of a random sample of the engines that hold
-connections (``EVICTION_SAMPLE``; all of them when fewer), as Redis approximates LFU:
-no scan of every engine under the lock. The scores decide only which *idle*
-connections close: never a route, a tenant, or a connection in use (a leased engine, or
-one with a connection checked out, is never a victim), so they cannot let a stale
-route or another tenant's data through.
+turns.
+
+The budget is a cache of *connections*, not of engines: one connection at a time
+closes, and each is valued by how often it is needed. An engine's only connection is
+worth its score; its n-th (n > 1) is worth the decayed count of the leases that found
+n - 1 others of that engine in flight (``levels``), in the same units. A hot database
+that once had a burst of transactions keeps the extra connections of the burst only as
+long as bursts that large stay more frequent than the use of another database's only
+connection (over 1,000 databases and Zipf traffic, ~70 of a server's 478 connections
+were such extras before). The victim is the least valued among a random sample of the
+engines that hold connections (``EVICTION_SAMPLE``; all of them when fewer) and every
+engine holding more than one, as Redis approximates LFU: no scan of every engine under
+the lock. The values decide only which *idle* connection closes: never a route, a
+tenant, or a connection in use (an engine is a candidate only while it holds more
+connections than it has leases), so they cannot let a stale route or another tenant's
+data through.
 
 A shared PostgreSQL shard's engine checks its routing role once, on its first
 connection (one query, in the pool's connect event): a role that row-level security
@@ -41,6 +51,8 @@ from functools import partial
 from typing import Any
 
 from sqlalchemy import Engine, event
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.util import queue as sqla_queue
 
 from tenantry.errors import ConfigurationError, ConnectionBudgetExceeded
 from tenantry.router.connections import ConnectionBudget, DialectStates, server_of
@@ -76,10 +88,21 @@ class EngineStats:
     waits: int = 0
     dialects_initialized: int = 0
     evicted: int = 0
+    surplus: int = 0
 
 
 class _Slot:
-    __slots__ = ("capacity", "engine", "handle", "holding", "key", "leases", "score", "server")
+    __slots__ = (
+        "capacity",
+        "engine",
+        "handle",
+        "holding",
+        "key",
+        "leases",
+        "levels",
+        "score",
+        "server",
+    )
 
     def __init__(self, handle: Any, engine: Engine, capacity: int, key: str) -> None:
         self.handle = handle  # what callers use: an Engine, or an AsyncEngine
@@ -89,6 +112,9 @@ class _Slot:
         self.server = server_of(key)
         self.leases = 0
         self.score = 0.0  # leases, forward-decayed (see the module's doc)
+        # levels[k]: the leases that found k + 1 others in flight or more, decayed alike:
+        # how often a (k + 2)-th connection is needed at once
+        self.levels: list[float] = []
         self.holding = -1  # its index in EngineRegistry._holding, or -1
 
 
@@ -110,7 +136,9 @@ class EngineRegistry:
         # engines that opened a connection since they were made or last emptied: the
         # candidates whose idle connections the budget may close
         self._holding: list[_Slot] = []
-        self._connected_slots: deque[_Slot] = deque()  # to join _holding
+        self._connected_slots: deque[_Slot] = deque()  # to join _holding (or _surplus)
+        # engines that held more than one connection when last seen: candidates too
+        self._surplus: set[_Slot] = set()
         self._weight = 1.0  # what the next lease adds to its engine's score
         self._random = random.Random()
         self._cond = threading.Condition(threading.Lock())
@@ -224,7 +252,14 @@ class EngineRegistry:
         *slot* is in ``_slots`` already, so it is rescaled with the others)."""
         self._slots.move_to_end(slot.key)
         slot.leases += 1
-        slot.score += self._weight
+        weight = self._weight
+        slot.score += weight
+        if slot.leases > 1:  # this lease needs connections 2 .. leases at once
+            levels = slot.levels
+            while len(levels) < slot.leases - 1:
+                levels.append(0.0)
+            for k in range(slot.leases - 1):
+                levels[k] += weight
         self._weight *= _GROWTH
         if self._weight > _RESCALE_AT:
             self._rescale()
@@ -235,14 +270,14 @@ class EngineRegistry:
         weight = self._weight
         for slot in self._slots.values():
             slot.score /= weight
+            slot.levels = [level / weight for level in slot.levels]
         self._weight = 1.0
 
     def _connected(self, slot: _Slot, _dbapi_connection: Any, _record: Any) -> None:
         """The pool's connect event: *slot*'s engine holds a connection now. Noted
         without the lock (a deque's append is atomic; in an asyncio router this runs in
         a connect's greenlet), and taken into the candidates when room is next made."""
-        if slot.holding < 0:
-            self._connected_slots.append(slot)
+        self._connected_slots.append(slot)
 
     def _hold(self, slot: _Slot) -> None:
         if slot.holding < 0:
@@ -277,50 +312,68 @@ class EngineRegistry:
         return False
 
     def _dispose_idle(self, server: str | None) -> bool:
-        """For the connection budget, to make room: close the idle connections of the
-        engine least frequently used lately (see the module's doc) that holds some and
-        has none in use (on *server* only, when given); whether there was one. Chosen
-        and disposed under the registry's lock, so no lease can start on it meanwhile."""
+        """For the connection budget, to make room: close the idle connection valued
+        least (see the module's doc) among a sample of the engines that hold some and
+        every engine that holds more than one (on *server* only, when given); whether
+        there was one. Chosen and closed under the registry's lock, so no lease can
+        start on it meanwhile."""
         with self._cond:
             while self._connected_slots:
                 slot = self._connected_slots.popleft()
                 if self._slots.get(slot.key) is slot:  # not disposed meanwhile
                     self._hold(slot)
+                    if _held(slot.engine.pool) > 1:
+                        self._surplus.add(slot)
             holding = self._holding
+            surplus = list(self._surplus)
             if len(holding) > 2 * EVICTION_SAMPLE:
                 sample = self._random.sample(holding, EVICTION_SAMPLE)
-                victim = self._least_used(sample, server)
+                victim = self._least_valued(sample + surplus, server)
                 if victim is None:  # none in the sample could go: look at them all
-                    victim = self._least_used(list(holding), server)
+                    victim = self._least_valued(list(holding), server)
             else:
-                victim = self._least_used(list(holding), server)
+                victim = self._least_valued(list(holding) + surplus, server)
             if victim is None:
                 return False
-            self._unhold(victim)
-            victim.engine.dispose()
+            if not _close_one_idle(victim.engine.pool):
+                victim.engine.dispose()  # a pool that cannot close one: all its idle ones
+            held = _held(victim.engine.pool)
+            if held < 2:
+                self._surplus.discard(victim)
+            if held == 0:
+                self._unhold(victim)
             self._evicted += 1
             return True
 
-    def _least_used(self, candidates: list[_Slot], server: str | None) -> _Slot | None:
-        """The lowest-scored of *candidates* whose connections may close; candidates
-        found holding no connection at all leave the list (under the lock)."""
+    def _least_valued(self, candidates: list[_Slot], server: str | None) -> _Slot | None:
+        """The engine of *candidates* whose idle connection that may close is valued
+        least: the only connection of an engine no lease holds, by the engine's score;
+        the n-th connection of an engine (n > 1) holding more than its leases, by how
+        often n were needed at once (``levels``). Engines found holding no connection
+        leave the candidates, and those found holding one leave ``_surplus`` (under the
+        lock)."""
         best: _Slot | None = None
+        best_value = 0.0
         for slot in candidates:
-            if slot.holding < 0:  # left the list already (a duplicate of the full scan)
+            if slot.holding < 0:  # left the list already (a duplicate)
                 continue
             pool: Any = slot.engine.pool
             idle = pool.checkedin()
-            if idle == 0 and pool.checkedout() == 0:
+            held = idle + pool.checkedout()
+            if held == 0:
                 self._unhold(slot)  # its connections closed otherwise (invalidated)
+                self._surplus.discard(slot)
                 continue
-            if (
-                idle > 0
-                and slot.leases == 0
-                and pool.checkedout() == 0
-                and (server is None or slot.server == server)
-                and (best is None or slot.score < best.score)
-            ):
-                best = slot
+            if held == 1:
+                self._surplus.discard(slot)
+            if idle == 0 or held <= slot.leases or (server is not None and slot.server != server):
+                continue
+            if held == 1:
+                value = slot.score
+            else:
+                value = slot.levels[held - 2] if len(slot.levels) > held - 2 else 0.0
+            if best is None or value < best_value:
+                best, best_value = slot, value
         return best
 
     def stats(self) -> EngineStats:
@@ -339,6 +392,7 @@ class EngineRegistry:
                 waits=self._budget.waits,
                 dialects_initialized=self._dialects.initialized,
                 evicted=self._evicted,
+                surplus=sum(max(0, _held(s.engine.pool) - 1) for s in self._slots.values()),
             )
 
     def connections(self) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
@@ -372,6 +426,30 @@ class EngineRegistry:
         with self._cond:
             self._closed = True
         return self.dispose()
+
+
+def _close_one_idle(pool: Any) -> bool:
+    """Close one idle connection of *pool*, as a QueuePool closes a connection returned
+    to it when it is full (its queue's non-blocking get; the pool's count of connections
+    down by one); False for another kind of pool, or none idle."""
+    if not isinstance(pool, QueuePool):
+        return False
+    try:
+        record = pool._pool.get(False)
+    except sqla_queue.Empty:
+        return False
+    try:
+        record.close()
+    finally:
+        pool._dec_overflow()
+    return True
+
+
+def _held(pool: Any) -> int:
+    """Connections *pool* holds: idle and in use (0 for a pool that does not say)."""
+    if not hasattr(pool, "checkedin"):
+        return 0
+    return int(pool.checkedin()) + int(pool.checkedout())
 
 
 def _guard_routing_role(engine: Engine, shard: Shard, settings: TenantrySettings) -> None:

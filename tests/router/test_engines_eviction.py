@@ -153,3 +153,73 @@ def test_a_servers_share_closes_connections_of_that_server_only(tmp_path: Path) 
         assert not registry._dispose_idle(server_of(busy_server.url))
     finally:
         registry.close()
+
+
+def _pooled_registry(tmp_path: Path, count: int) -> tuple[EngineRegistry, list[Shard]]:
+    """Engines whose pools keep up to three connections."""
+    registry, shards = _registry(tmp_path, count)
+    registry._settings = registry._settings.model_copy(update={"pool_size_dedicated": 3})
+    return registry, shards
+
+
+def _use_two_at_once(registry: EngineRegistry, shard: Shard, times: int = 1) -> None:
+    """*times* pairs of overlapping leases, each with its own connection."""
+    for _ in range(times):
+        with registry.lease(shard) as first, first.connect():
+            with registry.lease(shard) as second, second.connect():
+                pass
+
+
+def _held(registry: EngineRegistry, shard: Shard) -> int:
+    slot = registry._slots.get(shard.url)
+    return 0 if slot is None else engines._held(slot.engine.pool)
+
+
+def test_a_rarely_needed_second_connection_closes_before_a_databases_only_one(
+    tmp_path: Path,
+) -> None:
+    registry, (hot, warm) = _pooled_registry(tmp_path, 2)
+    try:
+        _use(registry, hot, 20)
+        _use_two_at_once(registry, hot)  # two at once, once: hot holds two
+        _use(registry, warm, 3)
+        assert (_held(registry, hot), _held(registry, warm)) == (2, 1)
+        connections = registry.stats().connections
+        assert registry.stats().surplus == 1
+        assert registry._dispose_idle(None)
+        # hot's second connection (needed once) went, not warm's only one (3 leases)
+        assert (_held(registry, hot), _held(registry, warm)) == (1, 1)
+        assert registry.stats().connections == connections - 1  # counted closed
+        assert registry.stats().surplus == 0
+        assert registry._dispose_idle(None)
+        assert (_held(registry, hot), _held(registry, warm)) == (1, 0)
+    finally:
+        registry.close()
+
+
+def test_a_second_connection_often_needed_is_kept(tmp_path: Path) -> None:
+    registry, (hot, warm) = _pooled_registry(tmp_path, 2)
+    try:
+        _use_two_at_once(registry, hot, 10)  # two at once, often
+        _use(registry, warm, 3)
+        assert registry._dispose_idle(None)
+        assert (_held(registry, hot), _held(registry, warm)) == (2, 0)
+        assert registry._dispose_idle(None)  # then the second: 10 pairs, against 20 leases
+        assert _held(registry, hot) == 1
+    finally:
+        registry.close()
+
+
+def test_an_idle_second_connection_closes_while_the_first_is_in_use(tmp_path: Path) -> None:
+    registry, (hot, warm) = _pooled_registry(tmp_path, 2)
+    try:
+        _use(registry, warm, 50)
+        _use_two_at_once(registry, hot)
+        with registry.lease(hot) as engine, engine.connect():  # one of hot's two in use
+            assert registry._dispose_idle(None)
+            assert _held(registry, hot) == 1 and _held(registry, warm) == 1
+            assert registry._dispose_idle(None)  # then warm's: hot's last is in use
+            assert _held(registry, hot) == 1 and _held(registry, warm) == 0
+            assert not registry._dispose_idle(None)
+    finally:
+        registry.close()
