@@ -3,7 +3,7 @@ one router and many.
 
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
         [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
-        [--max-connections N] [--roomy N]
+        [--max-connections N] [--roomy N] [--no-preload] [--learn S]
 
 ``--only`` runs some parts (``miss``: 0, ``dedicated``: 1, ``budget``: 2 and 2b,
 ``refresh``: 3, ``cli``: 4; the build always runs); ``--databases``/``--tenants``
@@ -11,7 +11,10 @@ change the fleet's size; ``--variant`` runs some of question 1's settings varian
 ``--keep`` (with ``--pg-url``) leaves the fleet in place and prints its catalog URL;
 ``--max-connections`` is the throwaway server's (500); ``--roomy N`` runs question 1's
 lone router once more, on a second throwaway server with ``max_connections`` N (1100:
-a connection for every one of 1,000 databases), built the same way (1b).
+a connection for every one of 1,000 databases), built the same way (1b). The throwaway
+servers run with ``shared_preload_libraries='plpgsql'`` (README recommends it: each new
+backend finds PL/pgSQL loaded; ~1 ms of server CPU less per new connection, part 0);
+``--no-preload`` leaves it out.
 
 0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
    open connection, step by step, one connection at a time — connect, the fence's
@@ -32,7 +35,10 @@ them), timed.
    (s=1.1, hot tenants in a random order), among the dedicated tenants or among the
    shared ones, after each router has routed one transaction to every dedicated
    tenant (a router that has run a while, not one just started; the time it took is
-   recorded; ``--cold`` leaves this out); each cell's measured window follows a few
+   recorded; ``--cold`` leaves this out), then routed Zipf traffic to the dedicated
+   tenants for ``learn_s`` seconds (20; ``--learn S``: long enough for its engine
+   registry to tell the busiest databases from the rest, as a router that has run a
+   while could); each cell's measured window follows a few
    seconds of the same traffic, unmeasured (``cell_warmup_s``: each cell measured with
    the connections its own traffic keeps, not those the cell before it left, a
    uniform one say); the four cells and the settings variants
@@ -116,7 +122,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # server less the reserves (routers_per_server=1); its own budget and engine count
     # do not bind below that share; a dedicated database keeps as many idle connections
     # as it has transactions at once (overflow connections close when returned, so a
-    # hot database with a smaller pool reconnects on every burst). The budget is above
+    # hot database with a smaller pool reconnects on every burst), for as long as that
+    # many are needed often enough (the registry values connections one by one). The
+    # budget is above
     # any server's share here, --roomy's included (1,100 connections).
     "lone router": {
         "routers_per_server": 1,
@@ -125,6 +133,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pool_size_dedicated": 8,
     },
 }
+#: ``--preload``: each new backend finds PL/pgSQL loaded (forked from the postmaster)
+#: instead of loading it on its first PL/pgSQL call (the stamp, the fence).
+PRELOAD = {"shared_preload_libraries": "plpgsql"}
 #: What a client is told when the server has no connection slot left for it.
 SERVER_FULL = ("too many clients", "remaining connection slots are reserved")
 CELLS = tuple(itertools.product(("zipf", "uniform"), ("dedicated", "shared")))
@@ -144,6 +155,7 @@ class Config:
     threads: int = 8
     window_s: float = 6.0
     warmup_s: float = 2.0
+    learn_s: float = 20.0
     cell_warmup_s: float = 3.0
     touch_all: bool = True
     rounds: int = 2
@@ -163,6 +175,7 @@ QUICK = Config(
     tenants=10_000,
     window_s=2.0,
     warmup_s=1.0,
+    learn_s=2.0,
     cell_warmup_s=1.0,
     rounds=1,
     load_window_s=4.0,
@@ -176,14 +189,17 @@ def conninfo(url: str) -> str:
 
 
 @contextmanager
-def bench_server(urls: Sequence[str] | None, max_connections: int = MAX_CONNECTIONS) -> Any:
-    """A superuser URL: the given server's, or a throwaway one with *max_connections*."""
+def bench_server(
+    urls: Sequence[str] | None, max_connections: int = MAX_CONNECTIONS, preload: bool = False
+) -> Any:
+    """A superuser URL: the given server's, or a throwaway one with *max_connections*
+    (and PL/pgSQL loaded by the postmaster when *preload*: ``PRELOAD``)."""
     if urls:
         yield urls[0]
         return
     from tenantry.testing import PostgresServers
 
-    settings = {"max_connections": str(max_connections)}
+    settings = {"max_connections": str(max_connections), **(PRELOAD if preload else {})}
     with PostgresServers(count=1, name="tenantry-bench", settings=settings) as servers:
         yield servers.urls[0]
 
@@ -474,9 +490,10 @@ def question_1(
                         if cfg.touch_all:
                             warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
                         for pool in ("dedicated", "shared"):
-                            run_window(
-                                router, choosers[("zipf", pool)], cfg.threads, cfg.warmup_s, 1
-                            )
+                            # dedicated: long enough for the router to tell which
+                            # databases are used most (learn_s)
+                            seconds = cfg.learn_s if pool == "dedicated" else cfg.warmup_s
+                            run_window(router, choosers[("zipf", pool)], cfg.threads, seconds, 1)
                         order = list(CELLS)
                         rng.shuffle(order)
                         for n, (k, p) in enumerate(order):
@@ -834,7 +851,13 @@ def markdown(data: dict[str, Any]) -> str:
         "",
         f"Mode **{cfg['mode']}**: {cfg['databases']:,} dedicated databases and "
         f"{cfg['shared_shards']} shared shards copied from one template on one server "
-        f"(max_connections {_max_conn(data)}), {cfg['tenants']:,} "
+        f"(max_connections {_max_conn(data)}"
+        + (
+            f", shared_preload_libraries '{data['shared_preload_libraries']}'"
+            if data.get("shared_preload_libraries")
+            else ""
+        )
+        + f"), {cfg['tenants']:,} "
         f"tenants. Load average "
         f"{data['load_start']} at the start, {data['load_end']} at the end; "
         f"{data['duration_s']} s in all. See the docstring of `benchmarks/fleet_scale.py`."
@@ -955,8 +978,10 @@ def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any], title: str | None = None)
         if times:
             lines += [
                 "Each router first routed one transaction to every dedicated tenant "
-                f"({cfg['threads']} threads; seconds per round: {times}); each cell's "
-                f"window follows {cfg.get('cell_warmup_s', 0)} s of the same traffic, "
+                f"({cfg['threads']} threads; seconds per round: {times}), then "
+                f"{cfg.get('learn_s', cfg.get('warmup_s', 0))} s of Zipf traffic to the "
+                f"dedicated tenants and {cfg.get('warmup_s', 0)} s to the shared ones; each "
+                f"cell's window follows {cfg.get('cell_warmup_s', 0)} s of the same traffic, "
                 "unmeasured.",
                 "",
             ]
@@ -976,7 +1001,9 @@ def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any], title: str | None = None)
                 c["engines_disposed"],
                 f"{100 * (c['new_engine_share'] or 0):.1f}%",
                 f"{c['sessions_per_s']:.0f}",
-                f"{es['engines']}/{es['connections']}/{es['waits']}/{es['dialects_initialized']}",
+                f"{100 * c['sessions_per_s'] / c['tps']:.1f}%" if c["tps"] else "",
+                f"{es['engines']}/{es['connections']}/{es.get('surplus', '')}/{es['waits']}"
+                f"/{es['dialects_initialized']}",
                 c["failures"],
             ]
         )
@@ -994,11 +1021,12 @@ def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any], title: str | None = None)
                 "disposed",
                 "tx opening an engine",
                 "sessions/s",
-                "engines/conns/waits/dialects at end",
+                "tx opening a connection",
+                "engines/conns/surplus/waits/dialects at end",
                 "failed",
             ],
             rows,
-            align="lllrrrrrrrrrr",
+            align="lllrrrrrrrrrrr",
         ),
         "",
         markdown_table(
@@ -1189,6 +1217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cfg = replace(cfg, **sizes)
     if args.cold:
         cfg = replace(cfg, touch_all=False)
+    if args.learn is not None:
+        cfg = replace(cfg, learn_s=args.learn)
     parts = set(args.only or PARTS)
     variants = {v: VARIANTS[v] for v in args.variant} if args.variant else VARIANTS
     data: dict[str, Any] = {
@@ -1198,9 +1228,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     phase = Phases()
     with ExitStack() as stack:
-        server = stack.enter_context(bench_server(args.pg_url, args.max_connections))
+        server = stack.enter_context(bench_server(args.pg_url, args.max_connections, args.preload))
         data["machine"] = machine_info([server])
         data["max_connections"] = _max_connections(server)
+        data["shared_preload_libraries"] = _show(server, "shared_preload_libraries")
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
         if "miss" in parts:
@@ -1224,7 +1255,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.roomy and "dedicated" in parts:
         # Part 1 again, the lone router only, on a server that has a connection for
         # every database (built the same way, after the first server has stopped).
-        with bench_server(None, args.roomy) as roomy:
+        with bench_server(None, args.roomy, args.preload) as roomy:
             data["question_1_roomy"] = {
                 "max_connections": _max_connections(roomy),
                 **question_1(
@@ -1238,9 +1269,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _max_connections(server: str) -> int:
+    return int(_show(server, "max_connections") or MAX_CONNECTIONS)
+
+
+def _show(server: str, name: str) -> str:
     with psycopg.connect(conninfo(server), autocommit=True) as conn:
-        row = conn.execute("SHOW max_connections").fetchone()
-    return int(row[0]) if row is not None else MAX_CONNECTIONS
+        row = conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
+    return str(row[0]) if row is not None else ""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1269,6 +1304,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=int,
         default=MAX_CONNECTIONS,
         help=f"the throwaway server's max_connections (default {MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--learn",
+        type=float,
+        metavar="S",
+        help="seconds of Zipf traffic to the dedicated tenants before part 1's cells "
+        "(default: the mode's, 20 in full mode)",
+    )
+    parser.add_argument(
+        "--preload",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="throwaway servers with shared_preload_libraries='plpgsql', as README "
+        "recommends (each new backend finds PL/pgSQL loaded); default: yes",
     )
     parser.add_argument(
         "--roomy",
