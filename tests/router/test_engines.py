@@ -8,6 +8,7 @@ sampler watches the router's engine statistics and the servers' ``pg_stat_activi
 
 from __future__ import annotations
 
+import asyncio
 import random
 import secrets
 import socket
@@ -27,7 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
-from tenantry import Catalog, Router, Shard, Tier, load_settings
+from tenantry import AsyncRouter, Catalog, Router, Shard, Tier, load_settings
 from tenantry.errors import ConnectionBudgetExceeded, RoutingError, ShardUnavailable
 from tenantry.migrations.rls import grant_routing_role
 from tenantry.shardmap.catalog import prepare_shard
@@ -355,6 +356,70 @@ def test_a_binding_budget_keeps_the_connections_of_the_most_used_databases(
         stats = router.engine_stats()
         assert stats.connections <= 10
         assert stats.evicted >= 80  # the others took turns
+
+
+def test_a_burst_s_extra_connection_closes_before_other_databases_connections(
+    dedicated_fleet: DedicatedFleet,
+) -> None:
+    """A hot tenant's two transactions at once leave its engine two connections; when
+    the budget binds, the second (needed once) closes first, the first stays (the same
+    backend), and the other databases keep theirs."""
+    settings = dedicated_fleet.settings(
+        max_engines=250, connection_budget=6, pool_size_dedicated=3, max_overflow=0
+    )
+    with Router(catalog=dedicated_fleet.catalog, settings=settings, background=False) as router:
+
+        def backend(tenant: str) -> int:
+            with router.session(tenant) as session:
+                return int(session.scalar(text("SELECT pg_backend_pid()")))
+
+        for _ in range(10):
+            first = backend("t000")
+        with router.session("t000") as one, router.session("t000") as two:
+            pids = {
+                int(one.scalar(text("SELECT pg_backend_pid()"))),
+                int(two.scalar(text("SELECT pg_backend_pid()"))),
+            }
+        assert first in pids and len(pids) == 2
+        others = {t: backend(t) for t in ("t010", "t011", "t012", "t013")}
+        assert router.engine_stats().connections == 6
+        assert router.engine_stats().surplus == 1
+        backend("t014")  # one more database: one connection must close
+        assert router.engine_stats().surplus == 0  # t000's second
+        assert backend("t000") == first
+        assert {t: backend(t) for t in others} == others
+        assert router.engine_stats().connections == 6
+
+
+def test_an_async_router_closes_a_burst_s_extra_connection_first(
+    dedicated_fleet: DedicatedFleet,
+) -> None:
+    settings = dedicated_fleet.settings(
+        max_engines=250, connection_budget=4, pool_size_dedicated=3, max_overflow=0
+    )
+
+    async def backend(router: AsyncRouter, tenant: str) -> int:
+        async with router.session(tenant) as session:
+            return int((await session.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+
+    async def run() -> None:
+        async with AsyncRouter(
+            catalog=dedicated_fleet.catalog, settings=settings, background=False
+        ) as router:
+            for _ in range(10):
+                first = await backend(router, "t000")
+            async with router.session("t000") as one, router.session("t000") as two:
+                await one.execute(text("SELECT 1"))
+                await two.execute(text("SELECT 1"))
+            assert router.engine_stats().surplus == 1
+            others = {t: await backend(router, t) for t in ("t010", "t011")}
+            await backend(router, "t012")  # the budget binds: t000's second closes
+            assert router.engine_stats().surplus == 0
+            assert await backend(router, "t000") == first
+            assert {t: await backend(router, t) for t in others} == others
+            assert router.engine_stats().connections == 4
+
+    asyncio.run(run())
 
 
 @pytest.mark.parametrize(
