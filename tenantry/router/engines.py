@@ -100,6 +100,7 @@ class _Slot:
         "key",
         "leases",
         "levels",
+        "noted",
         "score",
         "server",
     )
@@ -116,6 +117,7 @@ class _Slot:
         # how often a (k + 2)-th connection is needed at once
         self.levels: list[float] = []
         self.holding = -1  # its index in EngineRegistry._holding, or -1
+        self.noted = False  # in EngineRegistry._connected_slots, not yet taken in
 
 
 class EngineRegistry:
@@ -277,7 +279,9 @@ class EngineRegistry:
         """The pool's connect event: *slot*'s engine holds a connection now. Noted
         without the lock (a deque's append is atomic; in an asyncio router this runs in
         a connect's greenlet), and taken into the candidates when room is next made."""
-        self._connected_slots.append(slot)
+        if not slot.noted:  # at most once until taken in (a race may add it twice)
+            slot.noted = True
+            self._connected_slots.append(slot)
 
     def _hold(self, slot: _Slot) -> None:
         if slot.holding < 0:
@@ -320,6 +324,7 @@ class EngineRegistry:
         with self._cond:
             while self._connected_slots:
                 slot = self._connected_slots.popleft()
+                slot.noted = False
                 if self._slots.get(slot.key) is slot:  # not disposed meanwhile
                     self._hold(slot)
                     if _held(slot.engine.pool) > 1:

@@ -223,3 +223,19 @@ def test_an_idle_second_connection_closes_while_the_first_is_in_use(tmp_path: Pa
             assert not registry._dispose_idle(None)
     finally:
         registry.close()
+
+
+def test_connects_are_noted_once_per_engine_until_room_is_made(tmp_path: Path) -> None:
+    """Without a binding budget nothing takes the noted engines in: a connection that
+    closes on its return and opens again (beyond the pool's size) must not add to the
+    notes each time."""
+    registry, (shard,) = _registry(tmp_path, 1)
+    registry._settings = registry._settings.model_copy(update={"max_overflow": 2})
+    try:
+        for _ in range(20):
+            _use_two_at_once(registry, shard)  # the second connects and closes each time
+        assert len(registry._connected_slots) == 1
+        assert registry._dispose_idle(None)
+        assert len(registry._connected_slots) == 0
+    finally:
+        registry.close()
