@@ -290,6 +290,7 @@ class EngineRegistry:
 
     def _unhold(self, slot: _Slot) -> None:
         """Take *slot* out of the candidates (swap with the last: O(1)); under the lock."""
+        self._surplus.discard(slot)
         index = slot.holding
         if index < 0:
             return
@@ -367,7 +368,6 @@ class EngineRegistry:
             held = idle + pool.checkedout()
             if held == 0:
                 self._unhold(slot)  # its connections closed otherwise (invalidated)
-                self._surplus.discard(slot)
                 continue
             if held == 1:
                 self._surplus.discard(slot)

@@ -239,3 +239,17 @@ def test_connects_are_noted_once_per_engine_until_room_is_made(tmp_path: Path) -
         assert len(registry._connected_slots) == 0
     finally:
         registry.close()
+
+
+def test_a_disposed_engine_leaves_the_candidates(tmp_path: Path) -> None:
+    registry, (hot, warm) = _pooled_registry(tmp_path, 2)
+    try:
+        _use_two_at_once(registry, hot, 10)
+        _use(registry, warm)
+        assert registry._dispose_idle(None)  # warm's: hot's two are needed more
+        slot = registry._slots[hot.url]
+        assert registry._surplus == {slot}
+        registry.dispose(hot.url)
+        assert not registry._surplus and slot.holding < 0
+    finally:
+        registry.close()
