@@ -77,7 +77,7 @@ _UNDEFINED_FUNCTION = "42883"
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
 #: For each routed engine: its shard, its key source, whether a sync psycopg
-#: connection sends BEGIN and the fence in one message (``fence_with_begin``), and
+#: connection sends BEGIN and the fence in one pipeline (``fence_with_begin``), and
 #: whether the shard is reached through a pooler (the fence signed per transaction).
 _KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool, bool]] = (
     weakref.WeakKeyDictionary()
@@ -100,7 +100,7 @@ def register_keys(
     engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False, pooled: bool = False
 ) -> None:
     """Say where the fence of *engine* (a shard's routed engine) gets its key, whether
-    it goes in one message with BEGIN (see :func:`_fence_with_begin`), and whether the
+    it goes in one pipeline with BEGIN (see :func:`_fence_with_begin`), and whether the
     shard is routed through a pooler (see :func:`_fence_pooled`)."""
     _KEYS[engine] = (shard, keys, with_begin, pooled)
 
