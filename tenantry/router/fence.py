@@ -271,9 +271,9 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
     pgconn = driver.pgconn
     _send_fence(driver, pgconn, info, cached)
     try:
-        begin, value = _result(pgconn), _result(pgconn)
-        if pgconn.get_result().status != _PIPELINE_SYNC:
-            raise psycopg.OperationalError("the fence's pipeline has no sync")
+        # psycopg's wait, not libpq's blocking calls: PQgetResult would wait for the
+        # server holding the GIL, stalling every other thread of the process.
+        begin, value = driver.wait(_pipeline_results(pgconn))
     finally:
         _leave_pipeline(pgconn)
     return _fence_results(driver, begin, value)
@@ -285,9 +285,9 @@ def _fence_with_begin_async(
     """:func:`_fence_with_begin` on an asyncio psycopg connection (inside SQLAlchemy's
     ``run_sync`` greenlet): the same pipeline, sent without blocking the event loop.
 
-    psycopg's own machinery does the waiting: its ``send`` and ``fetch_many``
-    generators under the connection's ``wait``, awaited from the greenlet as
-    SQLAlchemy awaits its driver (``await_only``).
+    psycopg's own machinery does the waiting, as on a sync connection: its ``send``
+    and ``fetch_many`` generators under the connection's ``wait``, here awaited from
+    the greenlet as SQLAlchemy awaits its driver (``await_only``).
     """
     pgconn = driver.pgconn
     _send_fence(driver, pgconn, info, cached)
@@ -315,16 +315,6 @@ def _send_fence(driver: Any, pgconn: Any, info: dict[str, Any], cached: tuple[An
     except BaseException:
         _leave_pipeline(pgconn)
         raise
-
-
-def _result(pgconn: Any) -> Any:
-    """The next statement's result in the pipeline (its NULL after it read too)."""
-    result = pgconn.get_result()
-    if result is None:
-        raise psycopg.OperationalError("the server sent no result for the fence")
-    while pgconn.get_result() is not None:  # a statement's results end with a NULL
-        pass
-    return result
 
 
 def _pipeline_results(pgconn: Any) -> Any:
