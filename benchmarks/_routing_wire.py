@@ -1,6 +1,6 @@
 """Where a routed transaction's time goes on the wire and in the server (issue 17).
 
-    python benchmarks/_routing_wire.py [--pg-url URL] [--rounds N] [--out FILE]
+    python benchmarks/_routing_wire.py [--pg-url URL] [--rounds N] [--out FILE] [--parts tflp]
 
 The routing benchmark's fleet (``_routing_fleet.build_fleet``), then raw libpq calls
 through psycopg's ``pgconn`` (no psycopg cursor, no SQLAlchemy), one thread, each
@@ -10,21 +10,31 @@ by ROLLBACK. The variants differ only in how the transaction begins:
 - ``bare``: ``BEGIN``, the select of the table without a policy (3 round trips);
 - ``fence apart``: ``BEGIN``, then the signed fence as its own statement (extended
   protocol, unnamed), then the select of the signed table (4 round trips);
-- ``fence with BEGIN, simple``: what the router sends, ``BEGIN; SELECT
-  tenantry.fence('t', 's')`` as one simple-protocol query (3 round trips);
+- ``fence with BEGIN, simple``: what the router sent until issue 17's fourth round,
+  ``BEGIN; SELECT tenantry.fence('t', 's')`` as one simple-protocol query (3 round
+  trips; the signature in the SQL text, so in ``pg_stat_activity``);
 - ``... open table``: the same, then the select of the table without a policy (what
   the fence costs without the policy);
 - ``fence prepared, pipelined``: ``BEGIN`` and a server-side prepared fence
   (``EXECUTE`` of a statement prepared once per connection) sent in one pipeline,
   one sync (3 round trips);
-- ``fence unnamed, pipelined``: the same with an unnamed statement (parsed each time);
+- ``fence EXECUTE ..., simple``: ``BEGIN; EXECUTE wire_fence('t', 's')`` as one simple
+  query, the fence prepared once per connection;
+- ``fence unnamed, pipelined``: what the router sends since the fourth round, the
+  same pipeline with an unnamed statement (parsed each time), its values bound;
 - ``set_config with BEGIN``: ``BEGIN; SELECT set_config('tenantry.tenant_id', 't',
   true)``, then the select of the table with the classic policy (the hand-written
   pattern, in one message).
 
 And, on an operations-role connection (superuser; a temporary sequence of its own),
-the pieces of the fence's body, each in ``BEGIN; SELECT ...`` then ROLLBACK: nothing
-(``SELECT 1``), the stamp's ``setval``, three ``set_config(..., true)``.
+and as the routing role where it may call them, the pieces of the fence's body, each
+in ``BEGIN; SELECT ...`` then ROLLBACK: nothing (``SELECT 1``), the fence and copies
+of it with one part left out or done another way (:func:`fence_bodies`), the stamp's
+``setval``, three ``set_config(..., true)``. The same functions again in a loop of
+transactions inside the server (:func:`loop_variants`), where neither the messages
+nor the client are counted. And the policy's predicate per statement
+(:func:`policy_variants`), with two other ``tenantry.tenant()`` bodies under a real
+policy. ``--parts`` picks the sections.
 
 Per variant: the wall time per transaction (p50, p90), the client's CPU per
 transaction (``time.thread_time``), and the server backend's CPU per transaction
@@ -115,6 +125,15 @@ def variants(fleet: Any, routing: Any) -> dict[str, tuple[Any, Callable[..., Non
 
         return tx
 
+    _check(routing.exec_(b"PREPARE wire_fence(text, text) AS SELECT tenantry.fence($1, $2)"))
+
+    def execute(t: str, i: int) -> None:
+        fence = b"BEGIN; EXECUTE wire_fence(%s, %s)" % (_quote(t), _quote(signatures[t]))
+        if routing.exec_(fence).get_value(0, 0) != b"active":
+            raise RuntimeError("the fence did not answer active")
+        select(routing, signed, t, i)
+        end(routing)
+
     def pipelined(prepared: bool) -> Callable[[str, int], None]:
         def tx(t: str, i: int) -> None:
             params = [t.encode(), signatures[t].encode()]
@@ -155,12 +174,13 @@ def variants(fleet: Any, routing: Any) -> dict[str, tuple[Any, Callable[..., Non
         "bare (no fence, no policy)": (routing, bare(1)),
         "bare, 5 selects": (routing, bare(5)),
         "fence apart (4 round trips)": (routing, fence_apart),
-        "fence with BEGIN, simple": (routing, simple(signed)),
+        "fence with BEGIN, simple (the router's until round 4)": (routing, simple(signed)),
         "fence with BEGIN, simple, open table": (routing, simple(open_)),
         "fence with BEGIN, simple, 5 selects": (routing, simple(signed, 5)),
         "fence with BEGIN, simple, open table, 5 selects": (routing, simple(open_, 5)),
         "fence prepared, pipelined with BEGIN": (routing, pipelined(True)),
-        "fence unnamed, pipelined with BEGIN": (routing, pipelined(False)),
+        "fence EXECUTE of a prepared statement, with BEGIN, simple": (routing, execute),
+        "fence unnamed, pipelined with BEGIN (the router's)": (routing, pipelined(False)),
         "set_config with BEGIN, classic policy": (routing, setting(1)),
         "set_config with BEGIN, classic policy, 5 selects": (routing, setting(5)),
     }
@@ -186,6 +206,144 @@ def _cut(body: str, old: str, new: str) -> str:
     if old not in body:
         raise RuntimeError(f"the fence body has no {old[:40]!r}: update _routing_wire.py")
     return body.replace(old, new)
+
+
+# -- alternatives measured and not adopted (issue 17, round 4) --------------------------
+
+#: The current transaction's start in microseconds, as the stamp hashes it.
+_MICROS = (
+    "(pg_catalog.date_part('epoch', pg_catalog.transaction_timestamp())"
+    " OPERATOR(pg_catalog.*) 1000000)::pg_catalog.int8"
+)
+_SETTING = "pg_catalog.current_setting('tenantry.tenant_id', true)"
+_STAMP_OID = "pg_catalog.to_regclass('pg_temp.tenantry_transaction')"
+
+#: ``tenantry.tenant()`` as one RETURN expression (s0004's: a DECLARE, two IFs).
+ALT_TENANT_ONE_EXPRESSION = f"""
+BEGIN
+  RETURN CASE WHEN pg_catalog.currval({_STAMP_OID})
+                   OPERATOR(pg_catalog.=) pg_catalog.hashtextextended({_SETTING}, {_MICROS})
+                   AND {_SETTING} OPERATOR(pg_catalog.<>) ''
+              THEN {_SETTING} END;
+END
+"""
+#: ``tenantry.tenant()`` in SQL, which the planner inlines into the policy (it must be
+#: VOLATILE for that: currval is).
+ALT_TENANT_SQL = f"""
+SELECT CASE WHEN pg_catalog.currval({_STAMP_OID})
+                 OPERATOR(pg_catalog.=) pg_catalog.hashtextextended({_SETTING}, {_MICROS})
+                 AND {_SETTING} OPERATOR(pg_catalog.<>) ''
+            THEN {_SETTING} END
+"""
+
+_SHAPE_BAD = """p_tenant IS NULL OR v_colon IS NULL OR v_colon < 2 OR v_colon > 10
+     OR length(p_signature) <> v_colon + 64
+     OR ltrim(left(p_signature, v_colon - 1), '0123456789') <> ''
+     OR ltrim(substr(p_signature, v_colon + 1), '0123456789abcdef') <> ''"""
+
+#: What follows the read in both alternatives: the fence's own checks and settings.
+_AFTER_READ = """
+  IF v_valid IS NOT TRUE THEN
+    RAISE EXCEPTION 'tenantry: the fence signature for tenant "%" does not verify here',
+      p_tenant USING ERRCODE = '28000';
+  END IF;
+  IF v_stamp IS NULL THEN
+    PERFORM tenantry.open_session(true);
+  ELSIF v_may_set THEN
+    IF session_user <> current_user
+       AND NOT (SELECT o.rolsuper OR o.rolbypassrls FROM pg_roles o
+                 WHERE o.rolname = session_user) THEN
+      RAISE EXCEPTION 'tenantry: the routing role "%" may set the fence''s stamp', session_user
+        USING ERRCODE = '42501';
+    END IF;
+  END IF;
+  v_done := set_config('tenantry.signature',
+                       left(p_signature, v_colon)
+                       || setval('pg_temp.tenantry_transaction', {stamp}, true), true)
+            || set_config('tenantry.tenant_id', p_tenant, true);
+  IF v_state = 'frozen' THEN
+    v_done := set_config('transaction_read_only', 'on', true);
+  END IF;
+  RETURN v_state;
+END
+"""
+_HMAC_VALID = """sha256(k.opad || sha256(k.ipad || convert_to(p_tenant, 'UTF8')
+                                 || int4send(pg_backend_pid())))
+           = decode(substr(p_signature, {colon} + 1), 'hex')"""
+_STAMP_COLUMNS = """to_regclass('pg_temp.tenantry_transaction'),
+         has_sequence_privilege(session_user, to_regclass('pg_temp.tenantry_transaction'),
+                                'UPDATE')"""
+_DECLARE = """
+DECLARE
+  v_colon int4{colon};
+  v_state text;
+  v_valid boolean;
+  v_stamp regclass;
+  v_may_set boolean;
+  v_done text;
+BEGIN"""
+
+#: The fence with the stamp's checks (existence, privilege) as columns of the read.
+ALT_FENCE_CHECKS_IN_READ = (
+    _DECLARE.replace("{colon}", " := strpos(p_signature, ':')")
+    + f"""
+  IF {_SHAPE_BAD} THEN
+    RAISE EXCEPTION 'tenantry: a malformed fence signature' USING ERRCODE = '28000';
+  END IF;
+  SELECT r.state, {_HMAC_VALID.replace("{colon}", "v_colon")}, {_STAMP_COLUMNS}
+    INTO v_state, v_valid, v_stamp, v_may_set
+    FROM tenantry.fence_keys k LEFT JOIN {{residency}} r ON r.tenant_id = p_tenant
+   WHERE k.key_id = left(p_signature, v_colon - 1)::int4;"""
+    + _AFTER_READ
+)
+#: The same, and the signature's shape checked by the read too (on the error path only
+#: by an expression of its own).
+ALT_FENCE_ALL_IN_READ = (
+    _DECLARE.replace("{colon}", "")
+    + f"""
+  SELECT s.colon, r.state, {_HMAC_VALID.replace("{colon}", "s.colon")}, {_STAMP_COLUMNS}
+    INTO v_colon, v_state, v_valid, v_stamp, v_may_set
+    FROM (SELECT strpos(p_signature, ':') AS colon) s
+         JOIN tenantry.fence_keys k
+           ON k.key_id = CASE WHEN NOT ({_SHAPE_BAD.replace("v_colon", "s.colon")})
+                              THEN left(p_signature, s.colon - 1)::int4 END
+         LEFT JOIN {{residency}} r ON r.tenant_id = p_tenant;
+  IF v_valid IS NULL THEN
+    v_colon := strpos(p_signature, ':');
+    IF {_SHAPE_BAD} THEN
+      RAISE EXCEPTION 'tenantry: a malformed fence signature' USING ERRCODE = '28000';
+    END IF;
+  END IF;"""
+    + _AFTER_READ
+)
+_KEY_ID = "left(p_signature, strpos(p_signature, ':') - 1)::int4"
+_GENERIC = " SET plan_cache_mode = force_generic_plan"
+
+
+def alternative_bodies(residency: str) -> dict[str, tuple[str, str]]:
+    """name -> (function options, plpgsql body): the fence's alternatives, and its
+    read alone."""
+    revision = _revision(_FENCE_REVISION)
+    stamp = revision._STAMP
+    body = revision._FENCE_BODY.replace("{residency}", residency)
+    checks = ALT_FENCE_CHECKS_IN_READ.replace("{residency}", residency).replace("{stamp}", stamp)
+    every = ALT_FENCE_ALL_IN_READ.replace("{residency}", residency).replace("{stamp}", stamp)
+    return {
+        "alt.: the stamp's checks in the read": (_SD, checks),
+        "alt.: the stamp's and the shape's checks in the read": (_SD, every),
+        "alt.: the fence, plan_cache_mode = force_generic_plan": (_SD + _GENERIC, body),
+        "the read alone: the key": (
+            "",
+            "DECLARE v bytea; BEGIN SELECT k.ipad INTO v FROM tenantry.fence_keys k"
+            f" WHERE k.key_id = {_KEY_ID}; RETURN 'active'; END",
+        ),
+        "the read alone: the key and the residency row": (
+            "",
+            f"DECLARE v text; BEGIN SELECT r.state INTO v FROM tenantry.fence_keys k"
+            f" LEFT JOIN {residency} r ON r.tenant_id = p_tenant WHERE k.key_id = {_KEY_ID};"
+            " RETURN v; END",
+        ),
+    }
 
 
 def fence_bodies(residency: str) -> dict[str, tuple[str, str]]:
@@ -231,10 +389,13 @@ def fence_bodies(residency: str) -> dict[str, tuple[str, str]]:
             _SD,
             _cut(body, stamp_set, "  v_done := '';\n"),
         ),
+        **alternative_bodies(residency),
     }
 
 
-def fence_variants(fleet: Any, admin: Any) -> dict[str, tuple[Any, Callable[..., None]]]:
+def fence_variants(
+    fleet: Any, admin: Any, routing: Any
+) -> dict[str, tuple[Any, Callable[..., None]]]:
     """Each of :func:`fence_bodies` as a function of a scratch schema, called as the
     operations role (``BEGIN; SELECT f(t, s)``, ROLLBACK), beside ``BEGIN; SELECT 1``
     and the pieces the fence sets."""
@@ -250,16 +411,20 @@ def fence_variants(fleet: Any, admin: Any) -> dict[str, tuple[Any, Callable[...,
     ).get_value(0, 0)
     _check(admin.exec_(b"SELECT tenantry.open_session(true)"))
     _check(admin.exec_(b"CREATE SCHEMA wire"))
+    _check(admin.exec_(b"GRANT USAGE ON SCHEMA wire TO " + fleet.role.encode()))
+    routing_signatures = {t: key.sign(t, routing.backend_pid) for t in fleet.tenants}
     _check(admin.exec_(b"CREATE TEMPORARY SEQUENCE wire_stamp MINVALUE -9223372036854775808"))
     table: dict[str, tuple[Any, Callable[..., None]]] = {}
 
-    def call(sql: bytes) -> Callable[[str, int], None]:
+    def call(sql: bytes, conn: Any = admin) -> Callable[[str, int], None]:
+        sigs = signatures if conn is admin else routing_signatures
+
         def tx(t: str, _i: int) -> None:
-            query = sql.replace(b"$t", _quote(t)).replace(b"$s", _quote(signatures[t]))
-            result = _check(admin.exec_(b"BEGIN; " + query))
+            query = sql.replace(b"$t", _quote(t)).replace(b"$s", _quote(sigs[t]))
+            result = _check(conn.exec_(b"BEGIN; " + query))
             if result.ntuples != 1:
                 raise RuntimeError(f"{sql!r} returned no row")
-            _check(admin.exec_(b"ROLLBACK"))
+            _check(conn.exec_(b"ROLLBACK"))
 
         return tx
 
@@ -273,6 +438,25 @@ def fence_variants(fleet: Any, admin: Any) -> dict[str, tuple[Any, Callable[...,
             )
         )
         table[name] = (admin, call(b"SELECT wire.f%d($t, $s)" % number))
+        if "SECURITY DEFINER" in options:
+            table[name + ", routing role"] = (
+                routing,
+                call(b"SELECT wire.f%d($t, $s)" % number, routing),
+            )
+    table["BEGIN; SELECT 1, routing role"] = (routing, call(b"SELECT 1", routing))
+    table["tenantry.fence (the shard's), routing role"] = (
+        routing,
+        call(b"SELECT tenantry.fence($t, $s)", routing),
+    )
+    table["set_config of the tenant, routing role"] = (
+        routing,
+        call(b"SELECT set_config('tenantry.tenant_id', $t, true)", routing),
+    )
+    loops.clear()
+    loops["(no call)"] = ("v := 'active';", True)
+    loops["tenantry.fence (the shard's)"] = ("v := tenantry.fence(t, s);", True)
+    for number, (name, (options, _)) in enumerate(fence_bodies(residency.decode()).items()):
+        loops[name] = (f"v := wire.f{number}(t, s);", "SECURITY DEFINER" in options)
     table["setval of a temporary sequence"] = (
         admin,
         call(
@@ -289,6 +473,47 @@ def fence_variants(fleet: Any, admin: Any) -> dict[str, tuple[Any, Callable[...,
         ),
     )
     return table
+
+
+#: name -> the plpgsql statement that calls it, for :func:`loop_variants`.
+loops: dict[str, tuple[str, bool]] = {}
+
+
+def loop_variants(
+    fleet: Any, admin: Any, routing: Any
+) -> dict[str, tuple[Any, Callable[..., None]]]:
+    """The fence functions of :func:`fence_variants` called in a loop of transactions
+    inside the server (a procedure: the call, then ROLLBACK, LOOP_COUNT times): no
+    message, no client, so the backend's CPU per iteration is the function's and the
+    transaction's alone."""
+    key = fleet.catalog.fence_key(SHARD_NAME)
+    _check(admin.exec_(b"GRANT USAGE ON SCHEMA wire TO " + fleet.role.encode()))
+    table: dict[str, tuple[Any, Callable[..., None]]] = {}
+    for number, (name, (statement, routable)) in enumerate(loops.items()):
+        _check(
+            admin.exec_(
+                f"CREATE PROCEDURE wire.loop{number}(n int, t text, s text) LANGUAGE plpgsql"
+                f" AS $wire$DECLARE v text; BEGIN FOR i IN 1..n LOOP {statement}"
+                " IF v IS DISTINCT FROM 'active' THEN RAISE 'not active'; END IF;"
+                " ROLLBACK; END LOOP; END$wire$".encode()
+            )
+        )
+        for who, conn in (("", admin), (", routing role", routing))[: 1 + routable]:
+
+            def tx(t: str, _i: int, number: int = number, conn: Any = conn) -> None:
+                call = b"CALL wire.loop%d(%d, %s, %s)" % (
+                    number,
+                    LOOP_COUNT,
+                    _quote(t),
+                    _quote(key.sign(t, conn.backend_pid)),
+                )
+                _check(conn.exec_(call))
+
+            table[name + who] = (conn, tx)
+    return table
+
+
+LOOP_COUNT = 50
 
 
 # -- the policy's predicate, per statement ----------------------------------------------
@@ -319,11 +544,39 @@ def policy_variants(
                 f" PARALLEL RESTRICTED AS $wire${text_}$wire$".encode()
             )
         )
+    tenant_fns = {
+        "tenant_one_expression": ("plpgsql STABLE PARALLEL RESTRICTED", ALT_TENANT_ONE_EXPRESSION),
+        "tenant_sql": ("sql VOLATILE", ALT_TENANT_SQL),
+    }
+    for name, (options, text_) in tenant_fns.items():
+        _check(
+            admin.exec_(
+                f"CREATE FUNCTION wire.{name}() RETURNS pg_catalog.text LANGUAGE {options}"
+                f" AS $wire${text_}$wire$".encode()
+            )
+        )
+        table = f"wire.readings_{name}".encode()
+        for statement in (
+            b"CREATE TABLE %s (LIKE bench_readings_open INCLUDING ALL)" % table,
+            b"INSERT INTO %s SELECT * FROM bench_readings_open" % table,
+            b"ALTER TABLE %s ENABLE ROW LEVEL SECURITY" % table,
+            b"ALTER TABLE %s FORCE ROW LEVEL SECURITY" % table,
+            b"CREATE POLICY p ON %s FOR SELECT USING (tenant_id = (SELECT wire.%s()))"
+            % (table, name.encode()),
+            b"GRANT SELECT ON %s TO %s" % (table, fleet.role.encode()),
+            b"VACUUM ANALYZE %s" % table,
+        ):
+            _check(admin.exec_(statement))
     where = b" AND tenant_id = "
     forms = {
         "no policy": (b"bench_readings_open", b""),
         "signed policy (row-level security)": (b"bench_readings", b""),
         "classic policy (row-level security)": (b"bench_readings_classic", b""),
+        "alt.: signed policy, tenant() one RETURN expression": (
+            b"wire.readings_tenant_one_expression",
+            b"",
+        ),
+        "alt.: signed policy, tenant() in SQL (inlined)": (b"wire.readings_tenant_sql", b""),
         "no policy + (SELECT tenantry.tenant())": (
             b"bench_readings_open",
             where + b"(SELECT tenantry.tenant())",
@@ -427,6 +680,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, help="write the report here (else stdout)")
+    parser.add_argument(
+        "--parts",
+        default="tflp",
+        help="sections: t transactions, f the fence's parts, l the same in a server loop,"
+        " p the policy's predicate (default: all)",
+    )
     args = parser.parse_args()
     cfg = replace(QUICK, tenants=200)
     rng = random.Random(args.seed)
@@ -442,34 +701,38 @@ def main() -> None:
         st.callback(admin_record.close)
         admin = admin_record.driver_connection.pgconn
         load = load_average()
-        parts = [
-            measure(
-                variants(fleet, routing),
-                fleet.tenants,
-                cfg.rows_per_tenant,
-                args.rounds,
-                rng,
-            ),
-            measure(
-                fence_variants(fleet, admin), fleet.tenants, cfg.rows_per_tenant, args.rounds, rng
-            ),
-            measure(
-                policy_variants(fleet, routing, admin),
-                fleet.tenants,
-                cfg.rows_per_tenant,
-                args.rounds,
-                rng,
-            ),
+        parts = args.parts
+        fence = fence_variants(fleet, admin, routing) if {"f", "l"} & set(parts) else {}
+        tables = [
+            variants(fleet, routing) if "t" in parts else {},
+            fence if "f" in parts else {},
+            loop_variants(fleet, admin, routing) if "l" in parts else {},
+            policy_variants(fleet, routing, admin) if "p" in parts else {},
         ]
-        _check(admin.exec_(b"DROP SCHEMA wire CASCADE"))
-    report = render(parts, load, args.rounds)
+        results = [
+            measure(table, fleet.tenants, cfg.rows_per_tenant, args.rounds, rng) if table else {}
+            for table in tables
+        ]
+        _check(admin.exec_(b"DROP SCHEMA IF EXISTS wire CASCADE"))
+    report = render(results, load, args.rounds)
     if args.out:
         args.out.write_text(report)
     print(report)
 
 
 def render(parts: list[dict[str, dict[str, float]]], load: Any, rounds: int) -> str:
-    transactions, fence, policy = parts
+    transactions, fence, loop, policy = parts
+    loop_rows = []
+    for name, m in loop.items():
+        base_name = "(no call)" + (", routing role" if name.endswith("routing role") else "")
+        loop_base = loop[base_name]["server_cpu"]
+        loop_rows.append(
+            [
+                name,
+                f"{m['server_cpu'] / LOOP_COUNT:.1f}",
+                f"{(m['server_cpu'] - loop_base) / LOOP_COUNT:+.1f}",
+            ]
+        )
     rows = [
         [
             name,
@@ -482,11 +745,14 @@ def render(parts: list[dict[str, dict[str, float]]], load: Any, rounds: int) -> 
         ]
         for name, m in transactions.items()
     ]
-    base = fence["BEGIN; SELECT 1"]["server_cpu"]
-    fence_rows = [
-        [name, f"{m['server_cpu']:.1f}", f"{m['server_cpu'] - base:+.1f}", f"{m['p50']:.0f}"]
-        for name, m in fence.items()
-    ]
+    fence_rows = []
+    for name, m in fence.items():
+        if name.endswith("routing role"):
+            base = fence["BEGIN; SELECT 1, routing role"]["server_cpu"]
+        else:
+            base = fence["BEGIN; SELECT 1"]["server_cpu"]
+        over = f"{m['server_cpu'] - base:+.1f}"
+        fence_rows.append([name, f"{m['server_cpu']:.1f}", over, f"{m['p50']:.0f}"])
     policy_rows = []
     for name, m in policy.items():
         none = policy["no policy, prepared" if name.endswith("prepared") else "no policy"]
@@ -513,8 +779,13 @@ def render(parts: list[dict[str, dict[str, float]]], load: Any, rounds: int) -> 
             rows,
         )
         + "\n\n## The fence's body, part by part (operations role, `BEGIN; SELECT f(t, s)`, "
-        "ROLLBACK)\n\nServer CPU per transaction, and over `BEGIN; SELECT 1`'s.\n\n"
+        "ROLLBACK)\n\nServer CPU per transaction, and over `BEGIN; SELECT 1`'s (the "
+        "routing role's rows over its own). *alt.*: measured, not adopted.\n\n"
         + markdown_table(["call", "server CPU µs", "over SELECT 1", "wall p50 µs"], fence_rows)
+        + "\n\n## The fence's body in a loop of transactions inside the server\n\n"
+        f"A procedure calls the function, then ROLLBACK, {LOOP_COUNT} times per call: "
+        "server CPU per iteration, and over an iteration without the call.\n\n"
+        + markdown_table(["call", "server CPU µs", "over no call"], loop_rows)
         + "\n\n## The policy's predicate, per statement (the fence with BEGIN, five point "
         "selects, ROLLBACK)\n\nServer CPU per transaction, and per statement over the "
         "table without a policy (the prepared ones over the prepared one's).\n\n"

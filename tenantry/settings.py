@@ -121,8 +121,8 @@ class TenantrySettings(BaseSettings):
 
     fence_with_begin: bool = Field(
         True,
-        description="PostgreSQL: send a routed transaction's BEGIN and its fence as one "
-        "message (one round trip less per transaction), on sync and asyncio routers "
+        description="PostgreSQL: send a routed transaction's BEGIN and its fence in one "
+        "pipeline (one round trip less per transaction), on sync and asyncio routers "
         "alike; off sends BEGIN on its own, as psycopg does.",
     )
 

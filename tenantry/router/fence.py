@@ -18,7 +18,6 @@ frozen tenant; SQLite has no row-level security.
 
 from __future__ import annotations
 
-import re
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -78,7 +77,7 @@ _UNDEFINED_FUNCTION = "42883"
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
 #: For each routed engine: its shard, its key source, whether a sync psycopg
-#: connection sends BEGIN and the fence in one message (``fence_with_begin``), and
+#: connection sends BEGIN and the fence in one pipeline (``fence_with_begin``), and
 #: whether the shard is reached through a pooler (the fence signed per transaction).
 _KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool, bool]] = (
     weakref.WeakKeyDictionary()
@@ -101,7 +100,7 @@ def register_keys(
     engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False, pooled: bool = False
 ) -> None:
     """Say where the fence of *engine* (a shard's routed engine) gets its key, whether
-    it goes in one message with BEGIN (see :func:`_fence_with_begin`), and whether the
+    it goes in one pipeline with BEGIN (see :func:`_fence_with_begin`), and whether the
     shard is routed through a pooler (see :func:`_fence_pooled`)."""
     _KEYS[engine] = (shard, keys, with_begin, pooled)
 
@@ -165,15 +164,16 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
             if conn.dialect.is_async:
                 return _fence_with_begin_async(driver, info, cached)
             return _fence_with_begin(driver, info, cached)
+        # Straight to psycopg: none of SQLAlchemy's per-statement work. Never prepared
+        # (prepare=False: an unnamed statement each time): SQL on the connection could
+        # put a statement of its own under a prepared statement's name and be handed
+        # the signature (see _fence_with_begin).
+        params = {"t": tenant_id, "s": cached[2]}
         if conn.dialect.is_async:
-            params = {"t": tenant_id, "s": cached[2]}
-            row = conn.exec_driver_sql(PG_FENCE, params).first()
+            cursor = await_only(driver.execute(PG_FENCE, params, prepare=False))
+            row = await_only(cursor.fetchone())
         else:
-            # Straight to psycopg: none of SQLAlchemy's per-statement work. Not
-            # prepare=True: psycopg drops its prepared statements (DEALLOCATE ALL, one
-            # more round trip) at every ROLLBACK, which is how most read-only sessions end.
-            params = {"t": tenant_id, "s": cached[2]}
-            row = driver.execute(PG_FENCE, params).fetchone()
+            row = driver.execute(PG_FENCE, params, prepare=False).fetchone()
     except Exception as exc:
         _fence_failed(conn, exc, driver, tenant_id, shard, keys)
     value: str | None = row[0] if row is not None else None
@@ -245,73 +245,109 @@ def _begin_command(driver: Any) -> bytes:
     return command
 
 
-#: The fence after BEGIN, up to its arguments (PG_FENCE's function).
-_FENCE_CALL = b"; SELECT tenantry.fence("
+#: The fence as one extended-protocol statement: its tenant and signature travel as
+#: bound parameters, never in the SQL text (see :func:`_fence_with_begin`).
+_FENCE_SQL = b"SELECT tenantry.fence($1, $2)"
+_PIPELINE_SYNC = pq.ExecStatus.PIPELINE_SYNC
+_PIPELINE_OFF = pq.PipelineStatus.OFF
 
 
 def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> str | None:
-    """BEGIN and the fence as one simple-protocol query: one round trip, not two.
+    """BEGIN and the fence in one round trip, the fence's values as bound parameters.
 
-    psycopg would send its BEGIN in a message of its own before the fence; here the
-    same BEGIN (the connection's isolation level, read only, deferrable) opens the
-    query, so the server runs both in order and the transaction is open for the
-    statements after it, as if psycopg had begun it. The tenant and the signature are
-    quoted (:func:`_quoted`: psycopg's ``sql.Literal`` unless plain ASCII with no quote
-    or backslash), never formatted in. An error comes back as the
-    psycopg exception its SQLSTATE names; the transaction is then failed (or the
-    connection dead), and the caller's rollback ends it.
+    psycopg would send its BEGIN in a message of its own before the fence. Here both
+    go in one pipeline (libpq's pipeline mode, one sync): the same BEGIN (the
+    connection's isolation level, read only, deferrable), then the fence as an unnamed
+    statement whose tenant and signature are bound parameters. Never as SQL text: the
+    routing role sees the query text of its other sessions in ``pg_stat_activity``
+    (a transaction idle after its fence shows the fence), and a signature read there
+    (a tenant, this server connection) would admit that tenant to whatever SQL later
+    runs on this pooled connection. Never a named statement either: SQL on the
+    connection could put a statement of its own under that name and be handed the
+    signature. An error comes back as the psycopg exception its SQLSTATE names; the
+    transaction is then failed (or the connection dead), and the caller's rollback
+    ends it.
     """
-    result = driver.pgconn.exec_(_begin_command(driver) + _fence_call(driver, info, cached))
-    return _fence_value(driver, result)
+    pgconn = driver.pgconn
+    _send_fence(driver, pgconn, info, cached)
+    try:
+        # psycopg's wait, not libpq's blocking calls: PQgetResult would wait for the
+        # server holding the GIL, stalling every other thread of the process.
+        begin, value = driver.wait(_pipeline_results(pgconn))
+    finally:
+        _leave_pipeline(pgconn)
+    return _fence_results(driver, begin, value)
 
 
 def _fence_with_begin_async(
     driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
 ) -> str | None:
     """:func:`_fence_with_begin` on an asyncio psycopg connection (inside SQLAlchemy's
-    ``run_sync`` greenlet): the same one query, sent without blocking the event loop.
+    ``run_sync`` greenlet): the same pipeline, sent without blocking the event loop.
 
-    psycopg's own machinery does the waiting: the query is sent (``send_query``, the
-    simple protocol) and its results read by psycopg's ``execute`` generator under the
-    connection's ``wait``, awaited from the greenlet as SQLAlchemy awaits its driver
-    (``await_only``). A cancelled task cancels the query as psycopg does.
+    psycopg's own machinery does the waiting, as on a sync connection: its ``send``
+    and ``fetch_many`` generators under the connection's ``wait``, here awaited from
+    the greenlet as SQLAlchemy awaits its driver (``await_only``).
     """
     pgconn = driver.pgconn
-    pgconn.send_query(_begin_command(driver) + _fence_call(driver, info, cached))
-    results = await_only(driver.wait(generators.execute(pgconn)))
-    for result in results[:-1]:  # BEGIN's (the server stops at the first error)
-        if result.status != _COMMAND_OK:
-            raise _result_error(driver, result)
-    return _fence_value(driver, results[-1])
+    _send_fence(driver, pgconn, info, cached)
+    try:
+        results = await_only(driver.wait(_pipeline_results(pgconn)))
+    finally:
+        _leave_pipeline(pgconn)
+    begin, value = results
+    return _fence_results(driver, begin, value)
 
 
-def _fence_call(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> bytes:
-    """``; SELECT tenantry.fence('<tenant>', '<signature>')``, made once per pooled
-    connection and tenant (kept with the signature)."""
-    statement: bytes | None = cached[3]
-    if statement is None:
+def _send_fence(driver: Any, pgconn: Any, info: dict[str, Any], cached: tuple[Any, ...]) -> None:
+    """Queue BEGIN, the fence and a sync in pipeline mode."""
+    params = cached[3]
+    if params is None:  # encoded once per pooled connection and tenant
         tenant_id, key_id, signature, _ = cached
-        statement = b"".join(
-            (_FENCE_CALL, _quoted(tenant_id, driver), b", ", _quoted(signature, driver), b")")
-        )
-        info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, statement)
-    return statement
+        encoding = driver.info.encoding
+        params = [tenant_id.encode(encoding), signature.encode(encoding)]
+        info[_SIGNATURE_KEY] = (tenant_id, key_id, signature, params)
+    pgconn.enter_pipeline_mode()
+    try:
+        pgconn.send_query_params(_begin_command(driver), None)
+        pgconn.send_query_params(_FENCE_SQL, params)
+        pgconn.pipeline_sync()
+    except BaseException:
+        _leave_pipeline(pgconn)
+        raise
 
 
-#: Strings that are their own SQL literal once put in single quotes, whatever the
-#: server's ``standard_conforming_strings`` and the client encoding: ASCII letters,
-#: digits, ``_``, ``-``, ``:`` (every valid tenant id; every signature, ``<key id>:<hex>``).
-_PLAIN_LITERAL = re.compile(r"[A-Za-z0-9_:-]*")
+def _pipeline_results(pgconn: Any) -> Any:
+    """psycopg generator: flush the pipeline, then BEGIN's and the fence's results
+    (the sync's read too)."""
+    yield from generators.send(pgconn)
+    begin = yield from generators.fetch_many(pgconn)
+    value = yield from generators.fetch_many(pgconn)
+    sync = yield from generators.fetch_many(pgconn)
+    if not begin or not value or not sync or sync[0].status != _PIPELINE_SYNC:
+        raise psycopg.OperationalError("the server sent no result for the fence")
+    return begin[0], value[0]
 
 
-def _quoted(value: str, driver: Any) -> bytes:
-    """*value* as a SQL string literal: quoted as is when it is plain ASCII with no
-    quote or backslash (the usual case, without psycopg's adapter lookup), by
-    ``psycopg.sql.Literal`` otherwise."""
-    if _PLAIN_LITERAL.fullmatch(value):
-        return b"'" + value.encode("ascii") + b"'"
-    literal: bytes = sql.Literal(value).as_bytes(driver)
-    return literal
+def _leave_pipeline(pgconn: Any) -> None:
+    """Leave pipeline mode. A connection that cannot (it broke, or results of the
+    pipeline are left unread after an error) is closed: the caller sees a dead
+    connection, invalidates it and begins the transaction again on a fresh one, as
+    after any connection lost at the fence."""
+    if pgconn.pipeline_status == _PIPELINE_OFF:
+        return
+    try:
+        pgconn.exit_pipeline_mode()
+    except Exception:
+        pgconn.finish()
+
+
+def _fence_results(driver: Any, begin: Any, value: Any) -> str | None:
+    """The residency the fence answered, or raise the first error (a failed BEGIN
+    leaves the fence's result aborted, so BEGIN's error is the one)."""
+    if begin.status != _COMMAND_OK:
+        raise _result_error(driver, begin)
+    return _fence_value(driver, value)
 
 
 def _fence_value(driver: Any, result: Any) -> str | None:

@@ -10,12 +10,13 @@ psycopg would send them, and a tenant id cannot inject SQL into the message.
 from __future__ import annotations
 
 import asyncio
+import re
 from functools import partial
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
-from psycopg import sql
 from sqlalchemy import select, text
 
 from tenantry import AsyncRouter, Router
@@ -187,7 +188,7 @@ def test_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
     missing), and the rollback leaves the pooled connection fine for the next one."""
     router = new_router(pg_fleet, with_begin)  # its own engine: no fence cached yet
     monkeypatch.setattr(fence, "PG_FENCE", "SELECT tenantry.no_such(%(t)s, %(s)s)")
-    monkeypatch.setattr(fence, "_FENCE_CALL", b"; SELECT tenantry.no_such(")
+    monkeypatch.setattr(fence, "_FENCE_SQL", b"SELECT tenantry.no_such($1, $2)")
     with pytest.raises(Exception) as info:
         with router.session(ME):
             pass
@@ -376,7 +377,7 @@ def test_async_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
     async def main() -> None:
         async with new_async_router(pg_fleet, with_begin) as router:
             monkeypatch.setattr(fence, "PG_FENCE", "SELECT tenantry.no_such(%(t)s, %(s)s)")
-            monkeypatch.setattr(fence, "_FENCE_CALL", b"; SELECT tenantry.no_such(")
+            monkeypatch.setattr(fence, "_FENCE_SQL", b"SELECT tenantry.no_such($1, $2)")
             with pytest.raises(Exception) as info:
                 async with router.session(ME):
                     pass
@@ -395,20 +396,84 @@ def test_async_an_error_in_the_fence_is_psycopgs_and_leaves_a_usable_connection(
 
 @pytest.mark.parametrize(
     "value",
-    ["acme", "t-1_x", "7:0123456789abcdef", "", "a'b", "x\\'y", "é", "a b", "a;b", "\u0661"],
+    ["nobody-here", "t-1_x", "", "a'b", "x\\'y", "é", "a b", "a;b", "\u0661", "a'); SELECT ('"],
 )
-def test_the_fence_quotes_as_psycopg_does(pg_fleet: Any, value: str) -> None:
-    """The quick quoting of plain ids and signatures gives psycopg's literal, byte for
-    byte, on a routed connection; anything else is psycopg's own."""
+def test_the_fence_hands_the_server_the_very_tenant(pg_fleet: Any, value: str) -> None:
+    """The tenant travels as a bound parameter, so the server's fence gets exactly the
+    string the router signed, whatever its characters (a valid signature: the fence
+    sets it, and no residency row here makes it a stale route)."""
     router = new_router(pg_fleet, True)
     with router.engine_for(ME).connect() as conn:
-        driver = conn.connection.driver_connection
-        assert fence._quoted(value, driver) == sa_literal(value, driver)
-        # and the server reads back the very string
-        quoted = fence._quoted(value, driver).decode()
-        assert conn.exec_driver_sql(f"SELECT {quoted}").scalar() == value
+        conn.begin()
+        with pytest.raises(StaleRoute):
+            fence.run_fence(conn, value, "shared-a")
+        assert conn.scalar(text("SELECT current_setting('tenantry.tenant_id')")) == value
+        assert conn.scalar(text("SELECT count(*) FROM projects")) == 0
+        conn.rollback()
 
 
-def sa_literal(value: str, driver: Any) -> bytes:
-    literal: bytes = sql.Literal(value).as_bytes(driver)
-    return literal
+def _libpq(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def test_no_signature_shows_in_pg_stat_activity(pg_fleet: Any, with_begin: bool) -> None:
+    """The routing role sees the query text of its other sessions in
+    ``pg_stat_activity``: a signature there (tenant, this backend) could be replayed
+    by whatever SQL later runs on that pooled connection. A routed transaction idle
+    after its fence shows no signature and no tenant id."""
+    router = new_router(pg_fleet, with_begin)
+    url = _libpq(pg_fleet.shard("shared-a").url)
+    with router.session("globex") as theirs, psycopg.connect(url) as watcher:
+        pid = theirs.connection().connection.driver_connection.info.backend_pid
+        key = pg_fleet.catalog.fence_key("shared-a")
+        secret = key.sign("globex", pid).split(":")[1]
+        (query,) = watcher.execute(
+            "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        assert "tenantry.fence" in query  # the fence was its last statement
+        assert secret not in query and "globex" not in query, query
+
+
+def test_a_signature_seen_in_pg_stat_activity_cannot_be_replayed(
+    pg_fleet: Any, with_begin: bool
+) -> None:
+    """The attack the test above guards against, end to end: SQL running as the routing
+    role (an injection in acme's request) watches ``pg_stat_activity`` while globex's
+    transaction is idle after its fence, and later, on the same pooled connection,
+    calls the fence with whatever it saw there. It must still see none of globex."""
+    router = new_router(pg_fleet, with_begin)
+    url = _libpq(pg_fleet.shard("shared-a").url)
+    with router.session("globex") as theirs, psycopg.connect(url) as watcher:
+        pid = theirs.connection().connection.driver_connection.info.backend_pid
+        (seen,) = watcher.execute(
+            "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    with router.session(ME) as session:
+        conn = session.connection()
+        assert conn.connection.driver_connection.info.backend_pid == pid  # the same one
+        for candidate in re.findall(r"'([0-9]+:[0-9a-f]{64})'", seen):
+            with pytest.raises(sa.exc.DBAPIError), conn.begin_nested():
+                conn.execute(text("SELECT tenantry.fence('globex', :s)"), {"s": candidate})
+        assert set(session.scalars(text("SELECT tenant_id FROM projects"))) == {ME}
+
+
+def test_async_no_signature_shows_in_pg_stat_activity(pg_fleet: Any, with_begin: bool) -> None:
+    """The same on an asyncio router."""
+    url = _libpq(pg_fleet.shard("shared-a").url)
+    key = pg_fleet.catalog.fence_key("shared-a")
+
+    async def main() -> None:
+        async with new_async_router(pg_fleet, with_begin) as router:
+            async with router.session("globex") as theirs:
+                conn = await theirs.connection()
+                raw = await conn.get_raw_connection()
+                pid = raw.driver_connection.info.backend_pid
+                with psycopg.connect(url) as watcher:
+                    (query,) = watcher.execute(
+                        "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)
+                    ).fetchone()
+                assert "tenantry.fence" in query
+                secret = key.sign("globex", pid).split(":")[1]
+                assert secret not in query and "globex" not in query, query
+
+    asyncio.run(main())
