@@ -89,7 +89,8 @@ def budgeted_freeze(
 ) -> _T:
     """Freeze, wait out older transactions, write the sentinel and await it, then run
     *inside* — all within the budget, else unfreeze, catch up and retry (a bounded
-    number of times). With *stay* the tenant is left frozen on success."""
+    number of times, the tenant left writable between two attempts at least as long as
+    the first of them held it). With *stay* the tenant is left frozen on success."""
     budget = float(move.options.get("max_freeze", DEFAULT_MAX_FREEZE))
     attempts = int(move.options.get("freeze_attempts", DEFAULT_FREEZE_ATTEMPTS))
     slot = repl.move_names(move.artifacts, move.id, ctx.catalog.fleet_id()).name
@@ -114,13 +115,19 @@ def budgeted_freeze(
                     ctx.journal.update(move.id, stats={"cut_freeze_seconds": held})
                 return result
             _residency(ctx, move, src, Residency.ACTIVE)
-            held = time.monotonic() - started
+            thawed = time.monotonic()
+            held = thawed - started
             ctx.observer.note(
                 f"freeze attempt {attempt}: {reason}; unfrozen after {held:.3f}s, catching up"
             )
             with src_engine.connect() as plain:
                 auto = plain.execution_options(isolation_level="AUTOCOMMIT")
                 catch_up(ctx, auto, slot, timeout=max(1.0, budget * 5))
+            if attempt < attempts:
+                # The tenant stays writable at least as long as the attempt held it:
+                # retries never freeze it more than half the time, however soon the
+                # mover caught up (its writers get through between attempts).
+                time.sleep(max(0.0, held - (time.monotonic() - thawed)))
         raise FreezeBudgetExceeded(
             f"gave up after {attempts} freeze attempts: {reason}; the tenant was "
             "unfrozen each time and the move was rolled back",

@@ -612,10 +612,12 @@ class FrozenSpans(threading.Thread):
         self.engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
         self.tenant = tenant
         self.spans: list[float] = []
+        self.thaws: list[float] = []  # how long it was not frozen between two spans
         self.done = threading.Event()
 
     def run(self) -> None:
         since = None
+        last_end: float | None = None
         with self.engine.connect() as conn:
             while not self.done.is_set():
                 state = conn.execute(
@@ -625,9 +627,11 @@ class FrozenSpans(threading.Thread):
                 now = time.monotonic()
                 if state == "frozen" and since is None:
                     since = now
+                    if last_end is not None:
+                        self.thaws.append(now - last_end)
                 elif state != "frozen" and since is not None:
                     self.spans.append(now - since)
-                    since = None
+                    since, last_end = None, now
                 time.sleep(0.003)
         self.engine.dispose()
 
@@ -657,6 +661,14 @@ def test_freeze_budget_too_small_unfreezes_each_time_then_aborts(fleet):
     # held the tenant's writes for the budget (and a statement or two) only.
     assert len(spans.spans) == 1 + hooks.attempts, spans.spans
     assert max(spans.spans) < budget + 0.3, spans.spans
+    # Between two attempts the tenant stayed writable at least about as long as the
+    # attempt before held it (the mover's pause), so its writes came back each time.
+    attempts_spans, thaws = spans.spans[1:], spans.thaws[1:]
+    assert len(thaws) == hooks.attempts - 1, spans.thaws
+    assert all(t >= 0.8 * s for s, t in zip(attempts_spans, thaws, strict=False)), (
+        attempts_spans,
+        thaws,
+    )
     assert acme.max_gap(began, ended) < budget + 0.5
     held = [n for n in observer.notes if n.startswith("freeze attempt")]
     assert len(held) == hooks.attempts and all(reason in n for n in held), held
