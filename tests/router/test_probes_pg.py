@@ -22,6 +22,7 @@ leaked row shows wherever it surfaces: rows, COPY output, statistics, plans, err
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -914,15 +915,21 @@ def _pool_stash(c: Ctx) -> None:
 def _activity(c: Ctx) -> None:
     # The routing role sees its own other sessions in pg_stat_activity: beta's fence
     # must not show beta's signature there (it is a bound parameter, not SQL text).
+    # Beta's session is looked at right after its fence (entering the session runs it),
+    # before any statement of its own replaces the query text.
     with c.router.session(OTHER) as theirs, c.router.session(ME) as s:
-        sig = signature(theirs)
+        # its pid as libpq knows it: a query would replace the text looked at
+        theirs_pid = theirs.connection().connection.dbapi_connection.info.backend_pid
         found = rows(
             s,
             "SELECT pid, state, query FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()",
         )
         assert found, "the routing role sees none of its other sessions"
-        assert not [r for r in found if sig in str(r[2]) or "beta" in str(r[2])], found
+        fenced = [r for r in found if r[0] == theirs_pid]
+        assert fenced and "tenantry.fence" in str(fenced[0][2]), found  # the window itself
+        hmac_hex = re.compile(r"[0-9a-f]{64}")
+        assert not [r for r in found if hmac_hex.search(str(r[2])) or "beta" in str(r[2])], found
         c.seen(found)
 
 
