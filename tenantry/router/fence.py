@@ -153,7 +153,7 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
     info = conn.info
     # The signature depends only on the tenant and the server connection: keep the
     # last one per pooled connection (one HMAC saved on most transactions), with the
-    # fence statement it makes (quoted once).
+    # fence's parameters it makes (encoded once).
     cached = info.get(_SIGNATURE_KEY)
     key = keys(False)
     if cached is None or cached[0] != tenant_id or cached[1] != key.key_id:
@@ -268,15 +268,7 @@ def _fence_with_begin(driver: Any, info: dict[str, Any], cached: tuple[Any, ...]
     transaction is then failed (or the connection dead), and the caller's rollback
     ends it.
     """
-    pgconn = driver.pgconn
-    _send_fence(driver, pgconn, info, cached)
-    try:
-        # psycopg's wait, not libpq's blocking calls: PQgetResult would wait for the
-        # server holding the GIL, stalling every other thread of the process.
-        begin, value = driver.wait(_pipeline_results(pgconn))
-    finally:
-        _leave_pipeline(pgconn)
-    return _fence_results(driver, begin, value)
+    return _fence_in_pipeline(driver, info, cached, _as_is)
 
 
 def _fence_with_begin_async(
@@ -289,13 +281,26 @@ def _fence_with_begin_async(
     and ``fetch_many`` generators under the connection's ``wait``, here awaited from
     the greenlet as SQLAlchemy awaits its driver (``await_only``).
     """
+    return _fence_in_pipeline(driver, info, cached, await_only)
+
+
+def _as_is(value: Any) -> Any:
+    return value
+
+
+def _fence_in_pipeline(
+    driver: Any, info: dict[str, Any], cached: tuple[Any, ...], finish: Callable[[Any], Any]
+) -> str | None:
+    """The fence with BEGIN, sync or asyncio: what psycopg's ``wait`` returns is the
+    results on a sync connection, and an awaitable (*finish*: ``await_only``) on an
+    asyncio one. psycopg's wait, not libpq's blocking calls: ``PQgetResult`` would wait
+    for the server holding the GIL, stalling every other thread of the process."""
     pgconn = driver.pgconn
     _send_fence(driver, pgconn, info, cached)
     try:
-        results = await_only(driver.wait(_pipeline_results(pgconn)))
+        begin, value = finish(driver.wait(_pipeline_results(pgconn)))
     finally:
         _leave_pipeline(pgconn)
-    begin, value = results
     return _fence_results(driver, begin, value)
 
 
