@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import select, text
@@ -22,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from tenantry import AsyncRouter
 from tenantry.errors import ShardUnavailable
+from tenantry.router.fence import _unusual
 from tenantry.shardmap.drivers import make_engine
 
 SHARD = "own"
@@ -159,3 +161,30 @@ def test_a_plan_gone_stale_fails_once_not_for_ever(own_fleet: Any) -> None:
         tenant = TENANTS[n % 2]
         with router.session(tenant) as session:
             assert _seen(session.execute(names).all()) == {tenant}, n
+
+
+def test_the_states_left_to_psycopgs_rollback_are_seen_on_the_installed_psycopg(
+    pg_url: str,
+) -> None:
+    """``rollback_keeping_prepared`` leaves a transaction to psycopg's own rollback in
+    states only psycopg's private attributes show (``_num_transactions``,
+    ``_pipeline``, ``_tpc``, read with defaults): were one renamed, the check would stop
+    seeing its state without any error. So each state is made here on a real
+    connection and must be seen, and an ordinary transaction must not."""
+    url = sa.make_url(pg_url).set(drivername="postgresql")
+    with psycopg.connect(url.render_as_string(hide_password=False)) as conn:
+        assert _unusual(conn), "an idle connection has no transaction of ours to end"
+        conn.execute("SELECT 1")
+        assert not _unusual(conn), "an ordinary transaction is ours to roll back"
+        with conn.transaction():
+            assert _unusual(conn), "inside psycopg's transaction() block"
+        assert not _unusual(conn)
+        with conn.pipeline():
+            assert _unusual(conn), "in pipeline mode"
+        conn.rollback()
+        conn.tpc_begin(conn.xid(1, "tenantry", "check"))
+        conn.execute("SELECT 1")
+        assert _unusual(conn), "in a two-phase transaction"
+        conn.tpc_rollback()
+        conn.close()
+        assert _unusual(conn), "a closed connection"
