@@ -4,11 +4,17 @@ schema migrated on each, and helpers that check the move invariants."""
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
@@ -289,3 +295,76 @@ class AtCheckpoint:
         if name == self.name and not self.ran:
             self.ran = True
             self.action()
+
+
+# -- the CLI in a process of its own (crash tests: a real SIGKILL) -------------------
+
+
+def cli_env(pause: str | None = None, marker: Path | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_MOVE_PAUSE")}
+    env["TENANTRY_ALEMBIC_CONFIG"] = str(MIGRATIONS)
+    if pause is not None:
+        env["TENANTRY_MOVE_PAUSE"] = pause
+        env["TENANTRY_MOVE_PAUSE_FILE"] = str(marker)
+    return env
+
+
+def tenantry_argv(fleet: Fleet, *args: str) -> list[str]:
+    return [sys.executable, "-m", "tenantry", "--catalog", fleet.catalog_url, *args]
+
+
+def run_cli(fleet: Fleet, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the tenantry CLI in a process of its own, to its end."""
+    return subprocess.run(
+        tenantry_argv(fleet, *args),
+        env=cli_env(),
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+@dataclass
+class Paused:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_paused(fleet: Fleet, tmp_path: Path, checkpoint: str, *args: str) -> Paused:
+    """Start ``tenantry ARGS`` and return once the mover sleeps at *checkpoint*."""
+    marker = tmp_path / f"paused-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "mover.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            tenantry_argv(fleet, *args),
+            env=cli_env(checkpoint, marker),
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    deadline = time.monotonic() + 120
+    try:
+        # The mover writes the checkpoint's name into the marker, then sleeps forever.
+        while not (marker.exists() and marker.read_text() == checkpoint):
+            if process.poll() is not None:
+                raise AssertionError(
+                    f"the mover ended (exit {process.returncode}) before reaching "
+                    f"{checkpoint!r}:\n{log.read_text()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the mover never reached {checkpoint!r}:\n{log.read_text()}")
+            time.sleep(0.02)
+    except BaseException:
+        process.kill()
+        process.wait()
+        raise
+    return Paused(process, log)
+
+
+def sigkill(paused: Paused) -> None:
+    """Kill the mover outright: no cleanup handler, no atexit, no rollback of its own."""
+    assert paused.process.poll() is None, "the mover should still be sleeping"
+    os.kill(paused.process.pid, signal.SIGKILL)
+    assert paused.process.wait(timeout=30) == -signal.SIGKILL

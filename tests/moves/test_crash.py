@@ -12,10 +12,6 @@ residency rows agree; no live move.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -27,11 +23,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
-from movefleet import Fleet, assert_one_home, build_fleet, count_rows, residency, seed, tenant_rows
+from movefleet import (
+    Fleet,
+    assert_one_home,
+    build_fleet,
+    cli_env,
+    count_rows,
+    residency,
+    run_cli,
+    seed,
+    sigkill,
+    start_paused,
+    tenant_rows,
+)
 
 from tenantry import Router
 from tenantry.cli import cli
-from tenantry.demo import MIGRATIONS
 from tenantry.demo.models import ChargingSession
 from tenantry.errors import TenantFrozen, UnknownShard
 from tenantry.migrations import upgrade
@@ -151,76 +158,6 @@ def residency_at(fleet: Fleet, shard: str, tenant: str) -> str | None:
 
 
 # -- the processes ------------------------------------------------------------------------
-
-
-def cli_env(pause: str | None = None, marker: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_MOVE_PAUSE")}
-    env["TENANTRY_ALEMBIC_CONFIG"] = str(MIGRATIONS)
-    if pause is not None:
-        env["TENANTRY_MOVE_PAUSE"] = pause
-        env["TENANTRY_MOVE_PAUSE_FILE"] = str(marker)
-    return env
-
-
-def tenantry_argv(fleet: Fleet, *args: str) -> list[str]:
-    return [sys.executable, "-m", "tenantry", "--catalog", fleet.catalog_url, *args]
-
-
-def tenantry(fleet: Fleet, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run the tenantry CLI in a process of its own, to its end."""
-    return subprocess.run(
-        tenantry_argv(fleet, *args),
-        env=cli_env(),
-        cwd=cwd,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-@dataclass
-class Paused:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def start_paused(fleet: Fleet, tmp_path: Path, checkpoint: str, *args: str) -> Paused:
-    """Start ``tenantry ARGS`` and return once the mover sleeps at *checkpoint*."""
-    marker = tmp_path / f"paused-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "mover.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            tenantry_argv(fleet, *args),
-            env=cli_env(checkpoint, marker),
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    deadline = time.monotonic() + 120
-    try:
-        # The mover writes the checkpoint's name into the marker, then sleeps forever.
-        while not (marker.exists() and marker.read_text() == checkpoint):
-            if process.poll() is not None:
-                raise AssertionError(
-                    f"the mover ended (exit {process.returncode}) before reaching "
-                    f"{checkpoint!r}:\n{log.read_text()}"
-                )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the mover never reached {checkpoint!r}:\n{log.read_text()}")
-            time.sleep(0.02)
-    except BaseException:
-        process.kill()
-        process.wait()
-        raise
-    return Paused(process, log)
-
-
-def sigkill(paused: Paused) -> None:
-    """Kill the mover outright: no cleanup handler, no atexit, no rollback of its own."""
-    assert paused.process.poll() is None, "the mover should still be sleeping"
-    os.kill(paused.process.pid, signal.SIGKILL)
-    assert paused.process.wait(timeout=30) == -signal.SIGKILL
 
 
 def live_moves(fleet: Fleet) -> list[dict[str, object]]:
@@ -361,7 +298,7 @@ def test_kill_then_resume(fleet, tmp_path, checkpoint):
             )
             assert refused.exit_code == 1
             assert "can only be completed" in refused.output
-        done = tenantry(fleet, tmp_path, "moves", "resume", "--json")
+        done = run_cli(fleet, tmp_path, "moves", "resume", "--json")
         assert done.returncode == 0, done.stderr
         (record,) = json.loads(done.stdout)
         assert (record["id"], record["state"], record["live"]) == (move_id, "cleaned", False)
@@ -382,7 +319,7 @@ def test_kill_then_abort(fleet, tmp_path, checkpoint):
     before = rows_at(fleet, "s1", "acme")
     move_id, stale = kill_move_at(fleet, tmp_path, checkpoint)
     try:
-        done = tenantry(fleet, tmp_path, "moves", "abort", str(move_id), "--json")
+        done = run_cli(fleet, tmp_path, "moves", "abort", str(move_id), "--json")
         assert done.returncode == 0, done.stderr
         record = json.loads(done.stdout)
         assert (record["state"], record["live"]) == ("aborted", False)
@@ -417,12 +354,12 @@ def test_kill_mid_copy_to_sqlite(fleet, tmp_path, then):
     move_id = the_live_move(fleet, "copied", can_abort=True)
     assert residency_at(fleet, "s1", "acme") == "frozen"
     if then == "resume":
-        done = tenantry(fleet, tmp_path, "moves", "resume", str(move_id))
+        done = run_cli(fleet, tmp_path, "moves", "resume", str(move_id))
         assert done.returncode == 0, done.stderr
         assert "done" in done.stdout
         assert assert_one_home(fleet, "acme", before) == "q1"
     else:
-        done = tenantry(fleet, tmp_path, "moves", "abort", str(move_id))
+        done = run_cli(fleet, tmp_path, "moves", "abort", str(move_id))
         assert done.returncode == 0, done.stderr
         assert assert_one_home(fleet, "acme", before) == "s1"
         assert count_at(fleet, "q1", "acme") == 0
@@ -466,7 +403,7 @@ def test_kill_promote_to_new_server_then_abort(fleet, tmp_path, pg_servers):
         assert fleet.catalog.get_shard(database).tier.value == "dedicated"
         assert database_exists(pg_servers[1], database)
 
-        done = tenantry(fleet, tmp_path, "moves", "abort", str(move_id))
+        done = run_cli(fleet, tmp_path, "moves", "abort", str(move_id))
         assert done.returncode == 0, done.stderr
         assert not database_exists(pg_servers[1], database)
         with pytest.raises(UnknownShard):

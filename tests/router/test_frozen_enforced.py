@@ -17,12 +17,7 @@ work again through the router, and every acknowledged row is at exactly one home
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -44,7 +39,17 @@ from tenantry.shardmap.residency import Residency
 from tenantry.testing import DatabaseFactory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "moves"))
-from movefleet import Fleet, assert_one_home, count_rows, residency, seed, tenant_rows
+from movefleet import (
+    Fleet,
+    assert_one_home,
+    count_rows,
+    residency,
+    run_cli,
+    seed,
+    sigkill,
+    start_paused,
+    tenant_rows,
+)
 
 APP_ROLE = "app"  # tests/router/conftest.py's app_role fixture makes it on every server
 USERS, CHARGERS, SESSIONS = 5, 4, 40
@@ -371,56 +376,9 @@ def test_unfrozen_the_tenant_writes_again(frozen: Frozen) -> None:
 # -- a real mover, killed during its freeze ------------------------------------------------------
 
 
-def cli_env(pause: str | None = None, marker: Path | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TENANTRY_MOVE_PAUSE")}
-    env["TENANTRY_ALEMBIC_CONFIG"] = str(MIGRATIONS)
-    if pause is not None:
-        env["TENANTRY_MOVE_PAUSE"] = pause
-        env["TENANTRY_MOVE_PAUSE_FILE"] = str(marker)
-    return env
-
-
-def argv(fleet: Fleet, *args: str) -> list[str]:
-    return [sys.executable, "-m", "tenantry", "--catalog", fleet.catalog_url, *args]
-
-
-def tenantry(fleet: Fleet, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        argv(fleet, *args),
-        env=cli_env(),
-        cwd=cwd,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def kill_mover_at(fleet: Fleet, tmp_path: Path, checkpoint: str, *args: str) -> None:
     """Start ``tenantry ARGS``, wait until it sleeps at *checkpoint*, SIGKILL it."""
-    marker = tmp_path / f"paused-{uuid.uuid4().hex[:8]}"
-    log = tmp_path / "mover.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv(fleet, *args),
-            env=cli_env(checkpoint, marker),
-            cwd=tmp_path,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 120
-        while not (marker.exists() and marker.read_text() == checkpoint):
-            if process.poll() is not None:
-                raise AssertionError(f"the mover ended early:\n{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the mover never reached {checkpoint!r}:\n{log.read_text()}")
-            time.sleep(0.02)
-    finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL
+    sigkill(start_paused(fleet, tmp_path, checkpoint, *args))
 
 
 def write_one(router: Router, tenant: str, session_id: int) -> str:
@@ -482,15 +440,13 @@ def test_mover_killed_in_its_freeze_then_writes_come_back(
             write_one(router, tenant, 800_002)
         assert rows_at(fleet, source, tenant) == acknowledged
 
-        (record,) = json.loads(
-            tenantry(fleet, tmp_path, "moves", "list", "--live", "--json").stdout
-        )
+        (record,) = json.loads(run_cli(fleet, tmp_path, "moves", "list", "--live", "--json").stdout)
         assert (record["tenant"], record["state"]) == (tenant, "copied")
         if then == "resume":
-            done = tenantry(fleet, tmp_path, "moves", "resume", str(record["id"]))
+            done = run_cli(fleet, tmp_path, "moves", "resume", str(record["id"]))
             home = target
         else:
-            done = tenantry(fleet, tmp_path, "moves", "abort", str(record["id"]))
+            done = run_cli(fleet, tmp_path, "moves", "abort", str(record["id"]))
             home = source
         assert done.returncode == 0, done.stdout + done.stderr
 
