@@ -19,8 +19,9 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
-from tenantry import Catalog, load_settings
+from tenantry import Catalog, Router, load_settings
 from tenantry.demo import MIGRATIONS
+from tenantry.demo.models import ChargingSession
 from tenantry.migrations import upgrade
 from tenantry.shardmap.residency import read_residency
 
@@ -368,3 +369,20 @@ def sigkill(paused: Paused) -> None:
     assert paused.process.poll() is None, "the mover should still be sleeping"
     os.kill(paused.process.pid, signal.SIGKILL)
     assert paused.process.wait(timeout=30) == -signal.SIGKILL
+
+
+def write_one(router: Router, tenant: str, session_id: int) -> str:
+    """Insert one charging session through the router; return the shard that took it."""
+    with router.session(tenant) as session:
+        session.add(
+            ChargingSession(
+                id=session_id,
+                charger_id=1,
+                user_id=1,
+                started_at=datetime(2026, 12, 1, tzinfo=UTC),
+                ended_at=None,
+                energy_kwh=Decimal("7.5"),
+            )
+        )
+        session.commit()
+        return str(session.info["tenantry.shard"])

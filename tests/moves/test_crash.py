@@ -16,8 +16,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -35,11 +33,11 @@ from movefleet import (
     sigkill,
     start_paused,
     tenant_rows,
+    write_one,
 )
 
 from tenantry import Router
 from tenantry.cli import cli
-from tenantry.demo.models import ChargingSession
 from tenantry.errors import TenantFrozen, UnknownShard
 from tenantry.migrations import upgrade
 from tenantry.testing import drop_database
@@ -180,23 +178,6 @@ def the_live_move(fleet: Fleet, state: str, can_abort: bool) -> int:
     assert hint.startswith(f"tenantry moves resume {move_id}")
     assert (f"tenantry moves abort {move_id}" in hint) is can_abort
     return move_id
-
-
-def write_one(router: Router, tenant: str, session_id: int) -> str:
-    """Insert one charging session through the router; return the shard that took it."""
-    with router.session(tenant) as session:
-        session.add(
-            ChargingSession(
-                id=session_id,
-                charger_id=1,
-                user_id=1,
-                started_at=datetime(2026, 12, 1, tzinfo=UTC),
-                ended_at=None,
-                energy_kwh=Decimal("7.5"),
-            )
-        )
-        session.commit()
-        return str(session.info["tenantry.shard"])
 
 
 def read_shard(router: Router, tenant: str) -> tuple[str, int]:

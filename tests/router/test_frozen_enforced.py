@@ -20,8 +20,6 @@ import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ from sqlalchemy import select, text
 
 from tenantry import Catalog, Router, load_settings
 from tenantry.demo import MIGRATIONS
-from tenantry.demo.models import ChargingSession, User
+from tenantry.demo.models import User
 from tenantry.errors import TenantFrozen
 from tenantry.migrations import upgrade
 from tenantry.shardmap.catalog import set_residency
@@ -49,6 +47,7 @@ from movefleet import (
     sigkill,
     start_paused,
     tenant_rows,
+    write_one,
 )
 
 APP_ROLE = "app"  # tests/router/conftest.py's app_role fixture makes it on every server
@@ -379,23 +378,6 @@ def test_unfrozen_the_tenant_writes_again(frozen: Frozen) -> None:
 def kill_mover_at(fleet: Fleet, tmp_path: Path, checkpoint: str, *args: str) -> None:
     """Start ``tenantry ARGS``, wait until it sleeps at *checkpoint*, SIGKILL it."""
     sigkill(start_paused(fleet, tmp_path, checkpoint, *args))
-
-
-def write_one(router: Router, tenant: str, session_id: int) -> str:
-    """One acknowledged write through the router; the shard that took it."""
-    with router.session(tenant) as session:
-        session.add(
-            ChargingSession(
-                id=session_id,
-                charger_id=1,
-                user_id=1,
-                started_at=datetime(2026, 12, 1, tzinfo=UTC),
-                ended_at=None,
-                energy_kwh=Decimal("7.5"),
-            )
-        )
-        session.commit()
-        return str(session.info["tenantry.shard"])
 
 
 @pytest.fixture
