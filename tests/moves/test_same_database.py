@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from movefleet import Fleet, build_fleet, count_rows, fingerprint, residency, seed, tenant_rows
+from movefleet import (
+    Fleet,
+    build_fleet,
+    count_rows,
+    fingerprint,
+    residency,
+    seed,
+    seed_sqlite,
+    tenant_rows,
+)
 from sqlalchemy.engine import make_url
 
 from tenantry import moves
@@ -80,31 +89,6 @@ def fleet(make_pg_database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     register_behind_its_back(built, "lite-a-again", "sqlite:///lite-a.db")
     yield built
     built.close()
-
-
-def seed_sqlite(engine: sa.Engine, tenant: str) -> None:
-    """20 rows of *tenant* in a SQLite shard (no Decimal parameters there)."""
-    with engine.begin() as conn:
-        for i in range(1, 6):
-            conn.execute(
-                sa.text("INSERT INTO users (tenant_id, id, email, name) VALUES (:t, :i, :e, 'U')"),
-                {"t": tenant, "i": i, "e": f"u{i}@{tenant}"},
-            )
-            conn.execute(
-                sa.text(
-                    "INSERT INTO chargers (tenant_id, id, name, location, power_kw, status)"
-                    " VALUES (:t, :i, 'C', 'bay', 22.5, 'available')"
-                ),
-                {"t": tenant, "i": i},
-            )
-        for i in range(1, 11):
-            conn.execute(
-                sa.text(
-                    "INSERT INTO charging_sessions (tenant_id, id, charger_id, user_id,"
-                    " started_at, energy_kwh) VALUES (:t, :i, :c, :u, :s, 1.5)"
-                ),
-                {"t": tenant, "i": i, "c": 1 + i % 5, "u": 1 + i % 5, "s": "2026-11-01 10:00:00"},
-            )
 
 
 def state_of(fleet: Fleet, shard: str, tenant: str) -> tuple[int, str, str | None]:
