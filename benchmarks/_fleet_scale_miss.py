@@ -96,9 +96,15 @@ def _timed(step: _Step, backend: int | None, fn: Callable[[], Any]) -> Any:
 
 
 def raw_steps(
-    catalog_url: str, shards: Sequence[tuple[str, str, str]], *, stamp: bool = True
+    catalog_url: str,
+    shards: Sequence[tuple[str, str, str]],
+    *,
+    stamp: bool = True,
+    stamp_free: bool = False,
 ) -> dict[str, Any]:
-    """Steps 1-4 over *shards* ((tenant, shard name, routing conninfo)), one at a time."""
+    """Steps 1-4 over *shards* ((tenant, shard name, routing conninfo)), one at a time.
+    Without *stamp* only connect and close run, unless *stamp_free* (the what-if of
+    ``_fleet_scale_stampfree``: no stamp, the transactions all the same)."""
     catalog = Catalog(catalog_url, settings=load_settings(catalog_url=catalog_url))
     try:
         keys = catalog.fence_keys()
@@ -135,7 +141,7 @@ def raw_steps(
             conn.rollback()
 
         conn.autocommit = True  # the fence's BEGIN opens the transaction, as the router's
-        if stamp:
+        if stamp or stamp_free:
             _timed(steps["first tx"], pid, tx)
             _timed(steps["warm tx"], pid, tx)
         before_close += schedstat_ns(pid)
@@ -155,7 +161,10 @@ def raw_steps(
 
 
 def router_misses(
-    catalog_url: str, tenants: Sequence[str], settings: dict[str, Any]
+    catalog_url: str,
+    tenants: Sequence[str],
+    settings: dict[str, Any],
+    router_class: type[Router] = Router,
 ) -> dict[str, Any]:
     """A router's transactions to *tenants*, one at a time: a new engine's first
     (``new engine``), a hit (``hit``), and a miss whose engine is kept but has no
@@ -163,7 +172,7 @@ def router_misses(
     the misses profiled."""
     from _fleet_scale_workers import one
 
-    router = Router(settings=load_settings(catalog_url=catalog_url, **settings))
+    router = router_class(settings=load_settings(catalog_url=catalog_url, **settings))
     steps = {name: _Step() for name in ("new engine", "hit", "miss", "dispose")}
     profile = cProfile.Profile(time.thread_time)  # CPU, not wall: waits are not in it
     try:
@@ -216,4 +225,25 @@ def miss_cost(
         # slot now (made by the first pass), which the stamp then reuses
         "raw_again": raw_steps(catalog_url, shards[:half]),
         "router": router_misses(catalog_url, [t for t, _s, _u in shards[half:]], settings),
+    }
+
+
+def miss_cost_stamp_free(
+    catalog_url: str,
+    shards: Sequence[tuple[str, str, str]],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Part 0 under ``--what-if-stamp-free`` (the what-if's functions in place on
+    *shards*): as :func:`miss_cost`, without the stamp, the router a
+    ``StampFreeRouter``."""
+    from _fleet_scale_stampfree import StampFreeRouter
+
+    half = len(shards) // 2
+    return {
+        "connections": half,
+        "raw": raw_steps(catalog_url, shards[:half], stamp=False, stamp_free=True),
+        "raw_again": raw_steps(catalog_url, shards[:half], stamp=False, stamp_free=True),
+        "router": router_misses(
+            catalog_url, [t for t, _s, _u in shards[half:]], settings, StampFreeRouter
+        ),
     }

@@ -4,6 +4,7 @@ one router and many.
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
         [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
         [--max-connections N] [--roomy N] [--no-preload] [--learn S]
+        [--what-if-stamp-free]
 
 ``--only`` runs some parts (``miss``: 0, ``dedicated``: 1, ``budget``: 2 and 2b,
 ``refresh``: 3, ``cli``: 4; the build always runs); ``--databases``/``--tenants``
@@ -15,6 +16,18 @@ a connection for every one of 1,000 databases), built the same way (1b). The thr
 servers run with ``shared_preload_libraries='plpgsql'`` (README recommends it: each new
 backend finds PL/pgSQL loaded; ~1 ms of server CPU less per new connection, part 0);
 ``--no-preload`` leaves it out.
+
+``--what-if-stamp-free`` is a WHAT-IF, not a setting of tenantry (it weakens nothing in
+tenantry: it changes only the dedicated databases this script built, while it runs,
+and its own routers): would a dedicated tier without the fence's per-connection stamp
+meet issue 19's goal? In every dedicated database ``tenantry.tenant()`` returns that
+database's tenant as a constant and ``tenantry.fence`` only refuses another tenant and
+reads the residency row; the benchmark's ``StampFreeRouter`` skips the connect-event
+stamp on dedicated shards (``_fleet_scale_stampfree``; the original functions are put
+back before every baseline router and at the end). Part 0 then runs twice each way on
+databases nothing touched before (baseline, what-if, baseline, what-if; the load
+average before each), a check shows what the server sees each way, and part 1 runs
+every variant twice, the baseline and ``<variant> + stamp-free``, interleaved by round.
 
 0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
    open connection, step by step, one connection at a time — connect, the fence's
@@ -77,7 +90,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -97,7 +110,8 @@ from _common import (
     summarize,
     timed,
 )
-from _fleet_scale_miss import miss_cost
+from _fleet_scale_miss import miss_cost, miss_cost_stamp_free
+from _fleet_scale_stampfree import StampFreeRouter, check, originals, switch
 from _fleet_scale_workers import TABLE, load_process, one, watch_process
 from _map_refresh import refresh_cpu
 from psycopg import sql
@@ -133,6 +147,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pool_size_dedicated": 8,
     },
 }
+#: The suffix of part 1's variants run under ``--what-if-stamp-free``.
+STAMP_FREE = " + stamp-free"
 #: ``--preload``: each new backend finds PL/pgSQL loaded (forked from the postmaster)
 #: instead of loading it on its first PL/pgSQL call (the stamp, the fence).
 PRELOAD = {"shared_preload_libraries": "plpgsql"}
@@ -216,6 +232,7 @@ class Fleet:
     figures: dict[str, Any]
     databases: list[str]  # every URL made here, the catalog last
     role: str
+    dedicated_admin: list[str] = field(default_factory=list)  # superuser URLs, as dedicated
 
 
 def _role(server: str) -> tuple[str, str]:
@@ -357,7 +374,9 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
             conn.execute(sa.text("ANALYZE"))
     catalog.close()
     databases = [template, *urls, catalog_url]
-    return Fleet(server, catalog_url, dedicated, shared, figures, databases, role[0])
+    return Fleet(
+        server, catalog_url, dedicated, shared, figures, databases, role[0], list(ded_urls)
+    )
 
 
 def drop(fleet: Fleet) -> None:
@@ -374,21 +393,27 @@ def drop(fleet: Fleet) -> None:
 MISS_SAMPLE = 80
 
 
-def question_0(fleet: Fleet, cfg: Config, phase: Phases) -> dict[str, Any]:
+def question_0(
+    fleet: Fleet, cfg: Config, phase: Phases, picked: Sequence[str] = (), stamp_free: bool = False
+) -> dict[str, Any]:
     """What a transaction to a database with no open connection costs, step by step
-    (``_fleet_scale_miss``), on dedicated databases the other parts have not touched."""
+    (``_fleet_scale_miss``), on dedicated databases the other parts have not touched
+    (*picked*: the last ``MISS_SAMPLE`` unless given). *stamp_free*: the what-if's
+    functions are in place (``--what-if-stamp-free``)."""
     catalog = Catalog(fleet.catalog_url, settings=load_settings(catalog_url=fleet.catalog_url))
     try:
         snapshot = catalog.snapshot()
     finally:
         catalog.close()
-    picked = fleet.dedicated[-min(MISS_SAMPLE, len(fleet.dedicated)) :]
+    picked = picked or fleet.dedicated[-min(MISS_SAMPLE, len(fleet.dedicated)) :]
     shards = []
     for t in picked:
         shard = snapshot.shards[snapshot.tenants[t].shard]
         shards.append((t, shard.name, conninfo(shard.url)))
-    with phase("question 0: what a miss costs"):
-        return miss_cost(fleet.catalog_url, shards, VARIANTS["lone router"])
+    cost = miss_cost_stamp_free if stamp_free else miss_cost
+    name = "what-if stamp-free" if stamp_free else "baseline"
+    with phase(f"question 0: what a miss costs ({name})"):
+        return {"load": load_average(), **cost(fleet.catalog_url, shards, VARIANTS["lone router"])}
 
 
 # -- question 1: one router ------------------------------------------------------------------
@@ -455,8 +480,15 @@ def run_window(
 
 
 def question_1(
-    fleet: Fleet, cfg: Config, phase: Phases, variants: dict[str, dict[str, Any]]
+    fleet: Fleet,
+    cfg: Config,
+    phase: Phases,
+    variants: dict[str, dict[str, Any]],
+    stamp_free: Any = None,
 ) -> dict[str, Any]:
+    """*stamp_free* (``--what-if-stamp-free``): a callable that puts the what-if's
+    functions in place (True) or the originals (False); variants named ``... +
+    stamp-free`` run with it on and a ``StampFreeRouter``."""
     choosers = {
         (kind, pool): Chooser(
             fleet.dedicated if pool == "dedicated" else fleet.shared, kind, cfg.zipf_s, 7
@@ -479,6 +511,8 @@ def question_1(
     rng = random.Random(11)
     order_v = list(variants)
     warm: dict[str, list[float]] = {v: [] for v in variants}
+    loads: dict[str, list[Any]] = {v: [] for v in variants}
+    switched: list[float] = []
     try:
         with phase("question 1: one router, dedicated vs shared"):
             for round_ in range(cfg.rounds):
@@ -486,7 +520,12 @@ def question_1(
                 # say), in the other order the next round; its cells interleaved.
                 for v in order_v if round_ % 2 == 0 else order_v[::-1]:
                     settings = load_settings(catalog_url=fleet.catalog_url, **variants[v])
-                    with Router(settings=settings) as router:
+                    what_if = v.endswith(STAMP_FREE)
+                    if stamp_free is not None:
+                        switched.append(stamp_free(what_if))
+                    loads[v].append(load_average())
+                    cls = StampFreeRouter if what_if else Router
+                    with cls(settings=settings) as router:
                         if cfg.touch_all:
                             warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
                         for pool in ("dedicated", "shared"):
@@ -536,6 +575,8 @@ def question_1(
         "ratios": [],
         "touch_all_s": {v: [round(x, 1) for x in w] for v, w in warm.items()},
         "settings": variants,
+        "load_before": loads,
+        "switch_s": [round(x, 1) for x in switched],
     }
     for (v, k, p), cell in cells.items():
         lat = cell["latencies"]
@@ -887,6 +928,8 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     if "question_0" in data:
         lines += _q0_lines(data["question_0"])
+    if "what_if_stamp_free" in data:
+        lines += _what_if_lines(data)
     if "question_1" in data:
         lines += _q1_lines(data["question_1"], cfg)
     if "question_1_roomy" in data:
@@ -958,6 +1001,145 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
         markdown_table(["step", "wall ms", "client CPU ms", "server CPU ms"], rows, align="lrrr"),
         "",
     ]
+
+
+def miss_server_ms(q0: dict[str, Any]) -> dict[str, float]:
+    """Part 0's server CPU of one miss, by step (ms): the fork, the backend's start,
+    the stamp (none in the what-if), the cold first transaction's extra over a warm one,
+    the exit."""
+    raw = q0["raw"]
+    out = {
+        "fork": raw["postmaster_fork_ms"],
+        "start": raw["connect"]["server_ms"],
+        "stamp": raw["stamp"]["server_ms"] if "stamp" in raw else 0.0,
+        "cold tx": raw["first tx"]["server_ms"] - raw["warm tx"]["server_ms"],
+        "exit": raw["backend_exit_ms"],
+    }
+    out["miss"] = sum(out.values())
+    out["warm tx"] = raw["warm tx"]["server_ms"]
+    out["router miss wall"] = q0["router"]["miss"]["wall_ms"]
+    out["router miss client"] = q0["router"]["miss"]["client_ms"]
+    out["router hit wall"] = q0["router"]["hit"]["wall_ms"]
+    return out
+
+
+def _what_if_lines(data: dict[str, Any]) -> list[str]:
+    wi = data["what_if_stamp_free"]
+    lines = [
+        "## What-if: dedicated databases without the per-connection stamp",
+        "",
+        "`--what-if-stamp-free` (a what-if on this benchmark's own fleet, not a tenantry "
+        "setting): in each dedicated database `tenantry.tenant()` returns its tenant as a "
+        "constant, `tenantry.fence` only refuses another tenant and reads the residency row, "
+        "and the benchmark's routers skip `open_session` on dedicated shards "
+        "(`benchmarks/_fleet_scale_stampfree.py`).",
+        "",
+        "### Check: what the server sees (3 dedicated databases, 3 routed transactions each)",
+        "",
+    ]
+    rows = []
+    for c in wi["checks"]:
+        calls = c["function_calls"]
+        rows.append(
+            [
+                "what-if" if c["stamp_free"] else "baseline",
+                "; ".join(
+                    f"{t}: {','.join(v['rows'])} (tenant() {v['tenant()']})"
+                    for t, v in c["rows_seen"].items()
+                ),
+                sum(x.get("open_session", 0) for x in calls.values()),
+                sum(x.get("fence", 0) for x in calls.values()),
+                sum(c["temporary_relations_while_connected"].values()),
+                c["fence_for_another_tenant"],
+            ]
+        )
+    lines += [
+        markdown_table(
+            [
+                "routers",
+                "rows seen (SELECT without WHERE; an intruder's row is in each database)",
+                "open_session calls",
+                "fence calls",
+                "temporary relations while connected",
+                "fence for another tenant",
+            ],
+            rows,
+            align="llrrrl",
+        ),
+        "",
+    ]
+    turns = wi.get("question_0", [])
+    if turns:
+        steps = ["fork", "start", "stamp", "cold tx", "exit", "miss", "warm tx",
+                 "router miss wall", "router miss client", "router hit wall"]  # fmt: skip
+        figures = [miss_server_ms(q) for q in turns]
+        names = [
+            f"{'what-if' if i % 2 else 'baseline'} #{i // 2 + 1} (load {q['load']})"
+            for i, q in enumerate(turns)
+        ]
+        lines += [
+            "### Part 0: a miss, one connection at a time (server CPU ms unless said; "
+            f"{turns[0]['connections']} connections each, medians)",
+            "",
+            "Server CPU per miss = fork + backend start + stamp + (first transaction - warm "
+            "transaction) + exit. Each turn on dedicated databases nothing had touched.",
+            "",
+            markdown_table(
+                ["step", *names],
+                [[st, *(f"{f[st]:.2f}" for f in figures)] for st in steps],
+                align="l" + "r" * len(names),
+            ),
+            "",
+        ]
+    q1 = data.get("question_1")
+    if q1:
+        by = {(c["variant"], c["choice"], c["pool"]): c for c in q1["cells"]}
+        rows = []
+        for v in q1["settings"]:
+            for k in ("zipf", "uniform"):
+                ded, sh = by[(v, k, "dedicated")], by[(v, k, "shared")]
+                share = ded["sessions_per_s"] / ded["tps"] if ded["tps"] else 0.0
+                per_miss = (2 / ded["tps"] - 2 / sh["tps"]) / share * 1000 if share else 0.0
+                rows.append(
+                    [
+                        v,
+                        k,
+                        f"{ded['tps']:,.0f}",
+                        f"{sh['tps']:,.0f}",
+                        f"{ded['tps'] / sh['tps']:.2f}x",
+                        f"{ded['latency_ms']['p50'] / sh['latency_ms']['p50']:.2f}x",
+                        f"{100 * share:.1f}%",
+                        f"{per_miss:.1f}",
+                        ", ".join(str(x) for x in q1.get("load_before", {}).get(v, [])),
+                    ]
+                )
+        lines += [
+            "### Part 1: the arithmetic",
+            "",
+            "CPU per miss inside the load = (2 cores / dedicated tx/s - 2 cores / shared "
+            "tx/s) / share of dedicated transactions connecting (sessions/s over tx/s).",
+            "",
+            markdown_table(
+                [
+                    "settings",
+                    "choice",
+                    "ded tx/s",
+                    "shared tx/s",
+                    "tx/s ratio",
+                    "p50 ratio",
+                    "connecting",
+                    "CPU per miss ms",
+                    "load before each router",
+                ],
+                rows,
+                align="llrrrrrrl",
+            ),
+            "",
+            f"Switching the functions of every dedicated database: {q1.get('switch_s')} s "
+            "(between routers, not measured).",
+            "",
+        ]
+    return lines
 
 
 def _q1_lines(q1: dict[str, Any], cfg: dict[str, Any], title: str | None = None) -> list[str]:
@@ -1234,10 +1416,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["shared_preload_libraries"] = _show(server, "shared_preload_libraries")
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
-        if "miss" in parts:
+        toggle = None
+        if args.what_if_stamp_free:
+            toggle = stack.enter_context(_what_if(fleet))
+            data["what_if_stamp_free"] = what_if_stamp_free(fleet, cfg, phase, parts, toggle)
+            variants = variants | {f"{v}{STAMP_FREE}": st for v, st in variants.items()}
+        elif "miss" in parts:
             data["question_0"] = question_0(fleet, cfg, phase)
         if "dedicated" in parts:
-            data["question_1"] = question_1(fleet, cfg, phase, variants)
+            data["question_1"] = question_1(fleet, cfg, phase, variants, toggle)
+        if toggle is not None:
+            toggle(False)
         if "budget" in parts:
             data["question_2"] = question_2(fleet, cfg, phase, {})
             data["question_2b"] = question_2(
@@ -1266,6 +1455,54 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data["load_end"] = load_average()
     data["headline"] = headline(data)
     return data
+
+
+@contextmanager
+def _what_if(fleet: Fleet) -> Any:
+    """``--what-if-stamp-free``: a callable that puts the what-if's functions in every
+    dedicated database (True) or the originals back (False), when they are not so
+    already; the originals are back at the end whatever happens."""
+    pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
+    saved = originals(pairs[0][1])
+    state = [False]
+
+    def toggle(on: bool) -> float:
+        if state[0] == on:
+            return 0.0
+        seconds = switch(pairs, on, saved)
+        state[0] = on
+        console.print(f"  what-if stamp-free {'on' if on else 'off'}: {seconds:.1f} s")
+        return seconds
+
+    try:
+        yield toggle
+    finally:
+        toggle(False)
+
+
+def what_if_stamp_free(
+    fleet: Fleet, cfg: Config, phase: Phases, parts: set[str], toggle: Any
+) -> dict[str, Any]:
+    """``--what-if-stamp-free``: the check each way, then part 0 baseline and what-if in
+    turn, each on dedicated databases nothing has touched (from the end of the list)."""
+    out: dict[str, Any] = {"checks": []}
+    settings = VARIANTS["lone router"]
+    pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
+    probe = pairs[:3]
+    with phase("what-if stamp-free: check"):
+        for on in (False, True):
+            toggle(on)
+            out["checks"].append(check(fleet.catalog_url, probe, settings, on))
+    if "miss" in parts:
+        n = min(MISS_SAMPLE, len(fleet.dedicated) // 8)
+        turns = 4 if len(fleet.dedicated) - len(probe) >= 4 * n else 2
+        out["question_0"] = []
+        for i in range(turns):
+            on = i % 2 == 1
+            picked = fleet.dedicated[len(fleet.dedicated) - (i + 1) * n :][:n]
+            toggle(on)
+            out["question_0"].append(question_0(fleet, cfg, phase, picked, on))
+    return out
 
 
 def _max_connections(server: str) -> int:
@@ -1318,6 +1555,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=True,
         help="throwaway servers with shared_preload_libraries='plpgsql', as README "
         "recommends (each new backend finds PL/pgSQL loaded); default: yes",
+    )
+    parser.add_argument(
+        "--what-if-stamp-free",
+        action="store_true",
+        help="WHAT-IF, not a tenantry setting (changes only this benchmark's own fleet): "
+        "dedicated databases without the fence's per-connection stamp, their tenant a "
+        "constant; part 0 and part 1 run each way (see the docstring)",
     )
     parser.add_argument(
         "--roomy",
