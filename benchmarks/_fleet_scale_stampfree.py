@@ -47,6 +47,7 @@ from sqlalchemy import Engine, event
 
 from tenantry import Router, load_settings
 from tenantry.router import router as router_module
+from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.model import Shard, Tier
 
 TENANT_FN = "tenantry.tenant()"
@@ -181,9 +182,19 @@ def check(
                     "SELECT count(*) FROM pg_class WHERE relpersistence = 't'"
                 ).fetchone()
                 temp[tenant] = int(row[0]) if row else -1
+        # PREPARE TRANSACTION in a routed transaction: refused for its temporary
+        # object (the stamp) before PostgreSQL looks at max_prepared_transactions
+        tenant = dedicated[0][0]
+        with router.connection(tenant) as conn:
+            conn.exec_driver_sql(f"SELECT n FROM {TABLE} WHERE id = 1").all()
+            try:
+                conn.exec_driver_sql("PREPARE TRANSACTION 'tenantry-what-if-probe'")
+                prepared = "prepared"
+            except sa.exc.DBAPIError as exc:
+                prepared = f"{getattr(exc.orig, 'sqlstate', '')}: {str(exc.orig).strip()}"
         # the fence refuses another tenant (as the routing role, on the router's
         # connection, in a transaction of its own)
-        tenant, other = dedicated[0][0], dedicated[1][0]
+        other = dedicated[1][0]
         with router.engine_for(tenant).connect() as conn:
             try:
                 conn.exec_driver_sql(f"SELECT tenantry.fence('{other}', '1:{'0' * 64}')")
@@ -192,6 +203,28 @@ def check(
                 refused = getattr(exc.orig, "sqlstate", None) or str(exc)
     finally:
         router.close()
+    if prepared == "prepared":  # a server with max_prepared_transactions > 0
+        with psycopg.connect(_conninfo(dedicated[0][1]), autocommit=True) as conn:
+            conn.execute("ROLLBACK PREPARED 'tenantry-what-if-probe'")
+    # a read-only routed transaction (as the engine option postgresql_readonly makes it)
+    readonly = type(
+        "ReadOnly",
+        (cls,),
+        {"engine_factory": staticmethod(partial(make_engine, execution_options={
+            "postgresql_readonly": True}))},
+    )  # fmt: skip
+    ro_router = readonly(settings=load_settings(catalog_url=catalog_url, **settings))
+    try:
+        with ro_router.session(tenant) as session:
+            ro = session.execute(
+                sa.text(
+                    "SELECT current_setting('transaction_read_only'), tenantry.tenant(),"
+                    f" (SELECT count(*) FROM {TABLE})"
+                )
+            ).one()
+            read_only = {"read_only": ro[0], "tenant()": ro[1], "rows": int(ro[2])}
+    finally:
+        ro_router.close()
     time.sleep(1.0)  # the backends exit and flush their function statistics
     calls: dict[str, dict[str, int]] = {}
     for tenant, admin in dedicated:
@@ -212,4 +245,6 @@ def check(
         "temporary_relations_while_connected": temp,
         "function_calls": calls,
         "fence_for_another_tenant": refused,
+        "prepare_transaction": prepared,
+        "read_only_transaction": read_only,
     }

@@ -1051,6 +1051,8 @@ def _what_if_lines(data: dict[str, Any]) -> list[str]:
                 sum(x.get("fence", 0) for x in calls.values()),
                 sum(c["temporary_relations_while_connected"].values()),
                 c["fence_for_another_tenant"],
+                c["prepare_transaction"],
+                ", ".join(f"{k} {v}" for k, v in c["read_only_transaction"].items()),
             ]
         )
     lines += [
@@ -1062,9 +1064,11 @@ def _what_if_lines(data: dict[str, Any]) -> list[str]:
                 "fence calls",
                 "temporary relations while connected",
                 "fence for another tenant",
+                "PREPARE TRANSACTION in a routed transaction",
+                "a read-only routed transaction",
             ],
             rows,
-            align="llrrrl",
+            align="llrrrlll",
         ),
         "",
     ]
