@@ -68,7 +68,7 @@ BEGIN
   IF p_tenant IS DISTINCT FROM {lit} THEN
     RAISE EXCEPTION 'tenantry: tenant "%" does not live in this dedicated database', p_tenant
       USING ERRCODE = '28000';
-  END IF;
+  END IF;{guard}
   SELECT r.state INTO v_state FROM {residency} r WHERE r.tenant_id = p_tenant;
   IF v_state = 'frozen' THEN
     v_done := set_config('transaction_read_only', 'on', true);
@@ -77,6 +77,12 @@ BEGIN
 END
 $tenantry$
 """
+#: ``--what-if-prepare-guard``: PostgreSQL refuses PREPARE TRANSACTION in a transaction
+#: that ran LISTEN or UNLISTEN (a bare UNLISTEN in a session that never listened is a
+#: no-op and does not), read-only transactions included; no temporary object.
+_GUARD = """
+  LISTEN tenantry_no_prepare;
+  UNLISTEN tenantry_no_prepare;"""
 _RESIDENCY = (
     "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)"
     " FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
@@ -100,27 +106,29 @@ def originals(admin_url: str) -> tuple[str, str]:
     return out[0], out[1]
 
 
-def _apply(entry: tuple[str, str], on: bool, saved: tuple[str, str]) -> None:
+def _apply(entry: tuple[str, str], mode: str, saved: tuple[str, str]) -> None:
     tenant, admin_url = entry
     with psycopg.connect(_conninfo(admin_url)) as conn:  # one transaction
-        if on:
+        if mode:
             row = conn.execute(_RESIDENCY).fetchone()
             assert row is not None
             lit = sql.Literal(tenant).as_string(conn)
             conn.execute(_TENANT_SQL.replace("{lit}", lit).encode())
             fence = _FENCE_SQL.replace("{lit}", lit).replace("{residency}", str(row[0]))
+            fence = fence.replace("{guard}", _GUARD if mode == "guard" else "")
             conn.execute(fence.encode())
         else:
             conn.execute(saved[0].encode())
             conn.execute(saved[1].encode())
 
 
-def switch(dedicated: Sequence[tuple[str, str]], on: bool, saved: tuple[str, str]) -> float:
-    """Put the what-if's functions (*on*) or the originals (*saved*) in every dedicated
-    database ((tenant, superuser URL) pairs); return the seconds it took."""
+def switch(dedicated: Sequence[tuple[str, str]], mode: str, saved: tuple[str, str]) -> float:
+    """Put the what-if's functions (*mode* ``stamp-free``, or ``guard``: with the
+    PREPARE TRANSACTION guard) or the originals (*mode* ``""``: *saved*) in every
+    dedicated database ((tenant, superuser URL) pairs); return the seconds it took."""
     started = time.monotonic()
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(partial(_apply, on=on, saved=saved), dedicated))
+        list(pool.map(partial(_apply, mode=mode, saved=saved), dedicated))
     return time.monotonic() - started
 
 
@@ -144,7 +152,7 @@ def check(
     catalog_url: str,
     dedicated: Sequence[tuple[str, str]],
     settings: dict[str, Any],
-    stamp_free: bool,
+    mode: str,
 ) -> dict[str, Any]:
     """Route transactions to the tenants of *dedicated* ((tenant, superuser URL), a few)
     with the what-if's router (*stamp_free*) or the baseline's, and report what the
@@ -166,6 +174,7 @@ def check(
                     " ON CONFLICT DO NOTHING",
                     (who,),
                 )
+    stamp_free = bool(mode)
     cls = StampFreeRouter if stamp_free else Router
     router = cls(settings=load_settings(catalog_url=catalog_url, **settings))
     seen: dict[str, Any] = {}
@@ -241,6 +250,7 @@ def check(
             )
     return {
         "stamp_free": stamp_free,
+        "mode": mode,
         "rows_seen": seen,
         "temporary_relations_while_connected": temp,
         "function_calls": calls,

@@ -28,6 +28,10 @@ back before every baseline router and at the end). Part 0 then runs twice each w
 databases nothing touched before (baseline, what-if, baseline, what-if; the load
 average before each), a check shows what the server sees each way, and part 1 runs
 every variant twice, the baseline and ``<variant> + stamp-free``, interleaved by round.
+``--what-if-prepare-guard`` adds a third way everywhere: the stamp-free fence also runs
+``LISTEN``/``UNLISTEN`` so that PostgreSQL refuses ``PREPARE TRANSACTION`` in a routed
+transaction, as the stamp's temporary object makes it do (``<variant> + stamp-free +
+prepare guard``).
 
 0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
    open connection, step by step, one connection at a time — connect, the fence's
@@ -149,6 +153,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 #: The suffix of part 1's variants run under ``--what-if-stamp-free``.
 STAMP_FREE = " + stamp-free"
+#: ... and under ``--what-if-prepare-guard`` too, with the fence's PREPARE guard.
+GUARD = " + stamp-free + prepare guard"
 #: ``--preload``: each new backend finds PL/pgSQL loaded (forked from the postmaster)
 #: instead of loading it on its first PL/pgSQL call (the stamp, the fence).
 PRELOAD = {"shared_preload_libraries": "plpgsql"}
@@ -394,12 +400,12 @@ MISS_SAMPLE = 80
 
 
 def question_0(
-    fleet: Fleet, cfg: Config, phase: Phases, picked: Sequence[str] = (), stamp_free: bool = False
+    fleet: Fleet, cfg: Config, phase: Phases, picked: Sequence[str] = (), mode: str = ""
 ) -> dict[str, Any]:
     """What a transaction to a database with no open connection costs, step by step
     (``_fleet_scale_miss``), on dedicated databases the other parts have not touched
-    (*picked*: the last ``MISS_SAMPLE`` unless given). *stamp_free*: the what-if's
-    functions are in place (``--what-if-stamp-free``)."""
+    (*picked*: the last ``MISS_SAMPLE`` unless given). *mode*: the what-if's functions
+    in place (``stamp-free`` or ``guard``: ``--what-if-stamp-free``)."""
     catalog = Catalog(fleet.catalog_url, settings=load_settings(catalog_url=fleet.catalog_url))
     try:
         snapshot = catalog.snapshot()
@@ -410,10 +416,13 @@ def question_0(
     for t in picked:
         shard = snapshot.shards[snapshot.tenants[t].shard]
         shards.append((t, shard.name, conninfo(shard.url)))
-    cost = miss_cost_stamp_free if stamp_free else miss_cost
-    name = "what-if stamp-free" if stamp_free else "baseline"
-    with phase(f"question 0: what a miss costs ({name})"):
-        return {"load": load_average(), **cost(fleet.catalog_url, shards, VARIANTS["lone router"])}
+    cost = miss_cost_stamp_free if mode else miss_cost
+    with phase(f"question 0: what a miss costs ({mode or 'baseline'})"):
+        return {
+            "load": load_average(),
+            "mode": mode,
+            **cost(fleet.catalog_url, shards, VARIANTS["lone router"]),
+        }
 
 
 # -- question 1: one router ------------------------------------------------------------------
@@ -487,8 +496,9 @@ def question_1(
     stamp_free: Any = None,
 ) -> dict[str, Any]:
     """*stamp_free* (``--what-if-stamp-free``): a callable that puts the what-if's
-    functions in place (True) or the originals (False); variants named ``... +
-    stamp-free`` run with it on and a ``StampFreeRouter``."""
+    functions in place (``stamp-free``, ``guard``) or the originals (``""``); variants
+    named ``... + stamp-free`` (``GUARD``: ``guard``) run with them and a
+    ``StampFreeRouter``."""
     choosers = {
         (kind, pool): Chooser(
             fleet.dedicated if pool == "dedicated" else fleet.shared, kind, cfg.zipf_s, 7
@@ -520,11 +530,17 @@ def question_1(
                 # say), in the other order the next round; its cells interleaved.
                 for v in order_v if round_ % 2 == 0 else order_v[::-1]:
                     settings = load_settings(catalog_url=fleet.catalog_url, **variants[v])
-                    what_if = v.endswith(STAMP_FREE)
+                    mode = (
+                        "guard"
+                        if v.endswith(GUARD)
+                        else "stamp-free"
+                        if v.endswith(STAMP_FREE)
+                        else ""
+                    )
                     if stamp_free is not None:
-                        switched.append(stamp_free(what_if))
+                        switched.append(stamp_free(mode))
                     loads[v].append(load_average())
-                    cls = StampFreeRouter if what_if else Router
+                    cls = StampFreeRouter if mode else Router
                     with cls(settings=settings) as router:
                         if cfg.touch_all:
                             warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
@@ -1042,7 +1058,7 @@ def _what_if_lines(data: dict[str, Any]) -> list[str]:
         calls = c["function_calls"]
         rows.append(
             [
-                "what-if" if c["stamp_free"] else "baseline",
+                c.get("mode", "stamp-free" if c["stamp_free"] else "") or "baseline",
                 "; ".join(
                     f"{t}: {','.join(v['rows'])} (tenant() {v['tenant()']})"
                     for t, v in c["rows_seen"].items()
@@ -1077,10 +1093,7 @@ def _what_if_lines(data: dict[str, Any]) -> list[str]:
         steps = ["fork", "start", "stamp", "cold tx", "exit", "miss", "warm tx",
                  "router miss wall", "router miss client", "router hit wall"]  # fmt: skip
         figures = [miss_server_ms(q) for q in turns]
-        names = [
-            f"{'what-if' if i % 2 else 'baseline'} #{i // 2 + 1} (load {q['load']})"
-            for i, q in enumerate(turns)
-        ]
+        names = [f"{q.get('mode') or 'baseline'} (load {q['load']})" for q in turns]
         lines += [
             "### Part 0: a miss, one connection at a time (server CPU ms unless said; "
             f"{turns[0]['connections']} connections each, medians)",
@@ -1423,14 +1436,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         toggle = None
         if args.what_if_stamp_free:
             toggle = stack.enter_context(_what_if(fleet))
-            data["what_if_stamp_free"] = what_if_stamp_free(fleet, cfg, phase, parts, toggle)
-            variants = variants | {f"{v}{STAMP_FREE}": st for v, st in variants.items()}
+            modes = ["", "stamp-free"] + (["guard"] if args.what_if_prepare_guard else [])
+            data["what_if_stamp_free"] = what_if_stamp_free(fleet, cfg, phase, parts, toggle, modes)
+            variants = (
+                variants
+                | {f"{v}{STAMP_FREE}": st for v, st in variants.items()}
+                | (
+                    {f"{v}{GUARD}": st for v, st in variants.items()}
+                    if args.what_if_prepare_guard
+                    else {}
+                )
+            )
         elif "miss" in parts:
             data["question_0"] = question_0(fleet, cfg, phase)
         if "dedicated" in parts:
             data["question_1"] = question_1(fleet, cfg, phase, variants, toggle)
         if toggle is not None:
-            toggle(False)
+            toggle("")
         if "budget" in parts:
             data["question_2"] = question_2(fleet, cfg, phase, {})
             data["question_2b"] = question_2(
@@ -1468,24 +1490,24 @@ def _what_if(fleet: Fleet) -> Any:
     already; the originals are back at the end whatever happens."""
     pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
     saved = originals(pairs[0][1])
-    state = [False]
+    state = [""]
 
-    def toggle(on: bool) -> float:
-        if state[0] == on:
+    def toggle(mode: str) -> float:
+        if state[0] == mode:
             return 0.0
-        seconds = switch(pairs, on, saved)
-        state[0] = on
-        console.print(f"  what-if stamp-free {'on' if on else 'off'}: {seconds:.1f} s")
+        seconds = switch(pairs, mode, saved)
+        state[0] = mode
+        console.print(f"  what-if: {mode or 'the original functions'}: {seconds:.1f} s")
         return seconds
 
     try:
         yield toggle
     finally:
-        toggle(False)
+        toggle("")
 
 
 def what_if_stamp_free(
-    fleet: Fleet, cfg: Config, phase: Phases, parts: set[str], toggle: Any
+    fleet: Fleet, cfg: Config, phase: Phases, parts: set[str], toggle: Any, modes: list[str]
 ) -> dict[str, Any]:
     """``--what-if-stamp-free``: the check each way, then part 0 baseline and what-if in
     turn, each on dedicated databases nothing has touched (from the end of the list)."""
@@ -1494,18 +1516,18 @@ def what_if_stamp_free(
     pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
     probe = pairs[:3]
     with phase("what-if stamp-free: check"):
-        for on in (False, True):
-            toggle(on)
-            out["checks"].append(check(fleet.catalog_url, probe, settings, on))
+        for mode in modes:
+            toggle(mode)
+            out["checks"].append(check(fleet.catalog_url, probe, settings, mode))
     if "miss" in parts:
-        n = min(MISS_SAMPLE, len(fleet.dedicated) // 8)
-        turns = 4 if len(fleet.dedicated) - len(probe) >= 4 * n else 2
+        n = min(MISS_SAMPLE, len(fleet.dedicated) // (4 * len(modes)))
+        rounds = 2 if len(fleet.dedicated) - len(probe) >= 2 * len(modes) * n else 1
         out["question_0"] = []
-        for i in range(turns):
-            on = i % 2 == 1
+        for i in range(rounds * len(modes)):
+            mode = modes[i % len(modes)]
             picked = fleet.dedicated[len(fleet.dedicated) - (i + 1) * n :][:n]
-            toggle(on)
-            out["question_0"].append(question_0(fleet, cfg, phase, picked, on))
+            toggle(mode)
+            out["question_0"].append(question_0(fleet, cfg, phase, picked, mode))
     return out
 
 
@@ -1568,6 +1590,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         "constant; part 0 and part 1 run each way (see the docstring)",
     )
     parser.add_argument(
+        "--what-if-prepare-guard",
+        action="store_true",
+        help="with --what-if-stamp-free: also a third way, the stamp-free fence running "
+        "LISTEN and UNLISTEN so that PostgreSQL refuses PREPARE TRANSACTION",
+    )
+    parser.add_argument(
         "--roomy",
         type=int,
         metavar="N",
@@ -1577,6 +1605,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.roomy is not None and (args.pg_url or args.roomy < 10):
         parser.error("--roomy starts a throwaway server of its own: not with --pg-url, N >= 10")
+    if args.what_if_prepare_guard and not args.what_if_stamp_free:
+        parser.error("--what-if-prepare-guard goes with --what-if-stamp-free")
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         finish(NAME, data, markdown(data), args.out, summary)
