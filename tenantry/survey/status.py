@@ -567,6 +567,17 @@ def _attention(
                 f"server {server.server}: {server.connections} of {server.usable} usable "
                 "connections in use"
             )
+        if len(server.shards) > server.usable:
+            # A connection serves one database: past this, routers cannot keep one idle
+            # connection per database, and a transaction to a database without one
+            # opens a new server session (DESIGN.md, "What a miss costs").
+            found.append(
+                f"server {server.server}: {len(server.shards)} shard databases but "
+                f"{server.usable} usable connections (max_connections "
+                f"{server.max_connections}), so routers cannot keep a connection to each: "
+                "raise max_connections above the number of databases, or move shards "
+                "to another server"
+            )
         found.extend(
             f"server {server.server}: replication slot {slot.name} has lost WAL it needs"
             for slot in server.physical_slots

@@ -23,6 +23,7 @@ from tenantry.cli import cli
 from tenantry.demo import MIGRATIONS
 from tenantry.shardmap.scripts import SHARD
 from tenantry.survey.status import server_of
+from tenantry.testing.server import TempPostgres
 from tenantry.urls import mask_url
 
 OTHER_SLOT = "someone_elses_slot"
@@ -334,3 +335,41 @@ def test_many_shards_are_checked_at_once(run):
     assert result.exit_code == 3
     assert [s["reachable"] for s in doc["shards"]] == [False] * 12
     assert doc["seconds"] < 12, doc["seconds"]
+
+
+def test_a_server_with_fewer_connections_than_databases_needs_attention(run, tmp_path: Path):
+    """Routers cannot keep a connection to every database of a server whose usable
+    connections are fewer than its databases: each transaction to a database without
+    one pays a new server session. status says so, per server, with what to do."""
+    server = TempPostgres.start(name="tenantry-few-connections", settings={"max_connections": "8"})
+    try:
+        admin = sa.create_engine(server.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            usable = conn.scalar(
+                sa.text(
+                    "SELECT current_setting('max_connections')::int"
+                    " - current_setting('superuser_reserved_connections')::int"
+                )
+            )
+            for i in range(usable + 1):
+                conn.execute(sa.text(f"CREATE DATABASE few{i}"))
+        admin.dispose()
+        run("init")
+        base = sa.make_url(server.url)
+        for i in range(usable + 1):
+            url = base.set(database=f"few{i}").render_as_string(hide_password=False)
+            run("shard", "add", f"few{i}", url, "--tier", "dedicated", "--no-prepare")
+        crowded = run.invoke("status", "--json", "--jobs", "2")
+        run("shard", "remove", "few0")
+        fitting = run.invoke("status", "--json", "--jobs", "2")
+    finally:
+        server.stop()
+    doc = json.loads(crowded.stdout)
+    assert crowded.exit_code == 3
+    (line,) = [a for a in doc["attention"] if "usable connections (max_connections" in a]
+    assert f": {usable + 1} shard databases but {usable} usable connections" in line
+    assert "raise max_connections above the number of databases" in line
+    # As many databases as usable connections: nothing to say about the server.
+    doc = json.loads(fitting.stdout)
+    assert len(doc["servers"][0]["shards"]) == usable
+    assert not [a for a in doc["attention"] if "usable connections" in a], doc["attention"]
