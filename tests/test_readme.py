@@ -123,3 +123,18 @@ def test_the_readme_runs_as_written(tmp_path: Path) -> None:
                 + "\n".join(want),
                 pytrace=False,
             )
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/DESIGN.md", "benchmarks/README.md"])
+def test_every_link_within_the_page_names_a_heading(name: str) -> None:
+    """``[text](#anchor)`` links go to a heading of the same page (GitHub's anchors:
+    lower case, punctuation dropped, spaces as hyphens); a renamed heading broke two."""
+    text = (README.parent / name).read_text()
+    without_code = FENCE.sub("", text)
+    anchors = {
+        re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        for heading in re.findall(r"^#+ (.+)$", without_code, re.MULTILINE)
+    }
+    links = re.findall(r"\]\(#([^)]+)\)", without_code)
+    assert links or name != "README.md", "README.md links within itself"
+    assert [link for link in links if link not in anchors] == []
