@@ -42,15 +42,26 @@ class _ConsoleReport:
         )
 
     def census(self, rows: list[Census]) -> None:
-        render_table(
-            self.console,
-            ["tenant", "shard", "users", "chargers", "sessions", "kWh", "foreign rows"],
-            (
-                [c.tenant, c.shard, c.users, c.chargers, c.sessions, c.energy_kwh, c.foreign_rows]
-                for c in rows
-            ),
-            title="what each tenant sees",
-        )
+        """The table of what each tenant sees; it fits an 80-column terminal: names
+        whole, numbers right-aligned, energy in whole kWh (the story's are whole)."""
+        from rich.table import Table
+
+        table = Table(title="what each tenant sees", title_justify="left", header_style="bold")
+        table.add_column("tenant", no_wrap=True)
+        table.add_column("shard", no_wrap=True)
+        for name in ("users", "chargers", "sessions", "kWh", "foreign\nrows"):
+            table.add_column(name, justify="right")
+        for c in rows:
+            table.add_row(
+                c.tenant,
+                c.shard,
+                str(c.users),
+                str(c.chargers),
+                str(c.sessions),
+                f"{c.energy_kwh:,.0f}",
+                str(c.foreign_rows),
+            )
+        self.console.print(table)
 
 
 @click.command("demo")

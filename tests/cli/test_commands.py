@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,7 +212,7 @@ def test_demo_builds_the_fleet_and_can_run_again(run: Run, make_run: type[Run]) 
     # by default under ./.tenantry-demo/ (the test runs in an empty directory)
     directory = Path.cwd() / ".tenantry-demo"
     url = f"sqlite:///{directory / 'catalog.db'}"
-    out = run("demo", catalog=None)
+    out = run("demo", catalog=None, env={"COLUMNS": "80"})  # a new user's terminal
     assert "EV-charger operator groups" in out
     assert f"catalog: {url}" in out
     for tenant in (*SHARED_TENANTS, DEDICATED_TENANT):
@@ -219,6 +220,10 @@ def test_demo_builds_the_fleet_and_can_run_again(run: Run, make_run: type[Run]) 
     first = demo_map_is_sound(url)
     # the router showed isolation, the moves kept every row, the pool was rebalanced
     assert "rows of another group seen: 0" in out
+    # what each tenant sees, in 80 columns: every name whole, beside its shard
+    census = out[out.index("what each tenant sees") : out.index("rows of another group seen")]
+    for tenant in (*SHARED_TENANTS, DEDICATED_TENANT):
+        assert re.search(rf"{re.escape(tenant)} +\S +(shared-\d|nordgrid|tinyvolt-db) ", census)
     assert out.count("same data") == 2 and "DATA DIFFERS" not in out
     assert first.shard_of("voltpark").tier.value == "dedicated"
     assert first.shard_of("tinyvolt").tier.value == "shared"
