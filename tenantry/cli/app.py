@@ -348,10 +348,18 @@ def render_table(
     *,
     title: str | None = None,
 ) -> None:
-    """Print an aligned table; empty tables say so."""
+    """Print an aligned table; empty tables say so.
+
+    On a terminal too narrow for the whole table the first column (the name: a shard,
+    a tenant, a server, a move) is never cut, and the other cells wrap rather than end
+    in an ellipsis: an operator must see which shard a row is about, and all of what
+    it says.
+    """
     from rich.table import Table
 
-    table = Table(*columns, title=title, title_justify="left", header_style="bold")
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for index, name in enumerate(columns):
+        table.add_column(name, no_wrap=index == 0, overflow="ellipsis" if index == 0 else "fold")
     count = 0
     for row in rows:
         table.add_row(*("" if v is None else str(_plain(v)) for v in row))

@@ -373,3 +373,15 @@ def test_a_server_with_fewer_connections_than_databases_needs_attention(run, tmp
     doc = json.loads(fitting.stdout)
     assert len(doc["servers"][0]["shards"]) == usable
     assert not [a for a in doc["attention"] if "usable connections" in a], doc["attention"]
+
+
+def test_status_on_an_80_column_terminal_cuts_no_name_and_drops_nothing(run, fleet):
+    """At 3 a.m. in a split terminal: every shard's name whole, nothing cut to an
+    ellipsis (cells wrap instead), and no line wider than the terminal."""
+    result = run.invoke("status", env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.stdout
+    table = result.stdout[result.stdout.index("shards") :]
+    assert "…" not in table
+    for name in ("d1", "d2", "s1", "s2"):
+        assert f"│ {name} " in table
+    assert max(len(line) for line in table.splitlines()) <= 80
