@@ -561,18 +561,21 @@ def _attention(
                 + ", ".join(sorted(r or "none" for r in revisions))
                 + "): run `tenantry migrate status`"
             )
+    in_use = {s.name for s in shards if s.state != "retired" or s.tenants}
     for server in servers:
         if server.usable and server.connections >= CONNECTIONS_WARN * server.usable:
             found.append(
                 f"server {server.server}: {server.connections} of {server.usable} usable "
                 "connections in use"
             )
-        if len(server.shards) > server.usable:
-            # A connection serves one database: past this, routers cannot keep one idle
-            # connection per database, and a transaction to a database without one
-            # opens a new server session (DESIGN.md, "What a miss costs").
+        # A connection serves one database: past this, routers cannot keep an idle
+        # connection to each database, and a transaction to a database without one
+        # opens a new server session (DESIGN.md, "What a miss costs"). Retired shards
+        # that hold no tenant are not routed to.
+        routed = sum(1 for name in server.shards if name in in_use)
+        if routed > server.usable:
             found.append(
-                f"server {server.server}: {len(server.shards)} shard databases but "
+                f"server {server.server}: {routed} shard databases but "
                 f"{server.usable} usable connections (max_connections "
                 f"{server.max_connections}), so routers cannot keep a connection to each: "
                 "raise max_connections above the number of databases, or move shards "

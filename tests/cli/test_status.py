@@ -360,7 +360,7 @@ def test_a_server_with_fewer_connections_than_databases_needs_attention(run, tmp
             url = base.set(database=f"few{i}").render_as_string(hide_password=False)
             run("shard", "add", f"few{i}", url, "--tier", "dedicated", "--no-prepare")
         crowded = run.invoke("status", "--json", "--jobs", "2")
-        run("shard", "remove", "few0")
+        run("shard", "set", "few0", "--state", "retired")  # holds no tenant: not routed to
         fitting = run.invoke("status", "--json", "--jobs", "2")
     finally:
         server.stop()
@@ -369,9 +369,9 @@ def test_a_server_with_fewer_connections_than_databases_needs_attention(run, tmp
     (line,) = [a for a in doc["attention"] if "usable connections (max_connections" in a]
     assert f": {usable + 1} shard databases but {usable} usable connections" in line
     assert "raise max_connections above the number of databases" in line
-    # As many databases as usable connections: nothing to say about the server.
+    # As many routed databases as usable connections: nothing to say about the server.
     doc = json.loads(fitting.stdout)
-    assert len(doc["servers"][0]["shards"]) == usable
+    assert len(doc["servers"][0]["shards"]) == usable + 1  # the retired one still shown
     assert not [a for a in doc["attention"] if "usable connections" in a], doc["attention"]
 
 
