@@ -61,6 +61,8 @@ __all__ = [
 
 #: More changed rows than this since the cut: check them at a new cut before freezing.
 TAIL_ROWS_PER_FREEZE = 20_000
+#: Seconds between two records of the initial copy's progress in the journal.
+PROGRESS_EVERY = 2.0
 #: Shared rows referenced at the cut, per foreign key, checked again in the final freeze
 #: at most (beyond, only those the rows changed since the cut reference).
 RECHECKED_REFERENCES = 20_000
@@ -226,11 +228,29 @@ class OnlineSteps:
                     )
 
     def _wait_sync(self, move: Move, dst: Connection, name: str, watch: Watch) -> None:
+        """Wait out the subscription's initial copy, telling the observer each table's
+        rows and bytes as its table-sync worker copies them, and recording the totals
+        in the journal (``copied_rows``, ``copied_bytes``: what was seen copying, at
+        most every :data:`PROGRESS_EVERY` seconds) for ``tenantry status``."""
         noted = -1
+        copied: dict[str, tuple[int, int]] = {}
+        recorded = (0, 0)
+        last_record = time.monotonic()
         while True:
             pending = repl.sync_pending(dst, name)
             if pending is None:
                 raise MoveRefused(f"subscription {name} vanished from the target")
+            for table, (rows, size) in repl.copy_progress(dst, name).items():
+                if copied.get(table) != (rows, size):
+                    copied[table] = (rows, size)
+                    self.ctx.observer.table(table, rows, size, None)
+            totals = (sum(r for r, _ in copied.values()), sum(b for _, b in copied.values()))
+            now = time.monotonic()
+            if totals != recorded and (pending == 0 or now - last_record >= PROGRESS_EVERY):
+                self.ctx.journal.update(
+                    move.id, stats={"copied_rows": totals[0], "copied_bytes": totals[1]}
+                )
+                recorded, last_record = totals, now
             if pending == 0:
                 return
             if pending != noted:

@@ -31,6 +31,7 @@ __all__ = [
     "MoveNames",
     "ServerFacts",
     "artifact_name",
+    "copy_progress",
     "create_publication",
     "create_slot",
     "create_subscription",
@@ -329,6 +330,25 @@ def sync_pending(conn: Connection, name: str) -> int | None:
         {"n": name},
     ).one()
     return None if row[1] == 0 else int(row[0])
+
+
+def copy_progress(conn: Connection, name: str) -> dict[str, tuple[int, int]]:
+    """Tables of subscription *name* whose initial copy is running now, each with the
+    rows and bytes its table-sync worker has copied so far (PostgreSQL 14+ reports the
+    worker's ``COPY`` in ``pg_stat_progress_copy``; a table done or not begun is not
+    listed), by ``schema.table``; on the target."""
+    rows = conn.execute(
+        sa.text(
+            "SELECT n.nspname || '.' || c.relname, p.tuples_processed, p.bytes_processed"
+            " FROM pg_stat_subscription s"
+            " JOIN pg_stat_progress_copy p ON p.pid = s.pid"
+            " JOIN pg_class c ON c.oid = p.relid"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace"
+            " WHERE s.subname = :n AND s.relid IS NOT NULL"
+        ),
+        {"n": name},
+    ).all()
+    return {str(table): (int(count), int(size)) for table, count, size in rows}
 
 
 def subscription_errors(conn: Connection, name: str) -> tuple[int, int] | None:

@@ -5,8 +5,9 @@ passes everything on to the observer it was given (the CLI's progress display, s
 and counts what it sees. :func:`moving` wraps one run of a move (moves in flight, the
 move's span, its freeze durations once it ended); :meth:`MoveTelemetry.step` counts each
 state entered and makes a span per state; :meth:`MoveTelemetry.table` counts the rows
-and bytes an offline copy has copied. Online moves' rows come by logical replication:
-they are counted from the verified cut when the move ends (no bytes).
+and bytes an offline copy has copied, and the bytes of an online move's initial copy
+as its table-sync workers report them. Online moves' rows come by logical replication:
+they are counted from the verified cut when the move ends.
 :class:`MigrationTelemetry` counts each migrated database's result and makes its span.
 """
 
@@ -123,14 +124,17 @@ class MoveTelemetry:
             )
 
     def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
-        """Rows and bytes copied so far for *table* (counted during an offline copy)."""
+        """Rows and bytes copied so far for *table*: an offline copy's, or an online
+        move's initial copy as its table-sync workers report it (its rows are counted
+        from the verified cut when it ends, which is exact)."""
         self.inner.table(table, rows, size, total_rows)
         run = self._running
         if self.metrics is None or run.state != "copied":
             return  # the cleanup's deletes report here too
         before_rows, before_bytes = run.copied.get(table, (0, 0))
         run.copied[table] = (rows, size)
-        self.metrics.move_rows.inc(max(0, rows - before_rows))
+        if run.move is None or str(run.move.mode.value) != "online":
+            self.metrics.move_rows.inc(max(0, rows - before_rows))
         self.metrics.move_bytes.inc(max(0, size - before_bytes))
         run.copy_rows += max(0, rows - before_rows)
         elapsed = time.monotonic() - run.copy_started

@@ -470,6 +470,10 @@ def _progress(
     verified = stats.get("verified")
     if rows is None and isinstance(verified, dict) and verified:
         rows = sum(int(t.get("rows", 0)) for t in verified.values())
+    if rows is None:  # an online move's initial copy, as far as it was seen
+        rows = stats.get("copied_rows")
+    if size is None:
+        size = stats.get("copied_bytes")
     slot = move.artifacts.get("slot")
     lag = lags.get((move.source, str(slot))) if slot and move.mode is MoveMode.ONLINE else None
 

@@ -574,6 +574,47 @@ def test_many_changes_since_the_cut_are_checked_at_a_new_cut(fleet, monkeypatch)
     assert_clean(fleet)
 
 
+class Copying(moves.NullObserver):
+    """Keeps what the mover says of each table's copy: (table, rows, bytes)."""
+
+    def __init__(self) -> None:
+        self.tables: list[tuple[str, int, int]] = []
+
+    def table(self, table: str, rows: int, size: int, total_rows: int | None) -> None:
+        self.tables.append((table, rows, size))
+
+
+def test_the_initial_copy_says_each_tables_rows_and_bytes_as_it_goes(fleet):
+    """A large tenant's initial copy takes a while: the observer (the CLI's progress)
+    hears each table's rows and bytes as its table-sync worker copies them, and the
+    journal keeps the totals seen for `tenantry status`."""
+    big = 100_000  # copied in about a second here: several reports
+    with fleet.engine("s1").begin() as conn:
+        conn.execute(
+            sa.text(
+                "INSERT INTO charging_sessions (tenant_id, id, charger_id, user_id, started_at,"
+                " energy_kwh) SELECT 'acme', i, 1 + i % 4, 1 + i % 5, now(), 1.5"
+                " FROM generate_series(1000, 999 + :n) i"
+            ),
+            {"n": big},
+        )
+    observer = Copying()
+    done = moves.move(fleet.catalog, "acme", "s2", mode="online", observer=observer)
+    assert done.succeeded
+    sessions = [
+        (rows, size)
+        for table, rows, size in observer.tables
+        if table.endswith(".charging_sessions")
+    ]
+    assert sessions, observer.tables
+    assert sessions == sorted(sessions), "rows and bytes only grow"
+    rows, size = sessions[-1]
+    assert 0 < rows <= big + 60 and size > rows  # more than a byte a row
+    assert done.stats["copied_rows"] >= rows and done.stats["copied_bytes"] >= size
+    assert count_rows(fleet.engine("s2"), "acme") >= big + 60
+    assert_clean(fleet)
+
+
 # -- the freeze budget --------------------------------------------------------------------
 
 
