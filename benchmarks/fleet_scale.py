@@ -1603,6 +1603,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "max_connections N, e.g. 1100: a connection for every database",
     )
     args = parser.parse_args(argv)
+    if args.learn is not None and not args.learn >= 0:
+        parser.error("--learn S takes seconds of traffic: 0 or more")
     if args.roomy is not None and (args.pg_url or args.roomy < 10):
         parser.error("--roomy starts a throwaway server of its own: not with --pg-url, N >= 10")
     if args.what_if_prepare_guard and not args.what_if_stamp_free:
