@@ -351,9 +351,9 @@ def render_table(
     """Print an aligned table; empty tables say so.
 
     On a terminal too narrow for the whole table the first column (the name: a shard,
-    a tenant, a server, a move) is never cut, and the other cells wrap rather than end
-    in an ellipsis: an operator must see which shard a row is about, and all of what
-    it says.
+    a tenant, a server, a move) does not wrap and keeps its width while the terminal
+    can hold it, and the other cells wrap rather than end in an ellipsis: an operator
+    must see which shard a row is about, and all of what it says.
     """
     from rich.table import Table
 

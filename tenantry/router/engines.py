@@ -113,8 +113,8 @@ class _Slot:
         self.server = server_of(key)
         self.leases = 0
         self.score = 0.0  # leases, forward-decayed (see the module's doc)
-        # levels[k]: the leases that found k + 1 others in flight or more, decayed alike:
-        # how often a (k + 2)-th connection is needed at once
+        # levels[k]: the leases that found exactly k + 1 others in flight, decayed
+        # alike; sum(levels[k:]) is how often a (k + 2)-th connection is needed at once
         self.levels: list[float] = []
         self.holding = -1  # its index in EngineRegistry._holding, or -1
         self.noted = False  # in EngineRegistry._connected_slots, not yet taken in
@@ -258,10 +258,9 @@ class EngineRegistry:
         slot.score += weight
         if slot.leases > 1:  # this lease needs connections 2 .. leases at once
             levels = slot.levels
-            while len(levels) < slot.leases - 1:
-                levels.append(0.0)
-            for k in range(slot.leases - 1):
-                levels[k] += weight
+            if len(levels) < slot.leases - 1:
+                levels.extend([0.0] * (slot.leases - 1 - len(levels)))
+            levels[slot.leases - 2] += weight  # O(1) here; summed when room is made
         self._weight *= _GROWTH
         if self._weight > _RESCALE_AT:
             self._rescale()
@@ -373,10 +372,7 @@ class EngineRegistry:
                 self._surplus.discard(slot)
             if idle == 0 or held <= slot.leases or (server is not None and slot.server != server):
                 continue
-            if held == 1:
-                value = slot.score
-            else:
-                value = slot.levels[held - 2] if len(slot.levels) > held - 2 else 0.0
+            value = slot.score if held == 1 else sum(slot.levels[held - 2 :])
             if best is None or value < best_value:
                 best, best_value = slot, value
         return best
