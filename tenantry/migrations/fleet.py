@@ -40,6 +40,7 @@ from tenantry.migrations.rls import grant_routing_role, install_rls
 from tenantry.observability.moves import watch_migrations
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog import Catalog, catalog_of
+from tenantry.shardmap.dedicated import mark_tier
 from tenantry.shardmap.drivers import WRITE, describe_error
 from tenantry.shardmap.identity import ensure_identity
 from tenantry.shardmap.model import Shard, ShardState, Tier
@@ -328,6 +329,7 @@ def _tenantry_objects(conn: Connection, shard: Shard, settings: TenantrySettings
     row-level-security policies and the routing role's grants; return the identity."""
     SHARD.upgrade(conn)
     database_id = ensure_identity(conn).database_id
+    mark_tier(conn, shard.tier)
     if conn.dialect.name == "postgresql":
         # Every PostgreSQL shard: on a dedicated one the policies still
         # refuse writes while the tenant is frozen or moved.

@@ -72,6 +72,9 @@ SQLITE_FENCE = "SELECT state FROM tenantry_residency WHERE tenant_id = ?"
 #: SQLSTATE of a signature the shard does not accept (invalid_authorization_specification).
 _REJECTED = "28000"
 _UNDEFINED_FUNCTION = "42883"
+#: SQLSTATE of a connection without a stamp in a read-only transaction (shard revision
+#: s0007): opened while its dedicated database's tenant was a constant.
+_NO_STAMP = "TY001"
 
 #: For each routed engine: a function giving the shard's fence key (``reload=True``
 #: reads it again from the catalog, after a rotation).
@@ -183,7 +186,8 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
 def _fence_failed(
     conn: Connection, exc: Exception, driver: Any, tenant_id: str, shard: str, keys: KeySource
 ) -> NoReturn:
-    """Raise what a failed fence means: ConnectionLost (dead connection), FenceRejected
+    """Raise what a failed fence means: ConnectionLost (dead connection, or one without
+    a stamp in a read-only transaction), FenceRejected
     (a signature the shard does not accept), or *exc* itself."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if _connection_dead(exc, driver):
@@ -194,6 +198,16 @@ def _fence_failed(
             shard=shard,
         ) from None
     state = getattr(orig, "sqlstate", None)
+    if state == _NO_STAMP:
+        # Its dedicated database's tenant is no longer a constant (a second tenant, a
+        # demote): every connection opened before has no stamp, and a read-only
+        # transaction cannot make one. A fresh connection makes it when it opens.
+        _invalidate(conn, orig if orig is not None else exc)
+        raise ConnectionLost(
+            f"shard {shard!r}: the pooled connection has no fence stamp (the shard's "
+            "tenant was a constant when it opened); nothing of the transaction ran: retry",
+            shard=shard,
+        ) from None
     if state == _UNDEFINED_FUNCTION and "fence_pooled" in str(orig):
         raise ConfigurationError(
             f"shard {shard!r} is routed through a pooler, but its database predates the "

@@ -88,7 +88,7 @@ class TenantrySchema:
 
 
 CATALOG = TenantrySchema("alembic_catalog", "tenantry_catalog_version", head="c0008")
-SHARD = TenantrySchema("alembic_shard", "tenantry_shard_version", head="s0006")
+SHARD = TenantrySchema("alembic_shard", "tenantry_shard_version", head="s0007")
 
 
 def run_env() -> None:

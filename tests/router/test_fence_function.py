@@ -1,5 +1,5 @@
 """The shard's fence function itself (shard revision s0006's body): what it accepts, what
-it refuses and how, and that s0006 goes down to s0005's body and up again.
+it refuses and how, and that s0007 and s0006 go down to s0005's body and up again.
 
 Raw statements as the routing role ``app`` (NOSUPERUSER NOBYPASSRLS), so whatever a
 signature admits is admitted by the shard's policies.
@@ -127,7 +127,7 @@ def _fence_source(conn: sa.Connection) -> str:
     return str(source)
 
 
-def test_s0006_goes_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
+def test_s0006_and_s0007_go_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
     fleet = pg_fleet_builder()
     shard = fleet.add_shard("s", server=0)
     fleet.add_tenant("acme", "s")
@@ -142,8 +142,9 @@ def test_s0006_goes_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
             return conn.execute("SELECT DISTINCT tenant_id FROM projects").fetchall()
 
     with operator_transaction(shard) as conn:
-        assert SHARD.current(conn) == SHARD.head == "s0006"
+        assert SHARD.current(conn) == SHARD.head == "s0007"
         assert "!~" not in _fence_source(conn)
+        assert "TY001" in _fence_source(conn)  # s0007's stamp-mode fence
     assert routed_rows() == [("acme",)]
     with operator_transaction(shard) as conn, ALEMBIC_LOCK:
         command.downgrade(SHARD.config(conn), "s0005")
@@ -154,8 +155,9 @@ def test_s0006_goes_down_to_s0005_and_up_again(pg_fleet_builder: Any) -> None:
     with operator_transaction(shard) as conn:
         SHARD.upgrade(conn)
     with operator_transaction(shard) as conn:
-        assert SHARD.current(conn) == "s0006"
+        assert SHARD.current(conn) == "s0007"
         assert "!~" not in _fence_source(conn)
+        assert "TY001" in _fence_source(conn)
     assert routed_rows() == [("acme",)]
 
 

@@ -27,6 +27,7 @@ from tenantry.errors import (
 )
 from tenantry.settings import TenantrySettings
 from tenantry.shardmap.catalog.store import INIT_LOCK_KEY, CatalogStore, shard_from_row
+from tenantry.shardmap.dedicated import mark_tier
 from tenantry.shardmap.identity import DatabaseIdentity, ensure_identity
 from tenantry.shardmap.keys import FenceKey, current_key, install_key
 from tenantry.shardmap.model import (
@@ -507,4 +508,5 @@ def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIden
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INIT_LOCK_KEY})
         SHARD.upgrade(conn)
         identity = ensure_identity(conn)
+        mark_tier(conn, shard.tier)
     return identity

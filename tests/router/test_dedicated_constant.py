@@ -1,0 +1,289 @@
+"""A dedicated database's tenant as a constant (shard revision s0007), attacked.
+
+On a dedicated shard holding one tenant the policies compare ``tenant_id`` with that
+tenant as a constant: no stamp, no signature. These tests try to make the constant lie:
+on a shared shard, in a copy, with a second tenant, after a demote's switch, through the
+routing role's own SQL, across ``PREPARE TRANSACTION``, under logical replication's
+``session_replication_role``. Raw statements run as the routing role ``app``
+(NOSUPERUSER NOBYPASSRLS), so whatever the shard admits is admitted by its policies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+from alembic import command
+
+from tenantry.errors import StaleRoute, TenantFrozen
+from tenantry.migrations.rls import install_rls
+from tenantry.router import Router
+from tenantry.router.engines import make_engine
+from tenantry.shardmap.dedicated import constant_tenant, mark_tier
+from tenantry.shardmap.model import Shard, Tier
+from tenantry.shardmap.operations import operator_transaction
+from tenantry.shardmap.residency import Residency, write_residency
+from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
+from tests.router.conftest import Fleet, Project, seed_rows
+
+pytestmark = pytest.mark.usefixtures("app_role")
+
+
+def _libpq(url: str) -> str:
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _raw(shard: Shard) -> psycopg.Connection[Any]:
+    """A connection as the routing role, with no fence."""
+    return psycopg.connect(_libpq(shard.url), autocommit=True)
+
+
+def _raw_tenants(shard: Shard) -> list[str]:
+    """The tenants whose projects a routing-role session sees with no fence."""
+    with _raw(shard) as conn:
+        rows = conn.execute("SELECT DISTINCT tenant_id FROM projects ORDER BY 1").fetchall()
+    return [r[0] for r in rows]
+
+
+def _constant(shard: Shard) -> str | None:
+    with operator_transaction(shard) as conn:
+        return constant_tenant(conn)
+
+
+def _plant(shard: Shard, tenant: str) -> None:
+    """Rows of *tenant* on *shard*, written by the operations role (no residency row):
+    what a careless restore or a move's leftovers leave."""
+    projects, _tasks = seed_rows(tenant)
+    with operator_transaction(shard) as conn:
+        conn.execute(Project.__table__.insert(), projects)
+
+
+def _dedicated(fleet: Fleet, name: str, tenant: str | None) -> Shard:
+    """A dedicated shard with the policies installed, holding *tenant*'s rows."""
+    shard = fleet.add_shard(name, tier=Tier.DEDICATED, server=0)
+    with operator_transaction(shard) as conn:
+        install_rls(conn)
+    if tenant is not None:
+        fleet.add_tenant(tenant, name)
+    return shard
+
+
+@pytest.fixture
+def fleet(pg_fleet_builder: Any) -> Iterator[Fleet]:
+    yield pg_fleet_builder()
+
+
+class _ReadOnly(Router):
+    engine_factory = staticmethod(
+        partial(make_engine, execution_options={"postgresql_readonly": True})
+    )
+
+
+def _routed_tenants(fleet: Fleet, tenant: str, router: Router | None = None) -> list[str]:
+    with (router or fleet.new_router()).session(tenant) as session:
+        rows = session.execute(sa.text("SELECT DISTINCT tenant_id FROM projects ORDER BY 1"))
+        return [r[0] for r in rows]
+
+
+def _temporary_relations(conn: sa.Connection) -> int:
+    return int(
+        conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_class WHERE relpersistence = 't'"
+            " AND relnamespace = pg_my_temp_schema()"
+        ).scalar_one()
+    )
+
+
+def test_the_constant_shows_its_tenant_and_nothing_else(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    _plant(shard, "intruder")  # another tenant's rows, no residency
+    assert _constant(shard) == "umbrella"
+    # A routing-role session with no fence acts for the one tenant: the accepted cost.
+    assert _raw_tenants(shard) == ["umbrella"]
+    assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
+    router = fleet.new_router()
+    with router.connection("umbrella") as conn:
+        assert _temporary_relations(conn) == 0  # no stamp made
+        assert conn.exec_driver_sql("SELECT tenantry.tenant()").scalar_one() == "umbrella"
+    with router.session("umbrella") as session:
+        session.add(Project(tenant_id="umbrella", id=99, name="new"))
+        session.commit()
+    with pytest.raises(sa.exc.ProgrammingError, match="row-level security"):
+        with router.session("umbrella") as session:
+            session.execute(
+                sa.text("INSERT INTO projects (tenant_id, id, name) VALUES ('intruder', 98, 'x')")
+            )
+    with _raw(shard) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES ('intruder', 97, 'x')")
+
+
+def test_a_shared_shard_never_gets_the_constant(fleet: Fleet) -> None:
+    shard = fleet.add_shard("pool", server=0)
+    fleet.add_tenant("acme", "pool")  # its only tenant
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []
+    with operator_transaction(shard) as conn:
+        # Only tenantry marks a database: a shared shard's operator call unmarks it.
+        assert conn.exec_driver_sql("SELECT tenantry.mark_dedicated(false)").scalar() is None
+    assert _raw_tenants(shard) == []
+    assert _routed_tenants(fleet, "acme") == ["acme"]
+
+
+def test_the_routing_role_cannot_mark_or_read_the_mark(fleet: Fleet) -> None:
+    pool = fleet.add_shard("pool", server=0)
+    fleet.add_tenant("acme", "pool")
+    for statement in (
+        "SELECT tenantry.mark_dedicated(true)",
+        "SELECT tenantry.refresh_dedicated()",
+        "SELECT * FROM tenantry.dedicated",
+        "UPDATE tenantry.dedicated SET installed = 'acme'",
+        "DELETE FROM tenantry_residency",
+        "CREATE OR REPLACE FUNCTION tenantry.tenant() RETURNS text LANGUAGE sql"
+        " AS $$SELECT 'acme'$$",
+    ):
+        with _raw(pool) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(statement)
+    assert _constant(pool) is None
+    assert _raw_tenants(pool) == []
+
+
+def test_a_second_tenant_puts_the_stamp_back_in_the_same_transaction(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    _plant(shard, "hooli")
+    assert _constant(shard) == "umbrella"
+    version = fleet.catalog.map_version()
+    with operator_transaction(shard) as conn:
+        write_residency(conn, "hooli", Residency.ACTIVE, version)
+        assert constant_tenant(conn) is None  # before the write commits
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []
+    with operator_transaction(shard) as conn:
+        conn.execute(sa.text("DELETE FROM tenantry_residency WHERE tenant_id = 'hooli'"))
+    assert _constant(shard) == "umbrella"
+    assert _raw_tenants(shard) == ["umbrella"]
+
+
+def test_a_moved_tenant_leaves_nothing_visible(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    fleet.set_residency("umbrella", "solo", Residency.MOVED)  # a demote's switch
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []  # its leftover rows
+    with pytest.raises(StaleRoute):
+        _routed_tenants(fleet, "umbrella")
+
+
+def test_a_frozen_tenant_is_read_only_with_the_constant(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    fleet.set_residency("umbrella", "solo", Residency.FROZEN)
+    assert _constant(shard) == "umbrella"
+    assert _raw_tenants(shard) == ["umbrella"]
+    with _raw(shard) as conn, pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        conn.execute("UPDATE projects SET name = 'x'")
+    with fleet.new_router().session("umbrella") as session:
+        assert session.execute(sa.text("SHOW transaction_read_only")).scalar_one() == "on"
+        with pytest.raises(TenantFrozen):
+            session.execute(sa.text("UPDATE projects SET name = 'x'"))
+
+
+def test_another_tenants_fence_is_a_stale_route(fleet: Fleet) -> None:
+    _dedicated(fleet, "solo", "umbrella")
+    router = fleet.new_router()
+    key = fleet.catalog.fence_key("solo")
+    with _raw(fleet.shard("solo")) as conn:
+        signature = key.sign("acme", conn.info.backend_pid)
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT tenantry.fence('acme', %s)", (signature,)).fetchone() == (None,)
+        # (no tenant set for it: the constant is the only tenant there is)
+        assert conn.execute("SELECT current_setting('tenantry.tenant_id', true)").fetchone() in (
+            (None,),
+            ("",),
+        )
+        conn.execute("ROLLBACK")
+    assert _routed_tenants(fleet, "umbrella", router) == ["umbrella"]
+
+
+def test_a_copy_of_a_dedicated_database_shows_nothing(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    source = sa.make_url(shard.admin_url or shard.url)
+    copy = f"{source.database}_copy"
+    server = source.set(database="postgres").set(drivername="postgresql")
+    with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (source.database,),
+        )
+        conn.execute(f'CREATE DATABASE "{copy}" TEMPLATE "{source.database}"')
+    try:
+        url = sa.make_url(shard.url).set(database=copy).render_as_string(hide_password=False)
+        copied = Shard(name="copy", url=url, tier=Tier.DEDICATED)
+        assert _raw_tenants(copied) == []  # the constant names the original database
+        with _raw(copied) as conn, pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute("BEGIN")
+            conn.execute("SELECT tenantry.fence('umbrella', '1:' || repeat('0', 64))")
+        assert _raw_tenants(shard) == ["umbrella"]  # the original is untouched
+    finally:
+        with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as c:
+            c.execute(f'DROP DATABASE "{copy}" WITH (FORCE)')
+
+
+def test_connections_opened_under_the_constant_get_a_stamp_when_it_goes(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    router = fleet.new_router()
+    read_only = _ReadOnly(catalog=fleet.catalog, background=False)
+    # Connections of the pools opened while the tenant was a constant: no stamp.
+    with router.connection("umbrella") as conn:
+        assert _temporary_relations(conn) == 0
+    assert _routed_tenants(fleet, "umbrella", read_only) == ["umbrella"]
+    _plant(shard, "hooli")
+    with operator_transaction(shard) as conn:
+        write_residency(conn, "hooli", Residency.ACTIVE, fleet.catalog.map_version())
+    assert _constant(shard) is None
+    try:
+        # A read-only transaction cannot make the stamp: the router retries on a new
+        # connection, which makes it when it opens.
+        assert _routed_tenants(fleet, "umbrella", read_only) == ["umbrella"]
+        assert _routed_tenants(fleet, "umbrella", read_only) == ["umbrella"]
+    finally:
+        read_only.close()
+    # A read-write transaction on an old connection makes it in the fence.
+    assert _routed_tenants(fleet, "umbrella", router) == ["umbrella"]
+    with router.connection("umbrella") as conn:
+        assert _temporary_relations(conn) == 1
+    assert _raw_tenants(shard) == []
+
+
+def test_the_trigger_fires_under_replication_role(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    with operator_transaction(shard) as conn:
+        conn.exec_driver_sql("SET LOCAL session_replication_role = replica")
+        write_residency(conn, "hooli", Residency.INCOMING, fleet.catalog.map_version())
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []
+
+
+def test_prepare_transaction_is_refused_with_the_constant(fleet: Fleet) -> None:
+    _dedicated(fleet, "solo", "umbrella")
+    with fleet.new_router().connection("umbrella") as conn:
+        assert conn.exec_driver_sql("SHOW max_prepared_transactions").scalar_one() != "0"
+        with pytest.raises(sa.exc.NotSupportedError, match="LISTEN, UNLISTEN, or NOTIFY"):
+            conn.exec_driver_sql("PREPARE TRANSACTION 'held'")
+
+
+def test_s0007_goes_down_to_the_stamp_and_up_again(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    assert _constant(shard) == "umbrella"
+    with operator_transaction(shard) as conn, ALEMBIC_LOCK:
+        command.downgrade(SHARD.config(conn), "s0006")
+    assert _raw_tenants(shard) == []
+    assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
+    with operator_transaction(shard) as conn:
+        SHARD.upgrade(conn)
+        assert constant_tenant(conn) is None  # not marked until tenantry marks it
+        assert mark_tier(conn, Tier.DEDICATED) == "umbrella"
+    assert _raw_tenants(shard) == ["umbrella"]
+    assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
