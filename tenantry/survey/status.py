@@ -152,6 +152,9 @@ class ShardStatus:
     #: ok, behind, ahead or unknown against the app's head; None when the head is unknown.
     app_verdict: str | None = None
     tenantry_revision: str | None = None
+    #: The tenant that is its database's constant (shard revision s0007: a dedicated
+    #: database holding one tenant), or None.
+    constant_tenant: str | None = None
     bytes: int | None = None
     #: Client connections open to its database (PostgreSQL; status' own left out, by
     #: their application_name).
@@ -174,6 +177,7 @@ class ShardStatus:
             "app_revision": self.app_revision,
             "app_verdict": self.app_verdict,
             "tenantry_revision": self.tenantry_revision,
+            "constant_tenant": self.constant_tenant,
             "tenants": self.tenants,
             "bytes": self.bytes,
             "connections": self.connections,
@@ -289,7 +293,8 @@ _PG_FACTS = sa.text(
                AND application_name IS DISTINCT FROM :me
                AND datname = current_database()) AS conns,
            to_regclass('alembic_version') IS NOT NULL AS app_versioned,
-           to_regclass('tenantry_shard_version') IS NOT NULL AS shard_versioned
+           to_regclass('tenantry_shard_version') IS NOT NULL AS shard_versioned,
+           to_regclass('tenantry.dedicated') IS NOT NULL AS marks_dedicated
     """
 )
 
@@ -349,7 +354,12 @@ def _pg_revisions(
         parts.append("SELECT 'app', version_num FROM alembic_version")
     if facts.shard_versioned:
         parts.append("SELECT 'shard', version_num FROM tenantry_shard_version")
-    found: dict[str, set[str]] = {"app": set(), "shard": set()}
+    if facts.marks_dedicated:
+        parts.append(
+            "SELECT 'constant', installed FROM tenantry.dedicated"
+            " WHERE installed_in = current_database()"
+        )
+    found: dict[str, set[str]] = {"app": set(), "shard": set(), "constant": set()}
     if parts:
         for which, revision in conn.exec_driver_sql(" UNION ALL ".join(parts)):
             found[which].add(revision)
@@ -358,6 +368,7 @@ def _pg_revisions(
         "app_revision": format_heads(current),
         "app_verdict": classify(script, current, heads) if script is not None else None,
         "tenantry_revision": format_heads(found["shard"]),
+        "constant_tenant": next(iter(found["constant"] - {None}), None),
     }
 
 

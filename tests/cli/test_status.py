@@ -93,7 +93,9 @@ def _normal(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _shard(name: str, tier: str, url: str, tenants: int, slots: list[Any]) -> dict[str, Any]:
+def _shard(
+    name: str, tier: str, url: str, tenants: int, slots: list[Any], constant: str | None = None
+) -> dict[str, Any]:
     return {
         "name": name,
         "tier": tier,
@@ -106,6 +108,7 @@ def _shard(name: str, tier: str, url: str, tenants: int, slots: list[Any]) -> di
         "app_revision": "d0002",
         "app_verdict": "ok",
         "tenantry_revision": SHARD.head,
+        "constant_tenant": constant,
         "tenants": tenants,
         "bytes": "BYTES",
         "connections": "CONNECTIONS",
@@ -180,6 +183,7 @@ def test_status_of_a_fleet_with_a_move_in_flight(pg_fleet):
         "app_revision": None,
         "app_verdict": None,
         "tenantry_revision": None,
+        "constant_tenant": None,
         "tenants": 0,
         "bytes": None,
         "connections": None,
@@ -187,7 +191,8 @@ def test_status_of_a_fleet_with_a_move_in_flight(pg_fleet):
     }
     assert "refused" in down["error"].lower() and "secret" not in down["error"]
     assert {n: _normal(s) for n, s in shards.items()} == {
-        "d1": _shard("d1", "dedicated", fleet.urls["d1"], 1, []),
+        # its one tenant is its database's constant (shard revision s0007)
+        "d1": _shard("d1", "dedicated", fleet.urls["d1"], 1, [], constant="regulated"),
         # acme is still on s1 while it moves; its move's slot is there, in use.
         "s1": _shard(
             "s1", "shared", fleet.urls["s1"], 2, [_slot(slot, active=True, tenantry=True, move=1)]

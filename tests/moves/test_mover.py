@@ -8,6 +8,7 @@ import pytest
 import sqlalchemy as sa
 from click.testing import CliRunner
 from movefleet import (
+    AtCheckpoint,
     Fleet,
     analyzed_tables,
     assert_one_home,
@@ -32,6 +33,7 @@ from tenantry.errors import (
     VerificationFailed,
 )
 from tenantry.moves import MoveState
+from tenantry.shardmap.dedicated import constant_tenant
 
 
 @pytest.fixture
@@ -153,6 +155,47 @@ def test_promote_to_new_server_and_demote_dropping_it(fleet, pg_servers):
     server.dispose()
     home = assert_one_home(fleet, "acme", before)
     assert fleet.catalog.get_shard(home).tier.value == "shared"
+
+
+def _constant(fleet: Fleet, shard: str) -> str | None:
+    """The tenant installed as *shard*'s constant (shard revision s0007), or None."""
+    engine = fleet.engine(shard)
+    try:
+        with engine.begin() as conn:
+            return constant_tenant(conn)
+    finally:
+        engine.dispose()
+
+
+def test_moves_make_and_retire_the_dedicated_constant(fleet):
+    """A promote makes the tenant its dedicated database's constant (when the target's
+    residency row arrives); an aborted promote and a demote's switch take it back, in the
+    transaction that writes the residency: the database itself keeps it true."""
+    assert _constant(fleet, "d1") is None  # marked dedicated at shard add, but empty
+    before = _rows(fleet, "s1", "acme")
+    seen: dict[str, str | None] = {}
+    hooks = AtCheckpoint("verified", lambda: seen.update(copying=_constant(fleet, "d1")))
+    with pytest.raises(VerificationFailed):
+        moves.promote(
+            fleet.catalog, "acme", to="d1", mode="offline", hooks=_Both(hooks, Corrupt(fleet, "d1"))
+        )
+    assert seen == {"copying": "acme"}  # incoming: the tenant's rows are all it has
+    assert _constant(fleet, "d1") is None  # aborted: its residency row is gone
+    _untouched(fleet, before)
+    moves.promote(fleet.catalog, "acme", to="d1", mode="offline")
+    assert (_constant(fleet, "d1"), _constant(fleet, "s1")) == ("acme", None)
+    moves.demote(fleet.catalog, "acme", to="s1", mode="offline")
+    assert _constant(fleet, "d1") is None  # moved: its leftovers show to no one
+    assert assert_one_home(fleet, "acme", before) == "s1"
+
+
+class _Both:
+    def __init__(self, *hooks):
+        self.hooks = hooks
+
+    def checkpoint(self, name: str) -> None:
+        for hook in self.hooks:
+            hook.checkpoint(name)
 
 
 # -- refusals: nothing frozen, nothing copied --------------------------------------------

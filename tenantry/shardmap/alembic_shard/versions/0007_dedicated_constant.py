@@ -27,7 +27,8 @@ With the constant installed:
   another name it is NULL: the copy shows nothing;
 - ``tenantry.fence(tenant, signature)`` returns NULL (not resident: a stale route) for
   any other tenant, refuses a renamed or copied database (SQLSTATE 55000, "run
-  `tenantry migrate upgrade`"), reads the residency row, makes a frozen tenant's
+  `tenantry migrate upgrade`"), reads the residency row, sets ``tenantry.tenant_id``
+  (and ``tenantry.signature`` to ``dedicated``), makes a frozen tenant's
   transaction read-only, and — when the server allows prepared transactions — runs
   ``LISTEN``/``UNLISTEN`` so that PostgreSQL refuses ``PREPARE TRANSACTION`` in a routed
   transaction, as the stamp's temporary object makes it do;
