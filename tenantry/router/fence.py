@@ -8,7 +8,9 @@ the tenant is frozen by a move — makes the transaction read-only. The policies
 row only while that signature verifies, so no other statement of the transaction can
 change which tenant it acts for
 (``tenantry/shardmap/alembic_shard/versions/0004_fence.py``; its body now
-``0006_fence_cost.py``'s).
+``0006_fence_cost.py``'s). In a dedicated database holding one tenant the shard's
+tenant is a constant instead (``0007_dedicated_constant.py``): the same call, and the
+fence there only refuses another tenant (a stale route) and reads the residency.
 No row lock: the mover waits out older transactions instead (DESIGN.md, "hot-path
 facts").
 
