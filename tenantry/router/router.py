@@ -36,6 +36,7 @@ from tenantry.router.engines import EngineRegistry, EngineStats
 from tenantry.router.fence import (
     TENANT_KEY,
     ConnectionLost,
+    StampOnConnect,
     register_keys,
     rollback_keeping_prepared,
     rollback_keeping_prepared_async,
@@ -53,7 +54,7 @@ from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.drivers import describe_error, make_engine
 from tenantry.shardmap.keys import FenceKey
-from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
+from tenantry.shardmap.model import MapSnapshot, Shard, Tier, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
 if TYPE_CHECKING:
@@ -124,15 +125,21 @@ class RouterBase:
             self._observer.configure_engine(engine)
         if shard.backend == "postgresql":
             name = shard.name
+            allow = self.settings.allow_unsafe_routing_role
+            # A dedicated database's tenant is a constant (s0007): no stamp to make.
+            stamp = StampOnConnect(
+                partial(_stamp_connection, allow_temporary=allow),
+                lazy=shard.tier is Tier.DEDICATED and not shard.pooled,
+            )
             register_keys(
                 engine,
                 name,
                 lambda reload: self._fence_key(name, reload),
                 with_begin=self.settings.fence_with_begin,
                 pooled=shard.pooled,
+                stamp=stamp,
             )
-            allow = self.settings.allow_unsafe_routing_role
-            event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
+            event.listen(engine, "connect", stamp)
             if not shard.pooled and engine.dialect.driver == "psycopg":
                 # A rollback keeps psycopg's prepared statements, as a commit does (why
                 # that is safe: rollback_keeping_prepared). Behind a pooler nothing is

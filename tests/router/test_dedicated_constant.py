@@ -257,6 +257,37 @@ def test_connections_opened_under_the_constant_get_a_stamp_when_it_goes(fleet: F
     assert _raw_tenants(shard) == []
 
 
+@pytest.mark.parametrize("revision", ["s0007", "s0006"])
+def test_a_dedicated_shard_without_the_constant_gets_stamps_when_it_asks(
+    fleet: Fleet, revision: str
+) -> None:
+    """A dedicated shard's engine skips ``open_session`` on new connections (no stamp to
+    make under the constant). On a dedicated database without the constant (not marked;
+    before s0007) a read-only transaction cannot make the stamp in its fence: the shard
+    says so, and from then on the engine's new connections make it."""
+    shard = _dedicated(fleet, "solo", "umbrella")
+    with operator_transaction(shard) as conn:
+        if revision == "s0006":
+            with ALEMBIC_LOCK:
+                command.downgrade(SHARD.config(conn), "s0006")
+        else:
+            mark_tier(conn, Tier.SHARED)  # (a shard added --no-prepare, say)
+    assert _raw_tenants(shard) == []
+    read_only = _ReadOnly(catalog=fleet.catalog, background=False)
+    router = fleet.new_router()
+    try:
+        for _ in range(3):
+            assert _routed_tenants(fleet, "umbrella", read_only) == ["umbrella"]
+            with read_only.connection("umbrella") as conn:
+                assert _temporary_relations(conn) == 1
+        # read-write: the fence makes the stamp of a new connection itself
+        assert _routed_tenants(fleet, "umbrella", router) == ["umbrella"]
+        with router.connection("umbrella") as conn:
+            assert _temporary_relations(conn) == 1
+    finally:
+        read_only.close()
+
+
 def test_the_trigger_fires_under_replication_role(fleet: Fleet) -> None:
     shard = _dedicated(fleet, "solo", "umbrella")
     with operator_transaction(shard) as conn:
