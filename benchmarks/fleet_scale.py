@@ -34,8 +34,9 @@ round, ``lone router`` (constant) and ``lone router + stamp``, in the other orde
 next round.
 
 0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
-   open connection, step by step, one connection at a time — connect, the fence's
-   stamp, the first and a warm transaction, close, the backend's exit — in wall time,
+   open connection, step by step, one connection at a time — connect, ``open_session``
+   (the stamp, or with the constant none), the first and a warm transaction, close, the
+   backend's exit — in wall time,
    client CPU and the server backend's CPU; then a router's miss, hit and new engine.
 
 One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
@@ -43,9 +44,9 @@ template database is migrated once (tenantry's shard schema and a 10-row-key tab
 ``fleet_items`` under row-level security, granted to a NOSUPERUSER NOBYPASSRLS routing
 role); the dedicated databases (1,000) and a few shared shards (4) are copies of it.
 The dedicated shards and their tenants are written into the catalog in one
-transaction (their residency rows first, then their marks); the rest of the 100,000 tenants are
-registered on the shared shards with :meth:`Catalog.add_tenants` (the ring places
-them), timed.
+transaction (their residency rows first) and then marked (above); the rest of the
+100,000 tenants are registered on the shared shards with :meth:`Catalog.add_tenants`
+(the ring places them), timed.
 
 1. **One router, dedicated against shared.** 8 threads route 1-select transactions
    (rolled back) for a fixed window, to a tenant chosen uniformly or Zipf-skewed
