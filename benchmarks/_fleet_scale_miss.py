@@ -16,15 +16,19 @@ Steps, with psycopg directly (as the routing role, over TCP like the router):
 
 1. ``connect``: TCP connect, fork, authentication, backend start;
 2. ``stamp``: ``SELECT tenantry.open_session(false)`` committed by itself (autocommit:
-   one round trip), as the router's connect event runs it;
+   one round trip), as the router's connect event runs it: it makes the stamp, or in a
+   database tenantry marked dedicated (its tenant a constant, shard revision s0007)
+   only checks the role;
 3. ``first tx`` on the fresh backend: BEGIN and the signed fence in one message, the
    point select, ROLLBACK (as the router sends them); then ``warm tx``: the same again;
-4. ``close``; the backend's exit with the stamp (its temporary namespace dropped) and
-   without one (a batch of plain connect/close).
+4. ``close``; the backend's exit after these steps (with a stamp, its temporary
+   namespace dropped) and that of a connection only opened and closed (a batch of plain
+   connect/close).
 
 Steps 1-4 run over databases no router has used, then again over the same ones: the
 first stamp in a database for a backend slot (``pg_temp_<slot>``) creates that
-temporary namespace, a later one reuses it.
+temporary namespace, a later one reuses it. The same steps measure either design:
+which one runs is the database's (``fleet_scale.py --compare-stamp`` runs both).
 
 Then the router: a miss through ``router.session`` (engine kept, its connections
 closed: the lone router's case), a hit, and a new engine's first transaction; client
@@ -100,11 +104,9 @@ def raw_steps(
     shards: Sequence[tuple[str, str, str]],
     *,
     stamp: bool = True,
-    stamp_free: bool = False,
 ) -> dict[str, Any]:
     """Steps 1-4 over *shards* ((tenant, shard name, routing conninfo)), one at a time.
-    Without *stamp* only connect and close run, unless *stamp_free* (the what-if of
-    ``_fleet_scale_stampfree``: no stamp, the transactions all the same)."""
+    Without *stamp* only connect and close run."""
     catalog = Catalog(catalog_url, settings=load_settings(catalog_url=catalog_url))
     try:
         keys = catalog.fence_keys()
@@ -141,7 +143,7 @@ def raw_steps(
             conn.rollback()
 
         conn.autocommit = True  # the fence's BEGIN opens the transaction, as the router's
-        if stamp or stamp_free:
+        if stamp:
             _timed(steps["first tx"], pid, tx)
             _timed(steps["warm tx"], pid, tx)
         before_close += schedstat_ns(pid)
@@ -164,7 +166,6 @@ def router_misses(
     catalog_url: str,
     tenants: Sequence[str],
     settings: dict[str, Any],
-    router_class: type[Router] = Router,
 ) -> dict[str, Any]:
     """A router's transactions to *tenants*, one at a time: a new engine's first
     (``new engine``), a hit (``hit``), and a miss whose engine is kept but has no
@@ -172,7 +173,7 @@ def router_misses(
     the misses profiled."""
     from _fleet_scale_workers import one
 
-    router = router_class(settings=load_settings(catalog_url=catalog_url, **settings))
+    router = Router(settings=load_settings(catalog_url=catalog_url, **settings))
     steps = {name: _Step() for name in ("new engine", "hit", "miss", "dispose")}
     profile = cProfile.Profile(time.thread_time)  # CPU, not wall: waits are not in it
     try:
@@ -214,8 +215,8 @@ def miss_cost(
     settings: dict[str, Any],
 ) -> dict[str, Any]:
     """Part 0 of fleet_scale.py (see the module's doc): the first half of *shards* raw,
-    with and without the stamp (the same databases, in turn), the second half through a
-    router with *settings*."""
+    with and without ``open_session`` and the transactions (the same databases, in
+    turn), the second half through a router with *settings*."""
     half = len(shards) // 2
     return {
         "connections": half,
@@ -225,25 +226,4 @@ def miss_cost(
         # slot now (made by the first pass), which the stamp then reuses
         "raw_again": raw_steps(catalog_url, shards[:half]),
         "router": router_misses(catalog_url, [t for t, _s, _u in shards[half:]], settings),
-    }
-
-
-def miss_cost_stamp_free(
-    catalog_url: str,
-    shards: Sequence[tuple[str, str, str]],
-    settings: dict[str, Any],
-) -> dict[str, Any]:
-    """Part 0 under ``--what-if-stamp-free`` (the what-if's functions in place on
-    *shards*): as :func:`miss_cost`, without the stamp, the router a
-    ``StampFreeRouter``."""
-    from _fleet_scale_stampfree import StampFreeRouter
-
-    half = len(shards) // 2
-    return {
-        "connections": half,
-        "raw": raw_steps(catalog_url, shards[:half], stamp=False, stamp_free=True),
-        "raw_again": raw_steps(catalog_url, shards[:half], stamp=False, stamp_free=True),
-        "router": router_misses(
-            catalog_url, [t for t, _s, _u in shards[half:]], settings, StampFreeRouter
-        ),
     }

@@ -4,7 +4,7 @@ one router and many.
     python benchmarks/fleet_scale.py [--quick] [--pg-url URL] [--out DIR]
         [--only PART ...] [--databases N] [--tenants N] [--variant NAME ...] [--keep]
         [--max-connections N] [--roomy N] [--no-preload] [--learn S]
-        [--what-if-stamp-free]
+        [--compare-stamp]
 
 ``--only`` runs some parts (``miss``: 0, ``dedicated``: 1, ``budget``: 2 and 2b,
 ``refresh``: 3, ``cli``: 4; the build always runs); ``--databases``/``--tenants``
@@ -17,25 +17,26 @@ servers run with ``shared_preload_libraries='plpgsql'`` (README recommends it: e
 backend finds PL/pgSQL loaded; ~1 ms of server CPU less per new connection, part 0);
 ``--no-preload`` leaves it out.
 
-``--what-if-stamp-free`` is a WHAT-IF, not a setting of tenantry (it weakens nothing in
-tenantry: it changes only the dedicated databases this script built, while it runs,
-and its own routers): would a dedicated tier without the fence's per-connection stamp
-meet issue 19's goal? In every dedicated database ``tenantry.tenant()`` returns that
-database's tenant as a constant and ``tenantry.fence`` only refuses another tenant and
-reads the residency row; the benchmark's ``StampFreeRouter`` skips the connect-event
-stamp on dedicated shards (``_fleet_scale_stampfree``; the original functions are put
-back before every baseline router and at the end). Part 0 then runs twice each way on
-databases nothing touched before (baseline, what-if, baseline, what-if; the load
-average before each), a check shows what the server sees each way, and part 1 runs
-every variant twice, the baseline and ``<variant> + stamp-free``, interleaved by round.
-``--what-if-prepare-guard`` adds a third way everywhere: the stamp-free fence also runs
-``LISTEN``/``UNLISTEN`` so that PostgreSQL refuses ``PREPARE TRANSACTION`` in a routed
-transaction, as the stamp's temporary object makes it do (``<variant> + stamp-free +
-prepare guard``).
+The dedicated databases are marked dedicated once their residency row is in place, as
+``shard add --tier dedicated`` marks one (``mark_tier`` through each one's operations
+URL, ``_fleet_scale_constant``): each one's tenant is then a constant (shard revision
+s0007), so a routed connection there makes no stamp and its fence verifies no
+signature; the constant installed is read back in every one. The shared shards (copies
+of the same template, so not marked) keep the stamp.
+
+``--compare-stamp`` runs the dedicated side both ways on the same fleet: *constant*
+(marked, the default) and *stamp* (every dedicated database unmarked with
+``mark_dedicated(false)``: the design before s0007), the mark restored at the end. A
+check shows what the server sees each way (``_fleet_scale_constant.check``); part 0
+runs four times on dedicated databases nothing touched before (constant, stamp,
+constant, stamp; the load average before each), and part 1's lone router runs twice a
+round, ``lone router`` (constant) and ``lone router + stamp``, in the other order the
+next round.
 
 0. **What a miss costs** (``_fleet_scale_miss``): a transaction to a database with no
-   open connection, step by step, one connection at a time — connect, the fence's
-   stamp, the first and a warm transaction, close, the backend's exit — in wall time,
+   open connection, step by step, one connection at a time — connect, ``open_session``
+   (the stamp, or with the constant none), the first and a warm transaction, close, the
+   backend's exit — in wall time,
    client CPU and the server backend's CPU; then a router's miss, hit and new engine.
 
 One throwaway PostgreSQL server with ``max_connections=500`` (unless ``--pg-url``). A
@@ -43,9 +44,9 @@ template database is migrated once (tenantry's shard schema and a 10-row-key tab
 ``fleet_items`` under row-level security, granted to a NOSUPERUSER NOBYPASSRLS routing
 role); the dedicated databases (1,000) and a few shared shards (4) are copies of it.
 The dedicated shards and their tenants are written into the catalog in one
-transaction (their residency rows first); the rest of the 100,000 tenants are
-registered on the shared shards with :meth:`Catalog.add_tenants` (the ring places
-them), timed.
+transaction (their residency rows first) and then marked (above); the rest of the
+100,000 tenants are registered on the shared shards with :meth:`Catalog.add_tenants`
+(the ring places them), timed.
 
 1. **One router, dedicated against shared.** 8 threads route 1-select transactions
    (rolled back) for a fixed window, to a tenant chosen uniformly or Zipf-skewed
@@ -114,8 +115,8 @@ from _common import (
     summarize,
     timed,
 )
-from _fleet_scale_miss import miss_cost, miss_cost_stamp_free
-from _fleet_scale_stampfree import StampFreeRouter, check, originals, switch
+from _fleet_scale_constant import CONSTANT, STAMP, check, constants, mark
+from _fleet_scale_miss import miss_cost
 from _fleet_scale_workers import TABLE, load_process, one, watch_process
 from _map_refresh import refresh_cpu
 from psycopg import sql
@@ -127,6 +128,7 @@ from tenantry.migrations.rls import RlsTable, grant_routing_role, install_rls
 from tenantry.shardmap.catalog.shards import prepare_shard
 from tenantry.shardmap.drivers import make_engine
 from tenantry.shardmap.keys import current_key
+from tenantry.shardmap.model import Tier
 from tenantry.shardmap.schema import fence_keys, shards, tenants
 from tenantry.testing import create_database, drop_database
 
@@ -151,10 +153,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "pool_size_dedicated": 8,
     },
 }
-#: The suffix of part 1's variants run under ``--what-if-stamp-free``.
-STAMP_FREE = " + stamp-free"
-#: ... and under ``--what-if-prepare-guard`` too, with the fence's PREPARE guard.
-GUARD = " + stamp-free + prepare guard"
+#: ``--compare-stamp``: the variant run both ways, and its twin's suffix (the stamp).
+COMPARED = "lone router"
+STAMP_TWIN = " + stamp"
 #: ``--preload``: each new backend finds PL/pgSQL loaded (forked from the postmaster)
 #: instead of loading it on its first PL/pgSQL call (the stamp, the fence).
 PRELOAD = {"shared_preload_libraries": "plpgsql"}
@@ -239,6 +240,11 @@ class Fleet:
     databases: list[str]  # every URL made here, the catalog last
     role: str
     dedicated_admin: list[str] = field(default_factory=list)  # superuser URLs, as dedicated
+    dedicated_routing: list[str] = field(default_factory=list)  # the routing role's URLs
+
+    def dedicated_entries(self) -> list[tuple[str, str, str]]:
+        """(tenant, routing URL, operations URL) of every dedicated database."""
+        return list(zip(self.dedicated, self.dedicated_routing, self.dedicated_admin, strict=True))
 
 
 def _role(server: str) -> tuple[str, str]:
@@ -318,6 +324,7 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
                 )
 
         ded_urls = urls[: cfg.databases]
+        ded_routing = [_as_role(url, role) for url in ded_urls]
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(residency, zip(dedicated, ded_urls, strict=True)))
         now = datetime.now(UTC)
@@ -328,14 +335,14 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
                 [
                     {
                         "name": f"ded-{t}",
-                        "url": _as_role(url, role),
+                        "url": routing,
                         "admin_url": url,
                         "tier": "dedicated",
                         "state": "active",
                         "weight": 1,
                         "created_at": now,
                     }
-                    for t, url in zip(dedicated, ded_urls, strict=True)
+                    for t, url, routing in zip(dedicated, ded_urls, ded_routing, strict=True)
                 ],
             )
             conn.execute(
@@ -367,6 +374,20 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
                     for n in names
                 ],
             )
+    with phase("mark dedicated"):
+        # As `shard add --tier dedicated` does (prepare_shard: mark_tier): each
+        # database's tenant becomes a constant. The shared shards and the template
+        # stay as copies are, unmarked.
+        figures["mark"] = mark(list(zip(dedicated, ded_routing, ded_urls, strict=True)))
+        if figures["mark"]["wrong"]:
+            raise RuntimeError(f"marked, but not installed as expected: {figures['mark']}")
+        others = [template, *urls[cfg.databases :]]
+        figures["unmarked_constants"] = constants(others)
+        if any(c is not None for c in figures["unmarked_constants"]):
+            raise RuntimeError(f"a shared shard has a constant: {figures['unmarked_constants']}")
+        console.print(
+            f"  {figures['mark']['as_expected']:,} marked in {figures['mark']['seconds']} s"
+        )
     shared = [f"s{i:06d}" for i in range(cfg.tenants - cfg.databases)]
     with phase(f"add_tenants ({len(shared):,} shared tenants)"):
         summary = catalog.add_tenants(({"id": t} for t in shared), batch_size=cfg.batch_size)
@@ -381,7 +402,15 @@ def build(server: str, cfg: Config, phase: Phases) -> Fleet:
     catalog.close()
     databases = [template, *urls, catalog_url]
     return Fleet(
-        server, catalog_url, dedicated, shared, figures, databases, role[0], list(ded_urls)
+        server,
+        catalog_url,
+        dedicated,
+        shared,
+        figures,
+        databases,
+        role[0],
+        list(ded_urls),
+        ded_routing,
     )
 
 
@@ -400,12 +429,13 @@ MISS_SAMPLE = 80
 
 
 def question_0(
-    fleet: Fleet, cfg: Config, phase: Phases, picked: Sequence[str] = (), mode: str = ""
+    fleet: Fleet, cfg: Config, phase: Phases, picked: Sequence[str] = (), mode: str = CONSTANT
 ) -> dict[str, Any]:
     """What a transaction to a database with no open connection costs, step by step
     (``_fleet_scale_miss``), on dedicated databases the other parts have not touched
-    (*picked*: the last ``MISS_SAMPLE`` unless given). *mode*: the what-if's functions
-    in place (``stamp-free`` or ``guard``: ``--what-if-stamp-free``)."""
+    (*picked*: the last ``MISS_SAMPLE`` unless given). *mode*: how the dedicated
+    databases are at the time (``constant``, the default, or ``stamp``:
+    ``--compare-stamp``), for the record."""
     catalog = Catalog(fleet.catalog_url, settings=load_settings(catalog_url=fleet.catalog_url))
     try:
         snapshot = catalog.snapshot()
@@ -416,12 +446,11 @@ def question_0(
     for t in picked:
         shard = snapshot.shards[snapshot.tenants[t].shard]
         shards.append((t, shard.name, conninfo(shard.url)))
-    cost = miss_cost_stamp_free if mode else miss_cost
-    with phase(f"question 0: what a miss costs ({mode or 'baseline'})"):
+    with phase(f"question 0: what a miss costs ({mode})"):
         return {
             "load": load_average(),
             "mode": mode,
-            **cost(fleet.catalog_url, shards, VARIANTS["lone router"]),
+            **miss_cost(fleet.catalog_url, shards, VARIANTS["lone router"]),
         }
 
 
@@ -493,12 +522,11 @@ def question_1(
     cfg: Config,
     phase: Phases,
     variants: dict[str, dict[str, Any]],
-    stamp_free: Any = None,
+    switch: Any = None,
 ) -> dict[str, Any]:
-    """*stamp_free* (``--what-if-stamp-free``): a callable that puts the what-if's
-    functions in place (``stamp-free``, ``guard``) or the originals (``""``); variants
-    named ``... + stamp-free`` (``GUARD``: ``guard``) run with them and a
-    ``StampFreeRouter``."""
+    """*switch* (``--compare-stamp``): a callable that makes the dedicated databases
+    ``constant`` or ``stamp`` (returns the seconds it took); a variant named ``... +
+    stamp`` (``STAMP_TWIN``) runs with them unmarked, every other one marked."""
     choosers = {
         (kind, pool): Chooser(
             fleet.dedicated if pool == "dedicated" else fleet.shared, kind, cfg.zipf_s, 7
@@ -530,18 +558,10 @@ def question_1(
                 # say), in the other order the next round; its cells interleaved.
                 for v in order_v if round_ % 2 == 0 else order_v[::-1]:
                     settings = load_settings(catalog_url=fleet.catalog_url, **variants[v])
-                    mode = (
-                        "guard"
-                        if v.endswith(GUARD)
-                        else "stamp-free"
-                        if v.endswith(STAMP_FREE)
-                        else ""
-                    )
-                    if stamp_free is not None:
-                        switched.append(stamp_free(mode))
+                    if switch is not None:
+                        switched.append(switch(STAMP if v.endswith(STAMP_TWIN) else CONSTANT))
                     loads[v].append(load_average())
-                    cls = StampFreeRouter if mode else Router
-                    with cls(settings=settings) as router:
+                    with Router(settings=settings) as router:
                         if cfg.touch_all:
                             warm[v].append(touch_all(router, fleet.dedicated, cfg.threads))
                         for pool in ("dedicated", "shared"):
@@ -933,6 +953,24 @@ def markdown(data: dict[str, Any]) -> str:
                     "databases copied from the template",
                     f"{build_f['databases']:,} in {build_f['clone_s']} s",
                 ],
+                *(
+                    [
+                        [
+                            "dedicated databases marked (mark_tier through the operations "
+                            "URL, 4 threads); constant read back",
+                            f"{build_f['mark']['databases']:,} in {build_f['mark']['seconds']} s;"
+                            f" as expected in {build_f['mark']['as_expected']:,}; the template "
+                            "and shared shards: "
+                            + (
+                                "no constant"
+                                if not any(build_f.get("unmarked_constants", []))
+                                else "**a constant**"
+                            ),
+                        ]
+                    ]
+                    if "mark" in build_f
+                    else []
+                ),
                 [
                     f"Catalog.add_tenants, batches of {at['batch_size']}",
                     f"{at['added']:,} tenants in {at['seconds']:.1f} s = {at['rate']:,.0f}/s "
@@ -944,8 +982,8 @@ def markdown(data: dict[str, Any]) -> str:
     ]
     if "question_0" in data:
         lines += _q0_lines(data["question_0"])
-    if "what_if_stamp_free" in data:
-        lines += _what_if_lines(data)
+    if "compare_stamp" in data:
+        lines += _compare_lines(data)
     if "question_1" in data:
         lines += _q1_lines(data["question_1"], cfg)
     if "question_1_roomy" in data:
@@ -985,6 +1023,8 @@ def _max_conn(data: dict[str, Any]) -> Any:
 def _q0_lines(q0: dict[str, Any]) -> list[str]:
     raw, bare, rt = q0["raw"], q0["raw_no_stamp"], q0["router"]
     q0 = {"raw_again": raw} | q0  # (results written before the second pass had none)
+    # results written before s0007 had no mode: the stamp
+    constant = q0.get("mode") == CONSTANT
 
     def row(name: str, step: dict[str, Any]) -> list[str]:
         return [name, *(f"{step[k]:.2f}" for k in ("wall_ms", "client_ms", "server_ms"))]
@@ -992,16 +1032,21 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
     rows = [
         row("connect (TCP, fork, authentication, backend start)", raw["connect"]),
         ["postmaster's fork", "", "", f"{raw['postmaster_fork_ms']:.2f}"],
-        row("the stamp: tenantry.open_session(false), autocommit", raw["stamp"]),
-        row("... when the database has that backend slot's temporary namespace already",
+        row("tenantry.open_session(false), autocommit: "
+            + ("no stamp (the tenant is a constant)" if constant else "the stamp"),
+            raw["stamp"]),
+        row("... in the second pass" + ("" if constant else
+            " (the database has that backend slot's temporary namespace already)"),
             q0["raw_again"]["stamp"]),
         row("first transaction on the new backend (fence, select)", raw["first tx"]),
         row("... in the second pass", q0["raw_again"]["first tx"]),
         row("the same transaction again (warm)", raw["warm tx"]),
         row("close (client)", raw["close"]),
-        ["backend exit, with the stamp (temporary namespace dropped)", "", "",
+        ["backend exit, after open_session and the transactions"
+         + ("" if constant else " (the stamp's temporary namespace dropped)"), "", "",
          f"{raw['backend_exit_ms']:.2f}"],
-        ["backend exit, without a stamp", "", "", f"{bare['backend_exit_ms']:.2f}"],
+        ["backend exit, of a connection only opened and closed", "", "",
+         f"{bare['backend_exit_ms']:.2f}"],
         row("router: a miss (engine kept, no connection)", rt["miss"]),
         row("router: a hit", rt["hit"]),
         row("router: a new engine's first transaction", rt["new engine"]),
@@ -1010,7 +1055,14 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
     return [
         "## 0. What a miss costs (one connection at a time, medians)",
         "",
-        f"{q0['connections']} connections each way; client CPU is the calling thread's, server "
+        (
+            "Dedicated databases marked (their tenant a constant). "
+            if constant
+            else "Dedicated databases unmarked (the stamp). "
+            if "mode" in q0
+            else ""
+        )
+        + f"{q0['connections']} connections each way; client CPU is the calling thread's, server "
         "CPU the backend's (`/proc/<pid>/schedstat`), the exit's from the postmaster's reaped "
         f"children. Dialect set-ups run by the router: {rt['dialects_initialized']}.",
         "",
@@ -1021,8 +1073,8 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
 
 def miss_server_ms(q0: dict[str, Any]) -> dict[str, float]:
     """Part 0's server CPU of one miss, by step (ms): the fork, the backend's start,
-    the stamp (none in the what-if), the cold first transaction's extra over a warm one,
-    the exit."""
+    ``open_session`` (the stamp; with the constant, the role's check only), the cold
+    first transaction's extra over a warm one, the exit."""
     raw = q0["raw"]
     out = {
         "fork": raw["postmaster_fork_ms"],
@@ -1039,106 +1091,125 @@ def miss_server_ms(q0: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _what_if_lines(data: dict[str, Any]) -> list[str]:
-    wi = data["what_if_stamp_free"]
+def _seen(entries: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{t}: {','.join(v['rows']) or 'nothing'} (tenant() {v['tenant()']})"
+        for t, v in entries.items()
+    )
+
+
+def _compare_lines(data: dict[str, Any]) -> list[str]:
+    cs = data["compare_stamp"]
     lines = [
-        "## What-if: dedicated databases without the per-connection stamp",
+        "## Constant against stamp (`--compare-stamp`)",
         "",
-        "`--what-if-stamp-free` (a what-if on this benchmark's own fleet, not a tenantry "
-        "setting): in each dedicated database `tenantry.tenant()` returns its tenant as a "
-        "constant, `tenantry.fence` only refuses another tenant and reads the residency row, "
-        "and the benchmark's routers skip `open_session` on dedicated shards "
-        "(`benchmarks/_fleet_scale_stampfree.py`).",
+        "The same fleet both ways: *constant* (every dedicated database marked dedicated, as "
+        "tenantry marks it: its tenant a constant, no stamp; the default) and *stamp* (every "
+        "dedicated database unmarked with `mark_dedicated(false)`: the design before shard "
+        "revision s0007). The shared shards keep the stamp throughout.",
         "",
-        "### Check: what the server sees (3 dedicated databases, 3 routed transactions each)",
+        f"### Check: what the server sees ({len(cs['checks'][0]['rows_seen'])} dedicated "
+        "databases, a row of another tenant planted in each)",
         "",
     ]
     rows = []
-    for c in wi["checks"]:
-        calls = c["function_calls"]
+    for c in cs["checks"]:
+        ro = c["read_only_transaction"]
         rows.append(
             [
-                c.get("mode", "stamp-free" if c["stamp_free"] else "") or "baseline",
-                "; ".join(
-                    f"{t}: {','.join(v['rows'])} (tenant() {v['tenant()']})"
-                    for t, v in c["rows_seen"].items()
-                ),
-                sum(x.get("open_session", 0) for x in calls.values()),
-                sum(x.get("fence", 0) for x in calls.values()),
+                c["mode"],
+                ", ".join(f"{t}: {v}" for t, v in c["constant_installed"].items()),
+                _seen(c["fenceless_routing_role"]),
+                _seen(c["rows_seen"]),
                 sum(c["temporary_relations_while_connected"].values()),
                 c["fence_for_another_tenant"],
-                c["prepare_transaction"],
-                ", ".join(f"{k} {v}" for k, v in c["read_only_transaction"].items()),
+                f"{c['prepare_transaction']} (max_prepared_transactions "
+                f"{c['max_prepared_transactions']})",
+                ro.get("error") or ", ".join(f"{k} {v}" for k, v in ro.items()),
             ]
         )
     lines += [
         markdown_table(
             [
-                "routers",
-                "rows seen (SELECT without WHERE; an intruder's row is in each database)",
-                "open_session calls",
-                "fence calls",
-                "temporary relations while connected",
-                "fence for another tenant",
+                "databases",
+                "constant installed",
+                "a fence-less routing-role connection sees",
+                "a routed transaction sees",
+                "temporary relations while the router holds its connections",
+                "the fence asked for another tenant",
                 "PREPARE TRANSACTION in a routed transaction",
                 "a read-only routed transaction",
             ],
             rows,
-            align="llrrrlll",
+            align="lllllrll",
         ),
         "",
+        "Premises:",
+        "",
     ]
-    turns = wi.get("question_0", [])
+    lines += [
+        f"- {c['mode']}: {premise}: {'yes' if ok else '**NO**'}"
+        for c in cs["checks"]
+        for premise, ok in c["premises"].items()
+    ]
+    lines += [""]
+    turns = cs.get("question_0", [])
     if turns:
         steps = ["fork", "start", "stamp", "cold tx", "exit", "miss", "warm tx",
                  "router miss wall", "router miss client", "router hit wall"]  # fmt: skip
+        labels = {"stamp": "open_session"}
         figures = [miss_server_ms(q) for q in turns]
-        names = [f"{q.get('mode') or 'baseline'} (load {q['load']})" for q in turns]
+        names = [f"{q['mode']} (load {q['load']})" for q in turns]
         lines += [
             "### Part 0: a miss, one connection at a time (server CPU ms unless said; "
             f"{turns[0]['connections']} connections each, medians)",
             "",
-            "Server CPU per miss = fork + backend start + stamp + (first transaction - warm "
-            "transaction) + exit. Each turn on dedicated databases nothing had touched.",
+            "Server CPU per miss = fork + backend start + open_session (the stamp; with the "
+            "constant, the role's check only) + (first transaction - warm transaction) + "
+            "exit. Each turn on dedicated databases nothing had touched.",
             "",
             markdown_table(
                 ["step", *names],
-                [[st, *(f"{f[st]:.2f}" for f in figures)] for st in steps],
+                [[labels.get(st, st), *(f"{f[st]:.2f}" for f in figures)] for st in steps],
                 align="l" + "r" * len(names),
             ),
             "",
         ]
     q1 = data.get("question_1")
-    if q1:
+    if q1 and any(v.endswith(STAMP_TWIN) for v in q1["settings"]):
         by = {(c["variant"], c["choice"], c["pool"]): c for c in q1["cells"]}
+        met = {(r["variant"], r["choice"]): r["met"] for r in q1["ratios"]}
         rows = []
-        for v in q1["settings"]:
+        for v in (COMPARED, f"{COMPARED}{STAMP_TWIN}"):
             for k in ("zipf", "uniform"):
                 ded, sh = by[(v, k, "dedicated")], by[(v, k, "shared")]
                 share = ded["sessions_per_s"] / ded["tps"] if ded["tps"] else 0.0
                 per_miss = (2 / ded["tps"] - 2 / sh["tps"]) / share * 1000 if share else 0.0
                 rows.append(
                     [
-                        v,
+                        STAMP if v.endswith(STAMP_TWIN) else CONSTANT,
                         k,
                         f"{ded['tps']:,.0f}",
                         f"{sh['tps']:,.0f}",
                         f"{ded['tps'] / sh['tps']:.2f}x",
                         f"{ded['latency_ms']['p50'] / sh['latency_ms']['p50']:.2f}x",
                         f"{100 * share:.1f}%",
-                        f"{per_miss:.1f}",
+                        f"{per_miss:.1f}" if share >= 0.01 else "",
+                        "yes" if met[(v, k)] else "**no**",
                         ", ".join(str(x) for x in q1.get("load_before", {}).get(v, [])),
                     ]
                 )
         lines += [
-            "### Part 1: the arithmetic",
+            f"### Part 1: the {COMPARED} both ways (max_connections {_max_conn(data)})",
             "",
             "CPU per miss inside the load = (2 cores / dedicated tx/s - 2 cores / shared "
-            "tx/s) / share of dedicated transactions connecting (sessions/s over tx/s).",
+            "tx/s) / share of dedicated transactions connecting (sessions/s over tx/s; "
+            "left blank under 1%). Goals: Zipf p50 ≤ 2x and throughput ≥ 0.5x the shared, "
+            "uniform ≤ 3x / ≥ 0.33x.",
             "",
             markdown_table(
                 [
-                    "settings",
+                    "databases",
                     "choice",
                     "ded tx/s",
                     "shared tx/s",
@@ -1146,14 +1217,15 @@ def _what_if_lines(data: dict[str, Any]) -> list[str]:
                     "p50 ratio",
                     "connecting",
                     "CPU per miss ms",
+                    "goal met",
                     "load before each router",
                 ],
                 rows,
-                align="llrrrrrrl",
+                align="llrrrrrrcl",
             ),
             "",
-            f"Switching the functions of every dedicated database: {q1.get('switch_s')} s "
-            "(between routers, not measured).",
+            f"Switching every dedicated database: {q1.get('switch_s')} s (before each router, "
+            "not measured).",
             "",
         ]
     return lines
@@ -1297,6 +1369,8 @@ def goals(data: dict[str, Any]) -> list[list[str]]:
         (roomy, f"max_connections {roomy.get('max_connections')}"),
     ):
         for r in q1.get("ratios", []):
+            if r["variant"].endswith(STAMP_TWIN):  # a comparison (--compare-stamp)
+                continue
             rows.append(
                 [
                     f"one router, {r['choice']}, {r['variant']} ({where}): dedicated p50 <= "
@@ -1433,26 +1507,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data["shared_preload_libraries"] = _show(server, "shared_preload_libraries")
         fleet = build(server, cfg, phase)
         data["build"] = fleet.figures
-        toggle = None
-        if args.what_if_stamp_free:
-            toggle = stack.enter_context(_what_if(fleet))
-            modes = ["", "stamp-free"] + (["guard"] if args.what_if_prepare_guard else [])
-            data["what_if_stamp_free"] = what_if_stamp_free(fleet, cfg, phase, parts, toggle, modes)
-            variants = (
-                variants
-                | {f"{v}{STAMP_FREE}": st for v, st in variants.items()}
-                | (
-                    {f"{v}{GUARD}": st for v, st in variants.items()}
-                    if args.what_if_prepare_guard
-                    else {}
-                )
-            )
+        switch = None
+        if args.compare_stamp:
+            switch = stack.enter_context(_switcher(fleet))
+            data["compare_stamp"] = compare_stamp(fleet, cfg, phase, parts, switch)
+            if data["compare_stamp"].get("question_0"):
+                data["question_0"] = data["compare_stamp"]["question_0"][0]
+            if COMPARED in variants:
+                variants = variants | {f"{COMPARED}{STAMP_TWIN}": variants[COMPARED]}
         elif "miss" in parts:
             data["question_0"] = question_0(fleet, cfg, phase)
         if "dedicated" in parts:
-            data["question_1"] = question_1(fleet, cfg, phase, variants, toggle)
-        if toggle is not None:
-            toggle("")
+            data["question_1"] = question_1(fleet, cfg, phase, variants, switch)
+        if switch is not None:
+            switch(CONSTANT)
         if "budget" in parts:
             data["question_2"] = question_2(fleet, cfg, phase, {})
             data["question_2b"] = question_2(
@@ -1484,41 +1552,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 @contextmanager
-def _what_if(fleet: Fleet) -> Any:
-    """``--what-if-stamp-free``: a callable that puts the what-if's functions in every
-    dedicated database (True) or the originals back (False), when they are not so
-    already; the originals are back at the end whatever happens."""
-    pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
-    saved = originals(pairs[0][1])
-    state = [""]
+def _switcher(fleet: Fleet) -> Any:
+    """``--compare-stamp``: a callable that makes every dedicated database ``constant``
+    (marked dedicated) or ``stamp`` (unmarked), when it is not so already, and returns
+    the seconds it took; the marks are restored at the end whatever happens."""
+    entries = fleet.dedicated_entries()
+    state = [CONSTANT]
 
-    def toggle(mode: str) -> float:
+    def switch(mode: str) -> float:
         if state[0] == mode:
             return 0.0
-        seconds = switch(pairs, mode, saved)
+        done = mark(entries, Tier.DEDICATED if mode == CONSTANT else Tier.SHARED)
+        if done["wrong"]:
+            raise RuntimeError(f"switched to {mode}, but not installed as expected: {done}")
         state[0] = mode
-        console.print(f"  what-if: {mode or 'the original functions'}: {seconds:.1f} s")
-        return seconds
+        console.print(f"  every dedicated database {mode}: {done['seconds']:.1f} s")
+        return float(done["seconds"])
 
     try:
-        yield toggle
+        yield switch
     finally:
-        toggle("")
+        switch(CONSTANT)
 
 
-def what_if_stamp_free(
-    fleet: Fleet, cfg: Config, phase: Phases, parts: set[str], toggle: Any, modes: list[str]
+def compare_stamp(
+    fleet: Fleet, cfg: Config, phase: Phases, parts: set[str], switch: Any
 ) -> dict[str, Any]:
-    """``--what-if-stamp-free``: the check each way, then part 0 baseline and what-if in
-    turn, each on dedicated databases nothing has touched (from the end of the list)."""
+    """``--compare-stamp``: the check each way, then part 0 constant and stamp in turn,
+    each on dedicated databases nothing has touched (from the end of the list)."""
     out: dict[str, Any] = {"checks": []}
-    settings = VARIANTS["lone router"]
-    pairs = list(zip(fleet.dedicated, fleet.dedicated_admin, strict=True))
-    probe = pairs[:3]
-    with phase("what-if stamp-free: check"):
+    settings = VARIANTS[COMPARED]
+    entries = fleet.dedicated_entries()
+    probe = entries[:3]
+    modes = [CONSTANT, STAMP]
+    with phase("compare-stamp: check"):
         for mode in modes:
-            toggle(mode)
-            out["checks"].append(check(fleet.catalog_url, probe, settings, mode))
+            switch(mode)
+            out["checks"].append(check(fleet.catalog_url, probe, settings, mode, TABLE))
+            failed = [k for k, ok in out["checks"][-1]["premises"].items() if not ok]
+            if failed:
+                console.print(f"[red]  {mode}: premise not held: {'; '.join(failed)}")
     if "miss" in parts:
         n = min(MISS_SAMPLE, len(fleet.dedicated) // (4 * len(modes)))
         rounds = 2 if len(fleet.dedicated) - len(probe) >= 2 * len(modes) * n else 1
@@ -1526,7 +1599,7 @@ def what_if_stamp_free(
         for i in range(rounds * len(modes)):
             mode = modes[i % len(modes)]
             picked = fleet.dedicated[len(fleet.dedicated) - (i + 1) * n :][:n]
-            toggle(mode)
+            switch(mode)
             out["question_0"].append(question_0(fleet, cfg, phase, picked, mode))
     return out
 
@@ -1583,17 +1656,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "recommends (each new backend finds PL/pgSQL loaded); default: yes",
     )
     parser.add_argument(
-        "--what-if-stamp-free",
+        "--compare-stamp",
         action="store_true",
-        help="WHAT-IF, not a tenantry setting (changes only this benchmark's own fleet): "
-        "dedicated databases without the fence's per-connection stamp, their tenant a "
-        "constant; part 0 and part 1 run each way (see the docstring)",
-    )
-    parser.add_argument(
-        "--what-if-prepare-guard",
-        action="store_true",
-        help="with --what-if-stamp-free: also a third way, the stamp-free fence running "
-        "LISTEN and UNLISTEN so that PostgreSQL refuses PREPARE TRANSACTION",
+        help="also run the dedicated side with every dedicated database unmarked (the "
+        "stamp, as before shard revision s0007): a check each way, part 0 in turns, and "
+        f"part 1's {COMPARED!r} twice a round (see the docstring)",
     )
     parser.add_argument(
         "--roomy",
@@ -1607,8 +1674,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--learn S takes seconds of traffic: 0 or more")
     if args.roomy is not None and (args.pg_url or args.roomy < 10):
         parser.error("--roomy starts a throwaway server of its own: not with --pg-url, N >= 10")
-    if args.what_if_prepare_guard and not args.what_if_stamp_free:
-        parser.error("--what-if-prepare-guard goes with --what-if-stamp-free")
     if args.from_json:
         data = json.loads(args.from_json.read_text())
         finish(NAME, data, markdown(data), args.out, summary)
