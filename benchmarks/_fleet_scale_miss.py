@@ -15,10 +15,10 @@ times are latencies without queueing; CPU is measured where it is spent:
 Steps, with psycopg directly (as the routing role, over TCP like the router):
 
 1. ``connect``: TCP connect, fork, authentication, backend start;
-2. ``stamp``: ``SELECT tenantry.open_session(false)`` committed by itself (autocommit:
-   one round trip), as the router's connect event runs it: it makes the stamp, or in a
-   database tenantry marked dedicated (its tenant a constant, shard revision s0007)
-   only checks the role;
+2. ``stamp``: the router's connect event's statement (``OPEN_SESSION``) committed by
+   itself (autocommit: one round trip): ``tenantry.open_session(false)`` makes the
+   stamp, unless ``tenantry.tenant()`` is a constant (a database tenantry marked
+   dedicated, shard revision s0007), where nothing else runs;
 3. ``first tx`` on the fresh backend: BEGIN and the signed fence in one message, the
    point select, ROLLBACK (as the router sends them); then ``warm tx``: the same again;
 4. ``close``; the backend's exit after these steps (with a stamp, its temporary
@@ -49,6 +49,7 @@ import psycopg
 from _procfs import schedstat_ns
 
 from tenantry import Router, load_settings
+from tenantry.router.router import OPEN_SESSION
 from tenantry.shardmap.catalog import Catalog
 
 TICK_NS = 1e9 / os.sysconf("SC_CLK_TCK")
@@ -126,7 +127,7 @@ def raw_steps(
 
         def open_session(conn: psycopg.Connection[Any] = conn) -> None:
             conn.autocommit = True  # one statement, committed by itself, as the router
-            conn.execute("SELECT tenantry.open_session(false)")
+            conn.execute(OPEN_SESSION[False])
             conn.autocommit = False
 
         if stamp:

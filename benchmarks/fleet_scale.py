@@ -1032,8 +1032,8 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
     rows = [
         row("connect (TCP, fork, authentication, backend start)", raw["connect"]),
         ["postmaster's fork", "", "", f"{raw['postmaster_fork_ms']:.2f}"],
-        row("tenantry.open_session(false), autocommit: "
-            + ("no stamp (the tenant is a constant)" if constant else "the stamp"),
+        row("the connect event's statement, autocommit: "
+            + ("no stamp (the tenant is a constant)" if constant else "open_session: the stamp"),
             raw["stamp"]),
         row("... in the second pass" + ("" if constant else
             " (the database has that backend slot's temporary namespace already)"),
@@ -1073,7 +1073,7 @@ def _q0_lines(q0: dict[str, Any]) -> list[str]:
 
 def miss_server_ms(q0: dict[str, Any]) -> dict[str, float]:
     """Part 0's server CPU of one miss, by step (ms): the fork, the backend's start,
-    ``open_session`` (the stamp; with the constant, the role's check only), the cold
+    the connect event's statement (the stamp; with the constant, a function call), the cold
     first transaction's extra over a warm one, the exit."""
     raw = q0["raw"]
     out = {
@@ -1157,15 +1157,15 @@ def _compare_lines(data: dict[str, Any]) -> list[str]:
     if turns:
         steps = ["fork", "start", "stamp", "cold tx", "exit", "miss", "warm tx",
                  "router miss wall", "router miss client", "router hit wall"]  # fmt: skip
-        labels = {"stamp": "open_session"}
+        labels = {"stamp": "connect statement"}
         figures = [miss_server_ms(q) for q in turns]
         names = [f"{q['mode']} (load {q['load']})" for q in turns]
         lines += [
             "### Part 0: a miss, one connection at a time (server CPU ms unless said; "
             f"{turns[0]['connections']} connections each, medians)",
             "",
-            "Server CPU per miss = fork + backend start + open_session (the stamp; with the "
-            "constant, the role's check only) + (first transaction - warm transaction) + "
+            "Server CPU per miss = fork + backend start + the connect event's statement (the "
+            "stamp; with the constant, none) + (first transaction - warm transaction) + "
             "exit. Each turn on dedicated databases nothing had touched.",
             "",
             markdown_table(

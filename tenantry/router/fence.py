@@ -20,7 +20,6 @@ frozen tenant; SQLite has no row-level security.
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -49,7 +48,6 @@ __all__ = [
     "SQLITE_FENCE",
     "TENANT_KEY",
     "ConnectionLost",
-    "StampOnConnect",
     "frozen_error",
     "register_keys",
     "reset_connection",
@@ -57,8 +55,6 @@ __all__ = [
     "rollback_keeping_prepared_async",
     "run_fence",
 ]
-
-logger = logging.getLogger("tenantry.router")
 
 #: Keys in ``Connection.info`` (the DBAPI connection's): the tenant of the current
 #: routed transaction, and whether it is frozen. Cleared when the connection is
@@ -81,47 +77,16 @@ _UNDEFINED_FUNCTION = "42883"
 #: SQLSTATE of a connection without a stamp in a read-only transaction (shard revision
 #: s0007): opened while its dedicated database's tenant was a constant.
 _NO_STAMP = "TY001"
-_READ_ONLY = "25006"
 
 #: For each routed engine: a function giving the shard's fence key (``reload=True``
 #: reads it again from the catalog, after a rotation).
 KeySource = Callable[[bool], FenceKey]
 #: For each routed engine: its shard, its key source, whether a sync psycopg
-#: connection sends BEGIN and the fence in one pipeline (``fence_with_begin``),
-#: whether the shard is reached through a pooler (the fence signed per transaction),
-#: and its connect event's stamp (None: not a routed PostgreSQL engine).
-_KEYS: weakref.WeakKeyDictionary[
-    Engine, tuple[str, KeySource, bool, bool, StampOnConnect | None]
-] = weakref.WeakKeyDictionary()
-
-
-class StampOnConnect:
-    """A routed engine's connect event: ``tenantry.open_session()``, committed, which
-    checks the routing role and makes the connection's stamp.
-
-    *lazy* (a dedicated shard's engine): skip it while the shard's tenant is a constant
-    (shard revision s0007), where there is no stamp to make and the call costs a new
-    server session a few milliseconds of catalog reads. The fence makes the stamp in a
-    read-write transaction where one is needed; in a read-only one the shard refuses
-    (SQLSTATE ``TY001``; 25006 before s0007), and from then on this engine's new
-    connections call it (:meth:`want`).
-    """
-
-    __slots__ = ("__weakref__", "_open", "lazy")
-
-    def __init__(self, open_session: Callable[[Any, Any], None], *, lazy: bool) -> None:
-        self._open = open_session
-        self.lazy = lazy
-
-    def __call__(self, dbapi_connection: Any, record: Any) -> None:
-        if not self.lazy:
-            self._open(dbapi_connection, record)
-
-    def want(self) -> bool:
-        """Call ``open_session`` on every new connection from now on; whether it was
-        skipped until now."""
-        was, self.lazy = self.lazy, False
-        return was
+#: connection sends BEGIN and the fence in one pipeline (``fence_with_begin``), and
+#: whether the shard is reached through a pooler (the fence signed per transaction).
+_KEYS: weakref.WeakKeyDictionary[Engine, tuple[str, KeySource, bool, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class ConnectionLost(ShardUnavailable):
@@ -137,19 +102,12 @@ class ConnectionLost(ShardUnavailable):
 
 
 def register_keys(
-    engine: Engine,
-    shard: str,
-    keys: KeySource,
-    *,
-    with_begin: bool = False,
-    pooled: bool = False,
-    stamp: StampOnConnect | None = None,
+    engine: Engine, shard: str, keys: KeySource, *, with_begin: bool = False, pooled: bool = False
 ) -> None:
     """Say where the fence of *engine* (a shard's routed engine) gets its key, whether
-    it goes in one pipeline with BEGIN (see :func:`_fence_with_begin`), whether the
-    shard is routed through a pooler (see :func:`_fence_pooled`), and what its connect
-    event is (see :class:`StampOnConnect`)."""
-    _KEYS[engine] = (shard, keys, with_begin, pooled, stamp)
+    it goes in one pipeline with BEGIN (see :func:`_fence_with_begin`), and whether the
+    shard is routed through a pooler (see :func:`_fence_pooled`)."""
+    _KEYS[engine] = (shard, keys, with_begin, pooled)
 
 
 def run_fence(conn: Connection, tenant_id: str, shard: str) -> Residency:
@@ -190,7 +148,7 @@ def _fence_postgresql(conn: Connection, tenant_id: str, shard: str) -> str | Non
         raise ConfigurationError(
             f"shard {shard!r}: this engine was not made by a router, so it has no fence key"
         )
-    _name, keys, with_begin, pooled, _stamp = registered
+    _name, keys, with_begin, pooled = registered
     driver: Any = conn.connection.driver_connection
     if pooled:
         try:
@@ -242,14 +200,10 @@ def _fence_failed(
             shard=shard,
         ) from None
     state = getattr(orig, "sqlstate", None)
-    stamp = _KEYS[conn.engine][4]
-    if state == _NO_STAMP or (state == _READ_ONLY and stamp is not None and stamp.lazy):
-        # A read-only transaction on a connection without a stamp, which it cannot make:
-        # its dedicated database's tenant is not a constant (any more: a second tenant,
-        # a demote; or before s0007, 25006 from making it). Every connection of the pool
-        # opened before may have none: a fresh one makes it when it opens.
-        if stamp is not None and stamp.want():
-            logger.info("shard %s has no constant tenant: new connections make a stamp", shard)
+    if state == _NO_STAMP:
+        # Its dedicated database's tenant is no longer a constant (a second tenant, a
+        # demote): every connection opened before has no stamp, and a read-only
+        # transaction cannot make one. A fresh connection makes it when it opens.
         _invalidate(conn, orig if orig is not None else exc)
         raise ConnectionLost(
             f"shard {shard!r}: the pooled connection has no fence stamp (the shard's "

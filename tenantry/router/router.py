@@ -36,7 +36,6 @@ from tenantry.router.engines import EngineRegistry, EngineStats
 from tenantry.router.fence import (
     TENANT_KEY,
     ConnectionLost,
-    StampOnConnect,
     register_keys,
     rollback_keeping_prepared,
     rollback_keeping_prepared_async,
@@ -54,7 +53,7 @@ from tenantry.shardmap.cache import MapCache
 from tenantry.shardmap.catalog import Catalog
 from tenantry.shardmap.drivers import describe_error, make_engine
 from tenantry.shardmap.keys import FenceKey
-from tenantry.shardmap.model import MapSnapshot, Shard, Tier, mask_url, validate_tenant_id
+from tenantry.shardmap.model import MapSnapshot, Shard, mask_url, validate_tenant_id
 from tenantry.shardmap.operations import shard_errors
 
 if TYPE_CHECKING:
@@ -125,21 +124,15 @@ class RouterBase:
             self._observer.configure_engine(engine)
         if shard.backend == "postgresql":
             name = shard.name
-            allow = self.settings.allow_unsafe_routing_role
-            # A dedicated database's tenant is a constant (s0007): no stamp to make.
-            stamp = StampOnConnect(
-                partial(_stamp_connection, allow_temporary=allow),
-                lazy=shard.tier is Tier.DEDICATED and not shard.pooled,
-            )
             register_keys(
                 engine,
                 name,
                 lambda reload: self._fence_key(name, reload),
                 with_begin=self.settings.fence_with_begin,
                 pooled=shard.pooled,
-                stamp=stamp,
             )
-            event.listen(engine, "connect", stamp)
+            allow = self.settings.allow_unsafe_routing_role
+            event.listen(engine, "connect", partial(_stamp_connection, allow_temporary=allow))
             if not shard.pooled and engine.dialect.driver == "psycopg":
                 # A rollback keeps psycopg's prepared statements, as a commit does (why
                 # that is safe: rollback_keeping_prepared). Behind a pooler nothing is
@@ -407,7 +400,8 @@ def _open_connection(
 
 
 def _stamp_connection(dbapi_connection: Any, _record: Any, allow_temporary: bool = False) -> None:
-    """Give a new routed connection its stamp (``tenantry.open_session()``), committed.
+    """Give a new routed connection its stamp (``tenantry.open_session()``), committed;
+    none in a dedicated database whose tenant is a constant (s0007: :data:`OPEN_SESSION`).
 
     The fence sets the stamp in every transaction; making it is DDL, done once here
     rather than in a transaction that most often ends in a rollback. The shard refuses a
@@ -422,7 +416,7 @@ def _stamp_connection(dbapi_connection: Any, _record: Any, allow_temporary: bool
     try:
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute(_OPEN_SESSION[allow_temporary])
+            cursor.execute(OPEN_SESSION[allow_temporary])
         finally:
             cursor.close()
     except BaseException:
@@ -432,9 +426,15 @@ def _stamp_connection(dbapi_connection: Any, _record: Any, allow_temporary: bool
     dbapi_connection.autocommit = previous
 
 
-_OPEN_SESSION = {
-    False: "SELECT tenantry.open_session(false)",
-    True: "SELECT tenantry.open_session(true)",
+#: What a new routed connection runs (see :func:`_stamp_connection`): in a dedicated
+#: database whose tenant is a constant (shard revision s0007) ``tenantry.tenant()`` is
+#: that tenant and nothing more runs (``open_session`` would only check the role, at
+#: the cost of a few milliseconds of a new server session's catalog reads); elsewhere it
+#: is NULL, and ``open_session`` makes the stamp.
+OPEN_SESSION = {
+    allow: "SELECT CASE WHEN tenantry.tenant() IS NULL"
+    f" THEN tenantry.open_session({str(allow).lower()}) IS NULL END"
+    for allow in (False, True)
 }
 
 
