@@ -32,7 +32,9 @@ With the constant installed:
   transaction read-only, and — when the server allows prepared transactions — runs
   ``LISTEN``/``UNLISTEN`` so that PostgreSQL refuses ``PREPARE TRANSACTION`` in a routed
   transaction, as the stamp's temporary object makes it do;
-- ``tenantry.open_session()`` checks the routing role as before and makes no stamp.
+- ``tenantry.open_session()`` checks the routing role as before and makes no stamp;
+  routers do not call it there (their connect statement calls it only where
+  ``tenantry.tenant()`` is NULL: ``tenantry.router.router.OPEN_SESSION``).
 
 What gets weaker, and only there: any session of the routing role in a dedicated
 database acts for its tenant without a fence (reads; writes while the tenant is
