@@ -226,9 +226,52 @@ def test_a_copy_of_a_dedicated_database_shows_nothing(fleet: Fleet) -> None:
             conn.execute("BEGIN")
             conn.execute("SELECT tenantry.fence('umbrella', '1:' || repeat('0', 64))")
         assert _raw_tenants(shard) == ["umbrella"]  # the original is untouched
+        # Registered as a shared shard, the copy is unmarked: the stamp comes back.
+        admin = sa.make_url(shard.admin_url or shard.url).set(database=copy)
+        fleet.catalog.add_shard("copy", url, admin_url=admin.render_as_string(hide_password=False))
+        assert _constant(fleet.shard("copy")) is None
+        assert _raw_tenants(copied) == []
     finally:
         with psycopg.connect(server.render_as_string(hide_password=False), autocommit=True) as c:
             c.execute(f'DROP DATABASE "{copy}" WITH (FORCE)')
+
+
+def _rename(server: str, old: str, new: str) -> None:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid, 10000) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            (old,),
+        )
+        conn.execute(f'ALTER DATABASE "{old}" RENAME TO "{new}"')
+
+
+def test_a_renamed_dedicated_database_is_refused_until_marked_again(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    admin = sa.make_url(shard.admin_url or shard.url)
+    name = str(admin.database)
+    server = admin.set(database="postgres", drivername="postgresql")
+    server_url = server.render_as_string(hide_password=False)
+    _rename(server_url, name, f"{name}_renamed")
+    try:
+        renamed = Shard(
+            name="solo",
+            url=sa.make_url(shard.url)
+            .set(database=f"{name}_renamed")
+            .render_as_string(hide_password=False),
+            admin_url=admin.set(database=f"{name}_renamed").render_as_string(hide_password=False),
+            tier=Tier.DEDICATED,
+        )
+        assert _raw_tenants(renamed) == []  # the constant names the old name
+        with _raw(renamed) as conn, pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+            conn.execute("BEGIN")
+            conn.execute("SELECT tenantry.fence('umbrella', '1:' || repeat('0', 64))")
+        with operator_transaction(renamed) as conn:
+            # what `migrate upgrade` does on every shard
+            assert mark_tier(conn, Tier.DEDICATED) == "umbrella"
+        assert _raw_tenants(renamed) == ["umbrella"]
+    finally:
+        _rename(server_url, f"{name}_renamed", name)
 
 
 def test_connections_opened_under_the_constant_get_a_stamp_when_it_goes(fleet: Fleet) -> None:
