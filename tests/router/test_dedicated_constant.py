@@ -10,6 +10,7 @@ routing role's own SQL, across ``PREPARE TRANSACTION``, under logical replicatio
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
@@ -329,6 +330,56 @@ def test_a_dedicated_shard_without_the_constant_gets_stamps_when_it_asks(
             assert _temporary_relations(conn) == 1
     finally:
         read_only.close()
+
+
+def test_two_residency_writers_at_once_leave_the_stamp(fleet: Fleet) -> None:
+    """Two transactions write residency rows of two tenants at once, each seeing only
+    its own: the second's refresh waits for the first to commit, then counts both, and
+    the database ends with the stamp (no deadlock, no 'tuple concurrently updated')."""
+    shard = _dedicated(fleet, "solo", None)
+    version = fleet.catalog.map_version()
+    written, go = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def write(tenant: str, hold: bool) -> None:
+        try:
+            with operator_transaction(shard) as conn:
+                write_residency(conn, tenant, Residency.ACTIVE, version)
+                if hold:  # the constant installed for it, not committed
+                    assert constant_tenant(conn) == tenant
+                    written.set()
+                    assert go.wait(30)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    first = threading.Thread(target=write, args=("umbrella", True))
+    first.start()
+    assert written.wait(30)
+    second = threading.Thread(target=write, args=("hooli", False))
+    second.start()
+    database = sa.make_url(shard.url).database
+    # (as the operations role: the routing role cannot see others' wait events)
+    with psycopg.connect(_libpq(shard.admin_url or shard.url), autocommit=True) as conn:
+        for _ in range(300):  # until the second writer waits for the first's lock
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"
+                " AND wait_event_type = 'Lock'",
+                (database,),
+            ).fetchone()
+            if waiting and waiting[0]:
+                break
+            conn.execute("SELECT pg_sleep(0.05)")
+        else:
+            raise AssertionError("the second writer never waited")
+    go.set()
+    first.join(60)
+    second.join(60)
+    assert errors == []
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []
+    with operator_transaction(shard) as conn:
+        conn.execute(sa.text("DELETE FROM tenantry_residency WHERE tenant_id = 'hooli'"))
+    assert _constant(shard) == "umbrella"
 
 
 def test_the_trigger_fires_under_replication_role(fleet: Fleet) -> None:
