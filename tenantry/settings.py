@@ -111,6 +111,14 @@ class TenantrySettings(BaseSettings):
         "does not bind (superuser, BYPASSRLS, table owner, the operations role): for local "
         "development only; a warning is logged every time it lets one through.",
     )
+    dedicated_constant: bool = Field(
+        True,
+        description="PostgreSQL: make a dedicated database's one tenant a constant of its "
+        "row-level-security policies (shard revision s0007: no per-connection stamp, a "
+        "cheaper new connection; any session of the routing role there acts for that "
+        "tenant without a fence). Off: every shard keeps the signed fence's stamp; applied "
+        "at shard add and by the next `tenantry migrate upgrade`.",
+    )
     reset_connections: bool = Field(
         False,
         description="PostgreSQL: reset a routed connection's session state (settings, WITH "

@@ -329,7 +329,7 @@ def _tenantry_objects(conn: Connection, shard: Shard, settings: TenantrySettings
     row-level-security policies and the routing role's grants; return the identity."""
     SHARD.upgrade(conn)
     database_id = ensure_identity(conn).database_id
-    mark_tier(conn, shard.tier)
+    mark_tier(conn, shard.tier, constant=settings.dedicated_constant)
     if conn.dialect.name == "postgresql":
         # Every PostgreSQL shard: on a dedicated one the policies still
         # refuse writes while the tenant is frozen or moved.

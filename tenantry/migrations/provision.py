@@ -388,7 +388,11 @@ def add_secured_shard(
     ops = Shard(name=name, url=normalize_url(admin_url or url), tier=tier)
     if ops.backend != "postgresql":
         raise ConfigurationError("--secure needs PostgreSQL: SQLite has no roles")
-    prepare_shard(ops, connect_timeout=catalog.settings.connect_timeout)
+    prepare_shard(
+        ops,
+        connect_timeout=catalog.settings.connect_timeout,
+        constant=catalog.settings.dedicated_constant,
+    )
     routing, created, generated, warnings = _routing_role(catalog, ops, role)
     shard = catalog.add_shard(
         name,

@@ -22,14 +22,15 @@ from tenantry.shardmap.model import Tier
 __all__ = ["constant_tenant", "mark_tier"]
 
 
-def mark_tier(conn: Connection, tier: Tier) -> str | None:
-    """Mark the shard database dedicated or not, as the catalog says; return the
-    tenant now installed as its constant (None: the stamp, or not PostgreSQL)."""
+def mark_tier(conn: Connection, tier: Tier, *, constant: bool = True) -> str | None:
+    """Mark the shard database dedicated or not, as the catalog says (never, unless
+    *constant*: the setting ``dedicated_constant``); return the tenant now installed
+    as its constant (None: the stamp, or not PostgreSQL)."""
     if conn.dialect.name != "postgresql":
         return None
     value = conn.execute(
         sa.text("SELECT tenantry.mark_dedicated(:dedicated)"),
-        {"dedicated": Tier(tier) is Tier.DEDICATED},
+        {"dedicated": constant and Tier(tier) is Tier.DEDICATED},
     ).scalar_one()
     return None if value is None else str(value)
 

@@ -122,6 +122,20 @@ def test_the_constant_shows_its_tenant_and_nothing_else(fleet: Fleet) -> None:
         conn.execute("INSERT INTO projects (tenant_id, id, name) VALUES ('intruder', 97, 'x')")
 
 
+def test_the_setting_off_keeps_the_stamp(pg_fleet_builder: Any) -> None:
+    fleet = pg_fleet_builder(dedicated_constant=False)
+    shard = _dedicated(fleet, "solo", "umbrella")
+    assert _constant(shard) is None
+    assert _raw_tenants(shard) == []
+    assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
+    with operator_transaction(shard) as conn:  # the setting's default, as a run would
+        assert mark_tier(conn, Tier.DEDICATED) == "umbrella"
+    assert _raw_tenants(shard) == ["umbrella"]
+    with operator_transaction(shard) as conn:  # and off again
+        assert mark_tier(conn, Tier.DEDICATED, constant=False) is None
+    assert _raw_tenants(shard) == []
+
+
 def test_a_shared_shard_never_gets_the_constant(fleet: Fleet) -> None:
     shard = fleet.add_shard("pool", server=0)
     fleet.add_tenant("acme", "pool")  # its only tenant

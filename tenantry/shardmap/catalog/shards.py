@@ -113,7 +113,11 @@ class ShardRegistry(CatalogStore):
                 raise ShardExists(name)
             database_id: str | None = None
             if prepare:
-                identity = prepare_shard(shard, connect_timeout=self.settings.connect_timeout)
+                identity = prepare_shard(
+                    shard,
+                    connect_timeout=self.settings.connect_timeout,
+                    constant=self.settings.dedicated_constant,
+                )
                 database_id = identity.database_id
                 self._check_unregistered(conn, name, database_id)
                 _check_routing_role(shard, self.settings, allow_unsafe_routing_role, added=True)
@@ -500,13 +504,17 @@ def _check_weight(name: str, weight: object) -> None:
         )
 
 
-def prepare_shard(shard: Shard, *, connect_timeout: float = 5.0) -> DatabaseIdentity:
+def prepare_shard(
+    shard: Shard, *, connect_timeout: float = 5.0, constant: bool = True
+) -> DatabaseIdentity:
     """Create or upgrade tenantry's own tables on the shard; return the identity of its
-    database (made, or repaired in a copy of another database, first when needed)."""
+    database (made, or repaired in a copy of another database, first when needed). A
+    dedicated shard is marked dedicated unless not *constant* (the setting
+    ``dedicated_constant``: :func:`~tenantry.shardmap.dedicated.mark_tier`)."""
     with operator_transaction(shard, connect_timeout=connect_timeout) as conn:
         if conn.dialect.name == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": INIT_LOCK_KEY})
         SHARD.upgrade(conn)
         identity = ensure_identity(conn)
-        mark_tier(conn, shard.tier)
+        mark_tier(conn, shard.tier, constant=constant)
     return identity
