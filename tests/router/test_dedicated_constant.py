@@ -10,6 +10,7 @@ routing role's own SQL, across ``PREPARE TRANSACTION``, under logical replicatio
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Iterator
 from functools import partial
@@ -22,9 +23,9 @@ from alembic import command
 
 from tenantry.errors import StaleRoute, TenantFrozen
 from tenantry.migrations.rls import install_rls
-from tenantry.router import Router
-from tenantry.router.engines import make_engine
+from tenantry.router import AsyncRouter, Router
 from tenantry.shardmap.dedicated import constant_tenant, mark_tier
+from tenantry.shardmap.drivers import make_async_engine, make_engine
 from tenantry.shardmap.model import Shard, Tier
 from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.residency import Residency, write_residency
@@ -313,6 +314,43 @@ def test_connections_opened_under_the_constant_get_a_stamp_when_it_goes(fleet: F
     with router.connection("umbrella") as conn:
         assert _temporary_relations(conn) == 1
     assert _raw_tenants(shard) == []
+
+
+class _AsyncReadOnly(AsyncRouter):
+    engine_factory = staticmethod(
+        partial(make_async_engine, execution_options={"postgresql_readonly": True})
+    )
+
+
+def test_async_connections_opened_under_the_constant_get_a_stamp_when_it_goes(
+    fleet: Fleet,
+) -> None:
+    """The asyncio router's read-only transaction on a connection without a stamp: the
+    shard says TY001, and it begins again on a fresh connection, as the sync router."""
+    shard = _dedicated(fleet, "solo", "umbrella")
+
+    async def tenants(router: AsyncRouter) -> tuple[list[str], int]:
+        async with router.connection("umbrella") as conn:
+            rows = await conn.exec_driver_sql("SELECT DISTINCT tenant_id FROM projects")
+            found = [r[0] for r in rows]
+            temporary = await conn.exec_driver_sql(
+                "SELECT count(*) FROM pg_class WHERE relpersistence = 't'"
+                " AND relnamespace = pg_my_temp_schema()"
+            )
+            return found, int(temporary.scalar_one())
+
+    async def main() -> list[tuple[list[str], int]]:
+        router = _AsyncReadOnly(catalog=fleet.catalog, background=False)
+        try:
+            seen = [await tenants(router)]  # under the constant: no stamp
+            await asyncio.to_thread(_plant, shard, "hooli")
+            await asyncio.to_thread(fleet.set_residency, "hooli", "solo", Residency.ACTIVE)
+            seen += [await tenants(router), await tenants(router)]
+            return seen
+        finally:
+            await router.close()
+
+    assert asyncio.run(main()) == [(["umbrella"], 0), (["umbrella"], 1), (["umbrella"], 1)]
 
 
 @pytest.mark.parametrize("revision", ["s0007", "s0006"])
