@@ -9,8 +9,10 @@ the application's ``alembic_version``. The application's fleet migrations
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
@@ -41,13 +43,31 @@ class TenantrySchema:
     command that opens the catalog compares its revision to it, and Alembic's script
     directory takes a tenth of a second to load)."""
 
-    __slots__ = ("head", "script_location", "version_table")
+    __slots__ = ("_modules", "head", "script_location", "version_table")
 
     def __init__(self, folder: str, version_table: str, head: str) -> None:
         self.script_location = str(_HERE / folder)
         self.version_table = version_table
         #: The newest revision shipped with this tenantry (a new revision updates it).
         self.head = head
+        self._modules: dict[str, ModuleType] = {}
+
+    def revision_module(self, file: str) -> ModuleType:
+        """The module of the revision in ``versions/<file>``, loaded once: for a
+        revision that reuses an earlier one's SQL (puts its body back on downgrade,
+        say). Alembic loads revision files by path; they are not an importable package
+        (their names start with digits)."""
+        module = self._modules.get(file)
+        if module is None:
+            path = Path(self.script_location, "versions", file)
+            name = f"tenantry_{Path(self.script_location).name}_{path.stem}"
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no revision file {path}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            module = self._modules.setdefault(file, module)
+        return module
 
     def config(self, connection: Connection | None = None) -> Config:
         """An Alembic config for these scripts, on *connection* when given."""

@@ -36,10 +36,9 @@ fence (the downgrade resets it).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from alembic import op
+
+from tenantry.shardmap.scripts import SHARD
 
 revision = "s0006"
 down_revision = "s0005"
@@ -111,12 +110,7 @@ END
 
 def _s0004() -> object:
     """Shard revision s0004's module (its fence body, for the downgrade)."""
-    path = Path(__file__).with_name("0004_fence.py")
-    spec = importlib.util.spec_from_file_location("tenantry_shard_s0004", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return SHARD.revision_module("0004_fence.py")
 
 
 def _replace_fence(body: str) -> None:

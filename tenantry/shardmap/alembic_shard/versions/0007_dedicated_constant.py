@@ -54,23 +54,12 @@ change both versions: the bodies live in ``refresh_dedicated``.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-from types import ModuleType
-
 from alembic import op
+
+from tenantry.shardmap.scripts import SHARD
 
 revision = "s0007"
 down_revision = "s0006"
-
-
-def _module(file: str) -> ModuleType:
-    path = Path(__file__).with_name(file)
-    spec = importlib.util.spec_from_file_location(f"tenantry_shard_{path.stem}", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 #: SQLSTATE of a routed connection without a stamp in a read-only transaction.
@@ -216,7 +205,8 @@ def _dollar(body: str, tag: str = "b") -> str:
 
 def _bodies(residency: str) -> dict[str, str]:
     """The four CREATE OR REPLACE statements refresh_dedicated runs."""
-    s0004, s0006 = _module("0004_fence.py"), _module("0006_fence_cost.py")
+    s0004 = SHARD.revision_module("0004_fence.py")
+    s0006 = SHARD.revision_module("0006_fence_cost.py")
     stamp_fence = s0006._FENCE_BODY.replace("{residency}", residency)
     if _MISSING_STAMP not in stamp_fence:
         raise AssertionError("s0006's fence body changed: update s0007")
@@ -251,7 +241,7 @@ def refresh_body(residency: str) -> str:
 def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    s0004 = _module("0004_fence.py")
+    s0004 = SHARD.revision_module("0004_fence.py")
     residency = s0004._residency_table()
     op.execute(
         "CREATE TABLE tenantry.dedicated ("
@@ -306,12 +296,12 @@ def _replace_open(body: str) -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
-    s0004 = _module("0004_fence.py")
+    s0004 = SHARD.revision_module("0004_fence.py")
     residency = s0004._residency_table()
     bodies = _bodies(residency)
     op.execute(f"DROP TRIGGER tenantry_dedicated ON {residency}")
     op.execute(bodies["stamp_tenant"])
-    s0006 = _module("0006_fence_cost.py")
+    s0006 = SHARD.revision_module("0006_fence_cost.py")
     op.execute(_FENCE_HEAD + _dollar(s0006._FENCE_BODY.replace("{residency}", residency)))
     _replace_open(s0004._OPEN_BODY)
     op.execute("DROP FUNCTION tenantry.mark_dedicated(boolean)")
