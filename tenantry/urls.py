@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -17,6 +18,7 @@ from tenantry.errors import InvalidShardUrl
 
 __all__ = [
     "absolute_sqlite_path",
+    "libpq_conninfo",
     "mask_url",
     "normalize_url",
     "parse_url",
@@ -119,6 +121,26 @@ def mask_url(url: str | URL) -> str:
         return text
     user, colon, _password = rest[:at].partition(":")
     return f"{scheme}://{user}{':***' if colon else ''}@{rest[at + 1 :]}"
+
+
+def libpq_conninfo(url: str | URL, **extra: Any) -> str:
+    """*url* (PostgreSQL) as a libpq connection string, for psycopg used directly or a
+    server that connects onwards (``CREATE SUBSCRIPTION``): its host, port, user,
+    password, database and query parameters (``sslmode``...), then *extra*; parameters
+    that are None are left out. It holds the password: never show it."""
+    from psycopg.conninfo import make_conninfo
+
+    parsed = url if isinstance(url, URL) else make_url(url)
+    params: dict[str, Any] = {
+        "host": parsed.host,
+        "port": parsed.port,
+        "user": parsed.username,
+        "password": parsed.password,
+        "dbname": parsed.database,
+        **dict(parsed.query),
+        **extra,
+    }
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
 def with_database(url: URL, database: str) -> URL:

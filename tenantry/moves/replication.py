@@ -16,14 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
-from psycopg.conninfo import make_conninfo
 from sqlalchemy import Connection
-from sqlalchemy.engine import make_url
 
 from tenantry.moves.tables import TenantTable, quoted_name
+from tenantry.urls import libpq_conninfo
 
 __all__ = [
     "PREFIX",
@@ -298,15 +296,7 @@ def create_slot(conn: Connection, name: str) -> None:
 
 def source_conninfo(url: str) -> str:
     """A libpq connection string for the target server to reach the source."""
-    parsed = make_url(url)
-    params: dict[str, Any] = {
-        "host": parsed.host,
-        "port": parsed.port,
-        "user": parsed.username,
-        "password": parsed.password,
-        "dbname": parsed.database,
-    }
-    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+    return libpq_conninfo(url)
 
 
 def create_subscription(conn: Connection, name: str, conninfo: str, slot: str) -> None:

@@ -29,17 +29,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import psycopg
-from psycopg.conninfo import make_conninfo
-from sqlalchemy.engine import make_url
 
 from tenantry.errors import CatalogError
 from tenantry.shardmap.catalog import NOTIFY_CHANNEL, Catalog
 from tenantry.shardmap.model import MapSnapshot
 from tenantry.shardmap.poolers import through_pooler
-from tenantry.urls import mask_url
+from tenantry.urls import libpq_conninfo, mask_url
 
 __all__ = ["MISS_INTERVAL", "MapCache"]
 
@@ -282,18 +279,11 @@ class MapCache:
             self.refresh()  # the poll: a missed notification costs at most one interval
 
     def _connect_listener(self) -> psycopg.Connection[tuple[object, ...]]:
-        url = make_url(self._listen_url)
-        params: dict[str, Any] = {
-            "host": url.host,
-            "port": url.port,
-            "user": url.username,
-            "password": url.password,
-            "dbname": url.database,
-            "connect_timeout": max(1, round(self._catalog.settings.connect_timeout)),
-            "application_name": "tenantry-map-listener",
-            **dict(url.query),
-        }
-        conninfo = make_conninfo(**{k: v for k, v in params.items() if v is not None})
+        conninfo = libpq_conninfo(
+            self._listen_url,
+            connect_timeout=max(1, round(self._catalog.settings.connect_timeout)),
+            application_name="tenantry-map-listener",
+        )
         conn = psycopg.connect(conninfo, autocommit=True)
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         return conn

@@ -25,7 +25,7 @@ from sqlalchemy import Engine, event
 from sqlalchemy.engine import make_url
 
 from tenantry.errors import PoolerInTheWay
-from tenantry.urls import mask_url
+from tenantry.urls import libpq_conninfo, mask_url
 
 __all__ = [
     "pooler_message",
@@ -59,8 +59,9 @@ def url_through_pooler(url: str, *, connect_timeout: float = 5.0) -> bool:
     parsed = make_url(url)
     if parsed.get_backend_name() != "postgresql":
         return False
-    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
-    with psycopg.connect(conninfo, connect_timeout=max(1, round(connect_timeout))) as conn:
+    with psycopg.connect(
+        libpq_conninfo(parsed), connect_timeout=max(1, round(connect_timeout))
+    ) as conn:
         return through_pooler(conn)
 
 

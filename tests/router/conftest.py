@@ -37,6 +37,7 @@ from tenantry.settings import TenantrySettings
 from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.residency import Residency, write_residency
 from tenantry.testing import DatabaseFactory, TempPostgres, create_database
+from tenantry.urls import libpq_conninfo
 
 APP_ROLE = "app"
 #: Shared tenants of the seeded fleet, all on shard "shared-a"; "umbrella" is dedicated.
@@ -332,7 +333,7 @@ class OwnServer:
 
     def backends(self, database: str, role: str = APP_ROLE) -> list[int]:
         """The pids of *role*'s connections to *database*."""
-        with psycopg.connect(_libpq(self.url), autocommit=True) as conn:
+        with psycopg.connect(libpq_conninfo(self.url), autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE datname = %s AND usename = %s",
                 (database, role),
@@ -341,7 +342,7 @@ class OwnServer:
 
     def terminate(self, database: str, role: str = APP_ROLE) -> list[int]:
         """Terminate *role*'s connections to *database*; return when they are gone."""
-        with psycopg.connect(_libpq(self.url), autocommit=True) as conn:
+        with psycopg.connect(libpq_conninfo(self.url), autocommit=True) as conn:
             rows = conn.execute(
                 # With a timeout, pg_terminate_backend waits until the process exits.
                 "SELECT pid, pg_terminate_backend(pid, 10000) FROM pg_stat_activity "
@@ -350,10 +351,6 @@ class OwnServer:
             ).fetchall()
         assert all(r[1] for r in rows), f"backends did not exit: {rows}"
         return sorted(int(r[0]) for r in rows)
-
-
-def _libpq(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="module")

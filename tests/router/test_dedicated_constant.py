@@ -30,18 +30,15 @@ from tenantry.shardmap.model import Shard, Tier
 from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.residency import Residency, write_residency
 from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
+from tenantry.urls import libpq_conninfo
 from tests.router.conftest import Fleet, Project, seed_rows
 
 pytestmark = pytest.mark.usefixtures("app_role")
 
 
-def _libpq(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def _raw(shard: Shard) -> psycopg.Connection[Any]:
     """A connection as the routing role, with no fence."""
-    return psycopg.connect(_libpq(shard.url), autocommit=True)
+    return psycopg.connect(libpq_conninfo(shard.url), autocommit=True)
 
 
 def _raw_tenants(shard: Shard) -> list[str]:
@@ -411,7 +408,7 @@ def test_two_residency_writers_at_once_leave_the_stamp(fleet: Fleet) -> None:
     second.start()
     database = sa.make_url(shard.url).database
     # (as the operations role: the routing role cannot see others' wait events)
-    with psycopg.connect(_libpq(shard.admin_url or shard.url), autocommit=True) as conn:
+    with psycopg.connect(libpq_conninfo(shard.admin_url or shard.url), autocommit=True) as conn:
         for _ in range(300):  # until the second writer waits for the first's lock
             waiting = conn.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = %s"

@@ -17,21 +17,18 @@ from alembic import command
 
 from tenantry.shardmap.operations import operator_transaction
 from tenantry.shardmap.scripts import ALEMBIC_LOCK, SHARD
+from tenantry.urls import libpq_conninfo
 
 MALFORMED = "tenantry: a malformed fence signature"
 NOT_VERIFIED = "does not verify here"
 HEX = "ab" * 32
 
 
-def _libpq(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture
 def raw(pg_fleet: Any) -> Iterator[psycopg.Connection[Any]]:
     """A psycopg connection to shard "shared-a" as the routing role (the fence makes
     the connection's stamp)."""
-    with psycopg.connect(_libpq(pg_fleet.shard("shared-a").url)) as conn:
+    with psycopg.connect(libpq_conninfo(pg_fleet.shard("shared-a").url)) as conn:
         yield conn
 
 
@@ -134,7 +131,7 @@ def test_s0006_and_s0007_go_down_to_s0005_and_up_again(pg_fleet_builder: Any) ->
     key = fleet.catalog.fence_key("s")
 
     def routed_rows() -> list[Any]:
-        with psycopg.connect(_libpq(shard.url)) as conn:
+        with psycopg.connect(libpq_conninfo(shard.url)) as conn:
             signature = key.sign("acme", conn.info.backend_pid)
             assert conn.execute("SELECT tenantry.fence('acme', %s)", (signature,)).fetchone() == (
                 "active",
@@ -184,7 +181,7 @@ def test_writable_tenant_runs_no_operator_of_the_callers(
 
     def hijacked() -> set[str]:
         """The users the routing role's ``=`` ran as while writable_tenant ran."""
-        with psycopg.connect(_libpq(shard.url)) as conn:
+        with psycopg.connect(libpq_conninfo(shard.url)) as conn:
             conn.execute("CREATE TABLE IF NOT EXISTS careless.ran_as (who text)")
             conn.execute(
                 "CREATE OR REPLACE FUNCTION careless.eq(text, text) RETURNS boolean"

@@ -24,6 +24,7 @@ from tenantry.errors import InvalidName, StaleRoute, TenantFrozen
 from tenantry.router import fence
 from tenantry.shardmap.drivers import make_async_engine, make_engine
 from tenantry.shardmap.residency import Residency
+from tenantry.urls import libpq_conninfo
 
 ME, OTHERS = "acme", {"globex", "initech"}
 
@@ -412,17 +413,13 @@ def test_the_fence_hands_the_server_the_very_tenant(pg_fleet: Any, value: str) -
         conn.rollback()
 
 
-def _libpq(url: str) -> str:
-    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def test_no_signature_shows_in_pg_stat_activity(pg_fleet: Any, with_begin: bool) -> None:
     """The routing role sees the query text of its other sessions in
     ``pg_stat_activity``: a signature there (tenant, this backend) could be replayed
     by whatever SQL later runs on that pooled connection. A routed transaction idle
     after its fence shows no signature and no tenant id."""
     router = new_router(pg_fleet, with_begin)
-    url = _libpq(pg_fleet.shard("shared-a").url)
+    url = libpq_conninfo(pg_fleet.shard("shared-a").url)
     with router.session("globex") as theirs, psycopg.connect(url) as watcher:
         pid = theirs.connection().connection.driver_connection.info.backend_pid
         key = pg_fleet.catalog.fence_key("shared-a")
@@ -442,7 +439,7 @@ def test_a_signature_seen_in_pg_stat_activity_cannot_be_replayed(
     transaction is idle after its fence, and later, on the same pooled connection,
     calls the fence with whatever it saw there. It must still see none of globex."""
     router = new_router(pg_fleet, with_begin)
-    url = _libpq(pg_fleet.shard("shared-a").url)
+    url = libpq_conninfo(pg_fleet.shard("shared-a").url)
     with router.session("globex") as theirs, psycopg.connect(url) as watcher:
         pid = theirs.connection().connection.driver_connection.info.backend_pid
         (seen,) = watcher.execute(
@@ -459,7 +456,7 @@ def test_a_signature_seen_in_pg_stat_activity_cannot_be_replayed(
 
 def test_async_no_signature_shows_in_pg_stat_activity(pg_fleet: Any, with_begin: bool) -> None:
     """The same on an asyncio router."""
-    url = _libpq(pg_fleet.shard("shared-a").url)
+    url = libpq_conninfo(pg_fleet.shard("shared-a").url)
     key = pg_fleet.catalog.fence_key("shared-a")
 
     async def main() -> None:

@@ -9,6 +9,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg.conninfo import conninfo_to_dict
 
 from tenantry import (
     InvalidShardName,
@@ -23,6 +24,7 @@ from tenantry import (
 )
 from tenantry.shardmap import validate_shard_name, validate_tenant_id
 from tenantry.shardmap.model import normalize_url
+from tenantry.urls import libpq_conninfo
 
 RULE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
@@ -108,6 +110,27 @@ def test_unusable_urls_are_refused_without_the_password(url: str, reason: str) -
 def test_mask_url_hides_passwords_even_in_garbage(url: str, masked: str) -> None:
     assert mask_url(url) == masked
     assert "S3cretPw" not in mask_url(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "extra", "conninfo"),
+    [
+        (
+            "postgresql+psycopg://u:p%20w'x@db:6432/app?sslmode=require",
+            {"application_name": "a"},
+            "host=db port=6432 user=u password='p w\\'x' dbname=app sslmode=require"
+            " application_name=a",
+        ),
+        ("postgresql://db/app", {"connect_timeout": None}, "host=db dbname=app"),
+    ],
+)
+def test_libpq_conninfo_keeps_every_part_libpq_needs(
+    url: str, extra: dict[str, object], conninfo: str
+) -> None:
+    assert libpq_conninfo(url, **extra) == conninfo
+    assert conninfo_to_dict(libpq_conninfo(url, **extra)).get("password") == (
+        "p w'x" if "p%20w" in url else None
+    )
 
 
 def test_shard_repr_and_str_hide_both_passwords() -> None:
