@@ -169,14 +169,20 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def _memory_bytes() -> int | None:
+def _meminfo(field: str) -> int | None:
+    """A number of /proc/meminfo (Linux), or None."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _memory_bytes() -> int | None:
+    kib = _meminfo("MemTotal")
+    return kib * 1024 if kib is not None else None
 
 
 def _git_commit() -> str | None:
@@ -237,6 +243,10 @@ def machine_info(pg_urls: Sequence[str] = ()) -> dict[str, Any]:
         "cores": os.cpu_count(),
         "cores_usable": usable,
         "memory_gib": round(memory / 2**30, 1) if memory else None,
+        # PostgreSQL's default huge_pages = try puts a server's shared memory in huge
+        # pages when the kernel has them reserved: fewer page faults and a cheaper exit
+        # for every new server session
+        "huge_pages_reserved": _meminfo("HugePages_Total"),
         "load_average": load_average(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "sqlalchemy": sa.__version__,
