@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy import Connection
+from sqlalchemy.engine import make_url
 
 from tenantry.moves.tables import TenantTable, quoted_name
 from tenantry.urls import libpq_conninfo
@@ -295,8 +296,11 @@ def create_slot(conn: Connection, name: str) -> None:
 
 
 def source_conninfo(url: str) -> str:
-    """A libpq connection string for the target server to reach the source."""
-    return libpq_conninfo(url)
+    """A libpq connection string for the target server to reach the source: host,
+    port, user, password and database only. The URL's query parameters are the
+    client's (a ``sslrootcert`` path on the operator's machine, say) and would be read
+    on the target server, which connects with its own defaults."""
+    return libpq_conninfo(make_url(url).set(query={}))
 
 
 def create_subscription(conn: Connection, name: str, conninfo: str, slot: str) -> None:

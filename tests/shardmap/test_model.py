@@ -22,6 +22,7 @@ from tenantry import (
     Tier,
     mask_url,
 )
+from tenantry.moves.replication import source_conninfo
 from tenantry.shardmap import validate_shard_name, validate_tenant_id
 from tenantry.shardmap.model import normalize_url
 from tenantry.urls import libpq_conninfo
@@ -131,6 +132,17 @@ def test_libpq_conninfo_keeps_every_part_libpq_needs(
     assert conninfo_to_dict(libpq_conninfo(url, **extra)).get("password") == (
         "p w'x" if "p%20w" in url else None
     )
+
+
+def test_the_subscription_conninfo_leaves_the_clients_query_parameters_out() -> None:
+    url = "postgresql+psycopg://u:pw@db:5433/app?sslmode=verify-full&sslrootcert=/home/op/ca.pem"
+    assert conninfo_to_dict(source_conninfo(url)) == {
+        "host": "db",
+        "port": "5433",
+        "user": "u",
+        "password": "pw",
+        "dbname": "app",
+    }
 
 
 def test_shard_repr_and_str_hide_both_passwords() -> None:
