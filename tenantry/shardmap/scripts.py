@@ -108,7 +108,7 @@ class TenantrySchema:
 
 
 CATALOG = TenantrySchema("alembic_catalog", "tenantry_catalog_version", head="c0008")
-SHARD = TenantrySchema("alembic_shard", "tenantry_shard_version", head="s0007")
+SHARD = TenantrySchema("alembic_shard", "tenantry_shard_version", head="s0008")
 
 
 def run_env() -> None:

@@ -461,3 +461,111 @@ def test_s0007_goes_down_to_the_stamp_and_up_again(fleet: Fleet) -> None:
         assert mark_tier(conn, Tier.DEDICATED) == "umbrella"
     assert _raw_tenants(shard) == ["umbrella"]
     assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
+
+
+# -- s0008: the residency state installed in the fence ------------------------------------
+
+
+def _fence_source(shard: Shard) -> str:
+    with operator_transaction(shard) as conn:
+        return str(
+            conn.exec_driver_sql(
+                "SELECT prosrc FROM pg_proc WHERE oid = 'tenantry.fence(text, text)'::regprocedure"
+            ).scalar_one()
+        )
+
+
+def _fence(conn: psycopg.Connection[Any], tenant: str) -> tuple[Any, str]:
+    """The fence's result and the transaction's read-only setting, in a transaction
+    rolled back."""
+    conn.execute("BEGIN")
+    try:
+        (state,) = conn.execute("SELECT tenantry.fence(%s, 'dedicated')", (tenant,)).fetchone()
+        (read_only,) = conn.execute("SHOW transaction_read_only").fetchone()
+        return state, read_only
+    finally:
+        conn.execute("ROLLBACK")
+
+
+def test_the_fence_reads_no_table_with_the_constant(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    with _raw(shard) as conn:
+        conn.execute("BEGIN")
+        assert conn.execute("SELECT tenantry.fence('umbrella', 'x')").fetchone() == ("active",)
+        scans = (
+            "SELECT relname, seq_scan + coalesce(idx_scan, 0) FROM pg_stat_xact_user_tables"
+            " WHERE relname IN ('tenantry_residency', 'projects') ORDER BY 1"
+        )
+        assert conn.execute(scans).fetchall() == [("projects", 0), ("tenantry_residency", 0)]
+        conn.execute("SELECT count(*) FROM projects")  # (the view counts this transaction)
+        assert conn.execute(scans).fetchall() == [("projects", 1), ("tenantry_residency", 0)]
+        conn.execute("ROLLBACK")
+
+
+def test_every_state_reaches_a_backend_that_already_ran_the_fence(fleet: Fleet) -> None:
+    """The fence's state is installed by the transaction that writes the residency
+    row: a backend that compiled the fence before sees each change committed since at
+    its next transaction (the freeze's ``wait_out`` counts on it)."""
+    shard = _dedicated(fleet, "solo", "umbrella")
+    router = fleet.new_router()
+    with _raw(shard) as conn:
+        assert _fence(conn, "umbrella") == ("active", "off")
+        with router.session("umbrella") as session:
+            session.execute(sa.text("UPDATE projects SET name = name"))
+        for state, expected in (
+            (Residency.FROZEN, ("frozen", "on")),
+            (Residency.ACTIVE, ("active", "off")),
+            (Residency.INCOMING, ("incoming", "off")),
+            (Residency.FROZEN, ("frozen", "on")),
+        ):
+            fleet.set_residency("umbrella", "solo", state)
+            assert _constant(shard) == "umbrella"
+            assert _fence(conn, "umbrella") == expected, state
+            assert _fence(conn, "hooli") == (None, "off")
+            if state is Residency.INCOMING:
+                with pytest.raises(StaleRoute), router.session("umbrella") as session:
+                    session.execute(sa.text("SELECT 1"))
+                continue
+            with router.session("umbrella") as session:
+                if state is Residency.FROZEN:
+                    with pytest.raises(TenantFrozen):
+                        session.execute(sa.text("UPDATE projects SET name = name"))
+                else:
+                    session.execute(sa.text("UPDATE projects SET name = name"))
+        # a state written with the trigger disabled (by the table's owner) leaves the
+        # fence's stale, but writes are still refused by the residency row itself
+        fleet.set_residency("umbrella", "solo", Residency.ACTIVE)
+        with operator_transaction(shard) as admin:
+            admin.exec_driver_sql(
+                "ALTER TABLE tenantry_residency DISABLE TRIGGER tenantry_dedicated"
+            )
+            admin.exec_driver_sql("UPDATE tenantry_residency SET state = 'frozen'")
+            admin.exec_driver_sql(
+                "ALTER TABLE tenantry_residency ENABLE ALWAYS TRIGGER tenantry_dedicated"
+            )
+        assert _fence(conn, "umbrella") == ("active", "off")
+        conn.execute("BEGIN")
+        conn.execute("SELECT tenantry.fence('umbrella', 'x')")
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+            conn.execute("UPDATE projects SET name = name")
+        conn.execute("ROLLBACK")
+
+
+def test_s0008_goes_down_to_the_row_read_and_up_again(fleet: Fleet) -> None:
+    shard = _dedicated(fleet, "solo", "umbrella")
+    fleet.set_residency("umbrella", "solo", Residency.FROZEN)
+    assert "tenantry_residency" not in _fence_source(shard)
+    with operator_transaction(shard) as conn, ALEMBIC_LOCK:
+        command.downgrade(SHARD.config(conn), "s0007")
+    assert "tenantry_residency" in _fence_source(shard)  # s0007's fence, with its read
+    assert _constant(shard) == "umbrella"
+    with _raw(shard) as conn:
+        assert _fence(conn, "umbrella") == ("frozen", "on")
+    fleet.set_residency("umbrella", "solo", Residency.ACTIVE)
+    with operator_transaction(shard) as conn:
+        SHARD.upgrade(conn)
+    assert "tenantry_residency" not in _fence_source(shard)
+    assert _constant(shard) == "umbrella"
+    with _raw(shard) as conn:
+        assert _fence(conn, "umbrella") == ("active", "off")
+    assert _routed_tenants(fleet, "umbrella") == ["umbrella"]

@@ -139,7 +139,7 @@ def test_s0006_and_s0007_go_down_to_s0005_and_up_again(pg_fleet_builder: Any) ->
             return conn.execute("SELECT DISTINCT tenant_id FROM projects").fetchall()
 
     with operator_transaction(shard) as conn:
-        assert SHARD.current(conn) == SHARD.head == "s0007"
+        assert SHARD.current(conn) == SHARD.head == "s0008"
         assert "!~" not in _fence_source(conn)
         assert "TY001" in _fence_source(conn)  # s0007's stamp-mode fence
     assert routed_rows() == [("acme",)]
@@ -152,7 +152,7 @@ def test_s0006_and_s0007_go_down_to_s0005_and_up_again(pg_fleet_builder: Any) ->
     with operator_transaction(shard) as conn:
         SHARD.upgrade(conn)
     with operator_transaction(shard) as conn:
-        assert SHARD.current(conn) == "s0007"
+        assert SHARD.current(conn) == "s0008"
         assert "!~" not in _fence_source(conn)
         assert "TY001" in _fence_source(conn)
     assert routed_rows() == [("acme",)]

@@ -1,0 +1,171 @@
+"""A dedicated database's residency state in its fence: no table read per transaction
+(issue 19).
+
+PostgreSQL only (a no-op on SQLite). With s0007's constant installed, the fence's one
+remaining piece of work was reading the tenant's residency row, for its state
+(``active``, ``frozen`` or ``incoming``: a ``moved`` tenant puts the stamp back). That
+read was most of what the fence cost: on a fresh backend ~1 ms of the server's CPU
+(opening the residency table and its index for the first time), on a warm one ~60 µs
+of its ~150. The state changes only when the residency table does, and every change
+already runs ``tenantry.refresh_dedicated()`` in the same transaction (s0007's
+trigger), so the refresh now installs the state in the fence as a constant too, beside
+the tenant: the fence returns it, and makes a ``frozen`` tenant's transaction
+read-only, without reading anything.
+
+- ``tenantry.dedicated.installed_state``: the state installed (NULL: the stamp);
+- ``tenantry.refresh_dedicated()`` installs the fence again when the state changes,
+  and ``tenantry.tenant()`` only when the tenant or the database's name does (the
+  planner inlines it into every policy's plan: replacing it invalidates them all).
+
+Why a transaction sees the state a row read would show it: the freeze replaces the
+fence in the transaction that writes ``frozen``. PostgreSQL sends the catalog change's
+invalidation before that transaction's COMMIT returns, and every transaction takes the
+invalidations sent before it began (``AtStart_Cache``), which makes PL/pgSQL compile
+the new body: a transaction that begins after the freeze committed gets the frozen
+fence, as its snapshot would have shown it the frozen row — what ``wait_out`` counts
+on. And the fence is not what refuses a frozen tenant's writes: ``writable_tenant()``
+still reads the residency row at every write, so a state the fence got wrong (a
+trigger disabled by the table's owner) costs the client its early ``TenantFrozen``,
+not a write.
+
+The downgrade installs s0007's fence (with its row read) and drops the column.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from alembic import op
+
+from tenantry.shardmap.scripts import SHARD
+
+revision = "s0008"
+down_revision = "s0007"
+
+#: The fence with the constant (format(): %1$L the database's name, %2$L the tenant,
+#: %3$L its state, %4$s what a frozen tenant's fence adds).
+_CONSTANT_FENCE_BODY = """
+DECLARE
+  v_done text;
+BEGIN
+  IF current_database() <> %1$L THEN
+    RAISE EXCEPTION 'tenantry: this database was renamed or copied since it was made dedicated'
+      USING ERRCODE = '55000',
+      HINT = 'run `tenantry migrate upgrade`: it marks the database again';
+  END IF;
+  IF p_tenant IS DISTINCT FROM %2$L THEN
+    RETURN NULL;  -- not resident here: a stale route
+  END IF;
+  IF current_setting('max_prepared_transactions') <> '0' THEN
+    -- PostgreSQL refuses PREPARE TRANSACTION after LISTEN or UNLISTEN, as it does after
+    -- the stamp's temporary object: no routed transaction can outlive a freeze.
+    LISTEN tenantry_fence;
+    UNLISTEN tenantry_fence;
+  END IF;
+  -- The residency state, installed by tenantry.refresh_dedicated() (s0008).
+  v_done := set_config('tenantry.tenant_id', p_tenant, true)
+            || set_config('tenantry.signature', 'dedicated', true)%4$s;
+  RETURN %3$L;
+END
+"""
+
+#: What the fence of a frozen tenant adds to its settings.
+_READ_ONLY = "\n            || set_config('transaction_read_only', 'on', true)"
+
+_REFRESH_BODY = """
+DECLARE
+  v_oid oid;
+  v_marked boolean;
+  v_installed text;
+  v_installed_state text;
+  v_in name;
+  v_want text;
+  v_state text;
+  v_count int8;
+BEGIN
+  SELECT d.oid INTO v_oid FROM pg_database d WHERE d.datname = current_database();
+  SELECT t.database_oid = v_oid, t.installed, t.installed_state, t.installed_in
+    INTO v_marked, v_installed, v_installed_state, v_in FROM tenantry.dedicated t WHERE t.id = 1;
+  IF v_marked IS NOT TRUE AND v_installed IS NULL THEN
+    RETURN NULL;  -- a shared database: nothing to do, and no lock taken
+  END IF;
+  -- One refresh at a time; then read again what the one before us left.
+  LOCK TABLE tenantry.dedicated IN SHARE ROW EXCLUSIVE MODE;
+  SELECT t.database_oid = v_oid, t.installed, t.installed_state, t.installed_in
+    INTO v_marked, v_installed, v_installed_state, v_in FROM tenantry.dedicated t WHERE t.id = 1;
+  IF v_marked THEN
+    SELECT min(r.tenant_id), min(r.state), count(*) INTO v_want, v_state, v_count
+      FROM {residency} r WHERE r.state <> 'moved';
+    IF v_count <> 1 THEN
+      v_want := NULL;
+    END IF;
+  END IF;
+  IF v_want IS NULL THEN
+    v_state := NULL;
+  END IF;
+  IF v_want IS NOT DISTINCT FROM v_installed AND v_state IS NOT DISTINCT FROM v_installed_state
+     AND (v_want IS NULL OR v_in = current_database()) THEN
+    RETURN v_want;
+  END IF;
+  IF v_want IS NULL THEN
+    EXECUTE $q${stamp_tenant}$q$;
+    EXECUTE $q${stamp_fence}$q$;
+  ELSE
+    IF v_want IS DISTINCT FROM v_installed OR v_in IS DISTINCT FROM current_database() THEN
+      EXECUTE format($q${constant_tenant}$q$, current_database(), v_want);
+    END IF;
+    EXECUTE format($q${constant_fence}$q$, current_database(), v_want, v_state,
+                   CASE WHEN v_state = 'frozen' THEN $q${read_only}$q$ ELSE '' END);
+  END IF;
+  UPDATE tenantry.dedicated
+     SET installed = v_want, installed_state = v_state, installed_in = current_database()
+   WHERE id = 1;
+  RETURN v_want;
+END
+"""
+
+
+def _s0007() -> ModuleType:
+    return SHARD.revision_module("0007_dedicated_constant.py")
+
+
+def refresh_body(residency: str) -> str:
+    s0007 = _s0007()
+    bodies = s0007._bodies(residency)
+    bodies["constant_fence"] = s0007._FENCE_HEAD + s0007._dollar(_CONSTANT_FENCE_BODY)
+    bodies["read_only"] = _READ_ONLY
+    body = _REFRESH_BODY.replace("{residency}", residency)
+    for name, statement in bodies.items():
+        if "$q$" in statement:
+            raise AssertionError("a function body holds $q$")
+        body = body.replace("{" + name + "}", statement)
+    return body
+
+
+def _replace_refresh(body: str) -> None:
+    op.execute(
+        "CREATE OR REPLACE FUNCTION tenantry.refresh_dedicated() RETURNS text"
+        + _s0007()._DEFINER
+        + _s0007()._dollar(body, "r")
+    )
+
+
+def upgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    residency = SHARD.revision_module("0004_fence.py")._residency_table()
+    op.execute("ALTER TABLE tenantry.dedicated ADD COLUMN installed_state text")
+    _replace_refresh(refresh_body(residency))
+    # A database with the constant installed gets the fence with its state now.
+    op.execute("SELECT tenantry.refresh_dedicated()")
+
+
+def downgrade() -> None:
+    if op.get_bind().dialect.name != "postgresql":
+        return
+    residency = SHARD.revision_module("0004_fence.py")._residency_table()
+    _replace_refresh(_s0007().refresh_body(residency))
+    # s0007's refresh installs again only what changed: make it install its own fence.
+    op.execute("UPDATE tenantry.dedicated SET installed_in = NULL WHERE installed IS NOT NULL")
+    op.execute("SELECT tenantry.refresh_dedicated()")
+    op.execute("ALTER TABLE tenantry.dedicated DROP COLUMN installed_state")
