@@ -7,7 +7,9 @@ connection (DESIGN.md, "A dedicated database's tenant as a constant"). The datab
 itself keeps the constant true: it is installed only while tenantry has marked the
 database dedicated (here, from the catalog's tier) and its residency rows name exactly
 one tenant that has not moved away; a trigger on the residency table puts the stamp
-back, in the same transaction, on any other change.
+back, in the same transaction, on any other change. Since shard revision s0008 the
+tenant's residency state is installed in the fence the same way, so the fence reads
+no table.
 
 Everything here runs as the shard's operations role, in the caller's transaction.
 """
