@@ -43,87 +43,73 @@ from tenantry.shardmap.scripts import SHARD
 revision = "s0008"
 down_revision = "s0007"
 
-#: The fence with the constant (format(): %1$L the database's name, %2$L the tenant,
-#: %3$L its state, %4$s what a frozen tenant's fence adds).
-_CONSTANT_FENCE_BODY = """
-DECLARE
-  v_done text;
-BEGIN
-  IF current_database() <> %1$L THEN
-    RAISE EXCEPTION 'tenantry: this database was renamed or copied since it was made dedicated'
-      USING ERRCODE = '55000',
-      HINT = 'run `tenantry migrate upgrade`: it marks the database again';
+#: s0007's fence with the constant, changed: no residency read; format()'s %3$L is the
+#: state, %4$s what a frozen tenant's fence adds (%1$L, %2$L: the name, the tenant).
+_FENCE_CHANGES = (
+    ("  v_state text;\n", ""),
+    ("  SELECT r.state INTO v_state FROM {residency} r WHERE r.tenant_id = p_tenant;\n", ""),
+    (
+        """  v_done := set_config('tenantry.tenant_id', p_tenant, true)
+            || set_config('tenantry.signature', 'dedicated', true);
+  IF v_state = 'frozen' THEN
+    v_done := set_config('transaction_read_only', 'on', true);
   END IF;
-  IF p_tenant IS DISTINCT FROM %2$L THEN
-    RETURN NULL;  -- not resident here: a stale route
-  END IF;
-  IF current_setting('max_prepared_transactions') <> '0' THEN
-    -- PostgreSQL refuses PREPARE TRANSACTION after LISTEN or UNLISTEN, as it does after
-    -- the stamp's temporary object: no routed transaction can outlive a freeze.
-    LISTEN tenantry_fence;
-    UNLISTEN tenantry_fence;
-  END IF;
-  -- The residency state, installed by tenantry.refresh_dedicated() (s0008).
+  RETURN v_state;""",
+        """  -- The residency state, installed by tenantry.refresh_dedicated() (s0008).
   v_done := set_config('tenantry.tenant_id', p_tenant, true)
             || set_config('tenantry.signature', 'dedicated', true)%4$s;
-  RETURN %3$L;
-END
-"""
+  RETURN %3$L;""",
+    ),
+)
 
-#: What the fence of a frozen tenant adds to its settings.
+#: What a frozen tenant's fence adds to its settings.
 _READ_ONLY = "\n            || set_config('transaction_read_only', 'on', true)"
 
-_REFRESH_BODY = """
-DECLARE
-  v_oid oid;
-  v_marked boolean;
-  v_installed text;
-  v_installed_state text;
-  v_in name;
-  v_want text;
-  v_state text;
-  v_count int8;
-BEGIN
-  SELECT d.oid INTO v_oid FROM pg_database d WHERE d.datname = current_database();
-  SELECT t.database_oid = v_oid, t.installed, t.installed_state, t.installed_in
-    INTO v_marked, v_installed, v_installed_state, v_in FROM tenantry.dedicated t WHERE t.id = 1;
-  IF v_marked IS NOT TRUE AND v_installed IS NULL THEN
-    RETURN NULL;  -- a shared database: nothing to do, and no lock taken
-  END IF;
-  -- One refresh at a time; then read again what the one before us left.
-  LOCK TABLE tenantry.dedicated IN SHARE ROW EXCLUSIVE MODE;
-  SELECT t.database_oid = v_oid, t.installed, t.installed_state, t.installed_in
-    INTO v_marked, v_installed, v_installed_state, v_in FROM tenantry.dedicated t WHERE t.id = 1;
-  IF v_marked THEN
-    SELECT min(r.tenant_id), min(r.state), count(*) INTO v_want, v_state, v_count
-      FROM {residency} r WHERE r.state <> 'moved';
-    IF v_count <> 1 THEN
-      v_want := NULL;
-    END IF;
-  END IF;
-  IF v_want IS NULL THEN
-    v_state := NULL;
-  END IF;
-  IF v_want IS NOT DISTINCT FROM v_installed AND v_state IS NOT DISTINCT FROM v_installed_state
-     AND (v_want IS NULL OR v_in = current_database()) THEN
-    RETURN v_want;
-  END IF;
-  IF v_want IS NULL THEN
-    EXECUTE $q${stamp_tenant}$q$;
-    EXECUTE $q${stamp_fence}$q$;
-  ELSE
-    IF v_want IS DISTINCT FROM v_installed OR v_in IS DISTINCT FROM current_database() THEN
+#: s0007's refresh, changed: the state wanted and installed beside the tenant, the
+#: fence installed again when either changes, tenant() only when the tenant or the
+#: database's name does.
+_REFRESH_CHANGES = (
+    ("  v_in name;\n", "  v_in name;\n  v_installed_state text;\n  v_state text;\n"),
+    (
+        """  SELECT t.database_oid = v_oid, t.installed, t.installed_in
+    INTO v_marked, v_installed, v_in FROM""",
+        """  SELECT t.database_oid = v_oid, t.installed, t.installed_in, t.installed_state
+    INTO v_marked, v_installed, v_in, v_installed_state FROM""",
+    ),
+    (
+        "SELECT min(r.tenant_id), count(*) INTO v_want, v_count",
+        "SELECT min(r.tenant_id), min(r.state), count(*) INTO v_want, v_state, v_count",
+    ),
+    ("      v_want := NULL;\n", "      v_want := NULL;\n      v_state := NULL;\n"),
+    (
+        "  IF v_want IS NOT DISTINCT FROM v_installed\n",
+        "  IF v_want IS NOT DISTINCT FROM v_installed"
+        " AND v_state IS NOT DISTINCT FROM v_installed_state\n",
+    ),
+    (
+        """    EXECUTE format($q${constant_tenant}$q$, current_database(), v_want);
+    EXECUTE format($q${constant_fence}$q$, current_database(), v_want);""",
+        """    IF v_want IS DISTINCT FROM v_installed
+       OR v_in IS DISTINCT FROM current_database() THEN
       EXECUTE format($q${constant_tenant}$q$, current_database(), v_want);
     END IF;
     EXECUTE format($q${constant_fence}$q$, current_database(), v_want, v_state,
-                   CASE WHEN v_state = 'frozen' THEN $q${read_only}$q$ ELSE '' END);
-  END IF;
-  UPDATE tenantry.dedicated
-     SET installed = v_want, installed_state = v_state, installed_in = current_database()
-   WHERE id = 1;
-  RETURN v_want;
-END
-"""
+                   CASE WHEN v_state = 'frozen' THEN $q${read_only}$q$ ELSE '' END);""",
+    ),
+    (
+        "UPDATE tenantry.dedicated SET installed = v_want, installed_in = current_database()",
+        "UPDATE tenantry.dedicated\n"
+        "     SET installed = v_want, installed_state = v_state, installed_in = current_database()",
+    ),
+)
+
+
+def _changed(body: str, changes: tuple[tuple[str, str], ...]) -> str:
+    for old, new in changes:
+        if old not in body:
+            raise AssertionError(f"s0007 changed: update s0008 ({old.strip()[:40]!r})")
+        body = body.replace(old, new)
+    return body
 
 
 def _s0007() -> ModuleType:
@@ -133,9 +119,10 @@ def _s0007() -> ModuleType:
 def refresh_body(residency: str) -> str:
     s0007 = _s0007()
     bodies = s0007._bodies(residency)
-    bodies["constant_fence"] = s0007._FENCE_HEAD + s0007._dollar(_CONSTANT_FENCE_BODY)
+    fence = _changed(s0007._CONSTANT_FENCE_BODY, _FENCE_CHANGES)
+    bodies["constant_fence"] = s0007._FENCE_HEAD + s0007._dollar(fence)
     bodies["read_only"] = _READ_ONLY
-    body = _REFRESH_BODY.replace("{residency}", residency)
+    body = _changed(s0007._REFRESH_BODY, _REFRESH_CHANGES).replace("{residency}", residency)
     for name, statement in bodies.items():
         if "$q$" in statement:
             raise AssertionError("a function body holds $q$")
