@@ -561,11 +561,12 @@ def test_s0008_goes_down_to_the_row_read_and_up_again(fleet: Fleet) -> None:
     assert _constant(shard) == "umbrella"
     with _raw(shard) as conn:
         assert _fence(conn, "umbrella") == ("frozen", "on")
-    fleet.set_residency("umbrella", "solo", Residency.ACTIVE)
     with operator_transaction(shard) as conn:
-        SHARD.upgrade(conn)
+        SHARD.upgrade(conn)  # installs the state it finds: frozen
     assert "tenantry_residency" not in _fence_source(shard)
     assert _constant(shard) == "umbrella"
     with _raw(shard) as conn:
+        assert _fence(conn, "umbrella") == ("frozen", "on")
+        fleet.set_residency("umbrella", "solo", Residency.ACTIVE)
         assert _fence(conn, "umbrella") == ("active", "off")
     assert _routed_tenants(fleet, "umbrella") == ["umbrella"]
